@@ -1,0 +1,627 @@
+//! The instance state machine: one pure function from (state, command, now) to the next state,
+//! the effects to carry out and the audit events to record.
+//!
+//! Workers load an instance, call [`apply`], and commit the returned state, effects (as outbox
+//! messages) and events in one transaction. Nothing here does IO or reads a clock, so every
+//! transition is unit- and property-tested.
+//!
+//! Invariants (checked by the property tests below):
+//! - at most one execution exists per step index: no step runs twice;
+//! - a terminal status is final: every command on a terminal instance is refused, state unchanged;
+//! - a non-terminal instance is either `running` with its current step dispatched (pending or
+//!   running) or `waiting` with `waiting_on` naming what it waits for.
+
+use serde_json::{json, Value};
+
+use crate::expr::{EvalContext, ExprLimits, Expression};
+use crate::instance::{
+    ActorRef, ActorType, InstanceInfo, InstanceState, InstanceStatus, StepExecution, StepStatus,
+    WaitingOn,
+};
+use crate::render::render;
+use crate::template::{
+    ActionConfig, ApprovalConfig, Approver, NotificationConfig, Route, StepKind, StepType,
+    Template, WaitConfig,
+};
+use crate::time::Timestamp;
+
+/// What can happen to an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// The pool for step `index`'s type picked up its command.
+    ExecuteStep { index: usize },
+    /// An actor cancels the instance.
+    Cancel {
+        actor: ActorRef,
+        reason: Option<String>,
+    },
+}
+
+/// Work the caller must carry out after committing the transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send step `index` to the worker pool of its type.
+    Dispatch { index: usize, step_type: StepType },
+}
+
+/// An audit event produced by a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub actor: ActorRef,
+    pub kind: &'static str,
+    pub before: Value,
+    pub after: Value,
+    pub reason: Option<String>,
+}
+
+/// The result of a successful [`apply`] or [`start`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub state: InstanceState,
+    pub effects: Vec<Effect>,
+    pub events: Vec<Event>,
+}
+
+/// Why a command was refused. The state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MachineError {
+    #[error("instance is {status} and can no longer change")]
+    Terminal { status: &'static str },
+    #[error("step {index} is not the current step")]
+    NotCurrent { index: usize },
+    #[error("step {index} was already executed")]
+    AlreadyExecuted { index: usize },
+    #[error("step {index} does not exist in the template")]
+    NoSuchStep { index: usize },
+}
+
+/// The actor the engine records for what its worker pools do.
+pub fn pool_actor(step_type: StepType) -> ActorRef {
+    ActorRef {
+        id: format!("pool:{}", step_type.as_str()),
+        actor_type: ActorType::System,
+    }
+}
+
+/// The first transition of a new instance: dispatch step 0.
+pub fn start(template: &Template, info: &InstanceInfo, now: Timestamp) -> Transition {
+    let mut state = InstanceState {
+        status: InstanceStatus::Running,
+        current_step: None,
+        waiting_on: None,
+        steps: Vec::new(),
+        error: None,
+        finished_at: None,
+    };
+    let mut effects = Vec::new();
+    let mut events = vec![Event {
+        actor: info.created_by.clone(),
+        kind: "instance.created",
+        before: Value::Null,
+        after: json!({"status": "running", "template_id": info.template_id,
+            "template_version": info.template_version, "trigger": info.trigger}),
+        reason: None,
+    }];
+    if template.steps.is_empty() {
+        // Validation forbids this; finishing at once keeps the invariants even so.
+        complete(&mut state, now, &mut events, info.created_by.clone());
+    } else {
+        dispatch(template, &mut state, 0, now, &mut effects, &mut events);
+    }
+    Transition {
+        state,
+        effects,
+        events,
+    }
+}
+
+/// Apply one command. On error the caller's state is untouched.
+pub fn apply(
+    template: &Template,
+    info: &InstanceInfo,
+    state: &InstanceState,
+    command: Command,
+    now: Timestamp,
+    limits: &ExprLimits,
+) -> Result<Transition, MachineError> {
+    if state.status.is_terminal() {
+        return Err(MachineError::Terminal {
+            status: state.status.as_str(),
+        });
+    }
+    match command {
+        Command::ExecuteStep { index } => execute_step(template, info, state, index, now, limits),
+        Command::Cancel { actor, reason } => Ok(cancel(state, actor, reason, now)),
+    }
+}
+
+fn execute_step(
+    template: &Template,
+    info: &InstanceInfo,
+    state: &InstanceState,
+    index: usize,
+    now: Timestamp,
+    limits: &ExprLimits,
+) -> Result<Transition, MachineError> {
+    let step = template
+        .steps
+        .get(index)
+        .ok_or(MachineError::NoSuchStep { index })?;
+    match state.execution(index).map(|e| e.status) {
+        Some(StepStatus::Pending) => {}
+        Some(_) => return Err(MachineError::AlreadyExecuted { index }),
+        None => return Err(MachineError::NotCurrent { index }),
+    }
+    if state.current_step != Some(index) {
+        return Err(MachineError::NotCurrent { index });
+    }
+
+    let actor = pool_actor(step.kind.step_type());
+    let mut next = state.clone();
+    let mut effects = Vec::new();
+    let mut events = Vec::new();
+
+    let ctx = EvalContext::build(template, info, state);
+    let base_path = format!("$.steps[{index}].config");
+    let input = match render(&step.raw_config, &base_path, &ctx, limits) {
+        Ok(input) => input,
+        Err(e) => {
+            fail_step(&mut next, index, now, e.to_string(), actor, &mut events);
+            return Ok(Transition {
+                state: next,
+                effects,
+                events,
+            });
+        }
+    };
+    if let Some(exec) = next.execution_mut(index) {
+        exec.status = StepStatus::Running;
+        exec.started_at = Some(now);
+        exec.actor = Some(actor.clone());
+        exec.input = Some(input.clone());
+    }
+    events.push(Event {
+        actor: actor.clone(),
+        kind: "step.started",
+        before: json!({"index": index, "status": "pending"}),
+        after: json!({"index": index, "status": "running", "input": input}),
+        reason: None,
+    });
+
+    match &step.kind {
+        StepKind::Condition(cfg) => {
+            let outcome = Expression::compile(&cfg.expression, limits)
+                .and_then(|expr| expr.evaluate(&ctx))
+                .map_err(|e| e.to_string())
+                .and_then(|value| match value {
+                    Value::Bool(b) => Ok(b),
+                    other => Err(format!(
+                        "expression must give true or false, it gave {other}"
+                    )),
+                });
+            match outcome {
+                Ok(result) => {
+                    let route = if result { cfg.if_true } else { cfg.if_false };
+                    let output = json!({"result": result, "route": route_text(route)});
+                    complete_step(&mut next, index, now, output, &actor, &mut events);
+                    follow_route(
+                        template,
+                        &mut next,
+                        index,
+                        route,
+                        now,
+                        &actor,
+                        &mut effects,
+                        &mut events,
+                    );
+                }
+                Err(message) => fail_step(&mut next, index, now, message, actor, &mut events),
+            }
+        }
+        StepKind::Approval(cfg) => wait_on(
+            &mut next,
+            index,
+            approval_wait(cfg, index, now),
+            &actor,
+            &mut events,
+        ),
+        StepKind::Action(cfg) => wait_on(
+            &mut next,
+            index,
+            action_wait(cfg, index, now),
+            &actor,
+            &mut events,
+        ),
+        StepKind::Wait(cfg) => wait_on(
+            &mut next,
+            index,
+            wait_wait(cfg, index, now),
+            &actor,
+            &mut events,
+        ),
+        StepKind::Notification(cfg) => wait_on(
+            &mut next,
+            index,
+            notification_wait(cfg, index, now),
+            &actor,
+            &mut events,
+        ),
+    }
+    Ok(Transition {
+        state: next,
+        effects,
+        events,
+    })
+}
+
+fn route_text(route: Route) -> String {
+    match route {
+        Route::Continue => "continue".into(),
+        Route::SkipTo(n) => format!("skip_to:{n}"),
+        Route::End => "end".into(),
+        Route::Fail => "fail".into(),
+    }
+}
+
+fn approvers_text(approvers: &[Approver]) -> String {
+    approvers
+        .iter()
+        .map(|a| match a {
+            Approver::Role(r) => format!("role {r}"),
+            Approver::User(u) => format!("user {u}"),
+            Approver::Agent(a) => format!("agent {a}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+fn approval_wait(cfg: &ApprovalConfig, index: usize, now: Timestamp) -> WaitingOn {
+    WaitingOn {
+        step_index: index,
+        kind: "approval".into(),
+        description: format!(
+            "waiting for {} approval(s) from {}",
+            cfg.min_approvals,
+            approvers_text(&cfg.approvers)
+        ),
+        since: now,
+        due: cfg.timeout_ms.map(|ms| now.plus_millis(ms)),
+        detail: json!({
+            "approvers": cfg.approvers,
+            "min_approvals": cfg.min_approvals,
+            "decisions": [],
+        }),
+    }
+}
+
+// Until the action executor lands, an action step waits visibly instead of pretending to succeed.
+fn action_wait(cfg: &ActionConfig, index: usize, now: Timestamp) -> WaitingOn {
+    WaitingOn {
+        step_index: index,
+        kind: "action".into(),
+        description: format!(
+            "waiting for the action executor to run `{}`; this build does not execute actions yet",
+            cfg.action
+        ),
+        since: now,
+        due: None,
+        detail: json!({"action": cfg.action}),
+    }
+}
+
+fn wait_wait(cfg: &WaitConfig, index: usize, now: Timestamp) -> WaitingOn {
+    let (description, due, detail) = match cfg {
+        WaitConfig::Duration(ms) => (
+            format!("waiting {ms} ms; this build has no scheduler to resume it yet"),
+            Some(now.plus_millis(*ms)),
+            json!({"duration_ms": ms}),
+        ),
+        WaitConfig::Until(expr) => (
+            "waiting until a point in time; this build has no scheduler to resume it yet".into(),
+            None,
+            json!({"until": expr}),
+        ),
+        WaitConfig::Window(window) => (
+            "waiting for a business window; this build has no scheduler to resume it yet".into(),
+            None,
+            json!({"window": window}),
+        ),
+        WaitConfig::Signal(name) => (
+            format!("waiting for signal `{name}`; this build cannot receive signals yet"),
+            None,
+            json!({"signal": name}),
+        ),
+    };
+    WaitingOn {
+        step_index: index,
+        kind: "wait".into(),
+        description,
+        since: now,
+        due,
+        detail,
+    }
+}
+
+fn notification_wait(cfg: &NotificationConfig, index: usize, now: Timestamp) -> WaitingOn {
+    let (channel, target) = match cfg {
+        NotificationConfig::Webhook { url, .. } => ("webhook", url.clone()),
+        NotificationConfig::Email { to, .. } => ("email", to.clone()),
+    };
+    WaitingOn {
+        step_index: index,
+        kind: "notification".into(),
+        description: format!(
+            "waiting for {channel} delivery to {target}; this build does not deliver notifications yet"
+        ),
+        since: now,
+        due: None,
+        detail: json!({"channel": channel, "target": target}),
+    }
+}
+
+fn wait_on(
+    state: &mut InstanceState,
+    index: usize,
+    waiting: WaitingOn,
+    actor: &ActorRef,
+    events: &mut Vec<Event>,
+) {
+    if let Some(exec) = state.execution_mut(index) {
+        exec.status = StepStatus::Waiting;
+    }
+    events.push(Event {
+        actor: actor.clone(),
+        kind: "step.waiting",
+        before: json!({"index": index, "status": "running"}),
+        after: json!({"index": index, "status": "waiting", "waiting_on": waiting}),
+        reason: None,
+    });
+    state.status = InstanceStatus::Waiting;
+    state.waiting_on = Some(waiting);
+}
+
+fn complete_step(
+    state: &mut InstanceState,
+    index: usize,
+    now: Timestamp,
+    output: Value,
+    actor: &ActorRef,
+    events: &mut Vec<Event>,
+) {
+    if let Some(exec) = state.execution_mut(index) {
+        exec.status = StepStatus::Completed;
+        exec.finished_at = Some(now);
+        exec.output = Some(output.clone());
+    }
+    events.push(Event {
+        actor: actor.clone(),
+        kind: "step.completed",
+        before: json!({"index": index, "status": "running"}),
+        after: json!({"index": index, "status": "completed", "output": output}),
+        reason: None,
+    });
+}
+
+fn fail_step(
+    state: &mut InstanceState,
+    index: usize,
+    now: Timestamp,
+    message: String,
+    actor: ActorRef,
+    events: &mut Vec<Event>,
+) {
+    let before_status = state
+        .execution(index)
+        .map(|e| e.status)
+        .unwrap_or(StepStatus::Pending);
+    if let Some(exec) = state.execution_mut(index) {
+        exec.status = StepStatus::Failed;
+        exec.finished_at = Some(now);
+        exec.error = Some(message.clone());
+    }
+    events.push(Event {
+        actor: actor.clone(),
+        kind: "step.failed",
+        before: json!({"index": index, "status": before_status}),
+        after: json!({"index": index, "status": "failed", "error": message}),
+        reason: None,
+    });
+    finish(
+        state,
+        InstanceStatus::Failed,
+        now,
+        Some(message),
+        actor,
+        events,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn follow_route(
+    template: &Template,
+    state: &mut InstanceState,
+    index: usize,
+    route: Route,
+    now: Timestamp,
+    actor: &ActorRef,
+    effects: &mut Vec<Effect>,
+    events: &mut Vec<Event>,
+) {
+    let target = match route {
+        Route::Continue => index + 1,
+        Route::SkipTo(target) => target,
+        Route::End => template.steps.len(),
+        Route::Fail => {
+            let name = template
+                .steps
+                .get(index)
+                .map(|s| s.name.as_str())
+                .unwrap_or("");
+            let message = format!("condition step `{name}` routed the instance to fail");
+            finish(
+                state,
+                InstanceStatus::Failed,
+                now,
+                Some(message),
+                actor.clone(),
+                events,
+            );
+            return;
+        }
+    };
+    // Validation only allows forward jumps; clamp anyway so a bad template can never loop.
+    let target = target.max(index + 1);
+    for skipped in (index + 1)..target.min(template.steps.len()) {
+        if let Some(step) = template.steps.get(skipped) {
+            state.steps.push(StepExecution {
+                index: skipped,
+                name: step.name.clone(),
+                step_type: step.kind.step_type(),
+                status: StepStatus::Skipped,
+                started_at: None,
+                finished_at: Some(now),
+                actor: None,
+                input: None,
+                output: None,
+                error: None,
+            });
+            events.push(Event {
+                actor: actor.clone(),
+                kind: "step.skipped",
+                before: Value::Null,
+                after: json!({"index": skipped, "status": "skipped", "by_route": route_text(route)}),
+                reason: None,
+            });
+        }
+    }
+    if target >= template.steps.len() {
+        complete(state, now, events, actor.clone());
+    } else {
+        dispatch(template, state, target, now, effects, events);
+    }
+}
+
+fn dispatch(
+    template: &Template,
+    state: &mut InstanceState,
+    index: usize,
+    now: Timestamp,
+    effects: &mut Vec<Effect>,
+    events: &mut Vec<Event>,
+) {
+    let Some(step) = template.steps.get(index) else {
+        return;
+    };
+    let step_type = step.kind.step_type();
+    state.steps.push(StepExecution {
+        index,
+        name: step.name.clone(),
+        step_type,
+        status: StepStatus::Pending,
+        started_at: None,
+        finished_at: None,
+        actor: None,
+        input: None,
+        output: None,
+        error: None,
+    });
+    state.status = InstanceStatus::Running;
+    state.current_step = Some(index);
+    state.waiting_on = Some(WaitingOn {
+        step_index: index,
+        kind: "dispatch".into(),
+        description: format!(
+            "step {index} `{}` is queued for the {} workers",
+            step.name,
+            step_type.as_str()
+        ),
+        since: now,
+        due: None,
+        detail: json!({"pool": step_type.as_str()}),
+    });
+    effects.push(Effect::Dispatch { index, step_type });
+    events.push(Event {
+        actor: pool_actor(step_type),
+        kind: "step.dispatched",
+        before: Value::Null,
+        after: json!({"index": index, "name": step.name, "type": step_type}),
+        reason: None,
+    });
+}
+
+fn complete(state: &mut InstanceState, now: Timestamp, events: &mut Vec<Event>, actor: ActorRef) {
+    finish(state, InstanceStatus::Completed, now, None, actor, events);
+}
+
+fn finish(
+    state: &mut InstanceState,
+    status: InstanceStatus,
+    now: Timestamp,
+    error: Option<String>,
+    actor: ActorRef,
+    events: &mut Vec<Event>,
+) {
+    let before = state.status;
+    state.status = status;
+    state.current_step = None;
+    state.waiting_on = None;
+    state.finished_at = Some(now);
+    state.error = error.clone();
+    let kind = match status {
+        InstanceStatus::Completed => "instance.completed",
+        InstanceStatus::Rejected => "instance.rejected",
+        InstanceStatus::Failed => "instance.failed",
+        InstanceStatus::Cancelled => "instance.cancelled",
+        // Not terminal: finish is never called with these.
+        InstanceStatus::Running | InstanceStatus::Waiting => "instance.changed",
+    };
+    events.push(Event {
+        actor,
+        kind,
+        before: json!({"status": before}),
+        after: json!({"status": status, "error": error}),
+        reason: None,
+    });
+}
+
+fn cancel(
+    state: &InstanceState,
+    actor: ActorRef,
+    reason: Option<String>,
+    now: Timestamp,
+) -> Transition {
+    let mut next = state.clone();
+    let mut events = Vec::new();
+    for exec in next.steps.iter_mut() {
+        match exec.status {
+            StepStatus::Pending | StepStatus::Running | StepStatus::Waiting => {
+                exec.status = StepStatus::Cancelled;
+                exec.finished_at = Some(now);
+            }
+            StepStatus::Completed
+            | StepStatus::Skipped
+            | StepStatus::Failed
+            | StepStatus::Rejected
+            | StepStatus::Cancelled => {}
+        }
+    }
+    finish(
+        &mut next,
+        InstanceStatus::Cancelled,
+        now,
+        Some(reason.clone().unwrap_or_else(|| "cancelled".into())),
+        actor,
+        &mut events,
+    );
+    if let Some(last) = events.last_mut() {
+        last.reason = reason;
+    }
+    Transition {
+        state: next,
+        effects: Vec::new(),
+        events,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,528 @@
+//! Transition tests and property tests for the state machine.
+
+use super::*;
+use crate::template::{Step, TemplateSettings, TriggerType};
+use proptest::prelude::*;
+
+fn human(id: &str) -> ActorRef {
+    ActorRef {
+        id: id.into(),
+        actor_type: ActorType::Human,
+    }
+}
+
+fn info(trigger: Value) -> InstanceInfo {
+    InstanceInfo {
+        id: "i1".into(),
+        partner_id: "p1".into(),
+        template_id: "t1".into(),
+        template_version: 1,
+        created_at: Timestamp(0),
+        created_by: human("requester"),
+        trigger,
+    }
+}
+
+fn step(name: &str, kind: StepKind, raw: Value) -> Step {
+    Step {
+        name: name.into(),
+        kind,
+        raw_config: raw,
+    }
+}
+
+fn condition(name: &str, expr: &str, if_true: Route, if_false: Route) -> Step {
+    step(
+        name,
+        StepKind::Condition(crate::template::ConditionConfig {
+            expression: expr.into(),
+            if_true,
+            if_false,
+        }),
+        json!({"expression": expr}),
+    )
+}
+
+fn approval(name: &str, role: &str) -> Step {
+    step(
+        name,
+        StepKind::Approval(ApprovalConfig {
+            approvers: vec![Approver::Role(role.into())],
+            min_approvals: 1,
+            timeout_ms: Some(48 * 3_600_000),
+        }),
+        json!({"approvers": {"type": "role", "value": role}, "timeout_hours": 48}),
+    )
+}
+
+fn action(name: &str) -> Step {
+    step(
+        name,
+        StepKind::Action(ActionConfig {
+            action: "execute_transfer".into(),
+        }),
+        json!({"action": "execute_transfer", "params": {"transfer_id": "{{trigger.id}}"}}),
+    )
+}
+
+fn template(steps: Vec<Step>) -> Template {
+    Template {
+        name: "t".into(),
+        description: None,
+        trigger_type: TriggerType::Manual,
+        trigger_conditions: vec![],
+        steps,
+        settings: TemplateSettings::default(),
+    }
+}
+
+/// The spec's Procurement Approval, typed.
+fn procurement() -> Template {
+    template(vec![
+        condition(
+            "Check Amount Tier",
+            "trigger.amount <= 1000",
+            Route::SkipTo(3),
+            Route::Continue,
+        ),
+        approval("CFO Approval", "cfo"),
+        approval("Manager Approval", "finance_manager"),
+        action("Execute Payment"),
+    ])
+}
+
+fn limits() -> ExprLimits {
+    ExprLimits::default()
+}
+
+/// Run every dispatched step until the instance waits or ends.
+fn run(template: &Template, info: &InstanceInfo) -> (InstanceState, Vec<Event>) {
+    let t = start(template, info, Timestamp(1));
+    let mut state = t.state;
+    let mut events = t.events;
+    let mut queue = t.effects;
+    let mut now = 2;
+    while let Some(Effect::Dispatch { index, .. }) = queue.pop() {
+        let t = apply(
+            template,
+            info,
+            &state,
+            Command::ExecuteStep { index },
+            Timestamp(now),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("execute {index}: {e}"));
+        state = t.state;
+        events.extend(t.events);
+        queue.extend(t.effects);
+        now += 1;
+    }
+    (state, events)
+}
+
+#[test]
+fn small_procurement_skips_both_approvals_and_waits_at_the_action() {
+    let tpl = procurement();
+    let info = info(json!({"id": "tr_1", "amount": 500}));
+    let (state, events) = run(&tpl, &info);
+    assert_eq!(state.status, InstanceStatus::Waiting);
+    assert_eq!(state.current_step, Some(3));
+    let statuses: Vec<_> = state.steps.iter().map(|s| (s.index, s.status)).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (0, StepStatus::Completed),
+            (1, StepStatus::Skipped),
+            (2, StepStatus::Skipped),
+            (3, StepStatus::Waiting),
+        ]
+    );
+    let waiting = state.waiting_on.as_ref().map(|w| w.kind.as_str());
+    assert_eq!(waiting, Some("action"));
+    // The action's params were rendered from the trigger.
+    let input = state.execution(3).and_then(|e| e.input.clone());
+    assert_eq!(
+        input,
+        Some(json!({"action": "execute_transfer", "params": {"transfer_id": "tr_1"}}))
+    );
+    assert_eq!(
+        state.execution(0).and_then(|e| e.output.clone()),
+        Some(json!({"result": true, "route": "skip_to:3"}))
+    );
+    assert!(events.iter().any(|e| e.kind == "step.skipped"));
+}
+
+#[test]
+fn large_procurement_waits_for_the_cfo_with_a_deadline() {
+    let tpl = procurement();
+    let (state, _) = run(&tpl, &info(json!({"id": "tr_2", "amount": 5000})));
+    assert_eq!(state.status, InstanceStatus::Waiting);
+    assert_eq!(state.current_step, Some(1));
+    let waiting = state
+        .waiting_on
+        .clone()
+        .unwrap_or_else(|| panic!("waiting_on"));
+    assert_eq!(waiting.kind, "approval");
+    assert!(
+        waiting.description.contains("role cfo"),
+        "{}",
+        waiting.description
+    );
+    assert_eq!(waiting.due, Some(waiting.since.plus_millis(48 * 3_600_000)));
+}
+
+#[test]
+fn a_missing_field_fails_the_step_with_a_stored_error() {
+    let tpl = procurement();
+    let (state, events) = run(&tpl, &info(json!({"id": "tr_3"})));
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let exec = state
+        .execution(0)
+        .cloned()
+        .unwrap_or_else(|| panic!("exec 0"));
+    assert_eq!(exec.status, StepStatus::Failed);
+    assert!(
+        exec.error.as_deref().unwrap_or("").contains("amount"),
+        "{:?}",
+        exec.error
+    );
+    assert!(events.iter().any(|e| e.kind == "instance.failed"));
+}
+
+#[test]
+fn non_boolean_condition_fails_clearly() {
+    let tpl = template(vec![condition(
+        "c",
+        "trigger.amount",
+        Route::Continue,
+        Route::Continue,
+    )]);
+    let (state, _) = run(&tpl, &info(json!({"amount": 5})));
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert!(state
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("true or false"));
+}
+
+#[test]
+fn routes_end_fail_and_continue_past_the_last_step() {
+    let end = template(vec![
+        condition("c", "true", Route::End, Route::Continue),
+        approval("never", "cfo"),
+    ]);
+    let (state, _) = run(&end, &info(json!({})));
+    assert_eq!(state.status, InstanceStatus::Completed);
+    let skipped = state.execution(1).map(|e| e.status);
+    assert_eq!(
+        skipped,
+        Some(StepStatus::Skipped),
+        "end passes over the remaining steps"
+    );
+
+    let fail = template(vec![condition("c", "false", Route::Continue, Route::Fail)]);
+    let (state, _) = run(&fail, &info(json!({})));
+    assert_eq!(state.status, InstanceStatus::Failed);
+
+    let last = template(vec![condition(
+        "c",
+        "true",
+        Route::Continue,
+        Route::Continue,
+    )]);
+    let (state, _) = run(&last, &info(json!({})));
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert!(state.finished_at.is_some());
+    assert_eq!(state.waiting_on, None);
+}
+
+#[test]
+fn every_waiting_step_type_names_what_it_waits_for() {
+    let kinds = [
+        (approval("a", "cfo"), "approval"),
+        (action("b"), "action"),
+        (
+            step(
+                "w",
+                StepKind::Wait(WaitConfig::Duration(90_000)),
+                json!({"duration": "90s"}),
+            ),
+            "wait",
+        ),
+        (
+            step(
+                "n",
+                StepKind::Notification(NotificationConfig::Webhook {
+                    url: "https://example.com/hook".into(),
+                    event: None,
+                }),
+                json!({"channel": "webhook", "url": "https://example.com/hook"}),
+            ),
+            "notification",
+        ),
+    ];
+    for (s, kind) in kinds {
+        let tpl = template(vec![s]);
+        let (state, _) = run(&tpl, &info(json!({"id": "tr_9"})));
+        assert_eq!(
+            state.status,
+            InstanceStatus::Waiting,
+            "{kind}: {:?}",
+            state.error
+        );
+        let waiting = state.waiting_on.unwrap_or_else(|| panic!("{kind} waits"));
+        assert_eq!(waiting.kind, kind);
+        assert!(!waiting.description.is_empty());
+    }
+}
+
+#[test]
+fn duplicate_and_stale_commands_are_refused_without_change() {
+    let tpl = procurement();
+    let info = info(json!({"id": "x", "amount": 5000}));
+    let (state, _) = run(&tpl, &info);
+    let again = apply(
+        &tpl,
+        &info,
+        &state,
+        Command::ExecuteStep { index: 0 },
+        Timestamp(9),
+        &limits(),
+    );
+    assert_eq!(again, Err(MachineError::AlreadyExecuted { index: 0 }));
+    let ahead = apply(
+        &tpl,
+        &info,
+        &state,
+        Command::ExecuteStep { index: 2 },
+        Timestamp(9),
+        &limits(),
+    );
+    assert_eq!(ahead, Err(MachineError::NotCurrent { index: 2 }));
+    let missing = apply(
+        &tpl,
+        &info,
+        &state,
+        Command::ExecuteStep { index: 9 },
+        Timestamp(9),
+        &limits(),
+    );
+    assert_eq!(missing, Err(MachineError::NoSuchStep { index: 9 }));
+}
+
+#[test]
+fn cancel_ends_a_waiting_instance_and_then_nothing_changes_it() {
+    let tpl = procurement();
+    let info = info(json!({"id": "x", "amount": 5000}));
+    let (state, _) = run(&tpl, &info);
+    let t = apply(
+        &tpl,
+        &info,
+        &state,
+        Command::Cancel {
+            actor: human("ops"),
+            reason: Some("duplicate order".into()),
+        },
+        Timestamp(50),
+        &limits(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(t.state.status, InstanceStatus::Cancelled);
+    assert_eq!(
+        t.state.execution(1).map(|e| e.status),
+        Some(StepStatus::Cancelled)
+    );
+    assert_eq!(
+        t.events.last().and_then(|e| e.reason.clone()),
+        Some("duplicate order".into())
+    );
+    let again = apply(
+        &tpl,
+        &info,
+        &t.state,
+        Command::Cancel {
+            actor: human("ops"),
+            reason: None,
+        },
+        Timestamp(51),
+        &limits(),
+    );
+    assert_eq!(
+        again,
+        Err(MachineError::Terminal {
+            status: "cancelled"
+        })
+    );
+}
+
+#[test]
+fn placeholders_that_fail_at_run_time_fail_the_step() {
+    let tpl = template(vec![step(
+        "pay",
+        StepKind::Action(ActionConfig {
+            action: "execute_transfer".into(),
+        }),
+        json!({"action": "execute_transfer", "params": {"transfer_id": "{{trigger.missing}}"}}),
+    )]);
+    let (state, _) = run(&tpl, &info(json!({})));
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert!(
+        state.error.as_deref().unwrap_or("").contains("params"),
+        "{:?}",
+        state.error
+    );
+}
+
+// ---- property tests ----
+
+#[derive(Debug, Clone)]
+enum GenStep {
+    Condition {
+        threshold: i64,
+        if_true: u8,
+        if_false: u8,
+    },
+    Approval,
+    Action,
+}
+
+fn gen_route(code: u8, index: usize, len: usize) -> Route {
+    let forward = len.saturating_sub(index + 1);
+    match code % 4 {
+        0 => Route::Continue,
+        1 if forward > 0 => Route::SkipTo(index + 1 + (code as usize / 4) % forward),
+        1 => Route::Continue,
+        2 => Route::End,
+        _ => Route::Fail,
+    }
+}
+
+fn build(steps: &[GenStep]) -> Template {
+    let len = steps.len();
+    template(
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                GenStep::Condition {
+                    threshold,
+                    if_true,
+                    if_false,
+                } => condition(
+                    &format!("s{i}"),
+                    &format!("trigger.amount <= {threshold}"),
+                    gen_route(*if_true, i, len),
+                    gen_route(*if_false, i, len),
+                ),
+                GenStep::Approval => approval(&format!("s{i}"), "cfo"),
+                GenStep::Action => action(&format!("s{i}")),
+            })
+            .collect(),
+    )
+}
+
+fn gen_step() -> impl Strategy<Value = GenStep> {
+    prop_oneof![
+        3 => (0i64..2000, any::<u8>(), any::<u8>()).prop_map(|(threshold, if_true, if_false)| {
+            GenStep::Condition { threshold, if_true, if_false }
+        }),
+        1 => Just(GenStep::Approval),
+        1 => Just(GenStep::Action),
+    ]
+}
+
+/// A random stream of commands: execute some index, or cancel.
+#[derive(Debug, Clone)]
+enum GenCmd {
+    Execute(usize),
+    ExecuteDispatched,
+    Cancel,
+}
+
+fn gen_cmd() -> impl Strategy<Value = GenCmd> {
+    prop_oneof![
+        6 => Just(GenCmd::ExecuteDispatched),
+        2 => (0usize..12).prop_map(GenCmd::Execute),
+        1 => Just(GenCmd::Cancel),
+    ]
+}
+
+fn check_invariants(state: &InstanceState) -> Result<(), TestCaseError> {
+    let mut seen = std::collections::HashSet::new();
+    for exec in &state.steps {
+        prop_assert!(
+            seen.insert(exec.index),
+            "step {} has two executions",
+            exec.index
+        );
+    }
+    match state.status {
+        InstanceStatus::Running => {
+            let cur = state.current_step;
+            prop_assert!(cur.is_some(), "running without a current step");
+            let status = cur.and_then(|i| state.execution(i)).map(|e| e.status);
+            prop_assert_eq!(status, Some(StepStatus::Pending));
+        }
+        InstanceStatus::Waiting => {
+            prop_assert!(state.waiting_on.is_some(), "waiting on nothing named");
+        }
+        InstanceStatus::Completed
+        | InstanceStatus::Rejected
+        | InstanceStatus::Failed
+        | InstanceStatus::Cancelled => {
+            prop_assert_eq!(state.current_step, None);
+            prop_assert!(state.finished_at.is_some());
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn invariants_hold_for_any_template_and_command_stream(
+        steps in prop::collection::vec(gen_step(), 1..8),
+        amount in 0i64..2000,
+        cmds in prop::collection::vec(gen_cmd(), 0..30),
+    ) {
+        let tpl = build(&steps);
+        let info = info(json!({"id": "tr", "amount": amount}));
+        let t = start(&tpl, &info, Timestamp(0));
+        let mut state = t.state;
+        let mut pending: Vec<usize> = t.effects.iter().map(|Effect::Dispatch { index, .. }| *index).collect();
+        let mut executed = std::collections::HashSet::new();
+        check_invariants(&state)?;
+        for (n, cmd) in cmds.into_iter().enumerate() {
+            let now = Timestamp(n as i64 + 1);
+            let command = match cmd {
+                GenCmd::Execute(i) => Command::ExecuteStep { index: i },
+                GenCmd::ExecuteDispatched => match pending.first() {
+                    Some(i) => Command::ExecuteStep { index: *i },
+                    None => continue,
+                },
+                GenCmd::Cancel => Command::Cancel { actor: human("ops"), reason: None },
+            };
+            let was_terminal = state.status.is_terminal();
+            if let Ok(t) = apply(&tpl, &info, &state, command.clone(), now, &limits()) {
+                {
+                    prop_assert!(!was_terminal, "a terminal instance changed");
+                    if let Command::ExecuteStep { index } = command {
+                        prop_assert!(executed.insert(index), "step {} ran twice", index);
+                        pending.retain(|p| *p != index);
+                    }
+                    if t.state.status == InstanceStatus::Running {
+                        prop_assert_eq!(t.effects.len(), 1, "running without a dispatch");
+                    }
+                    for Effect::Dispatch { index, .. } in &t.effects {
+                        prop_assert!(!executed.contains(index), "dispatched an executed step");
+                        pending.push(*index);
+                    }
+                    state = t.state;
+                }
+            }
+            check_invariants(&state)?;
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The typed workflow template: what a partner configures, after validation.
+//!
+//! Templates arrive as JSON and are turned into these types only by [`crate::validate`], which
+//! reports every problem with its JSON path. Once a [`Template`] exists it is known to be valid:
+//! step references are in range and go forwards, every expression and placeholder compiled.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The five step types of the spec. A new one is a compile error everywhere it matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepType {
+    Approval,
+    Condition,
+    Action,
+    Wait,
+    Notification,
+}
+
+impl StepType {
+    pub const ALL: [StepType; 5] = [
+        StepType::Approval,
+        StepType::Condition,
+        StepType::Action,
+        StepType::Wait,
+        StepType::Notification,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepType::Approval => "approval",
+            StepType::Condition => "condition",
+            StepType::Action => "action",
+            StepType::Wait => "wait",
+            StepType::Notification => "notification",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepType> {
+        StepType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// How an instance of the template may be started. Any template can also be started by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerType {
+    Manual,
+    OnTransfer,
+}
+
+impl TriggerType {
+    pub const ALL: [TriggerType; 2] = [TriggerType::Manual, TriggerType::OnTransfer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerType::Manual => "manual",
+            TriggerType::OnTransfer => "on_transfer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TriggerType> {
+        TriggerType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// A comparison in a trigger condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerOp {
+    Eq,
+    Ne,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    In,
+    NotIn,
+    Contains,
+    Exists,
+}
+
+/// `{field, op, value}`: `field` is a dotted path into the trigger payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerCondition {
+    pub field: String,
+    pub op: TriggerOp,
+    /// Absent only for `exists`, where it defaults to `true`.
+    pub value: Option<Value>,
+}
+
+/// Where a condition step sends the instance next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The next step by index, or completion after the last step.
+    Continue,
+    /// Jump forward to this 0-based step index; the steps in between are skipped.
+    SkipTo(usize),
+    /// Complete the instance now.
+    End,
+    /// Fail the instance now.
+    Fail,
+}
+
+/// Who may decide an approval step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Approver {
+    Role(String),
+    User(String),
+    Agent(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalConfig {
+    /// Any of these may decide.
+    pub approvers: Vec<Approver>,
+    /// Quorum: how many approvals move the step on.
+    pub min_approvals: u32,
+    /// Deadline after the step starts, in milliseconds, from `timeout_hours` or `timeout`.
+    pub timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionConfig {
+    /// CEL source; compiled (and checked for known roots) at validation.
+    pub expression: String,
+    pub if_true: Route,
+    pub if_false: Route,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionConfig {
+    /// The registered action's name, e.g. `execute_transfer`.
+    pub action: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitConfig {
+    /// Milliseconds to pause.
+    Duration(i64),
+    /// CEL expression giving a timestamp.
+    Until(String),
+    /// A business window, kept as configured until the scheduler issue types it.
+    Window(Value),
+    /// Wait for a named signal.
+    Signal(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotificationConfig {
+    Webhook { url: String, event: Option<String> },
+    Email { to: String, subject: String },
+}
+
+/// The typed configuration of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepKind {
+    Approval(ApprovalConfig),
+    Condition(ConditionConfig),
+    Action(ActionConfig),
+    Wait(WaitConfig),
+    Notification(NotificationConfig),
+}
+
+impl StepKind {
+    pub fn step_type(&self) -> StepType {
+        match self {
+            StepKind::Approval(_) => StepType::Approval,
+            StepKind::Condition(_) => StepType::Condition,
+            StepKind::Action(_) => StepType::Action,
+            StepKind::Wait(_) => StepType::Wait,
+            StepKind::Notification(_) => StepType::Notification,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub name: String,
+    pub kind: StepKind,
+    /// The step's `config` exactly as written; `{{ }}` placeholders in it are rendered when the
+    /// step starts and the result is recorded as the step's input.
+    pub raw_config: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateSettings {
+    /// Four-eyes rules for approvals; on unless the template switches them off.
+    pub separation_of_duties: bool,
+}
+
+impl Default for TemplateSettings {
+    fn default() -> Self {
+        TemplateSettings {
+            separation_of_duties: true,
+        }
+    }
+}
+
+/// A validated workflow template. Build it with [`crate::validate::parse_template`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    pub name: String,
+    pub description: Option<String>,
+    pub trigger_type: TriggerType,
+    pub trigger_conditions: Vec<TriggerCondition>,
+    pub steps: Vec<Step>,
+    pub settings: TemplateSettings,
+}

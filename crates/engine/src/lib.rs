@@ -1,0 +1,19 @@
+//! The engine's application layer, shared by the API, the worker pools and the embedded runtime.
+//!
+//! Owns the use cases that change an instance: start it, execute a dispatched step, cancel it.
+//! Each one loads state from the store, calls the pure state machine, and commits the new state,
+//! its audit events and the commands it causes (the transactional outbox) in one transaction.
+//! The [`relay`] then moves outbox rows onto the bus. It never talks HTTP and never decides
+//! anything itself: the decisions are the domain's.
+
+pub mod audit;
+pub mod clock;
+pub mod error;
+pub mod messages;
+pub mod relay;
+pub mod service;
+
+pub use clock::{Clock, SystemClock};
+pub use error::EngineError;
+pub use messages::{StepCommand, STEP_TOPIC_PREFIX};
+pub use service::{Engine, ExecuteOutcome, StartOutcome};

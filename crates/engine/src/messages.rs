@@ -1,0 +1,58 @@
+//! The commands that travel on the bus, and their topics.
+//!
+//! Encoded as JSON for now; the Avro schemas of the distributed runtime replace the codec, not
+//! the types. Every command carries a unique `command_id` so consumers can recognise redeliveries.
+
+use serde::{Deserialize, Serialize};
+use workflow_core::StepType;
+
+/// Step commands for pool `<type>` go to `workflow.steps.<type>`.
+pub const STEP_TOPIC_PREFIX: &str = "workflow.steps.";
+
+/// The topic a step type's pool consumes.
+pub fn step_topic(step_type: StepType) -> String {
+    format!("{STEP_TOPIC_PREFIX}{}", step_type.as_str())
+}
+
+/// "Execute step `step_index` of instance `instance_id`", keyed by the instance id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepCommand {
+    pub command_id: String,
+    pub partner_id: String,
+    pub instance_id: String,
+    pub step_index: usize,
+    pub step_type: StepType,
+    /// When the command was committed (ms); step latency is measured from here.
+    pub issued_at: i64,
+}
+
+impl StepCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising a struct of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StepCommand, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_names_topics() {
+        let cmd = StepCommand {
+            command_id: "c1".into(),
+            partner_id: "p".into(),
+            instance_id: "i".into(),
+            step_index: 3,
+            step_type: StepType::Action,
+            issued_at: 42,
+        };
+        assert_eq!(StepCommand::decode(&cmd.encode()).ok(), Some(cmd));
+        assert_eq!(step_topic(StepType::Action), "workflow.steps.action");
+        assert!(StepCommand::decode(b"{not json").is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! The use cases that change instances: start, execute a dispatched step, cancel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::Notify;
+use workflow_core::instance::{ActorRef, InstanceInfo};
+use workflow_core::machine::{self, Command, Effect, Event, Transition};
+use workflow_core::validate::{parse_template, Limits};
+use workflow_core::Template;
+use workflow_store::records::{AuditDraft, InstanceRecord, OutboxMessage, TemplateRecord};
+use workflow_store::{CreateOutcome, Store, StoreError};
+
+use crate::clock::Clock;
+use crate::error::EngineError;
+use crate::messages::{step_topic, StepCommand};
+
+/// How often a use case re-reads and retries after losing an optimistic-concurrency race.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// The result of starting an instance.
+#[derive(Debug, Clone)]
+pub struct StartOutcome {
+    pub instance: InstanceRecord,
+    /// False when the idempotency key returned an instance created earlier.
+    pub created: bool,
+}
+
+/// What happened to a step command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecuteOutcome {
+    /// The step ran and its transition was committed.
+    Applied,
+    /// A redelivery or a stale command: the state already moved past it. Nothing changed.
+    Skipped(String),
+}
+
+/// The engine's use cases over one store. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    limits: Arc<Limits>,
+    clock: Arc<dyn Clock>,
+    /// Template versions are immutable, so parsed ones are cached forever.
+    templates: Arc<Mutex<HashMap<(String, i64), Arc<Template>>>>,
+    /// Woken after every commit that wrote outbox rows, so the relay publishes at once.
+    outbox_ready: Arc<Notify>,
+}
+
+impl Engine {
+    pub fn new(store: Store, limits: Limits, clock: Arc<dyn Clock>) -> Engine {
+        Engine {
+            store,
+            limits: Arc::new(limits),
+            clock,
+            templates: Arc::new(Mutex::new(HashMap::new())),
+            outbox_ready: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn outbox_ready(&self) -> Arc<Notify> {
+        self.outbox_ready.clone()
+    }
+
+    /// The parsed template for a stored version.
+    pub fn parsed(&self, rec: &TemplateRecord) -> Result<Arc<Template>, EngineError> {
+        let key = (rec.id.clone(), rec.version);
+        if let Some(t) = self.cache().get(&key) {
+            return Ok(t.clone());
+        }
+        let template = parse_template(&rec.doc, &self.limits).map_err(|problems| {
+            EngineError::CorruptTemplate {
+                id: rec.id.clone(),
+                version: rec.version,
+                message: problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.path, p.problem))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }
+        })?;
+        let template = Arc::new(template);
+        self.cache().insert(key, template.clone());
+        Ok(template)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), Arc<Template>>> {
+        // A poisoned cache only means another thread panicked mid-insert; the map is still valid.
+        self.templates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn template_version(
+        &self,
+        partner_id: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Arc<Template>, EngineError> {
+        if let Some(t) = self.cache().get(&(id.to_string(), version)) {
+            return Ok(t.clone());
+        }
+        let rec = self
+            .store
+            .get_template_version(partner_id, id, version)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "template",
+                id: id.to_string(),
+            })?;
+        self.parsed(&rec)
+    }
+
+    /// Start an instance of the template's latest version. With an idempotency key, a second
+    /// call returns the first instance (`created: false`) and writes nothing.
+    pub async fn start_instance(
+        &self,
+        partner_id: &str,
+        actor: &ActorRef,
+        template_id: &str,
+        trigger: Value,
+        idempotency_key: Option<String>,
+    ) -> Result<StartOutcome, EngineError> {
+        if let Some(key) = &idempotency_key {
+            if let Some(existing) = self.find_by_key(partner_id, key).await? {
+                return check_same_request(existing, template_id, &trigger, key);
+            }
+        }
+        let rec = self
+            .store
+            .get_template(partner_id, template_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "template",
+                id: template_id.to_string(),
+            })?;
+        if !rec.active {
+            return Err(EngineError::TemplateInactive {
+                id: template_id.to_string(),
+            });
+        }
+        let template = self.parsed(&rec)?;
+        let now = self.clock.now();
+        let info = InstanceInfo {
+            id: uuid::Uuid::now_v7().to_string(),
+            partner_id: partner_id.to_string(),
+            template_id: rec.id.clone(),
+            template_version: rec.version,
+            created_at: now,
+            created_by: actor.clone(),
+            trigger,
+        };
+        let t = machine::start(&template, &info, now);
+        let instance = InstanceRecord {
+            info,
+            idempotency_key: idempotency_key.clone(),
+            state: t.state.clone(),
+            updated_at: now,
+            version: 1,
+        };
+        let (outbox, audit) = self.side_effects(&instance.info, &t, now);
+        let outcome = self
+            .store
+            .create_instance(&instance, &outbox, &audit)
+            .await?;
+        match outcome {
+            CreateOutcome::Created(instance) => {
+                if !outbox.is_empty() {
+                    self.outbox_ready.notify_one();
+                }
+                Ok(StartOutcome {
+                    instance,
+                    created: true,
+                })
+            }
+            // Lost a race with an identical request: answer as the idempotent replay it is.
+            CreateOutcome::Existing(existing) => match &idempotency_key {
+                Some(key) => check_same_request(existing, template_id, &instance.info.trigger, key),
+                None => Ok(StartOutcome {
+                    instance: existing,
+                    created: false,
+                }),
+            },
+        }
+    }
+
+    async fn find_by_key(
+        &self,
+        partner_id: &str,
+        key: &str,
+    ) -> Result<Option<InstanceRecord>, EngineError> {
+        Ok(self.store.get_instance_by_key(partner_id, key).await?)
+    }
+
+    /// Execute a dispatched step. Redeliveries and stale commands are recognised and skipped.
+    pub async fn execute_step(&self, cmd: &StepCommand) -> Result<ExecuteOutcome, EngineError> {
+        let command = Command::ExecuteStep {
+            index: cmd.step_index,
+        };
+        match self
+            .transition(&cmd.partner_id, &cmd.instance_id, command)
+            .await
+        {
+            Ok(_) => Ok(ExecuteOutcome::Applied),
+            Err(EngineError::Machine(e)) => Ok(ExecuteOutcome::Skipped(e.to_string())),
+            Err(EngineError::NotFound { what, id }) => {
+                Ok(ExecuteOutcome::Skipped(format!("{what} `{id}` not found")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Cancel a running or waiting instance.
+    pub async fn cancel(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        actor: &ActorRef,
+        reason: Option<String>,
+    ) -> Result<InstanceRecord, EngineError> {
+        self.transition(
+            partner_id,
+            instance_id,
+            Command::Cancel {
+                actor: actor.clone(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Load, apply, commit; on a lost optimistic-concurrency race, re-read and apply again.
+    async fn transition(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        command: Command,
+    ) -> Result<InstanceRecord, EngineError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self
+                .store
+                .get_instance(partner_id, instance_id)
+                .await?
+                .ok_or_else(|| EngineError::NotFound {
+                    what: "instance",
+                    id: instance_id.to_string(),
+                })?;
+            let template = self
+                .template_version(
+                    partner_id,
+                    &current.info.template_id,
+                    current.info.template_version,
+                )
+                .await?;
+            let now = self.clock.now();
+            let t = machine::apply(
+                &template,
+                &current.info,
+                &current.state,
+                command.clone(),
+                now,
+                &self.limits.expr,
+            )?;
+            let next = InstanceRecord {
+                info: current.info.clone(),
+                idempotency_key: current.idempotency_key.clone(),
+                state: t.state.clone(),
+                updated_at: now,
+                version: current.version + 1,
+            };
+            let (outbox, audit) = self.side_effects(&next.info, &t, now);
+            match self
+                .store
+                .commit_instance(&next, current.version, &outbox, &audit)
+                .await
+            {
+                Ok(()) => {
+                    if !outbox.is_empty() {
+                        self.outbox_ready.notify_one();
+                    }
+                    return Ok(next);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Contended {
+            id: instance_id.to_string(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// The outbox messages and audit drafts a transition causes.
+    fn side_effects(
+        &self,
+        info: &InstanceInfo,
+        t: &Transition,
+        now: workflow_core::Timestamp,
+    ) -> (Vec<OutboxMessage>, Vec<AuditDraft>) {
+        let outbox = t
+            .effects
+            .iter()
+            .map(|effect| match effect {
+                Effect::Dispatch { index, step_type } => {
+                    let cmd = StepCommand {
+                        command_id: uuid::Uuid::now_v7().to_string(),
+                        partner_id: info.partner_id.clone(),
+                        instance_id: info.id.clone(),
+                        step_index: *index,
+                        step_type: *step_type,
+                        issued_at: now.0,
+                    };
+                    OutboxMessage {
+                        id: cmd.command_id.clone(),
+                        topic: step_topic(*step_type),
+                        key: info.id.clone(),
+                        payload: cmd.encode(),
+                    }
+                }
+            })
+            .collect();
+        let stream = instance_stream(&info.id);
+        let audit = t
+            .events
+            .iter()
+            .map(|e: &Event| AuditDraft {
+                stream: stream.clone(),
+                at: now,
+                actor: e.actor.clone(),
+                kind: e.kind.to_string(),
+                before: e.before.clone(),
+                after: e.after.clone(),
+                reason: e.reason.clone(),
+            })
+            .collect();
+        (outbox, audit)
+    }
+}
+
+/// The audit stream of one instance.
+pub fn instance_stream(instance_id: &str) -> String {
+    format!("instance:{instance_id}")
+}
+
+/// The audit stream of one template.
+pub fn template_stream(template_id: &str) -> String {
+    format!("template:{template_id}")
+}
+
+fn check_same_request(
+    existing: InstanceRecord,
+    template_id: &str,
+    trigger: &Value,
+    key: &str,
+) -> Result<StartOutcome, EngineError> {
+    if existing.info.template_id != template_id || &existing.info.trigger != trigger {
+        return Err(EngineError::IdempotencyMismatch {
+            key: key.to_string(),
+        });
+    }
+    Ok(StartOutcome {
+        instance: existing,
+        created: false,
+    })
+}

@@ -1,0 +1,153 @@
+//! The embedded runtime: one process, one store, an in-process partitioned bus, the API, every
+//! worker pool and the outbox relay, all under one cancellation token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use workflow_bus::{Bus, InProcessBus};
+use workflow_core::{StepStatus, StepType};
+use workflow_engine::messages::step_topic;
+use workflow_engine::{relay, Clock, Engine, StepCommand};
+use workflow_store::Store;
+
+/// Errors while starting or running the embedded runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Store(#[from] workflow_store::StoreError),
+    #[error(transparent)]
+    Bus(#[from] workflow_bus::BusError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running embedded engine.
+pub struct Embedded {
+    pub engine: Engine,
+    pub bus: Arc<InProcessBus>,
+    pub router: axum::Router,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// How the embedded runtime is built.
+pub struct EmbeddedConfig {
+    pub api: producer_api::ApiConfig,
+    pub limits: workflow_core::validate::Limits,
+    pub partitions: u32,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Embedded {
+    /// Start the relay and every pool on `store` (already migrated), and resume instances whose
+    /// step command was in flight when the process last stopped.
+    pub async fn start(store: Store, config: EmbeddedConfig) -> Result<Embedded, RuntimeError> {
+        let engine = Engine::new(store.clone(), config.limits, config.clock);
+        let bus = Arc::new(InProcessBus::new(config.partitions));
+        let dyn_bus: Arc<dyn Bus> = bus.clone();
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        for step_type in StepType::ALL {
+            let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
+            let pool = step_workers::PoolConfig::new(step_type);
+            let root = cancel.clone();
+            tasks.spawn(async move {
+                if let Err(e) = step_workers::run_pool(engine, bus, pool, token).await {
+                    tracing::error!(error = %e, "worker pool stopped");
+                    root.cancel();
+                }
+            });
+        }
+        // Subscriptions exist before anything is published, so no command is missed.
+        resume(&engine, dyn_bus.as_ref()).await?;
+        tasks.spawn(relay::run(
+            store,
+            dyn_bus.clone(),
+            engine.outbox_ready(),
+            cancel.child_token(),
+        ));
+        let router = producer_api::router(engine.clone(), config.api);
+        Ok(Embedded {
+            engine,
+            bus,
+            router,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// Serve the API until shutdown is requested.
+    pub async fn serve(&self, listener: TcpListener) -> Result<(), RuntimeError> {
+        let token = self.cancel.clone();
+        axum::serve(listener, self.router.clone())
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await?;
+        Ok(())
+    }
+
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stop every task, waiting up to `deadline` for in-flight work.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        self.cancel.cancel();
+        self.bus.shutdown();
+        let drained = tokio::time::timeout(deadline, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = self.tasks.len(),
+                "tasks still running at the shutdown deadline; aborting them"
+            );
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Re-send the command of every instance whose current step was dispatched but not executed:
+/// the in-process bus does not survive a restart, the store does. Duplicates are harmless.
+async fn resume(engine: &Engine, bus: &dyn Bus) -> Result<usize, RuntimeError> {
+    let mut after: Option<String> = None;
+    let mut resent = 0;
+    loop {
+        let page = engine
+            .store()
+            .list_active_instances(after.as_deref(), 500)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.info.id.clone());
+        for rec in &page {
+            let Some(index) = rec.state.current_step else {
+                continue;
+            };
+            let Some(exec) = rec.state.execution(index) else {
+                continue;
+            };
+            if exec.status != StepStatus::Pending {
+                continue;
+            }
+            let cmd = StepCommand {
+                command_id: uuid::Uuid::now_v7().to_string(),
+                partner_id: rec.info.partner_id.clone(),
+                instance_id: rec.info.id.clone(),
+                step_index: index,
+                step_type: exec.step_type,
+                issued_at: engine.clock().now().0,
+            };
+            bus.publish(&step_topic(exec.step_type), &rec.info.id, cmd.encode())
+                .await?;
+            resent += 1;
+        }
+    }
+    if resent > 0 {
+        tracing::info!(resent, "resumed in-flight steps");
+    }
+    Ok(resent)
+}

@@ -1,0 +1,192 @@
+//! `payos-workflows`: one binary, one subcommand per role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use payos_workflows::demo;
+use payos_workflows::embedded::{Embedded, EmbeddedConfig};
+use workflow_core::validate::Limits;
+use workflow_core::StepType;
+use workflow_engine::{Clock, SystemClock};
+use workflow_store::Store;
+
+#[derive(Parser)]
+#[command(name = "payos-workflows", version, about = "The PayOS workflow engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Bounds on templates, shared by every subcommand that validates them.
+#[derive(clap::Args, Clone)]
+struct LimitArgs {
+    /// Most steps a template may have.
+    #[arg(long, env = "WORKFLOWS_MAX_STEPS", default_value_t = 50)]
+    max_steps: usize,
+    /// Largest template document, in bytes.
+    #[arg(long, env = "WORKFLOWS_MAX_TEMPLATE_BYTES", default_value_t = 65536)]
+    max_template_bytes: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_steps: self.max_steps,
+            max_document_bytes: self.max_template_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process on a SQLite file: API, worker pools, relay. Seeds a demo partner.
+    Dev {
+        #[arg(long, env = "WORKFLOWS_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, env = "WORKFLOWS_DATA_DIR", default_value = "./.payos-workflows")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// The API process of the distributed runtime (Kafka + PostgreSQL).
+    Api {
+        #[arg(long, env = "WORKFLOWS_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+    },
+    /// One worker pool of the distributed runtime.
+    Worker {
+        #[arg(long, value_parser = parse_step_type)]
+        pool: StepType,
+    },
+    /// The timer service of the distributed runtime.
+    Scheduler,
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    /// Verify the hash chain of an instance's audit trail.
+    VerifyAudit {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long)]
+        partner: String,
+        #[arg(long)]
+        instance: String,
+    },
+}
+
+fn parse_step_type(s: &str) -> Result<StepType, String> {
+    StepType::parse(s).ok_or_else(|| {
+        format!("unknown pool `{s}`; expected approval, condition, action, wait or notification")
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Dev {
+            listen,
+            data_dir,
+            limits,
+        } => dev(listen, data_dir, limits.limits()).await,
+        Command::Api { .. } | Command::Worker { .. } | Command::Scheduler => bail!(
+            "the distributed runtime needs the Kafka bus adapter, which this build does not have yet; \
+             run `payos-workflows dev` for the embedded engine"
+        ),
+        Command::Migrate { database_url } => {
+            let store = Store::connect(&database_url).await?;
+            store.migrate().await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::VerifyAudit {
+            database_url,
+            partner,
+            instance,
+        } => {
+            let store = Store::connect(&database_url).await?;
+            let records = store
+                .list_audit(&partner, &workflow_engine::service::instance_stream(&instance))
+                .await?;
+            if records.is_empty() {
+                bail!("no audit events for instance {instance} of partner {partner}");
+            }
+            let n = workflow_engine::audit::verify(&records)
+                .with_context(|| format!("audit chain of instance {instance} is broken"))?;
+            println!("audit chain of instance {instance}: {n} events verified");
+            Ok(())
+        }
+    }
+}
+
+async fn dev(listen: SocketAddr, data_dir: PathBuf, limits: Limits) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let db = data_dir.join("workflows.db");
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let store = Store::connect(&url).await?;
+    store.migrate().await?;
+
+    let admin_token = match std::env::var("WORKFLOWS_ADMIN_TOKEN") {
+        Ok(t) if !t.is_empty() => t,
+        _ => format!("adm_{}", uuid::Uuid::new_v4().simple()),
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let keys = demo::seed(&store, clock.now()).await?;
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let config = EmbeddedConfig {
+        api: producer_api::ApiConfig::new(admin_token.clone()),
+        limits,
+        partitions: 8,
+        clock,
+    };
+    let runtime = Embedded::start(store, config).await?;
+
+    let env_file = data_dir.join("demo-keys.env");
+    let mut env = format!("export WF=http://{listen}\nexport ADMIN_TOKEN={admin_token}\n");
+    for k in &keys {
+        env.push_str(&format!("export {}={}\n", k.env_name, k.key));
+    }
+    std::fs::write(&env_file, &env)
+        .with_context(|| format!("cannot write {}", env_file.display()))?;
+
+    println!("PayOS workflow engine (embedded) listening on http://{listen}");
+    println!("  data: {}", db.display());
+    println!("  OpenAPI: http://{listen}/openapi.json");
+    println!(
+        "  demo partner `{}` keys (also in {}):",
+        demo::DEMO_PARTNER,
+        env_file.display()
+    );
+    for k in &keys {
+        println!(
+            "    {:<14} {:<16} roles {:?}",
+            k.env_name, k.actor_id, k.roles
+        );
+    }
+    println!("  source {} to use them in curl", env_file.display());
+
+    let token = runtime.cancel_token();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        token.cancel();
+    });
+    runtime.serve(listener).await?;
+    runtime.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! `spawn_app`: the whole embedded engine on a fresh database, serving HTTP on port 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use payos_workflows::embedded::{Embedded, EmbeddedConfig};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use workflow_engine::SystemClock;
+use workflow_store::Store;
+
+pub const ADMIN: &str = "test-admin-token";
+pub const PROCUREMENT: &str = payos_workflows::demo::PROCUREMENT_TEMPLATE;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Store,
+    _runtime: Arc<Embedded>,
+    _dir: tempfile::TempDir,
+}
+
+/// One partner's actors (more join with the approvals work).
+pub struct Partner {
+    pub requester: String,
+    pub cfo: String,
+    pub agent: String,
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()),
+        Backend::Postgres => workflow_testkit::postgres_url()
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL for tests: {e}")),
+    };
+    let store = Store::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    store
+        .migrate()
+        .await
+        .unwrap_or_else(|e| panic!("migrate: {e}"));
+    let config = EmbeddedConfig {
+        api: producer_api::ApiConfig::new(ADMIN.into()),
+        limits: workflow_core::validate::Limits::default(),
+        partitions: 4,
+        clock: Arc::new(SystemClock),
+    };
+    let runtime = Arc::new(
+        Embedded::start(store.clone(), config)
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}")),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    let serving = runtime.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    TestApp {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        store,
+        _runtime: runtime,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    /// Send a request; returns status and JSON body (Null when empty or not JSON).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Send raw bytes as the body.
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let resp = self
+            .client
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, Some(key), None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(key), Some(body)).await
+    }
+
+    /// A partner with four actors, created through the admin API.
+    pub async fn partner(&self, id: &str) -> Partner {
+        let (s, b) = self
+            .call(
+                Method::POST,
+                "/v1/admin/partners",
+                Some(ADMIN),
+                Some(json!({"id": id, "name": id})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let key = |actor: &str, kind: &str, role: &str| {
+            let body =
+                json!({"partner_id": id, "actor": {"id": actor, "type": kind, "roles": [role]}});
+            async move {
+                let (s, b) = self
+                    .call(Method::POST, "/v1/admin/api-keys", Some(ADMIN), Some(body))
+                    .await;
+                assert_eq!(s, StatusCode::CREATED, "{b}");
+                b["key"].as_str().unwrap_or_default().to_string()
+            }
+        };
+        Partner {
+            requester: key("rita", "human", "requester").await,
+            cfo: key("carol", "human", "cfo").await,
+            agent: key("bot", "agent", "finance_manager").await,
+        }
+    }
+
+    pub async fn create_template(&self, key: &str, doc: &str) -> Value {
+        let (s, b) = self
+            .call_raw(
+                Method::POST,
+                "/v1/workflows/templates",
+                key,
+                doc.as_bytes().to_vec(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b
+    }
+
+    pub async fn start(&self, key: &str, template_id: &str, trigger: Value) -> Value {
+        let (s, b) = self
+            .post(
+                "/v1/workflows/instances",
+                key,
+                json!({"template_id": template_id, "trigger": trigger}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b
+    }
+
+    /// Poll the instance until `done` holds; fail after a deadline.
+    pub async fn wait_for(
+        &self,
+        key: &str,
+        id: &str,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (s, b) = self
+                .get(&format!("/v1/workflows/instances/{id}"), key)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            if done(&b) {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance {id} never reached: {what}; last: {b:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The error shape every failure must have.
+pub fn assert_error(body: &Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body:#}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body:#}"
+    );
+    assert!(body["error"]["details"].is_array(), "{body:#}");
+    assert!(
+        body["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+        "{body:#}"
+    );
+}
+
+/// The paths of an error's details.
+pub fn paths(body: &Value) -> Vec<String> {
+    body["error"]["details"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|x| x["path"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Run each listed scenario against SQLite and against PostgreSQL.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}

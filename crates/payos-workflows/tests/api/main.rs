@@ -1,0 +1,10 @@
+//! The HTTP-level suite: the real router and the whole embedded engine, on SQLite and PostgreSQL.
+
+mod helpers;
+
+mod auth;
+mod instances;
+mod procurement;
+mod templates;
+mod tenancy;
+mod validation;

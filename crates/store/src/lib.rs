@@ -1,0 +1,301 @@
+//! Durable state of the workflow engine: partners and API keys, versioned templates, instances,
+//! the transactional outbox and the hash-chained audit trail.
+//!
+//! # One SQL implementation, two backends
+//! [`Store`] is written once against sqlx's `Any` driver and serves SQLite (embedded mode) and
+//! PostgreSQL (distributed mode). To keep one implementation honest the schema uses only
+//! portable types: ids and JSON documents as `TEXT`, timestamps as `BIGINT` milliseconds since
+//! the epoch, booleans as integers `0/1`, outbox payloads as `BLOB`/`BYTEA`; every query uses
+//! `$1, $2...` placeholders (the SQLite driver accepts them). The few real dialect differences
+//! (how a write transaction starts, connection pragmas, the migration set) branch on
+//! [`Backend`]. Migrations live in `migrations/sqlite` and `migrations/postgres` with the same
+//! numbering and are embedded in the binary; [`Store::migrate`] applies them.
+//!
+//! SQLite runs in WAL mode with a busy timeout, foreign keys on and `synchronous=NORMAL`; write
+//! transactions start with `BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout
+//! instead of failing on a lock upgrade. `sqlite::memory:` uses a single connection so every
+//! caller sees the same database.
+//!
+//! # Invariants this crate keeps
+//! - Every change and the outbox messages and audit events it causes commit in ONE transaction.
+//! - Instances use optimistic concurrency: a commit names the version it read and loses with
+//!   [`StoreError::Conflict`] if someone else committed first.
+//! - Audit events are chained per stream inside the writing transaction; the `(stream, seq)`
+//!   primary key turns a racing append into a `Conflict`.
+//! - Every tenant-facing query filters on `partner_id`. Only the engine-internal queries
+//!   ([`Store::list_active_instances`], the outbox) span partners.
+//!
+//! It must never decide anything about workflows: it stores what the domain computed.
+
+mod error;
+mod queries;
+pub mod records;
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyQueryResult};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor};
+
+pub use error::StoreError;
+pub use records::*;
+
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// How long a SQLite connection waits for another writer before giving up with `SQLITE_BUSY`.
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// Which database a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a connection URL names (`sqlite:...`, `postgres://...`, `postgresql://...`).
+    pub fn from_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// What [`Store::create_instance`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateOutcome {
+    /// The instance was written, with its outbox messages and audit events.
+    Created(InstanceRecord),
+    /// An instance with the same `(partner_id, idempotency_key)` already existed; nothing was
+    /// written and this is that instance.
+    Existing(InstanceRecord),
+}
+
+impl CreateOutcome {
+    pub fn record(&self) -> &InstanceRecord {
+        match self {
+            CreateOutcome::Created(r) | CreateOutcome::Existing(r) => r,
+        }
+    }
+
+    pub fn into_record(self) -> InstanceRecord {
+        match self {
+            CreateOutcome::Created(r) | CreateOutcome::Existing(r) => r,
+        }
+    }
+
+    pub fn is_created(&self) -> bool {
+        matches!(self, CreateOutcome::Created(_))
+    }
+}
+
+/// A handle on the database: cheap to clone (a connection pool inside).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connect to `sqlite:///path/file.db?mode=rwc`, `sqlite::memory:` or `postgres://...`.
+    ///
+    /// A SQLite file (and its directory) is created if missing. Does not migrate: call
+    /// [`Store::migrate`].
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(url).ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Configuration(
+                format!(
+                    "unsupported database URL scheme (expected sqlite: or postgres://): {}",
+                    redact(url)
+                )
+                .into(),
+            ))
+        })?;
+        let pool = match backend {
+            Backend::Sqlite => connect_sqlite(url).await?,
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(10)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(url)
+                    .await?
+            }
+        };
+        tracing::debug!(?backend, "store connected");
+        Ok(Store { pool, backend })
+    }
+
+    /// Apply the embedded migrations of this backend that are not applied yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATOR,
+            Backend::Postgres => &POSTGRES_MIGRATOR,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The underlying pool, for health checks, operational tooling and tests. Writes through it
+    /// bypass every invariant of this crate.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Close the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Cheap liveness check: one round trip to the database.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: AnyQueryResult = self.pool.execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Start a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write lock up front
+    /// (waiting up to the busy timeout), so a transaction that reads before it writes can never
+    /// fail on the lock upgrade with `SQLITE_BUSY_SNAPSHOT`. PostgreSQL uses row locks.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(tx)
+    }
+}
+
+/// Per-connection SQLite settings. `busy_timeout` comes first so the others wait for locks.
+const SQLITE_PRAGMAS: [&str; 3] = [
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA temp_store = MEMORY",
+];
+
+async fn connect_sqlite(url: &str) -> Result<AnyPool, StoreError> {
+    let memory = url.contains(":memory:") || url.contains("mode=memory");
+    let url = if memory {
+        url.to_string()
+    } else {
+        create_parent_dir(url)?;
+        let url = if url.contains("mode=") {
+            url.to_string()
+        } else if url.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        // Switch the file to WAL once, on a lone connection: the mode is persistent, and
+        // changing it while other connections are open could fail with SQLITE_BUSY.
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await?;
+        conn.execute(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}").as_str())
+            .await?;
+        conn.execute("PRAGMA journal_mode = WAL").await?;
+        sqlx::Connection::close(conn).await?;
+        url
+    };
+    let options = AnyPoolOptions::new().after_connect(|conn, _meta| {
+        Box::pin(async move {
+            conn.execute(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}").as_str())
+                .await?;
+            for pragma in SQLITE_PRAGMAS {
+                conn.execute(pragma).await?;
+            }
+            Ok(())
+        })
+    });
+    let options = if memory {
+        // Each connection to `:memory:` is its own database: keep exactly one, forever.
+        options
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+    } else {
+        options.max_connections(8)
+    };
+    Ok(options
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&url)
+        .await?)
+}
+
+/// sqlx creates a missing SQLite file (mode=rwc) but not its directory.
+fn create_parent_dir(url: &str) -> Result<(), StoreError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() {
+        return Ok(());
+    }
+    if let Some(parent) = std::path::Path::new(path).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// A URL fit for an error message: the password, if any, replaced.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_from_url() {
+        assert_eq!(Backend::from_url("sqlite::memory:"), Some(Backend::Sqlite));
+        assert_eq!(
+            Backend::from_url("sqlite:///tmp/x.db?mode=rwc"),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(
+            Backend::from_url("postgres://u@h/db"),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::from_url("postgresql://u@h/db"),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(Backend::from_url("mysql://u@h/db"), None);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite::memory:"), "sqlite::memory:");
+    }
+}

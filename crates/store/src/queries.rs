@@ -1,0 +1,876 @@
+//! The SQL behind [`Store`]: one implementation for both backends (see the crate docs).
+//!
+//! Conventions: every statement uses `$n` placeholders and portable types; write transactions
+//! start with [`Store::begin_write`]; each write transaction starts with the statement that
+//! locks what it changes (the instance row, the template head), so concurrent writers of the
+//! same object queue on that lock and the loser sees the winner's change.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, Row};
+use workflow_core::audit::{chain_hash, AuditContent, GENESIS};
+use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
+use workflow_core::{InstanceState, InstanceStatus, Timestamp};
+
+use crate::error::{is_foreign_key_violation, is_unique_violation};
+use crate::records::*;
+use crate::{CreateOutcome, Store, StoreError};
+
+/// Most ids one `DELETE ... IN (...)` names; keeps well under every backend's parameter limit.
+const DELETE_CHUNK: usize = 500;
+
+const TEMPLATE_COLS: &str = "v.id, v.partner_id, v.version, v.name, v.trigger_type, h.active, \
+     v.doc, v.created_at, v.created_by";
+const TEMPLATE_FROM: &str =
+    "workflow_templates v JOIN workflow_template_heads h ON h.id = v.id AND h.partner_id = v.partner_id";
+
+const INSTANCE_COLS: &str = "id, partner_id, template_id, template_version, status, current_step, \
+     idempotency_key, created_by, trigger_data, state, created_at, updated_at, version";
+
+const AUDIT_COLS: &str =
+    "stream, seq, partner_id, at, actor, kind, before_doc, after_doc, reason, prev_hash, hash";
+
+/// A bind value for queries assembled at run time (filters).
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// Builds `$n` placeholders and their values together, so they cannot drift apart.
+#[derive(Default)]
+struct Args {
+    values: Vec<Arg>,
+}
+
+impl Args {
+    fn push(&mut self, arg: Arg) -> String {
+        self.values.push(arg);
+        format!("${}", self.values.len())
+    }
+
+    fn bind<'q>(&'q self, sql: &'q str) -> Query<'q, Any, AnyArguments<'q>> {
+        let mut query = sqlx::query(sql);
+        for value in &self.values {
+            query = match value {
+                Arg::Text(s) => query.bind(s.as_str()),
+                Arg::Int(i) => query.bind(*i),
+            };
+        }
+        query
+    }
+}
+
+impl Store {
+    // ---------------------------------------------------------------- partners and keys
+
+    pub async fn create_partner(&self, p: &PartnerRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO partners (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(p.id.as_str())
+            .bind(p.name.as_str())
+            .bind(p.created_at.0)
+            .execute(self.pool())
+            .await
+            .map_err(|e| unique_to(e, "partner", &p.id))?;
+        Ok(())
+    }
+
+    pub async fn get_partner(&self, id: &str) -> Result<Option<PartnerRecord>, StoreError> {
+        let row = sqlx::query("SELECT id, name, created_at FROM partners WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|row| {
+            Ok(PartnerRecord {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+                created_at: Timestamp(row.try_get("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    /// Store an API key's owner under the key's hash. `NotFound { what: "partner" }` if the
+    /// partner does not exist; `AlreadyExists` if the hash or the key id is taken.
+    pub async fn create_api_key(
+        &self,
+        key_hash: &str,
+        rec: &ApiKeyRecord,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let partner = sqlx::query("SELECT id FROM partners WHERE id = $1")
+            .bind(rec.partner_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if partner.is_none() {
+            return Err(not_found("partner", &rec.partner_id));
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (key_hash, id, partner_id, actor_id, actor_type, roles, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(key_hash)
+        .bind(rec.id.as_str())
+        .bind(rec.partner_id.as_str())
+        .bind(rec.actor_id.as_str())
+        .bind(enum_to_str(&rec.actor_type)?)
+        .bind(to_json(&rec.roles)?)
+        .bind(rec.created_at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_foreign_key_violation(&e) {
+                not_found("partner", &rec.partner_id)
+            } else {
+                unique_to(e, "api key", &rec.id)
+            }
+        })?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn find_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, partner_id, actor_id, actor_type, roles, created_at FROM api_keys \
+             WHERE key_hash = $1",
+        )
+        .bind(key_hash)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|row| {
+            let actor_type: String = row.try_get("actor_type")?;
+            let roles: String = row.try_get("roles")?;
+            Ok(ApiKeyRecord {
+                id: row.try_get("id")?,
+                partner_id: row.try_get("partner_id")?,
+                actor_id: row.try_get("actor_id")?,
+                actor_type: enum_from_str::<ActorType>(&actor_type, "api key actor_type")?,
+                roles: from_json(&roles, "api key roles")?,
+                created_at: Timestamp(row.try_get("created_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    // ---------------------------------------------------------------- templates
+
+    /// Insert a new template (its version 1, which `rec.version` must be) and its audit events.
+    /// `AlreadyExists` if the id is taken; `Conflict` if `rec.version != 1`.
+    pub async fn insert_template(
+        &self,
+        rec: &TemplateRecord,
+        audit: &AuditDraft,
+    ) -> Result<(), StoreError> {
+        if rec.version != 1 {
+            return Err(StoreError::Conflict {
+                what: "template version",
+                id: format!("{}@{}", rec.id, rec.version),
+            });
+        }
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO workflow_template_heads (id, partner_id, latest_version, active, created_at) \
+             VALUES ($1, $2, 1, $3, $4)",
+        )
+        .bind(rec.id.as_str())
+        .bind(rec.partner_id.as_str())
+        .bind(i64::from(rec.active))
+        .bind(rec.created_at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unique_to(e, "template", &rec.id))?;
+        insert_template_version(&mut tx, rec).await?;
+        append_audit(&mut tx, &rec.partner_id, audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// New immutable version = latest + 1 (computed here, in the transaction); returns it.
+    /// `NotFound` if the template is not the partner's.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_template_version(
+        &self,
+        partner_id: &str,
+        id: &str,
+        name: &str,
+        trigger_type: &str,
+        doc: &Value,
+        created_by: &str,
+        at: Timestamp,
+        audit: &AuditDraft,
+    ) -> Result<TemplateRecord, StoreError> {
+        let mut tx = self.begin_write().await?;
+        // Bumping the head first locks it: concurrent adders queue here and get distinct
+        // versions. (RETURNING: SQLite >= 3.35, PostgreSQL.)
+        let head = sqlx::query(
+            "UPDATE workflow_template_heads SET latest_version = latest_version + 1 \
+             WHERE partner_id = $1 AND id = $2 RETURNING latest_version, active",
+        )
+        .bind(partner_id)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| not_found("template", id))?;
+        let version: i64 = head.try_get("latest_version")?;
+        let active: i64 = head.try_get("active")?;
+        let rec = TemplateRecord {
+            id: id.to_string(),
+            partner_id: partner_id.to_string(),
+            version,
+            name: name.to_string(),
+            trigger_type: trigger_type.to_string(),
+            active: active != 0,
+            doc: doc.clone(),
+            created_at: at,
+            created_by: created_by.to_string(),
+        };
+        insert_template_version(&mut tx, &rec).await?;
+        append_audit(&mut tx, partner_id, audit).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    /// The latest version of a template.
+    pub async fn get_template(
+        &self,
+        partner_id: &str,
+        id: &str,
+    ) -> Result<Option<TemplateRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TEMPLATE_COLS} FROM {TEMPLATE_FROM} \
+             WHERE v.partner_id = $1 AND v.id = $2 AND v.version = h.latest_version"
+        );
+        let row = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    pub async fn get_template_version(
+        &self,
+        partner_id: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<TemplateRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TEMPLATE_COLS} FROM {TEMPLATE_FROM} \
+             WHERE v.partner_id = $1 AND v.id = $2 AND v.version = $3"
+        );
+        let row = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(id)
+            .bind(version)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    /// Every version of a template, ascending; empty if it is not the partner's.
+    pub async fn list_template_versions(
+        &self,
+        partner_id: &str,
+        id: &str,
+    ) -> Result<Vec<TemplateRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TEMPLATE_COLS} FROM {TEMPLATE_FROM} \
+             WHERE v.partner_id = $1 AND v.id = $2 ORDER BY v.version ASC"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(id)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(template_from_row).collect()
+    }
+
+    /// The latest version of each of the partner's templates, id descending (newest first for
+    /// UUIDv7 ids). Filters apply to the latest version; `before_id` is the paging cursor;
+    /// `limit == 0` means no limit.
+    pub async fn list_templates(
+        &self,
+        partner_id: &str,
+        filter: &TemplateFilter,
+    ) -> Result<Vec<TemplateRecord>, StoreError> {
+        let mut args = Args::default();
+        let mut sql = format!(
+            "SELECT {TEMPLATE_COLS} FROM {TEMPLATE_FROM} \
+             WHERE h.partner_id = {} AND v.version = h.latest_version",
+            args.push(Arg::Text(partner_id.to_string()))
+        );
+        if let Some(trigger_type) = &filter.trigger_type {
+            let p = args.push(Arg::Text(trigger_type.clone()));
+            sql.push_str(&format!(" AND v.trigger_type = {p}"));
+        }
+        if let Some(active) = filter.active {
+            let p = args.push(Arg::Int(i64::from(active)));
+            sql.push_str(&format!(" AND h.active = {p}"));
+        }
+        if let Some(before_id) = &filter.before_id {
+            let p = args.push(Arg::Text(before_id.clone()));
+            sql.push_str(&format!(" AND h.id < {p}"));
+        }
+        sql.push_str(" ORDER BY h.id DESC");
+        if filter.limit > 0 {
+            let p = args.push(Arg::Int(i64::from(filter.limit)));
+            sql.push_str(&format!(" LIMIT {p}"));
+        }
+        let rows = args.bind(&sql).fetch_all(self.pool()).await?;
+        rows.iter().map(template_from_row).collect()
+    }
+
+    /// Activate or deactivate a template (all its versions). `NotFound` if not the partner's.
+    pub async fn set_template_active(
+        &self,
+        partner_id: &str,
+        id: &str,
+        active: bool,
+        audit: &AuditDraft,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE workflow_template_heads SET active = $1 WHERE partner_id = $2 AND id = $3",
+        )
+        .bind(i64::from(active))
+        .bind(partner_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_found("template", id));
+        }
+        append_audit(&mut tx, partner_id, audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- instances
+
+    /// Insert instance + outbox + audit in ONE transaction. If `(partner_id, idempotency_key)`
+    /// already exists, write nothing and return `Existing` with that record (also when two
+    /// racing creates hit the unique index). `AlreadyExists` if the instance id is taken.
+    pub async fn create_instance(
+        &self,
+        rec: &InstanceRecord,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+    ) -> Result<CreateOutcome, StoreError> {
+        let info = &rec.info;
+        let mut tx = self.begin_write().await?;
+        // ON CONFLICT on the idempotency key only: an id collision still raises. On PostgreSQL a
+        // racing insert of the same key waits for the other transaction, then does nothing.
+        let inserted = sqlx::query(
+            "INSERT INTO workflow_instances (id, partner_id, template_id, template_version, status, \
+             current_step, idempotency_key, created_by, trigger_data, state, created_at, updated_at, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (partner_id, idempotency_key) DO NOTHING",
+        )
+        .bind(info.id.as_str())
+        .bind(info.partner_id.as_str())
+        .bind(info.template_id.as_str())
+        .bind(info.template_version)
+        .bind(rec.state.status.as_str())
+        .bind(rec.state.current_step.map(|s| s as i64))
+        .bind(rec.idempotency_key.as_deref())
+        .bind(to_json(&info.created_by)?)
+        .bind(to_json(&info.trigger)?)
+        .bind(to_json(&rec.state)?)
+        .bind(info.created_at.0)
+        .bind(rec.updated_at.0)
+        .bind(rec.version)
+        .execute(&mut *tx)
+        .await;
+        let inserted = match inserted {
+            Ok(done) => done.rows_affected() > 0,
+            Err(e) if is_unique_violation(&e) && rec.idempotency_key.is_some() => false,
+            Err(e) => return Err(unique_to(e, "instance", &info.id)),
+        };
+        if !inserted {
+            tx.rollback().await?;
+            let key = rec.idempotency_key.as_deref().unwrap_or_default();
+            return match self.get_instance_by_key(&info.partner_id, key).await? {
+                Some(existing) => Ok(CreateOutcome::Existing(existing)),
+                // The unique violation was on the id, or the row vanished: retryable.
+                None => Err(StoreError::AlreadyExists {
+                    what: "instance",
+                    id: info.id.clone(),
+                }),
+            };
+        }
+        upsert_steps(&mut tx, rec).await?;
+        insert_outbox(&mut tx, outbox).await?;
+        for draft in audit {
+            append_audit(&mut tx, &info.partner_id, draft).await?;
+        }
+        tx.commit().await?;
+        Ok(CreateOutcome::Created(rec.clone()))
+    }
+
+    pub async fn get_instance(
+        &self,
+        partner_id: &str,
+        id: &str,
+    ) -> Result<Option<InstanceRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE partner_id = $1 AND id = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(instance_from_row).transpose()
+    }
+
+    /// The instance a partner created with an idempotency key, if any.
+    pub async fn get_instance_by_key(
+        &self,
+        partner_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<InstanceRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE partner_id = $1 AND idempotency_key = $2"
+        );
+        let row = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(idempotency_key)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(instance_from_row).transpose()
+    }
+
+    /// The partner's instances, id descending. `created_from` and `created_to` are both
+    /// inclusive; `before_id` is the paging cursor; `limit == 0` means no limit.
+    pub async fn list_instances(
+        &self,
+        partner_id: &str,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut args = Args::default();
+        let mut sql = format!(
+            "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE partner_id = {}",
+            args.push(Arg::Text(partner_id.to_string()))
+        );
+        if let Some(status) = filter.status {
+            let p = args.push(Arg::Text(status.as_str().to_string()));
+            sql.push_str(&format!(" AND status = {p}"));
+        }
+        if let Some(template_id) = &filter.template_id {
+            let p = args.push(Arg::Text(template_id.clone()));
+            sql.push_str(&format!(" AND template_id = {p}"));
+        }
+        if let Some(from) = filter.created_from {
+            let p = args.push(Arg::Int(from.0));
+            sql.push_str(&format!(" AND created_at >= {p}"));
+        }
+        if let Some(to) = filter.created_to {
+            let p = args.push(Arg::Int(to.0));
+            sql.push_str(&format!(" AND created_at <= {p}"));
+        }
+        if let Some(before_id) = &filter.before_id {
+            let p = args.push(Arg::Text(before_id.clone()));
+            sql.push_str(&format!(" AND id < {p}"));
+        }
+        sql.push_str(" ORDER BY id DESC");
+        if filter.limit > 0 {
+            let p = args.push(Arg::Int(i64::from(filter.limit)));
+            sql.push_str(&format!(" LIMIT {p}"));
+        }
+        let rows = args.bind(&sql).fetch_all(self.pool()).await?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    /// Write `rec.state` (and the status/current_step columns and step mirror) with
+    /// `version = expected_version + 1`, plus outbox and audit, in ONE transaction. `Conflict`
+    /// if the stored version is not `expected_version`; `NotFound` if there is no such
+    /// instance for the partner. `rec.version` is ignored.
+    pub async fn commit_instance(
+        &self,
+        rec: &InstanceRecord,
+        expected_version: i64,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+    ) -> Result<(), StoreError> {
+        let info = &rec.info;
+        let mut tx = self.begin_write().await?;
+        // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
+        // re-evaluates `version = expected` against the winner's row and matches nothing.
+        let done = sqlx::query(
+            "UPDATE workflow_instances SET status = $1, current_step = $2, state = $3, \
+             updated_at = $4, version = $5 \
+             WHERE partner_id = $6 AND id = $7 AND version = $8",
+        )
+        .bind(rec.state.status.as_str())
+        .bind(rec.state.current_step.map(|s| s as i64))
+        .bind(to_json(&rec.state)?)
+        .bind(rec.updated_at.0)
+        .bind(expected_version + 1)
+        .bind(info.partner_id.as_str())
+        .bind(info.id.as_str())
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            let exists = sqlx::query(
+                "SELECT version FROM workflow_instances WHERE partner_id = $1 AND id = $2",
+            )
+            .bind(info.partner_id.as_str())
+            .bind(info.id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            return Err(match exists {
+                Some(_) => StoreError::Conflict {
+                    what: "instance",
+                    id: info.id.clone(),
+                },
+                None => not_found("instance", &info.id),
+            });
+        }
+        upsert_steps(&mut tx, rec).await?;
+        insert_outbox(&mut tx, outbox).await?;
+        for draft in audit {
+            append_audit(&mut tx, &info.partner_id, draft).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Non-terminal instances (running or waiting) across partners, id ascending after
+    /// `after_id`: used to resume work after a restart. `limit == 0` means no limit.
+    pub async fn list_active_instances(
+        &self,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut args = Args::default();
+        let active: Vec<String> = InstanceStatus::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+            .map(|s| args.push(Arg::Text(s.as_str().to_string())))
+            .collect();
+        let mut sql = format!(
+            "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE status IN ({})",
+            active.join(", ")
+        );
+        if let Some(after_id) = after_id {
+            let p = args.push(Arg::Text(after_id.to_string()));
+            sql.push_str(&format!(" AND id > {p}"));
+        }
+        sql.push_str(" ORDER BY id ASC");
+        if limit > 0 {
+            let p = args.push(Arg::Int(i64::from(limit)));
+            sql.push_str(&format!(" LIMIT {p}"));
+        }
+        let rows = args.bind(&sql).fetch_all(self.pool()).await?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    // ---------------------------------------------------------------- outbox
+
+    /// The oldest unpublished messages (by insertion order), at most `limit` (0: all).
+    ///
+    /// Messages of one instance are in commit order: they are written under that instance's
+    /// row lock, so a later commit's messages get later sequence numbers.
+    pub async fn fetch_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>, StoreError> {
+        let rows = if limit > 0 {
+            sqlx::query("SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC LIMIT $1")
+                .bind(i64::from(limit))
+                .fetch_all(self.pool())
+                .await?
+        } else {
+            sqlx::query("SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC")
+                .fetch_all(self.pool())
+                .await?
+        };
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxMessage {
+                    id: row.try_get("id")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("msg_key")?,
+                    payload: row.try_get("payload")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forget published messages. Unknown ids are ignored.
+    pub async fn delete_outbox(&self, ids: &[String]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(DELETE_CHUNK) {
+            let mut args = Args::default();
+            let placeholders: Vec<String> = chunk
+                .iter()
+                .map(|id| args.push(Arg::Text(id.clone())))
+                .collect();
+            let sql = format!(
+                "DELETE FROM outbox WHERE id IN ({})",
+                placeholders.join(", ")
+            );
+            args.bind(&sql).execute(self.pool()).await?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- audit
+
+    /// One stream's events, ascending seq; empty if the stream is not the partner's.
+    pub async fn list_audit(
+        &self,
+        partner_id: &str,
+        stream: &str,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let sql = format!("SELECT {AUDIT_COLS} FROM audit_events WHERE partner_id = $1 AND stream = $2 ORDER BY seq ASC");
+        let rows = sqlx::query(&sql)
+            .bind(partner_id)
+            .bind(stream)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+}
+
+// -------------------------------------------------------------------- helpers in a transaction
+
+async fn insert_template_version(
+    conn: &mut AnyConnection,
+    rec: &TemplateRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO workflow_templates (id, version, partner_id, name, trigger_type, doc, created_at, created_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(rec.id.as_str())
+    .bind(rec.version)
+    .bind(rec.partner_id.as_str())
+    .bind(rec.name.as_str())
+    .bind(rec.trigger_type.as_str())
+    .bind(to_json(&rec.doc)?)
+    .bind(rec.created_at.0)
+    .bind(rec.created_by.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| unique_to(e, "template version", &format!("{}@{}", rec.id, rec.version)))?;
+    Ok(())
+}
+
+/// Mirror `state.steps` into `workflow_step_executions` (insert or overwrite each).
+async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<(), StoreError> {
+    for step in &rec.state.steps {
+        sqlx::query(
+            "INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, name, step_type, \
+             status, started_at, finished_at, actor, input, output, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (instance_id, step_index) DO UPDATE SET name = excluded.name, \
+             step_type = excluded.step_type, status = excluded.status, \
+             started_at = excluded.started_at, finished_at = excluded.finished_at, \
+             actor = excluded.actor, input = excluded.input, output = excluded.output, \
+             error = excluded.error",
+        )
+        .bind(rec.info.id.as_str())
+        .bind(step.index as i64)
+        .bind(rec.info.partner_id.as_str())
+        .bind(step.name.as_str())
+        .bind(step.step_type.as_str())
+        .bind(enum_to_str(&step.status)?)
+        .bind(step.started_at.map(|t| t.0))
+        .bind(step.finished_at.map(|t| t.0))
+        .bind(step.actor.as_ref().map(to_json).transpose()?)
+        .bind(step.input.as_ref().map(to_json).transpose()?)
+        .bind(step.output.as_ref().map(to_json).transpose()?)
+        .bind(step.error.as_deref())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn insert_outbox(
+    conn: &mut AnyConnection,
+    messages: &[OutboxMessage],
+) -> Result<(), StoreError> {
+    for m in messages {
+        sqlx::query("INSERT INTO outbox (id, topic, msg_key, payload) VALUES ($1, $2, $3, $4)")
+            .bind(m.id.as_str())
+            .bind(m.topic.as_str())
+            .bind(m.key.as_str())
+            .bind(m.payload.as_slice())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| unique_to(e, "outbox message", &m.id))?;
+    }
+    Ok(())
+}
+
+/// Chain one event onto its stream: read the stream's last (seq, hash), hash the content with
+/// it, insert at seq + 1. A racing append to the same stream fails on the (stream, seq) key and
+/// becomes a `Conflict`.
+async fn append_audit(
+    conn: &mut AnyConnection,
+    partner_id: &str,
+    draft: &AuditDraft,
+) -> Result<(), StoreError> {
+    let last = sqlx::query(
+        "SELECT seq, hash FROM audit_events WHERE partner_id = $1 AND stream = $2 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(partner_id)
+    .bind(draft.stream.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (prev_seq, prev_hash) = match last {
+        Some(row) => (
+            row.try_get::<i64, _>("seq")?,
+            row.try_get::<String, _>("hash")?,
+        ),
+        None => (0, GENESIS.to_string()),
+    };
+    let seq = prev_seq + 1;
+    let content = AuditContent {
+        partner_id,
+        stream: &draft.stream,
+        seq,
+        at: draft.at,
+        actor: &draft.actor,
+        kind: &draft.kind,
+        before: &draft.before,
+        after: &draft.after,
+        reason: draft.reason.as_deref(),
+    };
+    let hash = chain_hash(&prev_hash, &content);
+    sqlx::query(
+        "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, after_doc, \
+         reason, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(draft.stream.as_str())
+    .bind(seq)
+    .bind(partner_id)
+    .bind(draft.at.0)
+    .bind(to_json(&draft.actor)?)
+    .bind(draft.kind.as_str())
+    .bind(to_json(&draft.before)?)
+    .bind(to_json(&draft.after)?)
+    .bind(draft.reason.as_deref())
+    .bind(prev_hash.as_str())
+    .bind(hash.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict {
+                what: "audit stream",
+                id: draft.stream.clone(),
+            }
+        } else {
+            StoreError::Database(e)
+        }
+    })?;
+    Ok(())
+}
+
+// -------------------------------------------------------------------- row decoding
+
+fn template_from_row(row: &AnyRow) -> Result<TemplateRecord, StoreError> {
+    let active: i64 = row.try_get("active")?;
+    let doc: String = row.try_get("doc")?;
+    Ok(TemplateRecord {
+        id: row.try_get("id")?,
+        partner_id: row.try_get("partner_id")?,
+        version: row.try_get("version")?,
+        name: row.try_get("name")?,
+        trigger_type: row.try_get("trigger_type")?,
+        active: active != 0,
+        doc: from_json(&doc, "template doc")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+        created_by: row.try_get("created_by")?,
+    })
+}
+
+fn instance_from_row(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let created_by: String = row.try_get("created_by")?;
+    let trigger: String = row.try_get("trigger_data")?;
+    let state: String = row.try_get("state")?;
+    Ok(InstanceRecord {
+        info: InstanceInfo {
+            partner_id: row.try_get("partner_id")?,
+            template_id: row.try_get("template_id")?,
+            template_version: row.try_get("template_version")?,
+            created_at: Timestamp(row.try_get("created_at")?),
+            created_by: from_json::<ActorRef>(&created_by, &format!("instance {id} created_by"))?,
+            trigger: from_json(&trigger, &format!("instance {id} trigger"))?,
+            id: id.clone(),
+        },
+        idempotency_key: row.try_get("idempotency_key")?,
+        state: from_json::<InstanceState>(&state, &format!("instance {id} state"))?,
+        updated_at: Timestamp(row.try_get("updated_at")?),
+        version: row.try_get("version")?,
+    })
+}
+
+fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, StoreError> {
+    let actor: String = row.try_get("actor")?;
+    let before: String = row.try_get("before_doc")?;
+    let after: String = row.try_get("after_doc")?;
+    Ok(AuditRecord {
+        partner_id: row.try_get("partner_id")?,
+        stream: row.try_get("stream")?,
+        seq: row.try_get("seq")?,
+        at: Timestamp(row.try_get("at")?),
+        actor: from_json(&actor, "audit actor")?,
+        kind: row.try_get("kind")?,
+        before: from_json(&before, "audit before")?,
+        after: from_json(&after, "audit after")?,
+        reason: row.try_get("reason")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+// -------------------------------------------------------------------- small conversions
+
+fn not_found(what: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+/// A unique violation becomes `AlreadyExists { what, id }`; anything else stays a database error.
+fn unique_to(e: sqlx::Error, what: &'static str, id: &str) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::AlreadyExists {
+            what,
+            id: id.to_string(),
+        }
+    } else {
+        StoreError::Database(e)
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::corrupt(format!("cannot encode a document: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::corrupt(format!("{what} does not decode: {e}")))
+}
+
+/// A unit enum's serde name (`snake_case`), e.g. `StepStatus::Completed` -> `completed`.
+fn enum_to_str<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => Ok(s),
+        Ok(other) => Err(StoreError::corrupt(format!(
+            "expected a unit enum, got {other}"
+        ))),
+        Err(e) => Err(StoreError::corrupt(format!("cannot encode an enum: {e}"))),
+    }
+}
+
+fn enum_from_str<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_value(Value::String(text.to_string()))
+        .map_err(|e| StoreError::corrupt(format!("{what} {text:?} does not decode: {e}")))
+}

@@ -1,0 +1,149 @@
+//! The rows the store reads and writes, as plain Rust types.
+
+use serde_json::Value;
+use workflow_core::audit::{verify_chain, AuditContent, ChainError, ChainLink};
+use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
+use workflow_core::{InstanceState, InstanceStatus, Timestamp};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartnerRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// An API key's owner. The key itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRecord {
+    /// Public identifier of the key (not secret), e.g. `key_...`.
+    pub id: String,
+    pub partner_id: String,
+    pub actor_id: String,
+    pub actor_type: ActorType,
+    pub roles: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+/// One version of a template. Versions are immutable; `active` is per template (all versions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateRecord {
+    pub id: String,
+    pub partner_id: String,
+    pub version: i64,
+    pub name: String,
+    pub trigger_type: String,
+    pub active: bool,
+    /// The document as submitted (validated).
+    pub doc: Value,
+    pub created_at: Timestamp,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TemplateFilter {
+    pub trigger_type: Option<String>,
+    pub active: Option<bool>,
+    /// Return templates whose id sorts before this one (ids are UUIDv7: newest first).
+    pub before_id: Option<String>,
+    pub limit: u32,
+}
+
+/// An instance row: immutable facts, the state document, and an optimistic-concurrency version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    pub info: InstanceInfo,
+    pub idempotency_key: Option<String>,
+    pub state: InstanceState,
+    pub updated_at: Timestamp,
+    /// Incremented by every commit; a commit names the version it read.
+    pub version: i64,
+}
+
+impl InstanceRecord {
+    pub fn status(&self) -> InstanceStatus {
+        self.state.status
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstanceFilter {
+    pub status: Option<InstanceStatus>,
+    pub template_id: Option<String>,
+    pub created_from: Option<Timestamp>,
+    pub created_to: Option<Timestamp>,
+    pub before_id: Option<String>,
+    pub limit: u32,
+}
+
+/// A message to publish, written in the same transaction as the state change that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// Unique per message; consumers dedupe on it.
+    pub id: String,
+    pub topic: String,
+    /// Always the instance id, so one instance's messages stay in order.
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// An audit event before the store chains it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditDraft {
+    /// `instance:<id>` or `template:<id>`: the chain it belongs to.
+    pub stream: String,
+    pub at: Timestamp,
+    pub actor: ActorRef,
+    pub kind: String,
+    pub before: Value,
+    pub after: Value,
+    pub reason: Option<String>,
+}
+
+/// A stored, hash-chained audit event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub partner_id: String,
+    pub stream: String,
+    pub seq: i64,
+    pub at: Timestamp,
+    pub actor: ActorRef,
+    pub kind: String,
+    pub before: Value,
+    pub after: Value,
+    pub reason: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// What this event's hash covers, for [`workflow_core::audit::chain_hash`].
+    pub fn content(&self) -> AuditContent<'_> {
+        AuditContent {
+            partner_id: &self.partner_id,
+            stream: &self.stream,
+            seq: self.seq,
+            at: self.at,
+            actor: &self.actor,
+            kind: &self.kind,
+            before: &self.before,
+            after: &self.after,
+            reason: self.reason.as_deref(),
+        }
+    }
+
+    /// This event as a link of its stream's chain.
+    pub fn link(&self) -> ChainLink<'_> {
+        ChainLink {
+            content: self.content(),
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+        }
+    }
+}
+
+/// Verify one stream's events (as returned by `Store::list_audit`, ascending seq); returns how
+/// many verified.
+pub fn verify_audit_chain(records: &[AuditRecord]) -> Result<usize, ChainError> {
+    let links: Vec<ChainLink<'_>> = records.iter().map(AuditRecord::link).collect();
+    verify_chain(&links)
+}

@@ -1,0 +1,1135 @@
+//! The store conformance suite: every test is written once as an async fn taking a migrated
+//! [`Store`] and run against each backend by the `conformance!` macro (SQLite on a temporary
+//! file, PostgreSQL on a fresh database from `workflow-testkit`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+
+use serde_json::json;
+use sqlx::Row;
+use workflow_core::audit::ChainError;
+use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
+use workflow_core::{
+    InstanceState, InstanceStatus, StepExecution, StepStatus, StepType, Timestamp,
+};
+use workflow_store::*;
+use workflow_testkit::TempDir;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A migrated store and whatever must live as long as it.
+struct TestDb {
+    store: Store,
+    _dir: Option<TempDir>,
+}
+
+async fn sqlite_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
+    let (dir, url) = workflow_testkit::temp_sqlite()?;
+    let store = Store::connect(&url).await?;
+    assert_eq!(store.backend(), Backend::Sqlite);
+    store.migrate().await?;
+    Ok(TestDb {
+        store,
+        _dir: Some(dir),
+    })
+}
+
+async fn postgres_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
+    let url = workflow_testkit::postgres_url().await?;
+    let store = Store::connect(&url).await?;
+    assert_eq!(store.backend(), Backend::Postgres);
+    store.migrate().await?;
+    Ok(TestDb { store, _dir: None })
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> super::TestResult {
+                    let db = super::sqlite_db().await?;
+                    super::$name(db.store.clone()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> super::TestResult {
+                    let db = super::postgres_db().await?;
+                    super::$name(db.store.clone()).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    migrate_is_idempotent,
+    partners_and_api_keys,
+    templates_versions_lists_and_activation,
+    tenancy_is_enforced,
+    create_instance_is_idempotent,
+    racing_creates_with_one_key_create_once,
+    commit_instance_uses_optimistic_concurrency,
+    a_failed_transaction_writes_nothing,
+    outbox_is_fetched_in_order_and_deleted,
+    audit_chain_verifies_and_tampering_breaks_it,
+    list_instances_filters_and_pages,
+    list_active_instances_spans_partners,
+    concurrent_commits_exactly_one_wins,
+);
+
+// ------------------------------------------------------------------------------- fixtures
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn actor() -> ActorRef {
+    ActorRef {
+        id: "user-1".into(),
+        actor_type: ActorType::Human,
+    }
+}
+
+fn partner(id: &str) -> PartnerRecord {
+    PartnerRecord {
+        id: id.into(),
+        name: format!("Partner {id}"),
+        created_at: Timestamp(1_000),
+    }
+}
+
+fn template(partner_id: &str, id: &str, trigger_type: &str) -> TemplateRecord {
+    TemplateRecord {
+        id: id.into(),
+        partner_id: partner_id.into(),
+        version: 1,
+        name: format!("template {id}"),
+        trigger_type: trigger_type.into(),
+        active: true,
+        doc: json!({"name": "t", "steps": [{"type": "approval", "amount": 12.5}]}),
+        created_at: Timestamp(2_000),
+        created_by: "user-1".into(),
+    }
+}
+
+fn draft(stream: &str, kind: &str, after: serde_json::Value) -> AuditDraft {
+    AuditDraft {
+        stream: stream.into(),
+        at: Timestamp(3_000),
+        actor: actor(),
+        kind: kind.into(),
+        before: serde_json::Value::Null,
+        after,
+        reason: Some("because".into()),
+    }
+}
+
+fn step(index: usize, status: StepStatus) -> StepExecution {
+    StepExecution {
+        index,
+        name: format!("step {index}"),
+        step_type: StepType::Approval,
+        status,
+        started_at: Some(Timestamp(4_000)),
+        finished_at: None,
+        actor: Some(actor()),
+        input: Some(json!({"approvers": ["a", "b"]})),
+        output: None,
+        error: None,
+    }
+}
+
+fn instance(partner_id: &str, template_id: &str, key: Option<&str>) -> InstanceRecord {
+    InstanceRecord {
+        info: InstanceInfo {
+            id: new_id(),
+            partner_id: partner_id.into(),
+            template_id: template_id.into(),
+            template_version: 1,
+            created_at: Timestamp(5_000),
+            created_by: actor(),
+            trigger: json!({"amount": 100.25, "currency": "EUR"}),
+        },
+        idempotency_key: key.map(str::to_string),
+        state: InstanceState {
+            status: InstanceStatus::Running,
+            current_step: Some(0),
+            waiting_on: None,
+            steps: vec![step(0, StepStatus::Pending)],
+            error: None,
+            finished_at: None,
+        },
+        updated_at: Timestamp(5_000),
+        version: 1,
+    }
+}
+
+fn message(key: &str) -> OutboxMessage {
+    OutboxMessage {
+        id: new_id(),
+        topic: "workflow.commands".into(),
+        key: key.into(),
+        payload: format!("{{\"instance\":\"{key}\"}}").into_bytes(),
+    }
+}
+
+fn instance_stream(rec: &InstanceRecord) -> String {
+    format!("instance:{}", rec.info.id)
+}
+
+/// The next state of `rec` (step 0 completed, step 1 waiting) as a commit would write it.
+fn advanced(rec: &InstanceRecord, status: InstanceStatus) -> InstanceRecord {
+    let mut next = rec.clone();
+    next.state.status = status;
+    next.state.current_step = if status.is_terminal() { None } else { Some(1) };
+    if let Some(s) = next.state.execution_mut(0) {
+        s.status = StepStatus::Completed;
+        s.finished_at = Some(Timestamp(6_000));
+        s.output = Some(json!({"approved": true}));
+    }
+    next.state.steps.push(step(1, StepStatus::Waiting));
+    next.updated_at = Timestamp(6_000);
+    next.version = rec.version + 1;
+    next
+}
+
+async fn created(store: &Store, rec: &InstanceRecord) -> Result<(), StoreError> {
+    let audit = [draft(
+        &instance_stream(rec),
+        "instance.created",
+        json!({"status": "running"}),
+    )];
+    match store
+        .create_instance(rec, &[message(&rec.info.id)], &audit)
+        .await?
+    {
+        CreateOutcome::Created(_) => Ok(()),
+        CreateOutcome::Existing(r) => panic!("expected a new instance, got existing {}", r.info.id),
+    }
+}
+
+// ------------------------------------------------------------------------------- the suite
+
+async fn migrate_is_idempotent(store: Store) -> TestResult {
+    store.migrate().await?;
+    store.migrate().await?;
+    store.ping().await?;
+    Ok(())
+}
+
+async fn partners_and_api_keys(store: Store) -> TestResult {
+    let p = partner("p1");
+    store.create_partner(&p).await?;
+    assert_eq!(store.get_partner("p1").await?, Some(p.clone()));
+    assert_eq!(store.get_partner("nobody").await?, None);
+    let dup = store.create_partner(&p).await.unwrap_err();
+    assert!(
+        matches!(dup, StoreError::AlreadyExists { what: "partner", ref id } if id == "p1"),
+        "{dup:?}"
+    );
+    assert!(!dup.is_retryable());
+
+    let key = ApiKeyRecord {
+        id: "key_1".into(),
+        partner_id: "p1".into(),
+        actor_id: "agent-7".into(),
+        actor_type: ActorType::Agent,
+        roles: vec!["approver".into(), "admin".into()],
+        created_at: Timestamp(1_500),
+    };
+    store.create_api_key("hash-1", &key).await?;
+    assert_eq!(store.find_api_key("hash-1").await?, Some(key.clone()));
+    assert_eq!(store.find_api_key("hash-unknown").await?, None);
+
+    let dup = store.create_api_key("hash-1", &key).await.unwrap_err();
+    assert!(matches!(dup, StoreError::AlreadyExists { .. }), "{dup:?}");
+
+    let orphan = ApiKeyRecord {
+        id: "key_2".into(),
+        partner_id: "nobody".into(),
+        ..key.clone()
+    };
+    let err = store.create_api_key("hash-2", &orphan).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound { what: "partner", ref id } if id == "nobody"),
+        "{err:?}"
+    );
+    assert_eq!(store.find_api_key("hash-2").await?, None);
+    Ok(())
+}
+
+async fn templates_versions_lists_and_activation(store: Store) -> TestResult {
+    let (a, b, c) = (new_id(), new_id(), new_id());
+    for (id, trigger) in [(&a, "manual"), (&b, "on_transfer"), (&c, "manual")] {
+        let t = template("p1", id, trigger);
+        store
+            .insert_template(
+                &t,
+                &draft(
+                    &format!("template:{id}"),
+                    "template.created",
+                    json!({"v": 1}),
+                ),
+            )
+            .await?;
+    }
+    assert_eq!(
+        store.get_template("p1", &a).await?,
+        Some(template("p1", &a, "manual"))
+    );
+
+    // A new version is latest + 1, keeps the template's activity, and leaves v1 untouched.
+    let doc2 = json!({"name": "t", "steps": [], "v": 2});
+    let v2 = store
+        .add_template_version(
+            "p1",
+            &a,
+            "renamed",
+            "on_transfer",
+            &doc2,
+            "user-2",
+            Timestamp(9_000),
+            &draft(
+                &format!("template:{a}"),
+                "template.versioned",
+                json!({"v": 2}),
+            ),
+        )
+        .await?;
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.name, "renamed");
+    assert!(v2.active);
+    assert_eq!(store.get_template("p1", &a).await?, Some(v2.clone()));
+    assert_eq!(
+        store.get_template_version("p1", &a, 1).await?,
+        Some(template("p1", &a, "manual"))
+    );
+    assert_eq!(store.get_template_version("p1", &a, 3).await?, None);
+    let versions: Vec<i64> = store
+        .list_template_versions("p1", &a)
+        .await?
+        .iter()
+        .map(|t| t.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    let v3 = store
+        .add_template_version(
+            "p1",
+            &a,
+            "again",
+            "manual",
+            &doc2,
+            "u",
+            Timestamp(9_500),
+            &draft(&format!("template:{a}"), "template.versioned", json!({})),
+        )
+        .await?;
+    assert_eq!(v3.version, 3);
+
+    // Lists: latest version of each, id descending, filters on the latest version.
+    let ids = |ts: Vec<TemplateRecord>| {
+        ts.into_iter()
+            .map(|t| (t.id, t.version))
+            .collect::<Vec<_>>()
+    };
+    let all = store
+        .list_templates("p1", &TemplateFilter::default())
+        .await?;
+    assert_eq!(
+        ids(all),
+        vec![(c.clone(), 1), (b.clone(), 1), (a.clone(), 3)]
+    );
+    let on_transfer = TemplateFilter {
+        trigger_type: Some("on_transfer".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_templates("p1", &on_transfer).await?),
+        vec![(b.clone(), 1)]
+    );
+
+    // Cursor paging.
+    let page1 = store
+        .list_templates(
+            "p1",
+            &TemplateFilter {
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(ids(page1.clone()), vec![(c.clone(), 1), (b.clone(), 1)]);
+    let page2 = store
+        .list_templates(
+            "p1",
+            &TemplateFilter {
+                limit: 2,
+                before_id: Some(page1[1].id.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(ids(page2), vec![(a.clone(), 3)]);
+
+    // Deactivation applies to every version and is filterable.
+    store
+        .set_template_active(
+            "p1",
+            &c,
+            false,
+            &draft(
+                &format!("template:{c}"),
+                "template.deactivated",
+                json!({"active": false}),
+            ),
+        )
+        .await?;
+    let inactive = TemplateFilter {
+        active: Some(false),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_templates("p1", &inactive).await?),
+        vec![(c.clone(), 1)]
+    );
+    let active = TemplateFilter {
+        active: Some(true),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_templates("p1", &active).await?),
+        vec![(b.clone(), 1), (a.clone(), 3)]
+    );
+    assert!(!store.get_template("p1", &c).await?.unwrap().active);
+    assert!(
+        !store
+            .get_template_version("p1", &c, 1)
+            .await?
+            .unwrap()
+            .active
+    );
+
+    // Errors.
+    let missing = new_id();
+    let err = store
+        .set_template_active("p1", &missing, true, &draft("template:x", "k", json!({})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                what: "template",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store
+        .add_template_version(
+            "p1",
+            &missing,
+            "n",
+            "manual",
+            &doc2,
+            "u",
+            Timestamp(1),
+            &draft("template:x", "k", json!({})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                what: "template",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store
+        .insert_template(
+            &template("p1", &a, "manual"),
+            &draft("template:x", "k", json!({})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::AlreadyExists {
+                what: "template",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut not_v1 = template("p1", &new_id(), "manual");
+    not_v1.version = 2;
+    assert!(store
+        .insert_template(&not_v1, &draft("template:y", "k", json!({})))
+        .await
+        .is_err());
+    // Failed writes appended no audit events.
+    assert!(store.list_audit("p1", "template:x").await?.is_empty());
+
+    // The template's audit stream: created, versioned twice.
+    let trail = store.list_audit("p1", &format!("template:{a}")).await?;
+    assert_eq!(trail.len(), 3);
+    assert_eq!(verify_audit_chain(&trail), Ok(3));
+    Ok(())
+}
+
+async fn tenancy_is_enforced(store: Store) -> TestResult {
+    let t = new_id();
+    store
+        .insert_template(
+            &template("pa", &t, "manual"),
+            &draft(&format!("template:{t}"), "template.created", json!({})),
+        )
+        .await?;
+    let rec = instance("pa", &t, Some("key-1"));
+    created(&store, &rec).await?;
+
+    // Partner B sees nothing of partner A's.
+    assert_eq!(store.get_template("pb", &t).await?, None);
+    assert_eq!(store.get_template_version("pb", &t, 1).await?, None);
+    assert!(store.list_template_versions("pb", &t).await?.is_empty());
+    assert!(store
+        .list_templates("pb", &TemplateFilter::default())
+        .await?
+        .is_empty());
+    assert_eq!(store.get_instance("pb", &rec.info.id).await?, None);
+    assert_eq!(store.get_instance_by_key("pb", "key-1").await?, None);
+    assert!(store
+        .list_instances("pb", &InstanceFilter::default())
+        .await?
+        .is_empty());
+    assert!(store
+        .list_audit("pb", &instance_stream(&rec))
+        .await?
+        .is_empty());
+    assert!(store
+        .list_audit("pb", &format!("template:{t}"))
+        .await?
+        .is_empty());
+
+    // ... and cannot change it.
+    let err = store
+        .set_template_active("pb", &t, false, &draft("template:z", "k", json!({})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+    let err = store
+        .add_template_version(
+            "pb",
+            &t,
+            "n",
+            "manual",
+            &json!({}),
+            "u",
+            Timestamp(1),
+            &draft("template:z", "k", json!({})),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+    let mut hijack = advanced(&rec, InstanceStatus::Cancelled);
+    hijack.info.partner_id = "pb".into();
+    let err = store
+        .commit_instance(&hijack, 1, &[], &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                what: "instance",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // The same idempotency key is independent per partner.
+    let other = instance("pb", &t, Some("key-1"));
+    assert!(store.create_instance(&other, &[], &[]).await?.is_created());
+
+    // Partner A's view is intact.
+    assert_eq!(
+        store.get_instance("pa", &rec.info.id).await?,
+        Some(rec.clone())
+    );
+    assert!(store.get_template("pa", &t).await?.unwrap().active);
+    Ok(())
+}
+
+async fn create_instance_is_idempotent(store: Store) -> TestResult {
+    let first = instance("p1", "t1", Some("idem-1"));
+    let outcome = store
+        .create_instance(
+            &first,
+            &[message(&first.info.id)],
+            &[draft(
+                &instance_stream(&first),
+                "instance.created",
+                json!({}),
+            )],
+        )
+        .await?;
+    assert_eq!(outcome, CreateOutcome::Created(first.clone()));
+    assert_eq!(
+        store.get_instance("p1", &first.info.id).await?,
+        Some(first.clone())
+    );
+
+    // Same key, new id: nothing written, the first instance returned.
+    let second = instance("p1", "t1", Some("idem-1"));
+    let outcome = store
+        .create_instance(
+            &second,
+            &[message(&second.info.id)],
+            &[draft(
+                &instance_stream(&second),
+                "instance.created",
+                json!({}),
+            )],
+        )
+        .await?;
+    assert_eq!(outcome, CreateOutcome::Existing(first.clone()));
+    assert_eq!(store.get_instance("p1", &second.info.id).await?, None);
+    assert!(store
+        .list_audit("p1", &instance_stream(&second))
+        .await?
+        .is_empty());
+    assert_eq!(
+        store
+            .list_audit("p1", &instance_stream(&first))
+            .await?
+            .len(),
+        1
+    );
+    let outbox = store.fetch_outbox(0).await?;
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].key, first.info.id);
+    assert_eq!(
+        store
+            .list_instances("p1", &InstanceFilter::default())
+            .await?
+            .len(),
+        1
+    );
+
+    // Without a key every create is new; a reused id is refused.
+    let (x, y) = (instance("p1", "t1", None), instance("p1", "t1", None));
+    assert!(store.create_instance(&x, &[], &[]).await?.is_created());
+    assert!(store.create_instance(&y, &[], &[]).await?.is_created());
+    let err = store.create_instance(&x, &[], &[]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::AlreadyExists {
+                what: "instance",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.get_instance_by_key("p1", "idem-1").await?,
+        Some(first)
+    );
+    Ok(())
+}
+
+async fn racing_creates_with_one_key_create_once(store: Store) -> TestResult {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let rec = instance("p1", "t1", Some("race"));
+            store
+                .create_instance(
+                    &rec,
+                    &[message(&rec.info.id)],
+                    &[draft(&instance_stream(&rec), "instance.created", json!({}))],
+                )
+                .await
+        });
+    }
+    let mut created_ids = Vec::new();
+    let mut seen = HashSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined??;
+        if outcome.is_created() {
+            created_ids.push(outcome.record().info.id.clone());
+        }
+        seen.insert(outcome.into_record().info.id);
+    }
+    assert_eq!(created_ids.len(), 1, "exactly one create wins");
+    assert_eq!(seen.len(), 1, "every caller gets the winner's instance");
+    assert_eq!(store.fetch_outbox(0).await?.len(), 1);
+    assert_eq!(
+        store
+            .list_instances("p1", &InstanceFilter::default())
+            .await?
+            .len(),
+        1
+    );
+    Ok(())
+}
+
+async fn commit_instance_uses_optimistic_concurrency(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", None);
+    created(&store, &rec).await?;
+
+    let next = advanced(&rec, InstanceStatus::Waiting);
+    store
+        .commit_instance(&next, 1, &[message(&rec.info.id)], &[])
+        .await?;
+    let stored = store.get_instance("p1", &rec.info.id).await?.unwrap();
+    assert_eq!(stored.version, 2);
+    assert_eq!(stored, next);
+
+    // A second commit from the same read loses.
+    let stale = advanced(&rec, InstanceStatus::Cancelled);
+    let err = store
+        .commit_instance(&stale, 1, &[message(&rec.info.id)], &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                what: "instance",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert_eq!(
+        store.get_instance("p1", &rec.info.id).await?,
+        Some(next.clone())
+    );
+    assert_eq!(
+        store.fetch_outbox(0).await?.len(),
+        2,
+        "the losing commit's message is not written"
+    );
+
+    // Unknown instance.
+    let ghost = instance("p1", "t1", None);
+    let err = store
+        .commit_instance(&ghost, 1, &[], &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                what: "instance",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // The step mirror follows the state document.
+    let rows = sqlx::query(
+        "SELECT step_index, status, step_type FROM workflow_step_executions \
+         WHERE partner_id = $1 AND instance_id = $2 ORDER BY step_index",
+    )
+    .bind("p1")
+    .bind(rec.info.id.as_str())
+    .fetch_all(store.pool())
+    .await?;
+    let steps: Vec<(i64, String, String)> = rows
+        .iter()
+        .map(|r| (r.get("step_index"), r.get("status"), r.get("step_type")))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (0, "completed".to_string(), "approval".to_string()),
+            (1, "waiting".to_string(), "approval".to_string())
+        ]
+    );
+    Ok(())
+}
+
+async fn a_failed_transaction_writes_nothing(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", Some("k"));
+    let dup = message(&rec.info.id);
+    // The second message reuses the first's id: the whole create must roll back.
+    let err = store
+        .create_instance(
+            &rec,
+            &[dup.clone(), dup.clone()],
+            &[draft(&instance_stream(&rec), "instance.created", json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::AlreadyExists {
+                what: "outbox message",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(store.get_instance("p1", &rec.info.id).await?, None);
+    assert!(store.fetch_outbox(0).await?.is_empty());
+    assert!(store
+        .list_audit("p1", &instance_stream(&rec))
+        .await?
+        .is_empty());
+
+    // Same for a commit: state, version and audit stay as they were.
+    created(&store, &rec).await?;
+    let next = advanced(&rec, InstanceStatus::Waiting);
+    let err = store
+        .commit_instance(
+            &next,
+            1,
+            &[dup.clone(), dup.clone()],
+            &[draft(
+                &instance_stream(&rec),
+                "instance.advanced",
+                json!({}),
+            )],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(
+        store.get_instance("p1", &rec.info.id).await?,
+        Some(rec.clone())
+    );
+    assert_eq!(
+        store.list_audit("p1", &instance_stream(&rec)).await?.len(),
+        1
+    );
+    Ok(())
+}
+
+async fn outbox_is_fetched_in_order_and_deleted(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", None);
+    let mut first: Vec<OutboxMessage> = (0..3).map(|_| message(&rec.info.id)).collect();
+    first[1].payload = vec![0, 159, 255, 10, 0]; // not UTF-8: payloads are bytes
+    store.create_instance(&rec, &first, &[]).await?;
+    let more: Vec<OutboxMessage> = (0..2).map(|_| message(&rec.info.id)).collect();
+    store
+        .commit_instance(&advanced(&rec, InstanceStatus::Waiting), 1, &more, &[])
+        .await?;
+    let expected: Vec<OutboxMessage> = first.iter().chain(more.iter()).cloned().collect();
+
+    assert_eq!(store.fetch_outbox(0).await?, expected);
+    assert_eq!(store.fetch_outbox(2).await?, expected[..2].to_vec());
+
+    store
+        .delete_outbox(&[
+            expected[0].id.clone(),
+            expected[1].id.clone(),
+            "unknown".into(),
+        ])
+        .await?;
+    assert_eq!(store.fetch_outbox(10).await?, expected[2..].to_vec());
+    store.delete_outbox(&[]).await?;
+    let rest: Vec<String> = expected[2..].iter().map(|m| m.id.clone()).collect();
+    store.delete_outbox(&rest).await?;
+    assert!(store.fetch_outbox(10).await?.is_empty());
+    Ok(())
+}
+
+async fn audit_chain_verifies_and_tampering_breaks_it(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", None);
+    let stream = instance_stream(&rec);
+    created(&store, &rec).await?;
+    let next = advanced(&rec, InstanceStatus::Waiting);
+    // Floats and nesting must read back exactly as they were hashed.
+    let after = json!({"status": "waiting", "amount": 0.1, "big": 1e300, "nested": {"b": [1, 2.5], "a": null}});
+    store
+        .commit_instance(
+            &next,
+            1,
+            &[],
+            &[
+                draft(&stream, "step.completed", after.clone()),
+                draft(&stream, "step.started", json!({"step": 1})),
+            ],
+        )
+        .await?;
+    let done = advanced(&next, InstanceStatus::Completed);
+    let mut finished = draft(
+        &stream,
+        "instance.completed",
+        json!({"status": "completed"}),
+    );
+    finished.reason = None;
+    finished.actor = ActorRef {
+        id: "engine".into(),
+        actor_type: ActorType::System,
+    };
+    store.commit_instance(&done, 2, &[], &[finished]).await?;
+
+    let trail = store.list_audit("p1", &stream).await?;
+    let seqs: Vec<i64> = trail.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(trail[0].prev_hash, workflow_core::audit::GENESIS);
+    assert_eq!(trail[1].after, after);
+    assert!(trail
+        .iter()
+        .all(|e| e.partner_id == "p1" && e.stream == stream));
+    assert_eq!(trail[3].reason, None);
+    assert_eq!(trail[3].actor.actor_type, ActorType::System);
+    assert_eq!(verify_audit_chain(&trail), Ok(4));
+
+    // Tampering with a stored event is detected.
+    sqlx::query("UPDATE audit_events SET after_doc = $1 WHERE stream = $2 AND seq = 2")
+        .bind(r#"{"status":"approved"}"#)
+        .bind(stream.as_str())
+        .execute(store.pool())
+        .await?;
+    let tampered = store.list_audit("p1", &stream).await?;
+    assert!(
+        matches!(
+            verify_audit_chain(&tampered),
+            Err(ChainError::Content { seq: 2, .. })
+        ),
+        "{:?}",
+        verify_audit_chain(&tampered)
+    );
+
+    // Deleting an event breaks the chain too.
+    sqlx::query("DELETE FROM audit_events WHERE stream = $1 AND seq = 3")
+        .bind(stream.as_str())
+        .execute(store.pool())
+        .await?;
+    let gapped = store.list_audit("p1", &stream).await?;
+    assert!(verify_audit_chain(&gapped).is_err());
+    Ok(())
+}
+
+async fn list_instances_filters_and_pages(store: Store) -> TestResult {
+    let mut recs = Vec::new();
+    for i in 0..5 {
+        let mut rec = instance("p1", if i % 2 == 0 { "t-even" } else { "t-odd" }, None);
+        rec.info.created_at = Timestamp(10_000 + i);
+        created(&store, &rec).await?;
+        recs.push(rec);
+    }
+    // Instance 4 completes.
+    let done = advanced(&recs[4], InstanceStatus::Completed);
+    store.commit_instance(&done, 1, &[], &[]).await?;
+
+    let ids = |rs: Vec<InstanceRecord>| rs.into_iter().map(|r| r.info.id).collect::<Vec<_>>();
+    let id = |i: usize| recs[i].info.id.clone();
+
+    let all = store
+        .list_instances("p1", &InstanceFilter::default())
+        .await?;
+    assert_eq!(ids(all), vec![id(4), id(3), id(2), id(1), id(0)]);
+    let f = InstanceFilter {
+        status: Some(InstanceStatus::Completed),
+        ..Default::default()
+    };
+    assert_eq!(ids(store.list_instances("p1", &f).await?), vec![id(4)]);
+    let f = InstanceFilter {
+        status: Some(InstanceStatus::Running),
+        template_id: Some("t-even".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_instances("p1", &f).await?),
+        vec![id(2), id(0)]
+    );
+    let f = InstanceFilter {
+        created_from: Some(Timestamp(10_001)),
+        created_to: Some(Timestamp(10_003)),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_instances("p1", &f).await?),
+        vec![id(3), id(2), id(1)]
+    );
+    let page = InstanceFilter {
+        limit: 2,
+        before_id: Some(id(3)),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_instances("p1", &page).await?),
+        vec![id(2), id(1)]
+    );
+    Ok(())
+}
+
+async fn list_active_instances_spans_partners(store: Store) -> TestResult {
+    let a1 = instance("pa", "t", None);
+    let b1 = instance("pb", "t", None);
+    let a2 = instance("pa", "t", None);
+    let b2 = instance("pb", "t", None);
+    for rec in [&a1, &b1, &a2, &b2] {
+        created(&store, rec).await?;
+    }
+    store
+        .commit_instance(&advanced(&b1, InstanceStatus::Waiting), 1, &[], &[])
+        .await?;
+    store
+        .commit_instance(&advanced(&a2, InstanceStatus::Failed), 1, &[], &[])
+        .await?;
+
+    let ids = |rs: Vec<InstanceRecord>| rs.into_iter().map(|r| r.info.id).collect::<Vec<_>>();
+    let all = store.list_active_instances(None, 0).await?;
+    assert_eq!(
+        ids(all),
+        vec![a1.info.id.clone(), b1.info.id.clone(), b2.info.id.clone()]
+    );
+    let page1 = store.list_active_instances(None, 2).await?;
+    assert_eq!(ids(page1), vec![a1.info.id.clone(), b1.info.id.clone()]);
+    let page2 = store.list_active_instances(Some(&b1.info.id), 2).await?;
+    assert_eq!(ids(page2), vec![b2.info.id.clone()]);
+    assert!(store
+        .list_active_instances(Some(&b2.info.id), 2)
+        .await?
+        .is_empty());
+    Ok(())
+}
+
+async fn concurrent_commits_exactly_one_wins(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", None);
+    created(&store, &rec).await?;
+    let stream = instance_stream(&rec);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let store = store.clone();
+        let mut next = advanced(&rec, InstanceStatus::Waiting);
+        next.state.error = Some(format!("writer {i}"));
+        let stream = stream.clone();
+        tasks.spawn(async move {
+            let result = store
+                .commit_instance(
+                    &next,
+                    1,
+                    &[message(&next.info.id)],
+                    &[draft(&stream, "instance.advanced", json!({"writer": i}))],
+                )
+                .await;
+            (next, result)
+        });
+    }
+    let mut winners = Vec::new();
+    let mut conflicts = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined? {
+            (next, Ok(())) => winners.push(next),
+            (_, Err(StoreError::Conflict { .. })) => conflicts += 1,
+            (_, Err(e)) => return Err(format!("unexpected error: {e:?}").into()),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one commit wins");
+    assert_eq!(conflicts, 7);
+    let stored = store.get_instance("p1", &rec.info.id).await?.unwrap();
+    assert_eq!(stored, winners[0]);
+    assert_eq!(
+        store.fetch_outbox(0).await?.len(),
+        2,
+        "creation + the winner's message"
+    );
+    let trail = store.list_audit("p1", &stream).await?;
+    assert_eq!(verify_audit_chain(&trail), Ok(2));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------- SQLite only
+
+#[tokio::test]
+async fn sqlite_memory_is_one_database() -> TestResult {
+    let store = Store::connect("sqlite::memory:").await?;
+    store.migrate().await?;
+    store.create_partner(&partner("p1")).await?;
+    // Several concurrent callers all see the same in-memory database.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        tasks.spawn(async move { store.get_partner("p1").await });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        assert!(joined??.is_some());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sqlite_file_and_directory_are_created_in_wal_mode() -> TestResult {
+    let dir = workflow_testkit::temp_dir()?;
+    let path = dir.path().join("nested").join("dir").join("engine.db");
+    let store = Store::connect(&format!("sqlite://{}", path.display())).await?;
+    store.migrate().await?;
+    assert!(path.is_file());
+    let mode: String = sqlx::query("PRAGMA journal_mode")
+        .fetch_one(store.pool())
+        .await?
+        .try_get(0)?;
+    assert_eq!(mode.to_lowercase(), "wal");
+    let fk: i64 = sqlx::query("PRAGMA foreign_keys")
+        .fetch_one(store.pool())
+        .await?
+        .try_get(0)?;
+    assert_eq!(fk, 1);
+    store.close().await;
+
+    // Reopening sees the data and migrating again is a no-op.
+    let store = Store::connect(&format!("sqlite://{}", path.display())).await?;
+    store.migrate().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn corrupt_documents_are_reported() -> TestResult {
+    let db = sqlite_db().await?;
+    let rec = instance("p1", "t1", None);
+    created(&db.store, &rec).await?;
+    sqlx::query("UPDATE workflow_instances SET state = $1 WHERE id = $2")
+        .bind("{not json")
+        .bind(rec.info.id.as_str())
+        .execute(db.store.pool())
+        .await?;
+    let err = db.store.get_instance("p1", &rec.info.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsupported_urls_are_refused() {
+    let err = Store::connect("mysql://localhost/db").await.unwrap_err();
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn sqlite_busy_is_retryable() -> TestResult {
+    let db = sqlite_db().await?;
+    // Another connection holds the write lock for longer than the store's busy timeout.
+    let mut blocker = db.store.pool().acquire().await?;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *blocker)
+        .await?;
+    let err = db.store.create_partner(&partner("p1")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    assert!(err.is_retryable(), "{err:?}");
+    sqlx::query("ROLLBACK").execute(&mut *blocker).await?;
+    drop(blocker);
+    db.store.create_partner(&partner("p1")).await?;
+    Ok(())
+}

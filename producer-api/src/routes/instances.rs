@@ -1,0 +1,262 @@
+//! /v1/workflows/instances: start by hand, list, inspect, cancel, read the audit trail.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use workflow_core::InstanceStatus;
+use workflow_engine::service::instance_stream;
+use workflow_store::records::{InstanceFilter, InstanceRecord};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{parse_json, JsonBody, Params, RawBody};
+use crate::views::{parse_rfc3339, AuditEventView, ChainView, EventsView, InstanceView, Page};
+use crate::AppState;
+
+/// Largest trigger payload, serialised: expressions run over it, so it is bounded.
+const MAX_TRIGGER_BYTES: usize = 64 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    pub template_id: String,
+    /// The trigger payload (a JSON object), `trigger` in expressions.
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub trigger: Value,
+    /// The same key returns the same instance (201 the first time, 200 after). The
+    /// `Idempotency-Key` header is accepted too.
+    pub idempotency_key: Option<String>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+async fn view(state: &AppState, rec: &InstanceRecord) -> InstanceView {
+    let template = state
+        .engine
+        .store()
+        .get_template_version(
+            &rec.info.partner_id,
+            &rec.info.template_id,
+            rec.info.template_version,
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|t| state.engine.parsed(&t).ok());
+    InstanceView::new(rec, template.as_deref())
+}
+
+/// Start an instance of a template by hand.
+#[utoipa::path(post, path = "/v1/workflows/instances", tag = "instances",
+    request_body = CreateInstance,
+    responses((status = 201, description = "created", body = InstanceView),
+        (status = 200, description = "idempotent replay of an earlier request", body = InstanceView),
+        (status = 404, body = crate::error::ErrorResponse), (status = 409, body = crate::error::ErrorResponse),
+        (status = 422, body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn create(
+    caller: Caller,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateInstance>,
+) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
+    if !body.trigger.is_object() {
+        return Err(ApiError::invalid("$.trigger", "must be a JSON object"));
+    }
+    let size = serde_json::to_vec(&body.trigger).map_or(0, |v| v.len());
+    if size > MAX_TRIGGER_BYTES {
+        return Err(ApiError::invalid(
+            "$.trigger",
+            format!("is {size} bytes; the limit is {MAX_TRIGGER_BYTES}"),
+        ));
+    }
+    let header_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))
+        })
+        .transpose()?;
+    let key = body.idempotency_key.or(header_key);
+    if let Some(k) = &key {
+        if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApiError::invalid(
+                "$.idempotency_key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
+            ));
+        }
+    }
+    let outcome = state
+        .engine
+        .start_instance(
+            &caller.partner_id,
+            &caller.actor,
+            &body.template_id,
+            body.trigger,
+            key,
+        )
+        .await
+        .map_err(|e| match e {
+            workflow_engine::EngineError::NotFound {
+                what: "template",
+                id,
+            } => ApiError::not_found("template", &id)
+                .with_detail("$.template_id", "no such template"),
+            e => e.into(),
+        })?;
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view(&state, &outcome.instance).await)))
+}
+
+/// List instances, newest first.
+#[utoipa::path(get, path = "/v1/workflows/instances", tag = "instances",
+    params(("status" = Option<String>, Query, description = "running | waiting | completed | rejected | failed | cancelled"),
+        ("template_id" = Option<String>, Query),
+        ("created_from" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("created_to" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = Page<InstanceView>)),
+    security(("api_key" = [])))]
+pub async fn list(
+    caller: Caller,
+    State(state): State<AppState>,
+    mut params: Params,
+) -> Result<Json<Page<InstanceView>>, ApiError> {
+    let status = params.take_parsed(
+        "status",
+        InstanceStatus::parse,
+        "one of running, waiting, completed, rejected, failed, cancelled",
+    )?;
+    let template_id = params.take("template_id");
+    let created_from = params.take_parsed("created_from", parse_rfc3339, "an RFC 3339 time")?;
+    let created_to = params.take_parsed("created_to", parse_rfc3339, "an RFC 3339 time")?;
+    let (limit, cursor) = params.page(state.config.max_page_size)?;
+    params.finish()?;
+    let filter = InstanceFilter {
+        status,
+        template_id,
+        created_from,
+        created_to,
+        before_id: cursor,
+        limit,
+    };
+    let rows = state
+        .engine
+        .store()
+        .list_instances(&caller.partner_id, &filter)
+        .await?;
+    let next_cursor = (rows.len() as u32 == limit)
+        .then(|| rows.last().map(|r| r.info.id.clone()))
+        .flatten();
+    let mut data = Vec::with_capacity(rows.len());
+    for rec in &rows {
+        data.push(view(&state, rec).await);
+    }
+    Ok(Json(Page { data, next_cursor }))
+}
+
+async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<InstanceRecord, ApiError> {
+    state
+        .engine
+        .store()
+        .get_instance(&caller.partner_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("instance", id))
+}
+
+/// Where the instance is, what it waits on, and every step execution.
+#[utoipa::path(get, path = "/v1/workflows/instances/{id}", tag = "instances",
+    params(("id" = String, Path)),
+    responses((status = 200, body = InstanceView), (status = 404, body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn get_one(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    let rec = load(&state, &caller, &id).await?;
+    Ok(Json(view(&state, &rec).await))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelInstance {
+    pub reason: Option<String>,
+}
+
+/// Cancel a running or waiting instance (409 once it finished).
+#[utoipa::path(post, path = "/v1/workflows/instances/{id}/cancel", tag = "instances",
+    params(("id" = String, Path)),
+    request_body(content = Option<CancelInstance>),
+    responses((status = 200, body = InstanceView), (status = 404, body = crate::error::ErrorResponse),
+        (status = 409, body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn cancel(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Json<InstanceView>, ApiError> {
+    let body: CancelInstance = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelInstance::default()
+    } else {
+        parse_json(&body)?
+    };
+    if body.reason.as_ref().is_some_and(|r| r.len() > 1000) {
+        return Err(ApiError::invalid(
+            "$.reason",
+            "must be at most 1000 characters",
+        ));
+    }
+    let rec = state
+        .engine
+        .cancel(&caller.partner_id, &id, &caller.actor, body.reason)
+        .await?;
+    Ok(Json(view(&state, &rec).await))
+}
+
+/// The instance's audit trail, with the result of verifying its hash chain.
+#[utoipa::path(get, path = "/v1/workflows/instances/{id}/events", tag = "instances",
+    params(("id" = String, Path)),
+    responses((status = 200, body = EventsView), (status = 404, body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn events(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EventsView>, ApiError> {
+    load(&state, &caller, &id).await?;
+    let records = state
+        .engine
+        .store()
+        .list_audit(&caller.partner_id, &instance_stream(&id))
+        .await?;
+    let chain = match workflow_engine::audit::verify(&records) {
+        Ok(n) => ChainView {
+            verified: true,
+            events: n,
+            problem: None,
+        },
+        Err(e) => ChainView {
+            verified: false,
+            events: records.len(),
+            problem: Some(e.to_string()),
+        },
+    };
+    Ok(Json(EventsView {
+        data: records.iter().map(AuditEventView::from).collect(),
+        chain,
+    }))
+}

@@ -1,0 +1,283 @@
+//! What the API answers: response documents built from store records.
+//!
+//! Times are RFC 3339 (UTC) strings; ids are UUIDv7 strings, so newest-first order is id order.
+
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use workflow_core::instance::{ActorRef, StepExecution, WaitingOn};
+use workflow_core::{Template, Timestamp};
+use workflow_store::records::{AuditRecord, InstanceRecord, TemplateRecord};
+
+pub fn rfc3339(t: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_millis(t.0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// Parse an RFC 3339 time from a client.
+pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| Timestamp(d.timestamp_millis()))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T: ToSchema> {
+    pub data: Vec<T>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActorView {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub actor_type: String,
+}
+
+impl From<&ActorRef> for ActorView {
+    fn from(a: &ActorRef) -> Self {
+        ActorView {
+            id: a.id.clone(),
+            actor_type: serde_json::to_value(a.actor_type)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateVersionView {
+    pub version: i64,
+    pub created_at: String,
+    pub created_by: String,
+    /// The template document of this version, as submitted.
+    #[schema(value_type = Object)]
+    pub definition: Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateView {
+    pub id: String,
+    pub version: i64,
+    pub name: String,
+    pub trigger_type: String,
+    pub active: bool,
+    pub step_count: usize,
+    pub created_at: String,
+    pub created_by: String,
+    #[schema(value_type = Object)]
+    pub definition: Value,
+    /// Every version, oldest first (GET one only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<TemplateVersionView>>,
+}
+
+impl TemplateView {
+    pub fn new(rec: &TemplateRecord, versions: Option<&[TemplateRecord]>) -> TemplateView {
+        TemplateView {
+            id: rec.id.clone(),
+            version: rec.version,
+            name: rec.name.clone(),
+            trigger_type: rec.trigger_type.clone(),
+            active: rec.active,
+            step_count: rec
+                .doc
+                .get("steps")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len),
+            created_at: rfc3339(rec.created_at),
+            created_by: rec.created_by.clone(),
+            definition: rec.doc.clone(),
+            versions: versions.map(|vs| {
+                vs.iter()
+                    .map(|v| TemplateVersionView {
+                        version: v.version,
+                        created_at: rfc3339(v.created_at),
+                        created_by: v.created_by.clone(),
+                        definition: v.doc.clone(),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WaitingOnView {
+    pub step_index: usize,
+    pub kind: String,
+    pub description: String,
+    pub since: String,
+    pub due: Option<String>,
+    #[schema(value_type = Object)]
+    pub detail: Value,
+}
+
+impl From<&WaitingOn> for WaitingOnView {
+    fn from(w: &WaitingOn) -> Self {
+        WaitingOnView {
+            step_index: w.step_index,
+            kind: w.kind.clone(),
+            description: w.description.clone(),
+            since: rfc3339(w.since),
+            due: w.due.map(rfc3339),
+            detail: w.detail.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CurrentStepView {
+    pub index: usize,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub step_type: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepExecutionView {
+    pub index: usize,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub step_type: String,
+    pub status: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub actor: Option<ActorView>,
+    /// The step's config with placeholders rendered, as it ran.
+    #[schema(value_type = Object)]
+    pub input: Option<Value>,
+    #[schema(value_type = Object)]
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+fn as_text<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl From<&StepExecution> for StepExecutionView {
+    fn from(s: &StepExecution) -> Self {
+        StepExecutionView {
+            index: s.index,
+            name: s.name.clone(),
+            step_type: s.step_type.as_str().to_string(),
+            status: as_text(&s.status),
+            started_at: s.started_at.map(rfc3339),
+            finished_at: s.finished_at.map(rfc3339),
+            actor: s.actor.as_ref().map(ActorView::from),
+            input: s.input.clone(),
+            output: s.output.clone(),
+            error: s.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstanceView {
+    pub id: String,
+    pub template_id: String,
+    pub template_version: i64,
+    pub status: String,
+    /// The step the instance is at; null once it finished.
+    pub current_step: Option<CurrentStepView>,
+    /// What it waits for, since when, due when: "who is blocking this workflow?"
+    pub waiting_on: Option<WaitingOnView>,
+    #[schema(value_type = Object)]
+    pub trigger: Value,
+    pub idempotency_key: Option<String>,
+    pub created_by: ActorView,
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    pub steps: Vec<StepExecutionView>,
+}
+
+impl InstanceView {
+    pub fn new(rec: &InstanceRecord, template: Option<&Template>) -> InstanceView {
+        let state = &rec.state;
+        let current_step = state.current_step.map(|index| {
+            let step = template.and_then(|t| t.steps.get(index));
+            let exec = state.execution(index);
+            CurrentStepView {
+                index,
+                name: step
+                    .map(|s| s.name.clone())
+                    .or_else(|| exec.map(|e| e.name.clone()))
+                    .unwrap_or_default(),
+                step_type: step
+                    .map(|s| s.kind.step_type().as_str().to_string())
+                    .or_else(|| exec.map(|e| e.step_type.as_str().to_string()))
+                    .unwrap_or_default(),
+            }
+        });
+        InstanceView {
+            id: rec.info.id.clone(),
+            template_id: rec.info.template_id.clone(),
+            template_version: rec.info.template_version,
+            status: state.status.as_str().to_string(),
+            current_step,
+            waiting_on: state.waiting_on.as_ref().map(WaitingOnView::from),
+            trigger: rec.info.trigger.clone(),
+            idempotency_key: rec.idempotency_key.clone(),
+            created_by: ActorView::from(&rec.info.created_by),
+            created_at: rfc3339(rec.info.created_at),
+            updated_at: rfc3339(rec.updated_at),
+            finished_at: state.finished_at.map(rfc3339),
+            error: state.error.clone(),
+            steps: state.steps.iter().map(StepExecutionView::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEventView {
+    pub seq: i64,
+    pub at: String,
+    pub actor: ActorView,
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub before: Value,
+    #[schema(value_type = Object)]
+    pub after: Value,
+    pub reason: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl From<&AuditRecord> for AuditEventView {
+    fn from(r: &AuditRecord) -> Self {
+        AuditEventView {
+            seq: r.seq,
+            at: rfc3339(r.at),
+            actor: ActorView::from(&r.actor),
+            kind: r.kind.clone(),
+            before: r.before.clone(),
+            after: r.after.clone(),
+            reason: r.reason.clone(),
+            prev_hash: r.prev_hash.clone(),
+            hash: r.hash.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChainView {
+    /// True when every event's hash matches its content and its predecessor.
+    pub verified: bool,
+    pub events: usize,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventsView {
+    pub data: Vec<AuditEventView>,
+    pub chain: ChainView,
+}

@@ -1,0 +1,13 @@
+//! The step worker pools: one per step type (approval, condition, action, wait, notification).
+//!
+//! A pool is a consumer group on its step topic. Each member takes the commands of the partitions
+//! it owns, in order, has the engine execute the step (which commits the new state and the next
+//! step's command together), and only then commits the message. A crash before that commit means
+//! redelivery, which the engine recognises and skips: effects happen once.
+//!
+//! What is specific to a step type lives in the domain's state machine today; pools that call
+//! out (actions, notifications) add their IO here in their own modules.
+
+pub mod pool;
+
+pub use pool::{run_pool, PoolConfig};
