@@ -6,7 +6,6 @@
 //! The [`relay`] then moves outbox rows onto the bus. It never talks HTTP and never decides
 //! anything itself: the decisions are the domain's.
 
-pub mod audit;
 pub mod clock;
 pub mod error;
 pub mod messages;

@@ -16,6 +16,9 @@ use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::messages::{step_topic, StepCommand};
 
+/// Parsed templates by (id, version).
+type TemplateCache = HashMap<(String, i64), Arc<Template>>;
+
 /// How often a use case re-reads and retries after losing an optimistic-concurrency race.
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -43,7 +46,7 @@ pub struct Engine {
     limits: Arc<Limits>,
     clock: Arc<dyn Clock>,
     /// Template versions are immutable, so parsed ones are cached forever.
-    templates: Arc<Mutex<HashMap<(String, i64), Arc<Template>>>>,
+    templates: Arc<Mutex<TemplateCache>>,
     /// Woken after every commit that wrote outbox rows, so the relay publishes at once.
     outbox_ready: Arc<Notify>,
 }
@@ -97,7 +100,7 @@ impl Engine {
         Ok(template)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), Arc<Template>>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, TemplateCache> {
         // A poisoned cache only means another thread panicked mid-insert; the map is still valid.
         self.templates
             .lock()

@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
             if records.is_empty() {
                 bail!("no audit events for instance {instance} of partner {partner}");
             }
-            let n = workflow_engine::audit::verify(&records)
+            let n = workflow_store::records::verify_audit_chain(&records)
                 .with_context(|| format!("audit chain of instance {instance} is broken"))?;
             println!("audit chain of instance {instance}: {n} events verified");
             Ok(())

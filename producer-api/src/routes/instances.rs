@@ -243,7 +243,7 @@ pub async fn events(
         .store()
         .list_audit(&caller.partner_id, &instance_stream(&id))
         .await?;
-    let chain = match workflow_engine::audit::verify(&records) {
+    let chain = match workflow_store::records::verify_audit_chain(&records) {
         Ok(n) => ChainView {
             verified: true,
             events: n,
