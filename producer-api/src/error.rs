@@ -186,15 +186,34 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The HTTP status and code of a domain refusal, by its stable code (also as stored by the
+/// approval pool for a decision it refused).
+pub fn refusal(code: &str, message: String) -> ApiError {
+    let (status, code) = match code {
+        "step_not_found" => (StatusCode::NOT_FOUND, "step_not_found"),
+        "not_found" => (StatusCode::NOT_FOUND, "not_found"),
+        "not_eligible" => (StatusCode::FORBIDDEN, "not_eligible"),
+        "separation_of_duties" => (StatusCode::FORBIDDEN, "separation_of_duties"),
+        "agent_limit_exceeded" => (StatusCode::FORBIDDEN, "agent_limit_exceeded"),
+        "comment_required" => {
+            return ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "comment_required",
+                message.clone(),
+            )
+            .with_detail("$.comment", message)
+        }
+        "not_an_approval_step" => (StatusCode::CONFLICT, "not_an_approval_step"),
+        "step_not_waiting" => (StatusCode::CONFLICT, "step_not_waiting"),
+        "already_decided" => (StatusCode::CONFLICT, "already_decided"),
+        _ => (StatusCode::CONFLICT, "invalid_state"),
+    };
+    ApiError::new(status, code, message)
+}
+
 impl From<MachineError> for ApiError {
     fn from(e: MachineError) -> ApiError {
-        match e {
-            MachineError::Terminal { .. } => ApiError::conflict("invalid_state", e.to_string()),
-            MachineError::NotCurrent { .. } | MachineError::AlreadyExecuted { .. } => {
-                ApiError::conflict("invalid_state", e.to_string())
-            }
-            MachineError::NoSuchStep { index } => ApiError::not_found("step", &index.to_string()),
-        }
+        refusal(e.code(), e.to_string())
     }
 }
 

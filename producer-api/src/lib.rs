@@ -28,6 +28,11 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest page a list returns.
     pub max_page_size: u32,
+    /// How long an approve/reject call waits for the approval pool's outcome before answering
+    /// 202 (the decision stays queued and is applied in order).
+    pub decision_wait: std::time::Duration,
+    /// Most decisions one bulk call may carry.
+    pub max_bulk_decisions: usize,
 }
 
 impl ApiConfig {
@@ -36,6 +41,8 @@ impl ApiConfig {
             admin_token,
             max_body_bytes: 1024 * 1024,
             max_page_size: 100,
+            decision_wait: std::time::Duration::from_secs(10),
+            max_bulk_decisions: 500,
         }
     }
 }
@@ -84,6 +91,19 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
         .route(
             "/v1/workflows/instances/{id}/events",
             get(routes::instances::events),
+        )
+        .route(
+            "/v1/workflows/instances/{id}/steps/{n}/approve",
+            post(routes::approvals::approve),
+        )
+        .route(
+            "/v1/workflows/instances/{id}/steps/{n}/reject",
+            post(routes::approvals::reject),
+        )
+        .route("/v1/workflows/pending", get(routes::approvals::pending))
+        .route(
+            "/v1/workflows/approvals/bulk",
+            post(routes::approvals::bulk),
         )
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

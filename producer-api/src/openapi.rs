@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, instances, templates};
+use crate::routes::{admin, approvals, instances, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,10 @@ use crate::routes::{admin, instances, templates};
         instances::get_one,
         instances::cancel,
         instances::events,
+        approvals::approve,
+        approvals::reject,
+        approvals::pending,
+        approvals::bulk,
     ),
     components(schemas(crate::error::ErrorResponse)),
     modifiers(&Security)

@@ -10,4 +10,4 @@
 
 pub mod pool;
 
-pub use pool::{run_pool, PoolConfig};
+pub use pool::{run_pool, PoolConfig, PoolKind};

@@ -7,12 +7,48 @@ use tokio_util::sync::CancellationToken;
 use workflow_bus::{Bus, Message, Subscription};
 use workflow_core::StepType;
 use workflow_engine::messages::step_topic;
-use workflow_engine::{Engine, ExecuteOutcome, StepCommand};
+use workflow_engine::{DecisionCommand, Engine, ExecuteOutcome, StepCommand, DECISION_TOPIC};
+
+/// What a pool consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Step commands of one step type.
+    Steps(StepType),
+    /// Approval decisions, applied in order per instance (part of the approval pool).
+    ApprovalDecisions,
+}
+
+impl PoolKind {
+    pub fn topic(self) -> String {
+        match self {
+            PoolKind::Steps(t) => step_topic(t),
+            PoolKind::ApprovalDecisions => DECISION_TOPIC.to_string(),
+        }
+    }
+
+    /// The consumer group.
+    pub fn group(self) -> String {
+        match self {
+            PoolKind::Steps(t) => format!("pool-{}", t.as_str()),
+            PoolKind::ApprovalDecisions => "pool-approval-decisions".to_string(),
+        }
+    }
+
+    /// Every consumer a pool of this step type runs: the approval pool also applies decisions.
+    pub fn for_step_type(step_type: StepType) -> Vec<PoolKind> {
+        match step_type {
+            StepType::Approval => vec![PoolKind::Steps(step_type), PoolKind::ApprovalDecisions],
+            StepType::Condition | StepType::Action | StepType::Wait | StepType::Notification => {
+                vec![PoolKind::Steps(step_type)]
+            }
+        }
+    }
+}
 
 /// How a pool runs.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    pub step_type: StepType,
+    pub kind: PoolKind,
     /// Members of the consumer group in this process; partitions are shared among them.
     pub members: usize,
     /// Attempts for a retryable failure before the command is given up (and logged).
@@ -20,18 +56,13 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
-    pub fn new(step_type: StepType) -> PoolConfig {
+    pub fn new(kind: PoolKind) -> PoolConfig {
         PoolConfig {
-            step_type,
+            kind,
             members: 2,
             max_attempts: 10,
         }
     }
-}
-
-/// The consumer group of a step type's pool.
-pub fn group_name(step_type: StepType) -> String {
-    format!("pool-{}", step_type.as_str())
 }
 
 /// Run the pool until cancelled.
@@ -41,8 +72,8 @@ pub async fn run_pool(
     config: PoolConfig,
     cancel: CancellationToken,
 ) -> Result<(), workflow_bus::BusError> {
-    let topic = step_topic(config.step_type);
-    let group = group_name(config.step_type);
+    let topic = config.kind.topic();
+    let group = config.kind.group();
     let mut members = JoinSet::new();
     for _ in 0..config.members.max(1) {
         let sub = bus.subscribe(&topic, &group).await?;
@@ -55,7 +86,7 @@ pub async fn run_pool(
     }
     while let Some(res) = members.join_next().await {
         if let Err(e) = res {
-            tracing::error!(error = %e, pool = config.step_type.as_str(), "pool member crashed");
+            tracing::error!(error = %e, group = %config.kind.group(), "pool member crashed");
             cancel.cancel();
         }
     }
@@ -94,8 +125,71 @@ async fn member(
     }
 }
 
-/// Execute one message. Returns false when cancelled before it finished.
+/// Handle one message. Returns false when cancelled before it finished.
 async fn handle(
+    engine: &Engine,
+    msg: &Message,
+    config: &PoolConfig,
+    cancel: &CancellationToken,
+) -> bool {
+    match config.kind {
+        PoolKind::Steps(_) => handle_step(engine, msg, config, cancel).await,
+        PoolKind::ApprovalDecisions => handle_decision(engine, msg, config, cancel).await,
+    }
+}
+
+async fn handle_decision(
+    engine: &Engine,
+    msg: &Message,
+    config: &PoolConfig,
+    cancel: &CancellationToken,
+) -> bool {
+    let cmd = match DecisionCommand::decode(&msg.payload) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            tracing::error!(error = %e, topic = %msg.topic, offset = msg.offset, "undecodable decision skipped");
+            return true;
+        }
+    };
+    retrying(config, cancel, &cmd.instance_id, || {
+        engine.apply_decision(&cmd)
+    })
+    .await
+}
+
+/// Run `op` until it succeeds, fails for good, or retries run out; false when cancelled.
+async fn retrying<F, Fut>(
+    config: &PoolConfig,
+    cancel: &CancellationToken,
+    instance_id: &str,
+    mut op: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), workflow_engine::EngineError>>,
+{
+    let mut delay = Duration::from_millis(20);
+    for attempt in 1..=config.max_attempts {
+        match op().await {
+            Ok(()) => return true,
+            Err(e) if e.is_retryable() && attempt < config.max_attempts => {
+                tracing::warn!(error = %e, attempt, instance = %instance_id, "retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, instance = %instance_id, "command failed permanently");
+                return true;
+            }
+        }
+    }
+    true
+}
+
+async fn handle_step(
     engine: &Engine,
     msg: &Message,
     config: &PoolConfig,
@@ -109,27 +203,14 @@ async fn handle(
             return true;
         }
     };
-    let mut delay = Duration::from_millis(20);
-    for attempt in 1..=config.max_attempts {
-        match engine.execute_step(&cmd).await {
-            Ok(ExecuteOutcome::Applied) => return true,
-            Ok(ExecuteOutcome::Skipped(why)) => {
+    retrying(config, cancel, &cmd.instance_id, || async {
+        match engine.execute_step(&cmd).await? {
+            ExecuteOutcome::Applied => {}
+            ExecuteOutcome::Skipped(why) => {
                 tracing::debug!(instance = %cmd.instance_id, step = cmd.step_index, %why, "step command skipped");
-                return true;
-            }
-            Err(e) if e.is_retryable() && attempt < config.max_attempts => {
-                tracing::warn!(error = %e, attempt, instance = %cmd.instance_id, "retrying step");
-                tokio::select! {
-                    _ = cancel.cancelled() => return false,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, instance = %cmd.instance_id, step = cmd.step_index, "step failed permanently");
-                return true;
             }
         }
-    }
-    true
+        Ok(())
+    })
+    .await
 }

@@ -1045,6 +1045,7 @@ mod tests {
             input: None,
             output,
             error: None,
+            decisions: Vec::new(),
         }
     }
 

@@ -108,6 +108,28 @@ pub struct StepExecution {
     pub input: Option<Value>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// Approval decisions, in the order they were accepted (approval steps only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<Decision>,
+}
+
+/// Approve or reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Approve,
+    Reject,
+}
+
+/// One accepted approval decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Unique per request; a redelivered decision command is recognised by it.
+    pub decision_id: String,
+    pub actor: ActorRef,
+    pub verdict: Verdict,
+    pub comment: Option<String>,
+    pub at: Timestamp,
 }
 
 /// "Where is this workflow, and who is blocking it?"

@@ -16,20 +16,32 @@ use serde_json::{json, Value};
 use crate::expr::{EvalContext, ExprLimits, Expression};
 use crate::instance::{
     ActorRef, ActorType, InstanceInfo, InstanceState, InstanceStatus, StepExecution, StepStatus,
-    WaitingOn,
+    Verdict, WaitingOn,
 };
+
+mod decide;
+
 use crate::render::render;
 use crate::template::{
-    ActionConfig, ApprovalConfig, Approver, NotificationConfig, Route, StepKind, StepType,
-    Template, WaitConfig,
+    ActionConfig, ApprovalConfig, Approver, ApproverEntry, NotificationConfig, Route, StepKind,
+    StepType, Template, WaitConfig,
 };
 use crate::time::Timestamp;
+pub use decide::{check_decision, Decider, Proposal};
 
 /// What can happen to an instance.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// The pool for step `index`'s type picked up its command.
     ExecuteStep { index: usize },
+    /// An approver approves or rejects approval step `index`.
+    Decide {
+        decision_id: String,
+        index: usize,
+        decider: Decider,
+        verdict: Verdict,
+        comment: Option<String>,
+    },
     /// An actor cancels the instance.
     Cancel {
         actor: ActorRef,
@@ -73,6 +85,41 @@ pub enum MachineError {
     AlreadyExecuted { index: usize },
     #[error("step {index} does not exist in the template")]
     NoSuchStep { index: usize },
+    #[error("step {index} is not an approval step")]
+    NotApproval { index: usize },
+    #[error("step {index} is not waiting for a decision")]
+    NotWaiting { index: usize },
+    #[error("actor `{actor}` already decided step {index}")]
+    AlreadyDecided { index: usize, actor: String },
+    #[error("actor `{actor}` is not an eligible approver of step {index}")]
+    NotEligible { index: usize, actor: String },
+    /// A four-eyes rule refused the decision; `rule` names it.
+    #[error("separation of duties ({rule}): {message}")]
+    SeparationOfDuties { rule: &'static str, message: String },
+    #[error("agent `{actor}` may not approve this: {message}; a human must decide")]
+    AgentLimit { actor: String, message: String },
+    #[error("a rejection of step {index} needs a comment")]
+    CommentRequired { index: usize },
+}
+
+impl MachineError {
+    /// A stable, machine-readable name for the refusal (the API's error code).
+    pub fn code(&self) -> &'static str {
+        match self {
+            MachineError::Terminal { .. } => "invalid_state",
+            MachineError::NotCurrent { .. } | MachineError::AlreadyExecuted { .. } => {
+                "invalid_state"
+            }
+            MachineError::NoSuchStep { .. } => "step_not_found",
+            MachineError::NotApproval { .. } => "not_an_approval_step",
+            MachineError::NotWaiting { .. } => "step_not_waiting",
+            MachineError::AlreadyDecided { .. } => "already_decided",
+            MachineError::NotEligible { .. } => "not_eligible",
+            MachineError::SeparationOfDuties { .. } => "separation_of_duties",
+            MachineError::AgentLimit { .. } => "agent_limit_exceeded",
+            MachineError::CommentRequired { .. } => "comment_required",
+        }
+    }
 }
 
 /// The actor the engine records for what its worker pools do.
@@ -131,6 +178,26 @@ pub fn apply(
     }
     match command {
         Command::ExecuteStep { index } => execute_step(template, info, state, index, now, limits),
+        Command::Decide {
+            decision_id,
+            index,
+            decider,
+            verdict,
+            comment,
+        } => decide::apply_decision(
+            template,
+            info,
+            state,
+            decide::DecisionRequest {
+                decision_id,
+                index,
+                decider,
+                verdict,
+                comment,
+            },
+            now,
+            limits,
+        ),
         Command::Cancel { actor, reason } => Ok(cancel(state, actor, reason, now)),
     }
 }
@@ -263,10 +330,10 @@ fn route_text(route: Route) -> String {
     }
 }
 
-fn approvers_text(approvers: &[Approver]) -> String {
+fn approvers_text(approvers: &[ApproverEntry]) -> String {
     approvers
         .iter()
-        .map(|a| match a {
+        .map(|a| match &a.who {
             Approver::Role(r) => format!("role {r}"),
             Approver::User(u) => format!("user {u}"),
             Approver::Agent(a) => format!("agent {a}"),
@@ -286,11 +353,7 @@ fn approval_wait(cfg: &ApprovalConfig, index: usize, now: Timestamp) -> WaitingO
         ),
         since: now,
         due: cfg.timeout_ms.map(|ms| now.plus_millis(ms)),
-        detail: json!({
-            "approvers": cfg.approvers,
-            "min_approvals": cfg.min_approvals,
-            "decisions": [],
-        }),
+        detail: decide::approval_detail(cfg, &[]),
     }
 }
 
@@ -380,7 +443,7 @@ fn wait_on(
     state.waiting_on = Some(waiting);
 }
 
-fn complete_step(
+pub(crate) fn complete_step(
     state: &mut InstanceState,
     index: usize,
     now: Timestamp,
@@ -437,7 +500,7 @@ fn fail_step(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn follow_route(
+pub(crate) fn follow_route(
     template: &Template,
     state: &mut InstanceState,
     index: usize,
@@ -484,6 +547,7 @@ fn follow_route(
                 input: None,
                 output: None,
                 error: None,
+                decisions: Vec::new(),
             });
             events.push(Event {
                 actor: actor.clone(),
@@ -524,6 +588,7 @@ fn dispatch(
         input: None,
         output: None,
         error: None,
+        decisions: Vec::new(),
     });
     state.status = InstanceStatus::Running;
     state.current_step = Some(index);
@@ -553,7 +618,7 @@ fn complete(state: &mut InstanceState, now: Timestamp, events: &mut Vec<Event>, 
     finish(state, InstanceStatus::Completed, now, None, actor, events);
 }
 
-fn finish(
+pub(crate) fn finish(
     state: &mut InstanceState,
     status: InstanceStatus,
     now: Timestamp,

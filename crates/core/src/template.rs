@@ -112,14 +112,74 @@ pub enum Approver {
     Agent(String),
 }
 
+/// One entry of an approval step's `approvers`, with the authority it grants an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApproverEntry {
+    pub who: Approver,
+    /// An agent matched by this entry may approve only when `trigger.amount` is at most this.
+    pub max_amount: Option<f64>,
+    /// An agent matched by this entry may approve only when this CEL expression is true.
+    pub limit: Option<String>,
+}
+
+impl ApproverEntry {
+    /// Any approver: no bounds on agents.
+    pub fn plain(who: Approver) -> ApproverEntry {
+        ApproverEntry {
+            who,
+            max_amount: None,
+            limit: None,
+        }
+    }
+
+    pub fn is_bounded(&self) -> bool {
+        self.max_amount.is_some() || self.limit.is_some()
+    }
+
+    /// The entry as the API shows it.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(&self.who).unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut v {
+            if let Some(max) = self.max_amount {
+                map.insert("max_amount".into(), serde_json::json!(max));
+            }
+            if let Some(limit) = &self.limit {
+                map.insert("limit".into(), Value::String(limit.clone()));
+            }
+        }
+        v
+    }
+}
+
+/// When rejections reject the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectPolicy {
+    /// The first rejection rejects the step (the default).
+    Any,
+    /// This many rejections are needed.
+    MinRejections(u32),
+}
+
+impl RejectPolicy {
+    pub fn threshold(self) -> usize {
+        match self {
+            RejectPolicy::Any => 1,
+            RejectPolicy::MinRejections(n) => n.max(1) as usize,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApprovalConfig {
     /// Any of these may decide.
-    pub approvers: Vec<Approver>,
-    /// Quorum: how many approvals move the step on.
+    pub approvers: Vec<ApproverEntry>,
+    /// Quorum: how many approvals, by distinct actors, move the step on.
     pub min_approvals: u32,
     /// Deadline after the step starts, in milliseconds, from `timeout_hours` or `timeout`.
     pub timeout_ms: Option<i64>,
+    pub reject_policy: RejectPolicy,
+    /// A rejection without a comment is refused.
+    pub require_comment_on_reject: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

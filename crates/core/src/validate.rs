@@ -24,9 +24,9 @@ use serde_json::{Map, Value};
 use crate::expr::{ExprLimits, Expression};
 use crate::render::{check_placeholders, path_index, path_key};
 use crate::template::{
-    ActionConfig, ApprovalConfig, Approver, ConditionConfig, NotificationConfig, Route, Step,
-    StepKind, StepType, Template, TemplateSettings, TriggerCondition, TriggerOp, TriggerType,
-    WaitConfig,
+    ActionConfig, ApprovalConfig, Approver, ApproverEntry, ConditionConfig, NotificationConfig,
+    RejectPolicy, Route, Step, StepKind, StepType, Template, TemplateSettings, TriggerCondition,
+    TriggerOp, TriggerType, WaitConfig,
 };
 
 /// Configurable bounds on a template.
@@ -659,7 +659,14 @@ impl Validator<'_> {
         self.unknown_fields(
             obj,
             path,
-            &["approvers", "min_approvals", "timeout_hours", "timeout"],
+            &[
+                "approvers",
+                "min_approvals",
+                "timeout_hours",
+                "timeout",
+                "reject_policy",
+                "require_comment_on_reject",
+            ],
         );
         let apath = path_key(path, "approvers");
         let approvers = match get(obj, "approvers") {
@@ -740,16 +747,74 @@ impl Validator<'_> {
             }
             (h, t) => h.or(t),
         };
+        let reject_policy = self.reject_policy(obj, path);
+        let require_comment = self
+            .optional_bool(obj, "require_comment_on_reject", path)
+            .ok()?
+            .unwrap_or(false);
         Some(ApprovalConfig {
             approvers: approvers?,
             min_approvals: min_approvals?,
             timeout_ms,
+            reject_policy: reject_policy?,
+            require_comment_on_reject: require_comment,
         })
     }
 
-    fn approver(&mut self, v: &Value, path: &str) -> Option<Approver> {
+    /// `"any"` (default) or `{"min_rejections": N}`.
+    fn reject_policy(&mut self, obj: &Map<String, Value>, path: &str) -> Option<RejectPolicy> {
+        let p = path_key(path, "reject_policy");
+        match get(obj, "reject_policy") {
+            None => Some(RejectPolicy::Any),
+            Some(Value::String(s)) if s == "any" => Some(RejectPolicy::Any),
+            Some(Value::Object(m)) => {
+                self.unknown_fields(m, &p, &["min_rejections"]);
+                let n = get(m, "min_rejections")
+                    .and_then(Value::as_u64)
+                    .filter(|n| *n >= 1)
+                    .and_then(|n| u32::try_from(n).ok());
+                if n.is_none() {
+                    self.push(
+                        path_key(&p, "min_rejections"),
+                        "must be a whole number of at least 1",
+                    );
+                }
+                n.map(RejectPolicy::MinRejections)
+            }
+            Some(_) => {
+                self.push(p, "must be \"any\" or {\"min_rejections\": N}");
+                None
+            }
+        }
+    }
+
+    fn approver(&mut self, v: &Value, path: &str) -> Option<ApproverEntry> {
         let obj = self.object(v, path)?;
-        self.unknown_fields(obj, path, &["type", "value"]);
+        self.unknown_fields(obj, path, &["type", "value", "max_amount", "limit"]);
+        let max_amount = match get(obj, "max_amount") {
+            None => Some(None),
+            Some(v) => match v.as_f64().filter(|m| m.is_finite() && *m >= 0.0) {
+                Some(m) => Some(Some(m)),
+                None => {
+                    self.push(
+                        path_key(path, "max_amount"),
+                        "must be a number of at least 0",
+                    );
+                    None
+                }
+            },
+        };
+        let limit = match self.optional_str(obj, "limit", path) {
+            Ok(Some(src)) => {
+                if self.compile(src, path_key(path, "limit")) {
+                    Some(Some(src.to_string()))
+                } else {
+                    None
+                }
+            }
+            Ok(None) => Some(None),
+            Err(()) => None,
+        };
         let kind = self.required_str(obj, "type", path);
         let value = self.required_nonempty(obj, "value", path);
         let make: fn(String) -> Approver = match kind? {
@@ -764,7 +829,11 @@ impl Validator<'_> {
                 return None;
             }
         };
-        Some(make(value?.to_string()))
+        Some(ApproverEntry {
+            who: make(value?.to_string()),
+            max_amount: max_amount?,
+            limit: limit?,
+        })
     }
 
     fn action(&mut self, obj: &Map<String, Value>, path: &str) -> Option<ActionConfig> {
@@ -1053,9 +1122,11 @@ mod tests {
         assert_eq!(
             t.steps[1].kind,
             StepKind::Approval(ApprovalConfig {
-                approvers: vec![Approver::Role("cfo".into())],
+                approvers: vec![ApproverEntry::plain(Approver::Role("cfo".into()))],
                 min_approvals: 1,
                 timeout_ms: Some(48 * 3_600_000),
+                reject_policy: RejectPolicy::Any,
+                require_comment_on_reject: false,
             })
         );
         assert_eq!(t.steps[2].name, "Manager Approval");
@@ -1114,9 +1185,14 @@ mod tests {
         assert_eq!(
             t.steps[0].kind,
             StepKind::Approval(ApprovalConfig {
-                approvers: vec![Approver::User("u-1".into()), Approver::Agent("ag-1".into())],
+                approvers: vec![
+                    ApproverEntry::plain(Approver::User("u-1".into())),
+                    ApproverEntry::plain(Approver::Agent("ag-1".into()))
+                ],
                 min_approvals: 2,
                 timeout_ms: Some(15 * 60_000),
+                reject_policy: RejectPolicy::Any,
+                require_comment_on_reject: false,
             })
         );
         assert_eq!(

@@ -14,5 +14,6 @@ pub mod service;
 
 pub use clock::{Clock, SystemClock};
 pub use error::EngineError;
-pub use messages::{StepCommand, STEP_TOPIC_PREFIX};
+pub use messages::{DecisionCommand, StepCommand, DECISION_TOPIC, STEP_TOPIC_PREFIX};
+pub use service::DecisionResult;
 pub use service::{Engine, ExecuteOutcome, StartOutcome};

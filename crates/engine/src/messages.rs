@@ -4,6 +4,7 @@
 //! the types. Every command carries a unique `command_id` so consumers can recognise redeliveries.
 
 use serde::{Deserialize, Serialize};
+use workflow_core::instance::{ActorRef, Verdict};
 use workflow_core::StepType;
 
 /// Step commands for pool `<type>` go to `workflow.steps.<type>`.
@@ -37,6 +38,35 @@ impl StepCommand {
     }
 }
 
+/// Approval decisions travel on one topic, keyed by instance id, so the decisions of one
+/// instance are applied one after another, in the order they were made.
+pub const DECISION_TOPIC: &str = "workflow.approvals.decisions";
+
+/// "Actor X approves (or rejects) step `step_index` of instance `instance_id`."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionCommand {
+    pub decision_id: String,
+    pub partner_id: String,
+    pub instance_id: String,
+    pub step_index: usize,
+    pub actor: ActorRef,
+    /// The roles of the actor's API key when it decided.
+    pub roles: Vec<String>,
+    pub verdict: Verdict,
+    pub comment: Option<String>,
+    pub issued_at: i64,
+}
+
+impl DecisionCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<DecisionCommand, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +84,20 @@ mod tests {
         assert_eq!(StepCommand::decode(&cmd.encode()).ok(), Some(cmd));
         assert_eq!(step_topic(StepType::Action), "workflow.steps.action");
         assert!(StepCommand::decode(b"{not json").is_err());
+        let d = DecisionCommand {
+            decision_id: "d".into(),
+            partner_id: "p".into(),
+            instance_id: "i".into(),
+            step_index: 1,
+            actor: ActorRef {
+                id: "carol".into(),
+                actor_type: workflow_core::instance::ActorType::Human,
+            },
+            roles: vec!["cfo".into()],
+            verdict: Verdict::Reject,
+            comment: Some("no".into()),
+            issued_at: 7,
+        };
+        assert_eq!(DecisionCommand::decode(&d.encode()).ok(), Some(d));
     }
 }

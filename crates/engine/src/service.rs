@@ -2,22 +2,28 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
-use workflow_core::instance::{ActorRef, InstanceInfo};
-use workflow_core::machine::{self, Command, Effect, Event, Transition};
+use workflow_core::instance::{ActorRef, InstanceInfo, Verdict};
+use workflow_core::machine::{self, Command, Decider, Effect, Event, Proposal, Transition};
 use workflow_core::validate::{parse_template, Limits};
 use workflow_core::Template;
-use workflow_store::records::{AuditDraft, InstanceRecord, OutboxMessage, TemplateRecord};
+use workflow_store::records::{
+    AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord,
+};
 use workflow_store::{CreateOutcome, Store, StoreError};
 
 use crate::clock::Clock;
 use crate::error::EngineError;
-use crate::messages::{step_topic, StepCommand};
+use crate::messages::{step_topic, DecisionCommand, StepCommand, DECISION_TOPIC};
 
 /// Parsed templates by (id, version).
 type TemplateCache = HashMap<(String, i64), Arc<Template>>;
+
+/// How often a waiting decision checks for an outcome recorded by another process.
+const DECISION_POLL: Duration = Duration::from_millis(20);
 
 /// How often a use case re-reads and retries after losing an optimistic-concurrency race.
 const MAX_ATTEMPTS: u32 = 8;
@@ -49,6 +55,19 @@ pub struct Engine {
     templates: Arc<Mutex<TemplateCache>>,
     /// Woken after every commit that wrote outbox rows, so the relay publishes at once.
     outbox_ready: Arc<Notify>,
+    /// Woken whenever a decision outcome is recorded, so waiting API calls answer at once.
+    decided: Arc<Notify>,
+}
+
+/// What became of a submitted approval decision.
+#[derive(Debug, Clone)]
+pub enum DecisionResult {
+    /// Recorded; the instance as it stands after it.
+    Accepted(InstanceRecord),
+    /// The approval pool refused it (the state moved on meanwhile): a stable code and why.
+    Refused { code: String, message: String },
+    /// Queued, but no outcome within the wait: it will still be applied, in order.
+    Pending { decision_id: String },
 }
 
 impl Engine {
@@ -59,6 +78,7 @@ impl Engine {
             clock,
             templates: Arc::new(Mutex::new(HashMap::new())),
             outbox_ready: Arc::new(Notify::new()),
+            decided: Arc::new(Notify::new()),
         }
     }
 
@@ -243,6 +263,170 @@ impl Engine {
             },
         )
         .await
+    }
+
+    /// Queue an approval decision on the instance's ordered stream and wait (up to `wait`) for
+    /// the approval pool's outcome. Refusals that the current state already shows (not an
+    /// approver, four-eyes rules, step not waiting...) are returned at once, changing nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit_decision(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        index: usize,
+        decider: &Decider,
+        verdict: Verdict,
+        comment: Option<String>,
+        wait: Duration,
+    ) -> Result<DecisionResult, EngineError> {
+        let current = self
+            .store
+            .get_instance(partner_id, instance_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "instance",
+                id: instance_id.to_string(),
+            })?;
+        let template = self
+            .template_version(
+                partner_id,
+                &current.info.template_id,
+                current.info.template_version,
+            )
+            .await?;
+        let proposal = Proposal {
+            index,
+            decider,
+            verdict,
+            comment: comment.as_deref(),
+        };
+        machine::check_decision(
+            &template,
+            &current.info,
+            &current.state,
+            &proposal,
+            &self.limits.expr,
+        )?;
+        let cmd = DecisionCommand {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            partner_id: partner_id.to_string(),
+            instance_id: instance_id.to_string(),
+            step_index: index,
+            actor: decider.actor.clone(),
+            roles: decider.roles.clone(),
+            verdict,
+            comment,
+            issued_at: self.clock.now().0,
+        };
+        self.store
+            .enqueue(&[OutboxMessage {
+                id: cmd.decision_id.clone(),
+                topic: DECISION_TOPIC.to_string(),
+                key: instance_id.to_string(),
+                payload: cmd.encode(),
+            }])
+            .await?;
+        self.outbox_ready.notify_one();
+
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let woken = self.decided.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so an outcome recorded in between still wakes us.
+            woken.as_mut().enable();
+            if let Some(outcome) = self
+                .store
+                .get_decision_outcome(partner_id, &cmd.decision_id)
+                .await?
+            {
+                if !outcome.accepted {
+                    return Ok(DecisionResult::Refused {
+                        code: outcome.code.unwrap_or_default(),
+                        message: outcome.message.unwrap_or_default(),
+                    });
+                }
+                let rec = self
+                    .store
+                    .get_instance(partner_id, instance_id)
+                    .await?
+                    .ok_or_else(|| EngineError::NotFound {
+                        what: "instance",
+                        id: instance_id.to_string(),
+                    })?;
+                return Ok(DecisionResult::Accepted(rec));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(DecisionResult::Pending {
+                    decision_id: cmd.decision_id,
+                });
+            }
+            // Another process's outcome is not signalled here: poll as well.
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep(DECISION_POLL) => {}
+            }
+        }
+    }
+
+    /// Apply a decision command from the ordered stream and record its outcome. A redelivered
+    /// command is recognised by its decision id in the state and recorded as accepted again.
+    pub async fn apply_decision(&self, cmd: &DecisionCommand) -> Result<(), EngineError> {
+        let command = Command::Decide {
+            decision_id: cmd.decision_id.clone(),
+            index: cmd.step_index,
+            decider: Decider {
+                actor: cmd.actor.clone(),
+                roles: cmd.roles.clone(),
+            },
+            verdict: cmd.verdict,
+            comment: cmd.comment.clone(),
+        };
+        let result = self
+            .transition(&cmd.partner_id, &cmd.instance_id, command)
+            .await;
+        let (accepted, code, message) = match result {
+            Ok(_) => (true, None, None),
+            Err(EngineError::Machine(e)) => {
+                if self.already_applied(cmd).await? {
+                    (true, None, None)
+                } else {
+                    (false, Some(e.code().to_string()), Some(e.to_string()))
+                }
+            }
+            Err(EngineError::NotFound { what, id }) => (
+                false,
+                Some("not_found".to_string()),
+                Some(format!("{what} `{id}` not found")),
+            ),
+            Err(e) => return Err(e),
+        };
+        self.store
+            .record_decision_outcome(&DecisionOutcome {
+                decision_id: cmd.decision_id.clone(),
+                partner_id: cmd.partner_id.clone(),
+                instance_id: cmd.instance_id.clone(),
+                step_index: cmd.step_index as i64,
+                accepted,
+                code,
+                message,
+                decided_at: self.clock.now(),
+            })
+            .await?;
+        self.decided.notify_waiters();
+        Ok(())
+    }
+
+    async fn already_applied(&self, cmd: &DecisionCommand) -> Result<bool, EngineError> {
+        let rec = self
+            .store
+            .get_instance(&cmd.partner_id, &cmd.instance_id)
+            .await?;
+        Ok(rec.is_some_and(|r| {
+            r.state
+                .steps
+                .iter()
+                .any(|e| e.decisions.iter().any(|d| d.decision_id == cmd.decision_id))
+        }))
     }
 
     /// Load, apply, commit; on a lost optimistic-concurrency race, re-read and apply again.

@@ -51,9 +51,12 @@ impl Embedded {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        for step_type in StepType::ALL {
+        let kinds = StepType::ALL
+            .into_iter()
+            .flat_map(step_workers::PoolKind::for_step_type);
+        for kind in kinds {
             let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
-            let pool = step_workers::PoolConfig::new(step_type);
+            let pool = step_workers::PoolConfig::new(kind);
             let root = cancel.clone();
             tasks.spawn(async move {
                 if let Err(e) = step_workers::run_pool(engine, bus, pool, token).await {

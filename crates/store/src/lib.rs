@@ -27,6 +27,7 @@
 //!
 //! It must never decide anything about workflows: it stores what the domain computed.
 
+mod approvals;
 mod error;
 mod queries;
 pub mod records;
@@ -165,7 +166,9 @@ impl Store {
     /// Start a write transaction. On SQLite `BEGIN IMMEDIATE` takes the write lock up front
     /// (waiting up to the busy timeout), so a transaction that reads before it writes can never
     /// fail on the lock upgrade with `SQLITE_BUSY_SNAPSHOT`. PostgreSQL uses row locks.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,

@@ -27,7 +27,8 @@ const TEMPLATE_COLS: &str = "v.id, v.partner_id, v.version, v.name, v.trigger_ty
 const TEMPLATE_FROM: &str =
     "workflow_templates v JOIN workflow_template_heads h ON h.id = v.id AND h.partner_id = v.partner_id";
 
-const INSTANCE_COLS: &str = "id, partner_id, template_id, template_version, status, current_step, \
+pub(crate) const INSTANCE_COLS: &str =
+    "id, partner_id, template_id, template_version, status, current_step, \
      idempotency_key, created_by, trigger_data, state, created_at, updated_at, version";
 
 const AUDIT_COLS: &str =
@@ -687,7 +688,7 @@ async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<
     Ok(())
 }
 
-async fn insert_outbox(
+pub(crate) async fn insert_outbox(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<(), StoreError> {
@@ -787,7 +788,7 @@ fn template_from_row(row: &AnyRow) -> Result<TemplateRecord, StoreError> {
     })
 }
 
-fn instance_from_row(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
+pub(crate) fn instance_from_row(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
     let id: String = row.try_get("id")?;
     let created_by: String = row.try_get("created_by")?;
     let trigger: String = row.try_get("trigger_data")?;

@@ -147,3 +147,26 @@ pub fn verify_audit_chain(records: &[AuditRecord]) -> Result<usize, ChainError> 
     let links: Vec<ChainLink<'_>> = records.iter().map(AuditRecord::link).collect();
     verify_chain(&links)
 }
+
+/// What the approval pool decided about one decision command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionOutcome {
+    pub decision_id: String,
+    pub partner_id: String,
+    pub instance_id: String,
+    pub step_index: i64,
+    pub accepted: bool,
+    /// Why it was refused: a stable code and a message for humans.
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub decided_at: Timestamp,
+}
+
+/// An instance waiting on an approval step, as the pending inbox scans them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitingApproval {
+    pub step_index: i64,
+    /// When the approval step started waiting.
+    pub since: Timestamp,
+    pub instance: InstanceRecord,
+}

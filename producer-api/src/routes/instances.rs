@@ -37,7 +37,8 @@ fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
-async fn view(state: &AppState, rec: &InstanceRecord) -> InstanceView {
+/// The instance view, with its template version's step names.
+pub(crate) async fn view(state: &AppState, rec: &InstanceRecord) -> InstanceView {
     let template = state
         .engine
         .store()

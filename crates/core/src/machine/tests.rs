@@ -47,9 +47,13 @@ fn approval(name: &str, role: &str) -> Step {
     step(
         name,
         StepKind::Approval(ApprovalConfig {
-            approvers: vec![Approver::Role(role.into())],
+            approvers: vec![crate::template::ApproverEntry::plain(Approver::Role(
+                role.into(),
+            ))],
             min_approvals: 1,
             timeout_ms: Some(48 * 3_600_000),
+            reject_policy: crate::template::RejectPolicy::Any,
+            require_comment_on_reject: false,
         }),
         json!({"approvers": {"type": "role", "value": role}, "timeout_hours": 48}),
     )
@@ -524,5 +528,371 @@ proptest! {
             }
             check_invariants(&state)?;
         }
+    }
+}
+
+// ---- approval decisions ----
+
+mod decisions {
+    use super::*;
+    use crate::instance::Verdict;
+    use crate::template::{ApproverEntry, RejectPolicy};
+
+    fn decider(id: &str, kind: ActorType, roles: &[&str]) -> Decider {
+        Decider {
+            actor: ActorRef {
+                id: id.into(),
+                actor_type: kind,
+            },
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn cfo() -> Decider {
+        decider("carol", ActorType::Human, &["cfo"])
+    }
+
+    fn manager() -> Decider {
+        decider("frank", ActorType::Human, &["finance_manager"])
+    }
+
+    fn decide(
+        tpl: &Template,
+        info: &InstanceInfo,
+        state: &InstanceState,
+        index: usize,
+        who: &Decider,
+        verdict: Verdict,
+        comment: Option<&str>,
+    ) -> Result<Transition, MachineError> {
+        apply(
+            tpl,
+            info,
+            state,
+            Command::Decide {
+                decision_id: format!("d-{}-{index}", who.actor.id),
+                index,
+                decider: who.clone(),
+                verdict,
+                comment: comment.map(str::to_string),
+            },
+            Timestamp(100),
+            &limits(),
+        )
+    }
+
+    fn approval_with(
+        entries: Vec<ApproverEntry>,
+        min: u32,
+        policy: RejectPolicy,
+        comment: bool,
+    ) -> Step {
+        step(
+            "A",
+            StepKind::Approval(ApprovalConfig {
+                approvers: entries,
+                min_approvals: min,
+                timeout_ms: None,
+                reject_policy: policy,
+                require_comment_on_reject: comment,
+            }),
+            json!({}),
+        )
+    }
+
+    /// Execute pending dispatches (not decisions) until the instance waits or ends.
+    fn settle(
+        tpl: &Template,
+        info: &InstanceInfo,
+        mut state: InstanceState,
+        effects: Vec<Effect>,
+    ) -> InstanceState {
+        let mut queue = effects;
+        while let Some(Effect::Dispatch { index, .. }) = queue.pop() {
+            let t = apply(
+                tpl,
+                info,
+                &state,
+                Command::ExecuteStep { index },
+                Timestamp(50),
+                &limits(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            state = t.state;
+            queue.extend(t.effects);
+        }
+        state
+    }
+
+    #[test]
+    fn procurement_moves_through_cfo_then_manager_to_the_action() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 5000}));
+        let (state, _) = run(&tpl, &info);
+        let t = decide(&tpl, &info, &state, 1, &cfo(), Verdict::Approve, Some("ok"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.effects,
+            vec![Effect::Dispatch {
+                index: 2,
+                step_type: StepType::Approval
+            }]
+        );
+        assert!(t.events.iter().any(|e| e.kind == "approval.approved"));
+        let state = settle(&tpl, &info, t.state, t.effects);
+        assert_eq!(state.current_step, Some(2));
+        let t = decide(&tpl, &info, &state, 2, &manager(), Verdict::Approve, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state = settle(&tpl, &info, t.state, t.effects);
+        assert_eq!(state.current_step, Some(3));
+        assert_eq!(
+            state.waiting_on.as_ref().map(|w| w.kind.as_str()),
+            Some("action")
+        );
+        let out = state
+            .execution(1)
+            .and_then(|e| e.output.clone())
+            .unwrap_or_default();
+        assert_eq!(out["decision"], "approved");
+        assert_eq!(out["approvals"][0]["actor"]["id"], "carol");
+    }
+
+    #[test]
+    fn a_rejection_at_either_stage_rejects_the_instance() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 5000}));
+        let (state, _) = run(&tpl, &info);
+        let t = decide(
+            &tpl,
+            &info,
+            &state,
+            1,
+            &cfo(),
+            Verdict::Reject,
+            Some("too expensive"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.status, InstanceStatus::Rejected);
+        assert_eq!(
+            t.state.execution(1).map(|e| e.status),
+            Some(StepStatus::Rejected)
+        );
+        assert!(t
+            .state
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("too expensive"));
+        assert!(t.effects.is_empty());
+
+        let t = decide(&tpl, &info, &state, 1, &cfo(), Verdict::Approve, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state = settle(&tpl, &info, t.state, t.effects);
+        let t = decide(&tpl, &info, &state, 2, &manager(), Verdict::Reject, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.status, InstanceStatus::Rejected);
+    }
+
+    #[test]
+    fn quorum_two_of_three_and_min_rejections() {
+        let entries = vec![ApproverEntry::plain(Approver::Role("board".into()))];
+        let tpl = template(vec![approval_with(
+            entries,
+            2,
+            RejectPolicy::MinRejections(2),
+            false,
+        )]);
+        let info = info(json!({"amount": 1}));
+        let (state, _) = run(&tpl, &info);
+        let a = decider("a", ActorType::Human, &["board"]);
+        let b = decider("b", ActorType::Human, &["board"]);
+        let c = decider("c", ActorType::Human, &["board"]);
+        let t = decide(&tpl, &info, &state, 0, &a, Verdict::Approve, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.status, InstanceStatus::Waiting);
+        assert_eq!(
+            t.state
+                .waiting_on
+                .as_ref()
+                .map(|w| w.detail["approvals_needed"].clone()),
+            Some(json!(1))
+        );
+        // The same actor cannot count twice.
+        let again = decide(&tpl, &info, &t.state, 0, &a, Verdict::Approve, None);
+        assert!(matches!(again, Err(MachineError::AlreadyDecided { .. })));
+        // One rejection is not enough under min_rejections: 2.
+        let t = decide(&tpl, &info, &t.state, 0, &b, Verdict::Reject, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.status, InstanceStatus::Waiting);
+        let t = decide(&tpl, &info, &t.state, 0, &c, Verdict::Approve, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.status, InstanceStatus::Completed);
+    }
+
+    #[test]
+    fn separation_of_duties_rules_and_the_switch() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 5000}));
+        let (state, _) = run(&tpl, &info);
+        let requester = decider("requester", ActorType::Human, &["cfo", "finance_manager"]);
+        let e = decide(&tpl, &info, &state, 1, &requester, Verdict::Approve, None);
+        assert!(
+            matches!(
+                e,
+                Err(MachineError::SeparationOfDuties {
+                    rule: "requester_cannot_approve",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+
+        let both = decider("bob", ActorType::Human, &["cfo", "finance_manager"]);
+        let t = decide(&tpl, &info, &state, 1, &both, Verdict::Approve, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state2 = settle(&tpl, &info, t.state, t.effects);
+        let e = decide(&tpl, &info, &state2, 2, &both, Verdict::Approve, None);
+        assert!(
+            matches!(
+                e,
+                Err(MachineError::SeparationOfDuties {
+                    rule: "one_step_per_actor",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+
+        let mut lax = procurement();
+        lax.settings.separation_of_duties = false;
+        let ok = decide(&lax, &info, &state, 1, &requester, Verdict::Approve, None);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn eligibility_and_step_errors() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 5000}));
+        let (state, _) = run(&tpl, &info);
+        assert!(matches!(
+            decide(&tpl, &info, &state, 1, &manager(), Verdict::Approve, None),
+            Err(MachineError::NotEligible { .. })
+        ));
+        assert!(matches!(
+            decide(&tpl, &info, &state, 2, &manager(), Verdict::Approve, None),
+            Err(MachineError::NotWaiting { index: 2 })
+        ));
+        assert!(matches!(
+            decide(&tpl, &info, &state, 0, &cfo(), Verdict::Approve, None),
+            Err(MachineError::NotApproval { index: 0 })
+        ));
+        assert!(matches!(
+            decide(&tpl, &info, &state, 7, &cfo(), Verdict::Approve, None),
+            Err(MachineError::NoSuchStep { index: 7 })
+        ));
+        let user = template(vec![approval_with(
+            vec![ApproverEntry::plain(Approver::User("carol".into()))],
+            1,
+            RejectPolicy::Any,
+            true,
+        )]);
+        let (ustate, _) = run(&user, &info);
+        assert!(matches!(
+            decide(&user, &info, &ustate, 0, &cfo(), Verdict::Reject, None),
+            Err(MachineError::CommentRequired { .. })
+        ));
+        assert!(decide(
+            &user,
+            &info,
+            &ustate,
+            0,
+            &cfo(),
+            Verdict::Reject,
+            Some("no")
+        )
+        .is_ok());
+        // An agent with the same id is not the user.
+        let agent_carol = decider("carol", ActorType::Agent, &[]);
+        assert!(matches!(
+            decide(
+                &user,
+                &info,
+                &ustate,
+                0,
+                &agent_carol,
+                Verdict::Approve,
+                None
+            ),
+            Err(MachineError::NotEligible { .. })
+        ));
+    }
+
+    #[test]
+    fn agents_approve_within_their_bounds_and_may_always_reject() {
+        let entries = vec![
+            ApproverEntry {
+                who: Approver::Agent("bot".into()),
+                max_amount: Some(1000.0),
+                limit: None,
+            },
+            ApproverEntry {
+                who: Approver::Role("ops".into()),
+                max_amount: None,
+                limit: Some("trigger.amount <= 5000".into()),
+            },
+            ApproverEntry::plain(Approver::Role("cfo".into())),
+        ];
+        let tpl = template(vec![approval_with(entries, 1, RejectPolicy::Any, false)]);
+        let bot = decider("bot", ActorType::Agent, &[]);
+        let ops_agent = decider("opsbot", ActorType::Agent, &["ops"]);
+        for (amount, bot_ok, ops_ok) in
+            [(500, true, true), (3000, false, true), (9000, false, false)]
+        {
+            let info = info(json!({"amount": amount}));
+            let (state, _) = run(&tpl, &info);
+            let r = decide(&tpl, &info, &state, 0, &bot, Verdict::Approve, None);
+            assert_eq!(r.is_ok(), bot_ok, "bot at {amount}: {r:?}");
+            if !bot_ok {
+                assert!(matches!(r, Err(MachineError::AgentLimit { .. })));
+                assert!(
+                    decide(&tpl, &info, &state, 0, &bot, Verdict::Reject, None).is_ok(),
+                    "agents may always reject"
+                );
+            }
+            let r = decide(&tpl, &info, &state, 0, &ops_agent, Verdict::Approve, None);
+            assert_eq!(r.is_ok(), ops_ok, "ops agent at {amount}: {r:?}");
+            // Humans are not bound by agent limits.
+            assert!(decide(&tpl, &info, &state, 0, &cfo(), Verdict::Approve, None).is_ok());
+        }
+        // No amount at all: a max_amount bound refuses.
+        let info = info(json!({}));
+        let (state, _) = run(&tpl, &info);
+        assert!(matches!(
+            decide(&tpl, &info, &state, 0, &bot, Verdict::Approve, None),
+            Err(MachineError::AgentLimit { .. })
+        ));
+    }
+
+    #[test]
+    fn decisions_after_the_end_are_refused() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 5000}));
+        let (state, _) = run(&tpl, &info);
+        let t = apply(
+            &tpl,
+            &info,
+            &state,
+            Command::Cancel {
+                actor: human("ops"),
+                reason: None,
+            },
+            Timestamp(9),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            decide(&tpl, &info, &t.state, 1, &cfo(), Verdict::Approve, None),
+            Err(MachineError::Terminal { .. })
+        ));
     }
 }

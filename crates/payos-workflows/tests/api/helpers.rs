@@ -26,10 +26,12 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
-/// One partner's actors (more join with the approvals work).
+/// One partner's actors: rita (requester), carol (cfo), frank (finance_manager), bot (an agent
+/// with the finance_manager role).
 pub struct Partner {
     pub requester: String,
     pub cfo: String,
+    pub manager: String,
     pub agent: String,
 }
 
@@ -141,22 +143,23 @@ impl TestApp {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
-        let key = |actor: &str, kind: &str, role: &str| {
-            let body =
-                json!({"partner_id": id, "actor": {"id": actor, "type": kind, "roles": [role]}});
-            async move {
-                let (s, b) = self
-                    .call(Method::POST, "/v1/admin/api-keys", Some(ADMIN), Some(body))
-                    .await;
-                assert_eq!(s, StatusCode::CREATED, "{b}");
-                b["key"].as_str().unwrap_or_default().to_string()
-            }
-        };
         Partner {
-            requester: key("rita", "human", "requester").await,
-            cfo: key("carol", "human", "cfo").await,
-            agent: key("bot", "agent", "finance_manager").await,
+            requester: self.key(id, "rita", "human", &["requester"]).await,
+            cfo: self.key(id, "carol", "human", &["cfo"]).await,
+            manager: self.key(id, "frank", "human", &["finance_manager"]).await,
+            agent: self.key(id, "bot", "agent", &["finance_manager"]).await,
         }
+    }
+
+    /// Issue a key for a new actor of `partner`.
+    pub async fn key(&self, partner: &str, actor: &str, kind: &str, roles: &[&str]) -> String {
+        let body =
+            json!({"partner_id": partner, "actor": {"id": actor, "type": kind, "roles": roles}});
+        let (s, b) = self
+            .call(Method::POST, "/v1/admin/api-keys", Some(ADMIN), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["key"].as_str().unwrap_or_default().to_string()
     }
 
     pub async fn create_template(&self, key: &str, doc: &str) -> Value {

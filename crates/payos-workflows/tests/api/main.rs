@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod approvals;
 mod auth;
 mod instances;
 mod procurement;

@@ -1,0 +1,117 @@
+//! The SQL of approvals: decision outcomes, queued commands, and the pending-approval scan.
+
+use sqlx::Row;
+use workflow_core::Timestamp;
+
+use crate::queries::{insert_outbox, instance_from_row, INSTANCE_COLS};
+use crate::records::{DecisionOutcome, OutboxMessage, WaitingApproval};
+use crate::{Store, StoreError};
+
+impl Store {
+    /// Queue messages that change no state (e.g. a decision command), in one transaction.
+    pub async fn enqueue(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        insert_outbox(&mut tx, messages).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Record a decision's outcome. The first outcome recorded for a decision id stands: a
+    /// redelivered command cannot overwrite it.
+    pub async fn record_decision_outcome(&self, o: &DecisionOutcome) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO approval_decisions \
+             (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING",
+        )
+        .bind(o.decision_id.as_str())
+        .bind(o.partner_id.as_str())
+        .bind(o.instance_id.as_str())
+        .bind(o.step_index)
+        .bind(i64::from(o.accepted))
+        .bind(o.code.as_deref())
+        .bind(o.message.as_deref())
+        .bind(o.decided_at.0)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get_decision_outcome(
+        &self,
+        partner_id: &str,
+        decision_id: &str,
+    ) -> Result<Option<DecisionOutcome>, StoreError> {
+        let row = sqlx::query(
+            "SELECT decision_id, partner_id, instance_id, step_index, accepted, code, message, \
+             decided_at FROM approval_decisions WHERE partner_id = $1 AND decision_id = $2",
+        )
+        .bind(partner_id)
+        .bind(decision_id)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(DecisionOutcome {
+                decision_id: r.try_get("decision_id")?,
+                partner_id: r.try_get("partner_id")?,
+                instance_id: r.try_get("instance_id")?,
+                step_index: r.try_get("step_index")?,
+                accepted: r.try_get::<i64, _>("accepted")? != 0,
+                code: r.try_get("code")?,
+                message: r.try_get("message")?,
+                decided_at: Timestamp(r.try_get("decided_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    /// The partner's instances waiting on an approval step, oldest wait first, after the
+    /// `(since, instance_id)` cursor. `limit == 0` means no limit.
+    pub async fn list_waiting_approvals(
+        &self,
+        partner_id: &str,
+        after: Option<(Timestamp, &str)>,
+        limit: u32,
+    ) -> Result<Vec<WaitingApproval>, StoreError> {
+        let cols = INSTANCE_COLS
+            .split(", ")
+            .map(|c| format!("i.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sql = format!(
+            "SELECT {cols}, s.step_index AS w_step, s.started_at AS w_since \
+             FROM workflow_step_executions s \
+             JOIN workflow_instances i ON i.id = s.instance_id AND i.partner_id = s.partner_id \
+             WHERE s.partner_id = $1 AND s.step_type = 'approval' AND s.status = 'waiting' \
+             AND i.status = 'waiting'"
+        );
+        if after.is_some() {
+            sql.push_str(" AND (s.started_at > $2 OR (s.started_at = $2 AND s.instance_id > $3))");
+        }
+        sql.push_str(" ORDER BY s.started_at ASC, s.instance_id ASC");
+        if limit > 0 {
+            sql.push_str(if after.is_some() {
+                " LIMIT $4"
+            } else {
+                " LIMIT $2"
+            });
+        }
+        let mut q = sqlx::query(&sql).bind(partner_id);
+        if let Some((since, id)) = after {
+            q = q.bind(since.0).bind(id);
+        }
+        if limit > 0 {
+            q = q.bind(i64::from(limit));
+        }
+        let rows = q.fetch_all(self.pool()).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WaitingApproval {
+                    step_index: r.try_get("w_step")?,
+                    since: Timestamp(r.try_get::<Option<i64>, _>("w_since")?.unwrap_or(0)),
+                    instance: instance_from_row(r)?,
+                })
+            })
+            .collect()
+    }
+}
