@@ -1399,6 +1399,58 @@ mod tests {
     }
 
     #[test]
+    fn approval_authority_and_reject_policy() {
+        let doc = with_step(
+            1,
+            json!({"type": "approval", "name": "A", "config": {
+            "approvers": [
+                {"type": "agent", "value": "bot", "max_amount": 1000},
+                {"type": "role", "value": "ops", "limit": "trigger.amount <= 5000"}
+            ],
+            "reject_policy": {"min_rejections": 2}, "require_comment_on_reject": true}}),
+        );
+        let t = parse_template(&doc, &Limits::default()).unwrap_or_else(|p| panic!("{p:?}"));
+        let StepKind::Approval(cfg) = &t.steps[1].kind else {
+            panic!("not an approval")
+        };
+        assert_eq!(cfg.approvers[0].max_amount, Some(1000.0));
+        assert_eq!(
+            cfg.approvers[1].limit.as_deref(),
+            Some("trigger.amount <= 5000")
+        );
+        assert_eq!(cfg.reject_policy, RejectPolicy::MinRejections(2));
+        assert!(cfg.require_comment_on_reject);
+
+        let doc = with_step(
+            1,
+            json!({"type": "approval", "name": "A", "config": {
+            "approvers": [{"type": "agent", "value": "bot", "max_amount": -1, "limit": "nope.x > 1"}],
+            "reject_policy": "sometimes", "require_comment_on_reject": "yes"}}),
+        );
+        let got = lines(&doc);
+        for expected in [
+            "$.steps[1].config.approvers[0].max_amount: must be a number of at least 0",
+            "$.steps[1].config.approvers[0].limit: expression reads unknown root `nope`",
+            "$.steps[1].config.reject_policy: must be",
+            "$.steps[1].config.require_comment_on_reject: must be a boolean",
+        ] {
+            assert!(
+                got.iter().any(|l| l.starts_with(expected)),
+                "{expected} not in {got:#?}"
+            );
+        }
+        let doc = with_step(
+            1,
+            json!({"type": "approval", "name": "A", "config": {
+            "approvers": {"type": "role", "value": "cfo"}, "reject_policy": {"min_rejections": 0}}}),
+        );
+        assert_eq!(
+            lines(&doc),
+            vec!["$.steps[1].config.reject_policy.min_rejections: must be a whole number of at least 1"]
+        );
+    }
+
+    #[test]
     fn approval_problems() {
         let doc = with_step(
             1,

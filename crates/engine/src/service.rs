@@ -63,7 +63,7 @@ pub struct Engine {
 #[derive(Debug, Clone)]
 pub enum DecisionResult {
     /// Recorded; the instance as it stands after it.
-    Accepted(InstanceRecord),
+    Accepted(Box<InstanceRecord>),
     /// The approval pool refused it (the state moved on meanwhile): a stable code and why.
     Refused { code: String, message: String },
     /// Queued, but no outcome within the wait: it will still be applied, in order.
@@ -353,7 +353,7 @@ impl Engine {
                         what: "instance",
                         id: instance_id.to_string(),
                     })?;
-                return Ok(DecisionResult::Accepted(rec));
+                return Ok(DecisionResult::Accepted(Box::new(rec)));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(DecisionResult::Pending {

@@ -282,18 +282,15 @@ pub async fn pending(
             };
             let index = w.step_index as usize;
             let limits = &state.engine.limits().expr;
-            let can = |v: Verdict| {
-                check_decision(
-                    template,
-                    info,
-                    &w.instance.state,
+            // A comment is given so that a rejection's comment requirement hides nothing.
+            let can = |verdict: Verdict| {
+                let proposal = Proposal {
                     index,
-                    &who,
-                    v,
-                    Some("-"),
-                    limits,
-                )
-                .is_ok()
+                    decider: &who,
+                    verdict,
+                    comment: Some("-"),
+                };
+                check_decision(template, info, &w.instance.state, &proposal, limits).is_ok()
             };
             let may_approve = can(Verdict::Approve);
             if !may_approve && !can(Verdict::Reject) {
