@@ -6,6 +6,7 @@ mod approvals;
 mod auth;
 mod instances;
 mod procurement;
+mod restart;
 mod templates;
 mod tenancy;
 mod validation;
