@@ -206,6 +206,7 @@ pub fn refusal(code: &str, message: String) -> ApiError {
         "not_an_approval_step" => (StatusCode::CONFLICT, "not_an_approval_step"),
         "step_not_waiting" => (StatusCode::CONFLICT, "step_not_waiting"),
         "already_decided" => (StatusCode::CONFLICT, "already_decided"),
+        "not_waiting_for_signal" => (StatusCode::CONFLICT, "not_waiting_for_signal"),
         _ => (StatusCode::CONFLICT, "invalid_state"),
     };
     ApiError::new(status, code, message)

@@ -100,6 +100,10 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
             "/v1/workflows/instances/{id}/steps/{n}/reject",
             post(routes::approvals::reject),
         )
+        .route(
+            "/v1/workflows/instances/{id}/signals/{name}",
+            post(routes::instances::signal),
+        )
         .route("/v1/workflows/pending", get(routes::approvals::pending))
         .route(
             "/v1/workflows/approvals/bulk",

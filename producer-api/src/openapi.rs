@@ -22,6 +22,7 @@ use crate::routes::{admin, approvals, instances, templates};
         instances::get_one,
         instances::cancel,
         instances::events,
+        instances::signal,
         approvals::approve,
         approvals::reject,
         approvals::pending,

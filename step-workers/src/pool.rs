@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use workflow_bus::{Bus, Message, Subscription};
 use workflow_core::StepType;
 use workflow_engine::messages::step_topic;
-use workflow_engine::{DecisionCommand, Engine, ExecuteOutcome, StepCommand, DECISION_TOPIC};
+use workflow_engine::{DecisionCommand, Engine, ExecuteOutcome, StepMessage, DECISION_TOPIC};
 
 /// What a pool consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,8 +195,17 @@ async fn handle_step(
     config: &PoolConfig,
     cancel: &CancellationToken,
 ) -> bool {
-    let cmd = match StepCommand::decode(&msg.payload) {
-        Ok(cmd) => cmd,
+    let cmd = match StepMessage::decode(&msg.payload) {
+        Ok(StepMessage::Execute(cmd)) => cmd,
+        Ok(StepMessage::TimerFired(fired)) => {
+            return retrying(config, cancel, &fired.instance_id, || async {
+                if let ExecuteOutcome::Skipped(why) = engine.fire_timer(&fired).await? {
+                    tracing::debug!(instance = %fired.instance_id, timer = %fired.timer_id, %why, "timer skipped");
+                }
+                Ok(())
+            })
+            .await;
+        }
         Err(e) => {
             // Not ours to fix by retrying; the distributed runtime sends these to a dead-letter topic.
             tracing::error!(error = %e, topic = %msg.topic, offset = msg.offset, "undecodable step command skipped");

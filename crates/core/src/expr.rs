@@ -1046,6 +1046,7 @@ mod tests {
             output,
             error: None,
             decisions: Vec::new(),
+            escalations: 0,
         }
     }
 

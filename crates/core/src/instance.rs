@@ -111,6 +111,13 @@ pub struct StepExecution {
     /// Approval decisions, in the order they were accepted (approval steps only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<Decision>,
+    /// How many times an approval deadline handed the step to new approvers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub escalations: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Approve or reject.

@@ -16,6 +16,7 @@ pub mod template;
 pub mod time;
 pub mod trigger;
 pub mod validate;
+pub mod window;
 
 pub use instance::{InstanceState, InstanceStatus, StepExecution, StepStatus, WaitingOn};
 pub use template::{StepKind, StepType, Template};

@@ -20,14 +20,16 @@ use crate::instance::{
 };
 
 mod decide;
+mod timers;
 
 use crate::render::render;
 use crate::template::{
     ActionConfig, ApprovalConfig, Approver, ApproverEntry, NotificationConfig, Route, StepKind,
-    StepType, Template, WaitConfig,
+    StepType, Template,
 };
 use crate::time::Timestamp;
 pub use decide::{check_decision, Decider, Proposal};
+pub use timers::{timer_id, TimerKind, TimerSpec};
 
 /// What can happen to an instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +44,18 @@ pub enum Command {
         verdict: Verdict,
         comment: Option<String>,
     },
+    /// The scheduler fired a timer the instance asked for.
+    TimerFired {
+        timer_id: String,
+        index: usize,
+        kind: TimerKind,
+    },
+    /// A named signal arrived, for a wait step waiting on it.
+    Signal {
+        name: String,
+        payload: Value,
+        actor: ActorRef,
+    },
     /// An actor cancels the instance.
     Cancel {
         actor: ActorRef,
@@ -54,6 +68,8 @@ pub enum Command {
 pub enum Effect {
     /// Send step `index` to the worker pool of its type.
     Dispatch { index: usize, step_type: StepType },
+    /// Store a timer with this transition; the scheduler fires it when due.
+    ScheduleTimer(TimerSpec),
 }
 
 /// An audit event produced by a transition.
@@ -100,6 +116,8 @@ pub enum MachineError {
     AgentLimit { actor: String, message: String },
     #[error("a rejection of step {index} needs a comment")]
     CommentRequired { index: usize },
+    #[error("no step of this instance is waiting for signal `{name}`")]
+    NotWaitingForSignal { name: String },
 }
 
 impl MachineError {
@@ -118,6 +136,7 @@ impl MachineError {
             MachineError::SeparationOfDuties { .. } => "separation_of_duties",
             MachineError::AgentLimit { .. } => "agent_limit_exceeded",
             MachineError::CommentRequired { .. } => "comment_required",
+            MachineError::NotWaitingForSignal { .. } => "not_waiting_for_signal",
         }
     }
 }
@@ -126,6 +145,14 @@ impl MachineError {
 pub fn pool_actor(step_type: StepType) -> ActorRef {
     ActorRef {
         id: format!("pool:{}", step_type.as_str()),
+        actor_type: ActorType::System,
+    }
+}
+
+/// The actor the engine records for what the scheduler does.
+pub fn scheduler_actor() -> ActorRef {
+    ActorRef {
+        id: "scheduler".into(),
         actor_type: ActorType::System,
     }
 }
@@ -198,6 +225,16 @@ pub fn apply(
             now,
             limits,
         ),
+        Command::TimerFired {
+            timer_id,
+            index,
+            kind,
+        } => timers::apply_timer(template, info, state, &timer_id, index, kind, now),
+        Command::Signal {
+            name,
+            payload,
+            actor,
+        } => timers::apply_signal(template, state, &name, payload, actor, now),
         Command::Cancel { actor, reason } => Ok(cancel(state, actor, reason, now)),
     }
 }
@@ -285,13 +322,11 @@ fn execute_step(
                 Err(message) => fail_step(&mut next, index, now, message, actor, &mut events),
             }
         }
-        StepKind::Approval(cfg) => wait_on(
-            &mut next,
-            index,
-            approval_wait(cfg, index, now),
-            &actor,
-            &mut events,
-        ),
+        StepKind::Approval(cfg) => {
+            let waiting = approval_wait(cfg, index, now);
+            timers::schedule_approval_deadline(info, index, waiting.due, &mut effects);
+            wait_on(&mut next, index, waiting, &actor, &mut events);
+        }
         StepKind::Action(cfg) => wait_on(
             &mut next,
             index,
@@ -299,11 +334,17 @@ fn execute_step(
             &actor,
             &mut events,
         ),
-        StepKind::Wait(cfg) => wait_on(
+        StepKind::Wait(cfg) => timers::start_wait(
+            template,
+            info,
             &mut next,
             index,
-            wait_wait(cfg, index, now),
+            cfg,
+            &ctx,
+            now,
+            limits,
             &actor,
+            &mut effects,
             &mut events,
         ),
         StepKind::Notification(cfg) => wait_on(
@@ -330,6 +371,11 @@ fn route_text(route: Route) -> String {
     }
 }
 
+/// "waiting for approval from role cfo or user u1".
+pub(crate) fn waiting_description(approvers: &[ApproverEntry]) -> String {
+    format!("waiting for approval from {}", approvers_text(approvers))
+}
+
 fn approvers_text(approvers: &[ApproverEntry]) -> String {
     approvers
         .iter()
@@ -353,7 +399,7 @@ fn approval_wait(cfg: &ApprovalConfig, index: usize, now: Timestamp) -> WaitingO
         ),
         since: now,
         due: cfg.timeout_ms.map(|ms| now.plus_millis(ms)),
-        detail: decide::approval_detail(cfg, &[]),
+        detail: decide::approval_detail(cfg, &cfg.approvers, &[]),
     }
 }
 
@@ -369,39 +415,6 @@ fn action_wait(cfg: &ActionConfig, index: usize, now: Timestamp) -> WaitingOn {
         since: now,
         due: None,
         detail: json!({"action": cfg.action}),
-    }
-}
-
-fn wait_wait(cfg: &WaitConfig, index: usize, now: Timestamp) -> WaitingOn {
-    let (description, due, detail) = match cfg {
-        WaitConfig::Duration(ms) => (
-            format!("waiting {ms} ms; this build has no scheduler to resume it yet"),
-            Some(now.plus_millis(*ms)),
-            json!({"duration_ms": ms}),
-        ),
-        WaitConfig::Until(expr) => (
-            "waiting until a point in time; this build has no scheduler to resume it yet".into(),
-            None,
-            json!({"until": expr}),
-        ),
-        WaitConfig::Window(window) => (
-            "waiting for a business window; this build has no scheduler to resume it yet".into(),
-            None,
-            json!({"window": window}),
-        ),
-        WaitConfig::Signal(name) => (
-            format!("waiting for signal `{name}`; this build cannot receive signals yet"),
-            None,
-            json!({"signal": name}),
-        ),
-    };
-    WaitingOn {
-        step_index: index,
-        kind: "wait".into(),
-        description,
-        since: now,
-        due,
-        detail,
     }
 }
 
@@ -422,7 +435,7 @@ fn notification_wait(cfg: &NotificationConfig, index: usize, now: Timestamp) -> 
     }
 }
 
-fn wait_on(
+pub(crate) fn wait_on(
     state: &mut InstanceState,
     index: usize,
     waiting: WaitingOn,
@@ -465,7 +478,7 @@ pub(crate) fn complete_step(
     });
 }
 
-fn fail_step(
+pub(crate) fn fail_step(
     state: &mut InstanceState,
     index: usize,
     now: Timestamp,
@@ -548,6 +561,7 @@ pub(crate) fn follow_route(
                 output: None,
                 error: None,
                 decisions: Vec::new(),
+                escalations: 0,
             });
             events.push(Event {
                 actor: actor.clone(),
@@ -589,6 +603,7 @@ fn dispatch(
         output: None,
         error: None,
         decisions: Vec::new(),
+        escalations: 0,
     });
     state.status = InstanceStatus::Running;
     state.current_step = Some(index);

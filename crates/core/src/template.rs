@@ -180,6 +180,27 @@ pub struct ApprovalConfig {
     pub reject_policy: RejectPolicy,
     /// A rejection without a comment is refused.
     pub require_comment_on_reject: bool,
+    /// What happens when the deadline passes without a decision.
+    pub on_timeout: TimeoutPolicy,
+}
+
+/// An approval's `on_timeout`. Without one, a step with a deadline is rejected when it passes:
+/// money does not move on silence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimeoutPolicy {
+    /// Hand the step to new approvers with a new deadline, at most `max_escalations` times;
+    /// past that, reject.
+    Escalate {
+        approvers: Vec<ApproverEntry>,
+        timeout_ms: i64,
+        max_escalations: u32,
+    },
+    Reject,
+    Fail,
+    /// Record that the deadline passed and keep waiting.
+    Notify,
+    /// Approve on the approvers' behalf (only when the template says so explicitly).
+    Approve,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -196,6 +217,27 @@ pub struct ActionConfig {
     pub action: String,
 }
 
+/// A wait step: what it waits for, and what happens if that takes longer than `timeout_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitStep {
+    pub mode: WaitConfig,
+    pub timeout_ms: Option<i64>,
+    /// `continue`, `fail` (the default) or `skip_to:N`.
+    pub on_timeout: Route,
+}
+
+impl WaitStep {
+    /// A wait without a timeout.
+    pub fn new(mode: WaitConfig) -> WaitStep {
+        WaitStep {
+            mode,
+            timeout_ms: None,
+            on_timeout: Route::Fail,
+        }
+    }
+}
+
+/// What a wait step waits for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WaitConfig {
     /// Milliseconds to pause.
@@ -220,7 +262,7 @@ pub enum StepKind {
     Approval(ApprovalConfig),
     Condition(ConditionConfig),
     Action(ActionConfig),
-    Wait(WaitConfig),
+    Wait(WaitStep),
     Notification(NotificationConfig),
 }
 

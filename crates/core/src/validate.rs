@@ -25,9 +25,10 @@ use crate::expr::{ExprLimits, Expression};
 use crate::render::{check_placeholders, path_index, path_key};
 use crate::template::{
     ActionConfig, ApprovalConfig, Approver, ApproverEntry, ConditionConfig, NotificationConfig,
-    RejectPolicy, Route, Step, StepKind, StepType, Template, TemplateSettings, TriggerCondition,
-    TriggerOp, TriggerType, WaitConfig,
+    RejectPolicy, Route, Step, StepKind, StepType, Template, TemplateSettings, TimeoutPolicy,
+    TriggerCondition, TriggerOp, TriggerType, WaitConfig, WaitStep,
 };
+use crate::window::BusinessWindow;
 
 /// Configurable bounds on a template.
 #[derive(Debug, Clone, PartialEq)]
@@ -666,40 +667,10 @@ impl Validator<'_> {
                 "timeout",
                 "reject_policy",
                 "require_comment_on_reject",
+                "on_timeout",
             ],
         );
-        let apath = path_key(path, "approvers");
-        let approvers = match get(obj, "approvers") {
-            None => {
-                self.push(apath, "is required");
-                None
-            }
-            Some(Value::Array(items)) if items.is_empty() => {
-                self.push(apath, "must not be empty");
-                None
-            }
-            Some(Value::Array(items)) => {
-                let mut out = Some(Vec::with_capacity(items.len()));
-                for (i, item) in items.iter().enumerate() {
-                    match (&mut out, self.approver(item, &path_index(&apath, i))) {
-                        (Some(list), Some(a)) => list.push(a),
-                        _ => out = None,
-                    }
-                }
-                out
-            }
-            Some(one @ Value::Object(_)) => self.approver(one, &apath).map(|a| vec![a]),
-            Some(other) => {
-                self.push(
-                    apath,
-                    format!(
-                        "must be an approver object or an array of them, not {}",
-                        type_name(other)
-                    ),
-                );
-                None
-            }
-        };
+        let approvers = self.approver_list(obj, path);
         let min_approvals = match get(obj, "min_approvals") {
             None => Some(1),
             Some(v) => {
@@ -752,13 +723,153 @@ impl Validator<'_> {
             .optional_bool(obj, "require_comment_on_reject", path)
             .ok()?
             .unwrap_or(false);
+        let on_timeout = self.approval_timeout(obj, path, timeout_ms.is_some());
         Some(ApprovalConfig {
             approvers: approvers?,
             min_approvals: min_approvals?,
             timeout_ms,
             reject_policy: reject_policy?,
             require_comment_on_reject: require_comment,
+            on_timeout: on_timeout?,
         })
+    }
+
+    /// `on_timeout`: `"reject"`, `"fail"`, `"notify"`, `"approve"`, or an object with an
+    /// `action` of those or `"escalate"` (with `approvers`, `timeout`, `max_escalations`).
+    fn approval_timeout(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        has_timeout: bool,
+    ) -> Option<TimeoutPolicy> {
+        let p = path_key(path, "on_timeout");
+        let Some(v) = get(obj, "on_timeout") else {
+            return Some(TimeoutPolicy::Reject);
+        };
+        if !has_timeout {
+            self.push(p, "needs a timeout or timeout_hours");
+            return None;
+        }
+        let simple = |s: &str| match s {
+            "reject" => Some(TimeoutPolicy::Reject),
+            "fail" => Some(TimeoutPolicy::Fail),
+            "notify" => Some(TimeoutPolicy::Notify),
+            "approve" => Some(TimeoutPolicy::Approve),
+            _ => None,
+        };
+        const EXPECTED: &str = "expected escalate, reject, fail, notify or approve";
+        match v {
+            Value::String(s) => {
+                let policy = simple(s);
+                if policy.is_none() {
+                    self.push(p, format!("unknown on_timeout `{s}`; {EXPECTED}"));
+                }
+                policy
+            }
+            Value::Object(m) => {
+                self.unknown_fields(
+                    m,
+                    &p,
+                    &["action", "approvers", "timeout", "max_escalations"],
+                );
+                let action = self.required_str(m, "action", &p)?;
+                if action != "escalate" {
+                    for key in ["approvers", "timeout", "max_escalations"] {
+                        if get(m, key).is_some() {
+                            self.push(
+                                path_key(&p, key),
+                                format!("only for action escalate, not {action}"),
+                            );
+                        }
+                    }
+                    let policy = simple(action);
+                    if policy.is_none() {
+                        self.push(
+                            path_key(&p, "action"),
+                            format!("unknown action `{action}`; {EXPECTED}"),
+                        );
+                    }
+                    return policy;
+                }
+                let approvers = self.approver_list(m, &p);
+                let timeout = match self.optional_duration(m, "timeout", &p) {
+                    Ok(Some(ms)) => Some(ms),
+                    Ok(None) => {
+                        self.push(path_key(&p, "timeout"), "is required to escalate");
+                        None
+                    }
+                    Err(()) => None,
+                };
+                let max = match get(m, "max_escalations") {
+                    None => Some(1),
+                    Some(v) => {
+                        let n = v
+                            .as_u64()
+                            .filter(|n| (1..=10).contains(n))
+                            .map(|n| n as u32);
+                        if n.is_none() {
+                            self.push(
+                                path_key(&p, "max_escalations"),
+                                "must be a whole number from 1 to 10",
+                            );
+                        }
+                        n
+                    }
+                };
+                Some(TimeoutPolicy::Escalate {
+                    approvers: approvers?,
+                    timeout_ms: timeout?,
+                    max_escalations: max?,
+                })
+            }
+            other => {
+                self.push(
+                    p,
+                    format!("must be a string or an object, not {}", type_name(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// The `approvers` of `obj`: one approver object or a non-empty array of them.
+    fn approver_list(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+    ) -> Option<Vec<ApproverEntry>> {
+        let apath = path_key(path, "approvers");
+        match get(obj, "approvers") {
+            None => {
+                self.push(apath, "is required");
+                None
+            }
+            Some(Value::Array(items)) if items.is_empty() => {
+                self.push(apath, "must not be empty");
+                None
+            }
+            Some(Value::Array(items)) => {
+                let mut out = Some(Vec::with_capacity(items.len()));
+                for (i, item) in items.iter().enumerate() {
+                    match (&mut out, self.approver(item, &path_index(&apath, i))) {
+                        (Some(list), Some(a)) => list.push(a),
+                        _ => out = None,
+                    }
+                }
+                out
+            }
+            Some(one @ Value::Object(_)) => self.approver(one, &apath).map(|a| vec![a]),
+            Some(other) => {
+                self.push(
+                    apath,
+                    format!(
+                        "must be an approver object or an array of them, not {}",
+                        type_name(other)
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// `"any"` (default) or `{"min_rejections": N}`.
@@ -877,7 +988,7 @@ impl Validator<'_> {
         path: &str,
         index: usize,
         len: usize,
-    ) -> Option<WaitConfig> {
+    ) -> Option<WaitStep> {
         const MODES: [&str; 4] = ["duration", "until", "window", "signal"];
         self.unknown_fields(
             obj,
@@ -929,9 +1040,18 @@ impl Validator<'_> {
                     .flatten()
                     .filter(|src| self.compile(src, p.clone()))
                     .map(|src| WaitConfig::Until(src.to_string())),
-                "window" => get(obj, "window")
-                    .and_then(|w| self.object(w, &p))
-                    .map(|w| WaitConfig::Window(Value::Object(w.clone()))),
+                "window" => match get(obj, "window") {
+                    Some(w) => match BusinessWindow::parse(w, &p) {
+                        Ok(_) => Some(WaitConfig::Window(w.clone())),
+                        Err(problems) => {
+                            for prob in problems {
+                                self.push(prob.path, prob.problem);
+                            }
+                            None
+                        }
+                    },
+                    None => None,
+                },
                 _ => self
                     .required_nonempty(obj, "signal", path)
                     .map(|s| WaitConfig::Signal(s.to_string())),
@@ -942,14 +1062,34 @@ impl Validator<'_> {
                 None => ok = false,
             }
         }
-        let timeout = self.optional_duration(obj, "timeout", path).is_ok();
-        let on_timeout = self
-            .route(obj, "on_timeout", path, index, len, false)
-            .is_some();
-        if !(ok && timeout && on_timeout) {
+        let timeout = self.optional_duration(obj, "timeout", path);
+        // Without an explicit on_timeout, a wait that times out fails the instance.
+        let on_timeout = match get(obj, "on_timeout") {
+            None => Some(Route::Fail),
+            Some(_) => self.route(obj, "on_timeout", path, index, len, false),
+        };
+        let (Ok(timeout_ms), Some(on_timeout)) = (timeout, on_timeout) else {
+            return None;
+        };
+        if !ok {
             return None;
         }
-        config
+        if timeout_ms.is_none() && get(obj, "on_timeout").is_some() {
+            self.push(path_key(path, "on_timeout"), "needs a timeout");
+            return None;
+        }
+        if timeout_ms.is_some() && matches!(config, Some(WaitConfig::Duration(_))) {
+            self.push(
+                path_key(path, "timeout"),
+                "a duration wait always ends; give a timeout to until, window or signal waits",
+            );
+            return None;
+        }
+        config.map(|mode| WaitStep {
+            mode,
+            timeout_ms,
+            on_timeout,
+        })
     }
 
     fn notification(&mut self, obj: &Map<String, Value>, path: &str) -> Option<NotificationConfig> {
@@ -1127,6 +1267,7 @@ mod tests {
                 timeout_ms: Some(48 * 3_600_000),
                 reject_policy: RejectPolicy::Any,
                 require_comment_on_reject: false,
+                on_timeout: TimeoutPolicy::Reject,
             })
         );
         assert_eq!(t.steps[2].name, "Manager Approval");
@@ -1162,10 +1303,10 @@ mod tests {
                 {"type": "approval", "name": "A", "config": {
                     "approvers": [{"type": "user", "value": "u-1"}, {"type": "agent", "value": "ag-1"}],
                     "min_approvals": 2, "timeout": "15m"}},
-                {"type": "wait", "name": "W1", "config": {"duration": "90s", "timeout": "2d", "on_timeout": "skip_to:3"}},
+                {"type": "wait", "name": "W1", "config": {"duration": "90s"}},
                 {"type": "wait", "name": "W2", "config": {"until": "timestamp(trigger.at)"}},
-                {"type": "wait", "name": "W3", "config": {"window": {"days": ["mon"]}, "on_timeout": "fail"}},
-                {"type": "wait", "name": "W4", "config": {"signal": "docs_uploaded"}},
+                {"type": "wait", "name": "W3", "config": {"window": {"days": ["mon"], "from": "09:00", "to": "17:00", "tz": "Europe/Paris"}}},
+                {"type": "wait", "name": "W4", "config": {"signal": "docs_uploaded", "timeout": "1h", "on_timeout": "skip_to:7"}},
                 {"type": "notification", "name": "N1", "config": {
                     "channel": "webhook", "url": "https://example.test/hook", "event": "done",
                     "payload": {"id": "{{ trigger.id }}"}, "wait_for_delivery": true}},
@@ -1193,23 +1334,32 @@ mod tests {
                 timeout_ms: Some(15 * 60_000),
                 reject_policy: RejectPolicy::Any,
                 require_comment_on_reject: false,
+                on_timeout: TimeoutPolicy::Reject,
             })
         );
         assert_eq!(
             t.steps[1].kind,
-            StepKind::Wait(WaitConfig::Duration(90_000))
+            StepKind::Wait(WaitStep::new(WaitConfig::Duration(90_000)))
         );
         assert_eq!(
             t.steps[2].kind,
-            StepKind::Wait(WaitConfig::Until("timestamp(trigger.at)".into()))
+            StepKind::Wait(WaitStep::new(WaitConfig::Until(
+                "timestamp(trigger.at)".into()
+            )))
         );
         assert_eq!(
             t.steps[3].kind,
-            StepKind::Wait(WaitConfig::Window(json!({"days": ["mon"]})))
+            StepKind::Wait(WaitStep::new(WaitConfig::Window(
+                json!({"days": ["mon"], "from": "09:00", "to": "17:00", "tz": "Europe/Paris"})
+            )))
         );
         assert_eq!(
             t.steps[4].kind,
-            StepKind::Wait(WaitConfig::Signal("docs_uploaded".into()))
+            StepKind::Wait(WaitStep {
+                mode: WaitConfig::Signal("docs_uploaded".into()),
+                timeout_ms: Some(3_600_000),
+                on_timeout: Route::SkipTo(7),
+            })
         );
         assert_eq!(
             t.steps[5].kind,

@@ -22,3 +22,29 @@ impl Clock for SystemClock {
         Timestamp(ms)
     }
 }
+
+/// A clock that moves only when told: tests run a 48-hour deadline in milliseconds.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now_ms: std::sync::atomic::AtomicI64,
+}
+
+impl ManualClock {
+    pub fn new(start: Timestamp) -> ManualClock {
+        ManualClock {
+            now_ms: std::sync::atomic::AtomicI64::new(start.0),
+        }
+    }
+
+    /// Move time forward (never backwards).
+    pub fn advance(&self, ms: i64) {
+        self.now_ms
+            .fetch_add(ms.max(0), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.now_ms.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}

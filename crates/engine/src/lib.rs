@@ -12,8 +12,10 @@ pub mod messages;
 pub mod relay;
 pub mod service;
 
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::EngineError;
-pub use messages::{DecisionCommand, StepCommand, DECISION_TOPIC, STEP_TOPIC_PREFIX};
+pub use messages::{
+    DecisionCommand, StepCommand, StepMessage, TimerFired, DECISION_TOPIC, STEP_TOPIC_PREFIX,
+};
 pub use service::DecisionResult;
 pub use service::{Engine, ExecuteOutcome, StartOutcome};

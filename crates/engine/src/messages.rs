@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use workflow_core::instance::{ActorRef, Verdict};
+use workflow_core::machine::TimerKind;
 use workflow_core::StepType;
 
 /// Step commands for pool `<type>` go to `workflow.steps.<type>`.
@@ -29,11 +30,40 @@ pub struct StepCommand {
 
 impl StepCommand {
     pub fn encode(&self) -> Vec<u8> {
-        // Serialising a struct of strings and integers cannot fail.
+        StepMessage::Execute(self.clone()).encode()
+    }
+}
+
+/// A timer the scheduler fired, delivered to the pool of its step's type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerFired {
+    pub timer_id: String,
+    pub partner_id: String,
+    pub instance_id: String,
+    pub step_index: usize,
+    pub step_type: StepType,
+    pub timer: TimerKind,
+    pub due_at: i64,
+    pub fired_at: i64,
+}
+
+/// What travels on a step topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "snake_case")]
+pub enum StepMessage {
+    /// Execute a dispatched step.
+    Execute(StepCommand),
+    /// A timer of a waiting step fired.
+    TimerFired(TimerFired),
+}
+
+impl StepMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising structs of strings and integers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<StepCommand, serde_json::Error> {
+    pub fn decode(bytes: &[u8]) -> Result<StepMessage, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
 }
@@ -81,9 +111,23 @@ mod tests {
             step_type: StepType::Action,
             issued_at: 42,
         };
-        assert_eq!(StepCommand::decode(&cmd.encode()).ok(), Some(cmd));
+        assert_eq!(
+            StepMessage::decode(&cmd.encode()).ok(),
+            Some(StepMessage::Execute(cmd))
+        );
+        let fired = StepMessage::TimerFired(TimerFired {
+            timer_id: "i:1:approval_timeout:0".into(),
+            partner_id: "p".into(),
+            instance_id: "i".into(),
+            step_index: 1,
+            step_type: StepType::Approval,
+            timer: TimerKind::ApprovalTimeout,
+            due_at: 5,
+            fired_at: 6,
+        });
+        assert_eq!(StepMessage::decode(&fired.encode()).ok(), Some(fired));
         assert_eq!(step_topic(StepType::Action), "workflow.steps.action");
-        assert!(StepCommand::decode(b"{not json").is_err());
+        assert!(StepMessage::decode(b"{not json").is_err());
         let d = DecisionCommand {
             decision_id: "d".into(),
             partner_id: "p".into(),

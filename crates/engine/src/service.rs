@@ -11,13 +11,13 @@ use workflow_core::machine::{self, Command, Decider, Effect, Event, Proposal, Tr
 use workflow_core::validate::{parse_template, Limits};
 use workflow_core::Template;
 use workflow_store::records::{
-    AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord,
+    AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord, TimerRecord,
 };
 use workflow_store::{CreateOutcome, Store, StoreError};
 
 use crate::clock::Clock;
 use crate::error::EngineError;
-use crate::messages::{step_topic, DecisionCommand, StepCommand, DECISION_TOPIC};
+use crate::messages::{step_topic, DecisionCommand, StepCommand, TimerFired, DECISION_TOPIC};
 
 /// Parsed templates by (id, version).
 type TemplateCache = HashMap<(String, i64), Arc<Template>>;
@@ -57,6 +57,8 @@ pub struct Engine {
     outbox_ready: Arc<Notify>,
     /// Woken whenever a decision outcome is recorded, so waiting API calls answer at once.
     decided: Arc<Notify>,
+    /// Woken when a commit stored timers, so an in-process scheduler re-reads the next due time.
+    timers_changed: Arc<Notify>,
 }
 
 /// What became of a submitted approval decision.
@@ -79,6 +81,7 @@ impl Engine {
             templates: Arc::new(Mutex::new(HashMap::new())),
             outbox_ready: Arc::new(Notify::new()),
             decided: Arc::new(Notify::new()),
+            timers_changed: Arc::new(Notify::new()),
         }
     }
 
@@ -96,6 +99,51 @@ impl Engine {
 
     pub fn outbox_ready(&self) -> Arc<Notify> {
         self.outbox_ready.clone()
+    }
+
+    pub fn timers_changed(&self) -> Arc<Notify> {
+        self.timers_changed.clone()
+    }
+
+    /// A fired timer reached its step's pool. A stale one is recorded as ignored.
+    pub async fn fire_timer(&self, fired: &TimerFired) -> Result<ExecuteOutcome, EngineError> {
+        let command = Command::TimerFired {
+            timer_id: fired.timer_id.clone(),
+            index: fired.step_index,
+            kind: fired.timer,
+        };
+        match self
+            .transition(&fired.partner_id, &fired.instance_id, command)
+            .await
+        {
+            Ok(_) => Ok(ExecuteOutcome::Applied),
+            Err(EngineError::Machine(e)) => Ok(ExecuteOutcome::Skipped(e.to_string())),
+            Err(EngineError::NotFound { what, id }) => {
+                Ok(ExecuteOutcome::Skipped(format!("{what} `{id}` not found")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deliver a named signal (its payload becomes the waiting step's output).
+    pub async fn signal(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        name: &str,
+        payload: Value,
+        actor: &ActorRef,
+    ) -> Result<InstanceRecord, EngineError> {
+        self.transition(
+            partner_id,
+            instance_id,
+            Command::Signal {
+                name: name.to_string(),
+                payload,
+                actor: actor.clone(),
+            },
+        )
+        .await
     }
 
     /// The parsed template for a stored version.
@@ -194,7 +242,8 @@ impl Engine {
             updated_at: now,
             version: 1,
         };
-        let (outbox, audit) = self.side_effects(&instance.info, &t, now);
+        // The first transition only dispatches step 0: it never asks for timers.
+        let (outbox, audit, _) = self.side_effects(&template, &instance.info, &t, now);
         let outcome = self
             .store
             .create_instance(&instance, &outbox, &audit)
@@ -468,15 +517,18 @@ impl Engine {
                 updated_at: now,
                 version: current.version + 1,
             };
-            let (outbox, audit) = self.side_effects(&next.info, &t, now);
+            let (outbox, audit, timers) = self.side_effects(&template, &next.info, &t, now);
             match self
                 .store
-                .commit_instance(&next, current.version, &outbox, &audit)
+                .commit_instance_with_timers(&next, current.version, &outbox, &audit, &timers)
                 .await
             {
                 Ok(()) => {
                     if !outbox.is_empty() {
                         self.outbox_ready.notify_one();
+                    }
+                    if !timers.is_empty() {
+                        self.timers_changed.notify_one();
                     }
                     return Ok(next);
                 }
@@ -490,17 +542,39 @@ impl Engine {
         })
     }
 
-    /// The outbox messages and audit drafts a transition causes.
+    /// The outbox messages, audit drafts and timers a transition causes.
     fn side_effects(
         &self,
+        template: &Template,
         info: &InstanceInfo,
         t: &Transition,
         now: workflow_core::Timestamp,
-    ) -> (Vec<OutboxMessage>, Vec<AuditDraft>) {
+    ) -> (Vec<OutboxMessage>, Vec<AuditDraft>, Vec<TimerRecord>) {
+        let timers = t
+            .effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::ScheduleTimer(spec) => Some(TimerRecord {
+                    id: spec.id.clone(),
+                    partner_id: info.partner_id.clone(),
+                    instance_id: info.id.clone(),
+                    step_index: spec.index as i64,
+                    step_type: template
+                        .steps
+                        .get(spec.index)
+                        .map_or("", |s| s.kind.step_type().as_str())
+                        .to_string(),
+                    kind: spec.kind.as_str().to_string(),
+                    due_at: spec.due,
+                }),
+                Effect::Dispatch { .. } => None,
+            })
+            .collect();
         let outbox = t
             .effects
             .iter()
-            .map(|effect| match effect {
+            .filter_map(|effect| match effect {
+                Effect::ScheduleTimer(_) => None,
                 Effect::Dispatch { index, step_type } => {
                     let cmd = StepCommand {
                         command_id: uuid::Uuid::now_v7().to_string(),
@@ -510,12 +584,12 @@ impl Engine {
                         step_type: *step_type,
                         issued_at: now.0,
                     };
-                    OutboxMessage {
+                    Some(OutboxMessage {
                         id: cmd.command_id.clone(),
                         topic: step_topic(*step_type),
                         key: info.id.clone(),
                         payload: cmd.encode(),
-                    }
+                    })
                 }
             })
             .collect();
@@ -533,7 +607,7 @@ impl Engine {
                 reason: e.reason.clone(),
             })
             .collect();
-        (outbox, audit)
+        (outbox, audit, timers)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The embedded runtime: one process, one store, an in-process partitioned bus, the API, every
-//! worker pool and the outbox relay, all under one cancellation token.
+//! worker pool, the scheduler and the outbox relay, all under one cancellation token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +65,11 @@ impl Embedded {
                 }
             });
         }
+        tasks.spawn(workflow_scheduler::run(
+            engine.clone(),
+            workflow_scheduler::SchedulerConfig::default(),
+            cancel.child_token(),
+        ));
         // Subscriptions exist before anything is published, so no command is missed.
         resume(&engine, dyn_bus.as_ref()).await?;
         tasks.spawn(relay::run(

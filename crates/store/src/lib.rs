@@ -31,6 +31,7 @@ mod approvals;
 mod error;
 mod queries;
 pub mod records;
+mod timers;
 
 use std::time::Duration;
 

@@ -495,6 +495,20 @@ impl Store {
         outbox: &[OutboxMessage],
         audit: &[AuditDraft],
     ) -> Result<(), StoreError> {
+        self.commit_instance_with_timers(rec, expected_version, outbox, audit, &[])
+            .await
+    }
+
+    /// [`Store::commit_instance`], also storing the timers the transition asked for, in the
+    /// same transaction: a timer exists exactly when the state change that needs it does.
+    pub async fn commit_instance_with_timers(
+        &self,
+        rec: &InstanceRecord,
+        expected_version: i64,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+    ) -> Result<(), StoreError> {
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
         // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
@@ -532,6 +546,7 @@ impl Store {
         }
         upsert_steps(&mut tx, rec).await?;
         insert_outbox(&mut tx, outbox).await?;
+        crate::timers::insert_timers(&mut tx, timers).await?;
         for draft in audit {
             append_audit(&mut tx, &info.partner_id, draft).await?;
         }

@@ -170,3 +170,17 @@ pub struct WaitingApproval {
     pub since: Timestamp,
     pub instance: InstanceRecord,
 }
+
+/// A durable timer: fire `kind` for step `step_index` of an instance at `due_at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimerRecord {
+    /// Deterministic (instance, step, kind, level): storing it twice is harmless.
+    pub id: String,
+    pub partner_id: String,
+    pub instance_id: String,
+    pub step_index: i64,
+    /// The pool that handles it when it fires.
+    pub step_type: String,
+    pub kind: String,
+    pub due_at: Timestamp,
+}

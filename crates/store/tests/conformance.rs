@@ -141,6 +141,8 @@ fn step(index: usize, status: StepStatus) -> StepExecution {
         input: Some(json!({"approvers": ["a", "b"]})),
         output: None,
         error: None,
+        decisions: Vec::new(),
+        escalations: 0,
     }
 }
 

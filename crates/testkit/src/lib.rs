@@ -17,12 +17,23 @@
 //!
 //! If none works, it returns a loud [`TestkitError`]: tests must fail, never silently skip.
 //!
+//! [`kafka_bootstrap`] finds an Apache Kafka cluster the same way: `KAFKA_BOOTSTRAP_SERVERS`,
+//! else a single-node KRaft broker started as a local Java process (its jars fetched once with
+//! Maven into a cache; see [`kafka`] for the layout), else, with the `testcontainers` feature, a
+//! container. Tests share that cluster: each uses its own topics and groups ([`unique_topic`]).
+//!
+//! [`smtp::SmtpSink`] is a real SMTP server on `127.0.0.1:0` that keeps what it receives: the
+//! mail sink for email notification tests.
+//!
 //! It must stay free of workflow-specific logic: no schema, no migrations, no domain types.
 
+pub mod kafka;
 mod postgres;
+pub mod smtp;
 
 use std::path::Path;
 
+pub use kafka::{kafka_bootstrap, unique_topic};
 pub use postgres::postgres_url;
 pub use tempfile::TempDir;
 
@@ -37,6 +48,14 @@ pub enum TestkitError {
         .attempts.join("\n")
     )]
     NoPostgres { attempts: Vec<String> },
+    /// No way to get a Kafka broker worked; each attempt says why.
+    #[error(
+        "no Kafka available for tests. Install Java 17+ and Maven (a local broker is started from \
+         the Kafka jars on Maven Central), or set KAFKA_BOOTSTRAP_SERVERS to a running cluster, \
+         or build with `--features workflow-testkit/testcontainers` on a machine with Docker.\n{}",
+        .attempts.join("\n")
+    )]
+    NoKafka { attempts: Vec<String> },
     #[error("{action}: {source}")]
     Io {
         action: String,

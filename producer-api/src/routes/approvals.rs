@@ -28,6 +28,9 @@ use crate::AppState;
 
 const MAX_COMMENT: usize = 2000;
 
+/// A template version's name and its parsed form.
+type NamedTemplate = (String, Arc<workflow_core::Template>);
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionBody {
@@ -235,8 +238,7 @@ pub async fn pending(
     let cutoff = older_than.map(|ms| now.plus_millis(-ms));
     let store = state.engine.store();
     let who = decider(&caller);
-    let mut names: HashMap<(String, i64), Option<(String, Arc<workflow_core::Template>)>> =
-        HashMap::new();
+    let mut names: HashMap<(String, i64), Option<NamedTemplate>> = HashMap::new();
     let mut items = Vec::new();
     let mut last: Option<(Timestamp, String)> = None;
     'scan: loop {

@@ -261,3 +261,38 @@ pub async fn events(
         chain,
     }))
 }
+
+/// Deliver a named signal to the instance: the wait step waiting on it completes with the
+/// body (any JSON) as its output.
+#[utoipa::path(post, path = "/v1/workflows/instances/{id}/signals/{name}", tag = "instances",
+    params(("id" = String, Path), ("name" = String, Path)),
+    request_body(content = Object, description = "the signal's payload (any JSON; empty means null)"),
+    responses((status = 200, body = InstanceView), (status = 404, body = crate::error::ErrorResponse),
+        (status = 409, description = "no step waits for this signal", body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn signal(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    RawBody(body): RawBody,
+) -> Result<Json<InstanceView>, ApiError> {
+    if body.len() > MAX_TRIGGER_BYTES {
+        return Err(ApiError::invalid(
+            "$",
+            format!(
+                "the payload is {} bytes; the limit is {MAX_TRIGGER_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        parse_json(&body)?
+    };
+    let rec = state
+        .engine
+        .signal(&caller.partner_id, &id, &name, payload, &caller.actor)
+        .await?;
+    Ok(Json(view(&state, &rec).await))
+}

@@ -11,7 +11,9 @@ use crate::expr::{EvalContext, ExprLimits, Expression};
 use crate::instance::{
     ActorRef, ActorType, Decision, InstanceInfo, InstanceState, InstanceStatus, StepStatus, Verdict,
 };
-use crate::template::{ApprovalConfig, Approver, ApproverEntry, Route, StepKind, Template};
+use crate::template::{
+    ApprovalConfig, Approver, ApproverEntry, Route, StepKind, Template, TimeoutPolicy,
+};
 use crate::time::Timestamp;
 
 /// Who is deciding: the actor and the roles its API key carries.
@@ -127,8 +129,7 @@ pub fn check_decision(
             actor: actor.id.clone(),
         });
     }
-    let matched: Vec<&ApproverEntry> = cfg
-        .approvers
+    let matched: Vec<&ApproverEntry> = current_approvers(cfg, state, index)
         .iter()
         .filter(|e| matches(e, decider))
         .collect();
@@ -187,14 +188,31 @@ pub fn check_decision(
     Ok(())
 }
 
+/// Who may decide the step now: its approvers, or the escalation's once it escalated.
+fn current_approvers<'c>(
+    cfg: &'c ApprovalConfig,
+    state: &InstanceState,
+    index: usize,
+) -> &'c [ApproverEntry] {
+    let level = state.execution(index).map_or(0, |e| e.escalations);
+    match &cfg.on_timeout {
+        TimeoutPolicy::Escalate { approvers, .. } if level > 0 => approvers,
+        _ => &cfg.approvers,
+    }
+}
+
 /// The `waiting_on.detail` of an approval step with these decisions so far.
-pub(crate) fn approval_detail(cfg: &ApprovalConfig, decisions: &[Decision]) -> Value {
+pub(crate) fn approval_detail(
+    cfg: &ApprovalConfig,
+    approvers: &[ApproverEntry],
+    decisions: &[Decision],
+) -> Value {
     let approvals = decisions
         .iter()
         .filter(|d| d.verdict == Verdict::Approve)
         .count();
     json!({
-        "approvers": cfg.approvers.iter().map(ApproverEntry::to_json).collect::<Vec<_>>(),
+        "approvers": approvers.iter().map(ApproverEntry::to_json).collect::<Vec<_>>(),
         "min_approvals": cfg.min_approvals,
         "approvals_needed": (cfg.min_approvals as usize).saturating_sub(approvals),
         "decisions": decisions,
@@ -304,8 +322,15 @@ pub(crate) fn apply_decision(
             &mut effects,
             &mut events,
         );
-    } else if let Some(waiting) = next.waiting_on.as_mut() {
-        waiting.detail = approval_detail(cfg, &decisions);
+    } else {
+        let detail = approval_detail(cfg, current_approvers(cfg, state, index), &decisions);
+        if let Some(waiting) = next.waiting_on.as_mut() {
+            let escalations = waiting.detail.get("escalations").cloned();
+            waiting.detail = detail;
+            if let (Some(level), Value::Object(map)) = (escalations, &mut waiting.detail) {
+                map.insert("escalations".into(), level);
+            }
+        }
     }
     Ok(Transition {
         state: next,

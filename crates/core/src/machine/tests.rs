@@ -54,6 +54,7 @@ fn approval(name: &str, role: &str) -> Step {
             timeout_ms: Some(48 * 3_600_000),
             reject_policy: crate::template::RejectPolicy::Any,
             require_comment_on_reject: false,
+            on_timeout: crate::template::TimeoutPolicy::Reject,
         }),
         json!({"approvers": {"type": "role", "value": role}, "timeout_hours": 48}),
     )
@@ -106,7 +107,10 @@ fn run(template: &Template, info: &InstanceInfo) -> (InstanceState, Vec<Event>) 
     let mut events = t.events;
     let mut queue = t.effects;
     let mut now = 2;
-    while let Some(Effect::Dispatch { index, .. }) = queue.pop() {
+    while let Some(effect) = queue.pop() {
+        let Some(index) = dispatched(&effect) else {
+            continue;
+        };
         let t = apply(
             template,
             info,
@@ -249,7 +253,9 @@ fn every_waiting_step_type_names_what_it_waits_for() {
         (
             step(
                 "w",
-                StepKind::Wait(WaitConfig::Duration(90_000)),
+                StepKind::Wait(crate::template::WaitStep::new(
+                    crate::template::WaitConfig::Duration(90_000),
+                )),
                 json!({"duration": "90s"}),
             ),
             "wait",
@@ -452,6 +458,13 @@ fn gen_cmd() -> impl Strategy<Value = GenCmd> {
     ]
 }
 
+fn dispatched(effect: &Effect) -> Option<usize> {
+    match effect {
+        Effect::Dispatch { index, .. } => Some(*index),
+        Effect::ScheduleTimer(_) => None,
+    }
+}
+
 fn check_invariants(state: &InstanceState) -> Result<(), TestCaseError> {
     let mut seen = std::collections::HashSet::new();
     for exec in &state.steps {
@@ -495,7 +508,7 @@ proptest! {
         let info = info(json!({"id": "tr", "amount": amount}));
         let t = start(&tpl, &info, Timestamp(0));
         let mut state = t.state;
-        let mut pending: Vec<usize> = t.effects.iter().map(|Effect::Dispatch { index, .. }| *index).collect();
+        let mut pending: Vec<usize> = t.effects.iter().filter_map(dispatched).collect();
         let mut executed = std::collections::HashSet::new();
         check_invariants(&state)?;
         for (n, cmd) in cmds.into_iter().enumerate() {
@@ -517,11 +530,12 @@ proptest! {
                         pending.retain(|p| *p != index);
                     }
                     if t.state.status == InstanceStatus::Running {
-                        prop_assert_eq!(t.effects.len(), 1, "running without a dispatch");
+                        let dispatches = t.effects.iter().filter_map(dispatched).count();
+                        prop_assert_eq!(dispatches, 1, "running without a dispatch");
                     }
-                    for Effect::Dispatch { index, .. } in &t.effects {
-                        prop_assert!(!executed.contains(index), "dispatched an executed step");
-                        pending.push(*index);
+                    for index in t.effects.iter().filter_map(dispatched) {
+                        prop_assert!(!executed.contains(&index), "dispatched an executed step");
+                        pending.push(index);
                     }
                     state = t.state;
                 }
@@ -595,6 +609,7 @@ mod decisions {
                 timeout_ms: None,
                 reject_policy: policy,
                 require_comment_on_reject: comment,
+                on_timeout: crate::template::TimeoutPolicy::Reject,
             }),
             json!({}),
         )
@@ -608,7 +623,10 @@ mod decisions {
         effects: Vec<Effect>,
     ) -> InstanceState {
         let mut queue = effects;
-        while let Some(Effect::Dispatch { index, .. }) = queue.pop() {
+        while let Some(effect) = queue.pop() {
+            let Some(index) = dispatched(&effect) else {
+                continue;
+            };
             let t = apply(
                 tpl,
                 info,
@@ -892,6 +910,357 @@ mod decisions {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
             decide(&tpl, &info, &t.state, 1, &cfo(), Verdict::Approve, None),
+            Err(MachineError::Terminal { .. })
+        ));
+    }
+}
+
+// ---- timers, waits, signals, deadlines ----
+
+mod timed {
+    use super::*;
+    use crate::instance::Verdict;
+    use crate::template::{ApproverEntry, RejectPolicy, TimeoutPolicy, WaitConfig, WaitStep};
+
+    const HOUR: i64 = 3_600_000;
+
+    fn timers(effects: &[Effect]) -> Vec<TimerSpec> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::ScheduleTimer(t) => Some(t.clone()),
+                Effect::Dispatch { .. } => None,
+            })
+            .collect()
+    }
+
+    fn wait(mode: WaitConfig, timeout_ms: Option<i64>, on_timeout: Route) -> Step {
+        step(
+            "W",
+            StepKind::Wait(WaitStep {
+                mode,
+                timeout_ms,
+                on_timeout,
+            }),
+            json!({}),
+        )
+    }
+
+    fn gated(policy: TimeoutPolicy) -> Template {
+        template(vec![
+            step(
+                "Gate",
+                StepKind::Approval(ApprovalConfig {
+                    approvers: vec![ApproverEntry::plain(Approver::Role("cfo".into()))],
+                    min_approvals: 1,
+                    timeout_ms: Some(24 * HOUR),
+                    reject_policy: RejectPolicy::Any,
+                    require_comment_on_reject: false,
+                    on_timeout: policy,
+                }),
+                json!({}),
+            ),
+            condition("After", "true", Route::Continue, Route::Continue),
+        ])
+    }
+
+    /// Start and execute step 0 at `now`; returns the state and the effects of that execution.
+    fn begin(tpl: &Template, info: &InstanceInfo, now: i64) -> (InstanceState, Vec<Effect>) {
+        let t = start(tpl, info, Timestamp(now));
+        let t = apply(
+            tpl,
+            info,
+            &t.state,
+            Command::ExecuteStep { index: 0 },
+            Timestamp(now),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (t.state, t.effects)
+    }
+
+    fn fire(
+        tpl: &Template,
+        info: &InstanceInfo,
+        state: &InstanceState,
+        spec: &TimerSpec,
+        now: i64,
+    ) -> Transition {
+        apply(
+            tpl,
+            info,
+            state,
+            Command::TimerFired {
+                timer_id: spec.id.clone(),
+                index: spec.index,
+                kind: spec.kind,
+            },
+            Timestamp(now),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn decider(id: &str, role: &str) -> Decider {
+        Decider {
+            actor: human(id),
+            roles: vec![role.into()],
+        }
+    }
+
+    fn decide(
+        tpl: &Template,
+        info: &InstanceInfo,
+        state: &InstanceState,
+        who: &Decider,
+    ) -> Result<Transition, MachineError> {
+        apply(
+            tpl,
+            info,
+            state,
+            Command::Decide {
+                decision_id: format!("d-{}", who.actor.id),
+                index: 0,
+                decider: who.clone(),
+                verdict: Verdict::Approve,
+                comment: None,
+            },
+            Timestamp(10),
+            &limits(),
+        )
+    }
+
+    #[test]
+    fn a_duration_wait_sets_a_timer_and_continues_when_it_fires() {
+        let tpl = template(vec![
+            wait(WaitConfig::Duration(15 * 60_000), None, Route::Fail),
+            approval("Next", "cfo"),
+        ]);
+        let info = info(json!({}));
+        let (state, effects) = begin(&tpl, &info, 1_000);
+        let ts = timers(&effects);
+        assert_eq!(ts.len(), 1);
+        assert_eq!(ts[0].kind, TimerKind::WaitElapsed);
+        assert_eq!(ts[0].due, Timestamp(1_000 + 15 * 60_000));
+        assert_eq!(
+            state.waiting_on.as_ref().and_then(|w| w.due),
+            Some(ts[0].due)
+        );
+        let t = fire(&tpl, &info, &state, &ts[0], ts[0].due.0 + 5);
+        assert_eq!(
+            t.state.execution(0).map(|e| e.status),
+            Some(StepStatus::Completed)
+        );
+        assert_eq!(t.state.current_step, Some(1));
+        // The same timer again (a redelivery) changes nothing and is recorded as ignored.
+        let again = fire(&tpl, &info, &t.state, &ts[0], ts[0].due.0 + 9);
+        assert_eq!(again.state, t.state);
+        assert_eq!(again.events.first().map(|e| e.kind), Some("timer.ignored"));
+    }
+
+    #[test]
+    fn until_in_the_past_continues_at_once_and_a_non_time_fails() {
+        let tpl = template(vec![wait(
+            WaitConfig::Until("trigger.at".into()),
+            None,
+            Route::Fail,
+        )]);
+        let now = 1_900_000_000_000; // 2030
+        let (state, effects) = begin(&tpl, &info(json!({"at": "2020-01-01T00:00:00Z"})), now);
+        assert!(timers(&effects).is_empty());
+        assert_eq!(state.status, InstanceStatus::Completed);
+        let (state, effects) = begin(&tpl, &info(json!({"at": "2999-01-01T00:00:00Z"})), now);
+        assert_eq!(state.status, InstanceStatus::Waiting);
+        assert_eq!(timers(&effects)[0].due.0, 32_472_144_000_000);
+        let (state, _) = begin(&tpl, &info(json!({"at": "tomorrow"})), now);
+        assert_eq!(state.status, InstanceStatus::Failed);
+        assert!(
+            state.error.as_deref().unwrap_or("").contains("timestamp"),
+            "{:?}",
+            state.error
+        );
+    }
+
+    #[test]
+    fn a_window_waits_for_its_next_opening() {
+        let window = json!({"days": ["mon","tue","wed","thu","fri"], "from": "09:00", "to": "17:00", "tz": "America/New_York"});
+        let tpl = template(vec![wait(WaitConfig::Window(window), None, Route::Fail)]);
+        // Saturday 2026-11-28 12:00 UTC: opens Monday 2026-11-30 09:00 EST = 14:00 UTC.
+        let sat = 1_795_867_200_000;
+        let (state, effects) = begin(&tpl, &info(json!({})), sat);
+        assert_eq!(state.status, InstanceStatus::Waiting);
+        assert_eq!(timers(&effects)[0].due, Timestamp(1_796_047_200_000));
+        // Tuesday 2026-12-01 15:00 UTC = 10:00 EST: open now.
+        let (state, effects) = begin(&tpl, &info(json!({})), 1_796_137_200_000);
+        assert_eq!(state.status, InstanceStatus::Completed);
+        assert!(timers(&effects).is_empty());
+    }
+
+    #[test]
+    fn signals_complete_a_wait_with_their_payload_and_timeouts_follow_on_timeout() {
+        let tpl = template(vec![
+            wait(
+                WaitConfig::Signal("rate_locked".into()),
+                Some(HOUR),
+                Route::SkipTo(2),
+            ),
+            approval("Skipped on timeout", "cfo"),
+            approval("Last", "cfo"),
+        ]);
+        let info = info(json!({}));
+        let (state, effects) = begin(&tpl, &info, 0);
+        let ts = timers(&effects);
+        assert_eq!(ts.len(), 1);
+        assert_eq!(ts[0].kind, TimerKind::WaitTimeout);
+
+        let wrong = apply(
+            &tpl,
+            &info,
+            &state,
+            Command::Signal {
+                name: "other".into(),
+                payload: json!(1),
+                actor: human("x"),
+            },
+            Timestamp(5),
+            &limits(),
+        );
+        assert_eq!(
+            wrong,
+            Err(MachineError::NotWaitingForSignal {
+                name: "other".into()
+            })
+        );
+        let t = apply(
+            &tpl,
+            &info,
+            &state,
+            Command::Signal {
+                name: "rate_locked".into(),
+                payload: json!({"rate": 1.08}),
+                actor: human("x"),
+            },
+            Timestamp(5),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.state.execution(0).and_then(|e| e.output.clone()),
+            Some(json!({"rate": 1.08}))
+        );
+        assert_eq!(t.state.current_step, Some(1));
+        // The timeout firing after the signal is ignored.
+        assert_eq!(
+            fire(&tpl, &info, &t.state, &ts[0], HOUR).events[0].kind,
+            "timer.ignored"
+        );
+
+        // Without the signal, the timeout skips to step 2.
+        let t = fire(&tpl, &info, &state, &ts[0], HOUR);
+        assert_eq!(t.state.current_step, Some(2));
+        assert_eq!(
+            t.state.execution(1).map(|e| e.status),
+            Some(StepStatus::Skipped)
+        );
+
+        // on_timeout fail.
+        let failing = template(vec![wait(
+            WaitConfig::Signal("s".into()),
+            Some(HOUR),
+            Route::Fail,
+        )]);
+        let (state, effects) = begin(&failing, &info, 0);
+        let t = fire(&failing, &info, &state, &timers(&effects)[0], HOUR);
+        assert_eq!(t.state.status, InstanceStatus::Failed);
+    }
+
+    #[test]
+    fn approval_deadline_policies() {
+        let info = info(json!({}));
+        for (policy, status) in [
+            (TimeoutPolicy::Reject, InstanceStatus::Rejected),
+            (TimeoutPolicy::Fail, InstanceStatus::Failed),
+            (TimeoutPolicy::Approve, InstanceStatus::Completed),
+            (TimeoutPolicy::Notify, InstanceStatus::Waiting),
+        ] {
+            let tpl = gated(policy.clone());
+            let (state, effects) = begin(&tpl, &info, 0);
+            let ts = timers(&effects);
+            assert_eq!(
+                (ts.len(), ts[0].kind, ts[0].due),
+                (1, TimerKind::ApprovalTimeout, Timestamp(24 * HOUR))
+            );
+            let mut t = fire(&tpl, &info, &state, &ts[0], 24 * HOUR);
+            // The approve policy leaves the condition step dispatched: run it.
+            if let Some(index) = t.effects.iter().find_map(dispatched) {
+                t = apply(
+                    &tpl,
+                    &info,
+                    &t.state,
+                    Command::ExecuteStep { index },
+                    Timestamp(24 * HOUR),
+                    &limits(),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            assert_eq!(t.state.status, status, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn escalation_hands_the_step_to_new_approvers_up_to_a_limit() {
+        let tpl = gated(TimeoutPolicy::Escalate {
+            approvers: vec![ApproverEntry::plain(Approver::Role("ceo".into()))],
+            timeout_ms: 12 * HOUR,
+            max_escalations: 2,
+        });
+        let info = info(json!({}));
+        let (state, effects) = begin(&tpl, &info, 0);
+        let first = timers(&effects).remove(0);
+        let t = fire(&tpl, &info, &state, &first, 24 * HOUR);
+        assert_eq!(t.state.status, InstanceStatus::Waiting);
+        assert_eq!(t.state.execution(0).map(|e| e.escalations), Some(1));
+        assert!(t.events.iter().any(|e| e.kind == "approval.escalated"));
+        let second = timers(&t.effects).remove(0);
+        assert_eq!(second.due, Timestamp(36 * HOUR));
+        // The CFO may no longer decide; the CEO may.
+        assert!(matches!(
+            decide(&tpl, &info, &t.state, &decider("carol", "cfo")),
+            Err(MachineError::NotEligible { .. })
+        ));
+        assert!(decide(&tpl, &info, &t.state, &decider("cyrus", "ceo")).is_ok());
+        // The first timer firing again is stale.
+        assert_eq!(
+            fire(&tpl, &info, &t.state, &first, 37 * HOUR).events[0].kind,
+            "timer.ignored"
+        );
+        let t2 = fire(&tpl, &info, &t.state, &second, 36 * HOUR);
+        let third = timers(&t2.effects).remove(0);
+        let t3 = fire(&tpl, &info, &t2.state, &third, 48 * HOUR);
+        assert_eq!(
+            t3.state.status,
+            InstanceStatus::Rejected,
+            "past max_escalations it rejects"
+        );
+    }
+
+    #[test]
+    fn a_decision_and_a_deadline_racing_have_one_outcome() {
+        let tpl = gated(TimeoutPolicy::Reject);
+        let info = info(json!({}));
+        let (state, effects) = begin(&tpl, &info, 0);
+        let timer = timers(&effects).remove(0);
+        // Decision first: the timer is ignored, and recorded so.
+        let decided =
+            decide(&tpl, &info, &state, &decider("carol", "cfo")).unwrap_or_else(|e| panic!("{e}"));
+        let late = fire(&tpl, &info, &decided.state, &timer, 24 * HOUR);
+        assert_eq!(late.state, decided.state);
+        assert_eq!(late.events[0].kind, "timer.ignored");
+        // Timer first: the decision is refused.
+        let timed_out = fire(&tpl, &info, &state, &timer, 24 * HOUR);
+        assert_eq!(timed_out.state.status, InstanceStatus::Rejected);
+        assert!(matches!(
+            decide(&tpl, &info, &timed_out.state, &decider("carol", "cfo")),
             Err(MachineError::Terminal { .. })
         ));
     }

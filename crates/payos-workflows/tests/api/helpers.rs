@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use payos_workflows::embedded::{Embedded, EmbeddedConfig};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use workflow_engine::SystemClock;
+use workflow_engine::{Clock, SystemClock};
 use workflow_store::Store;
 
 pub const ADMIN: &str = "test-admin-token";
@@ -22,7 +22,7 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub store: Store,
-    _runtime: Arc<Embedded>,
+    runtime: Option<Embedded>,
     _dir: tempfile::TempDir,
 }
 
@@ -36,6 +36,11 @@ pub struct Partner {
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with_clock(backend, Arc::new(SystemClock)).await
+}
+
+/// The app on a clock the test controls (timers, deadlines).
+pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> TestApp {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let url = match backend {
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()),
@@ -54,31 +59,40 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
         api: producer_api::ApiConfig::new(ADMIN.into()),
         limits: workflow_core::validate::Limits::default(),
         partitions: 4,
-        clock: Arc::new(SystemClock),
+        clock,
     };
-    let runtime = Arc::new(
-        Embedded::start(store.clone(), config)
-            .await
-            .unwrap_or_else(|e| panic!("start: {e}")),
-    );
+    let runtime = Embedded::start(store.clone(), config)
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("bind: {e}"));
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("addr: {e}"));
-    let serving = runtime.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
+    let (router, token) = (runtime.router.clone(), runtime.cancel_token());
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+    });
     TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         store,
-        _runtime: runtime,
+        runtime: Some(runtime),
         _dir: dir,
     }
 }
 
 impl TestApp {
+    /// Stop the whole engine (API, pools, scheduler, relay) and wait for its tasks to end.
+    pub async fn stop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+
     /// Send a request; returns status and JSON body (Null when empty or not JSON).
     pub async fn call(
         &self,

@@ -9,4 +9,5 @@ mod procurement;
 mod restart;
 mod templates;
 mod tenancy;
+mod timers;
 mod validation;

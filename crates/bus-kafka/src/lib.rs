@@ -1,0 +1,583 @@
+//! The Apache Kafka adapter of the workflow engine's bus: [`KafkaBus`] implements
+//! [`workflow_bus::Bus`] with rdkafka (librdkafka), for the distributed mode.
+//!
+//! # What this crate owns
+//! - [`KafkaBus`]: an idempotent producer (`enable.idempotence=true`, `acks=all`) that keys every
+//!   message by instance id and picks its partition explicitly with
+//!   [`workflow_bus::partition_for`] (Kafka's murmur2, as Java clients do; librdkafka's own
+//!   default partitioner would put the key elsewhere), so the in-process bus and Kafka route a
+//!   key identically. [`Bus::publish`] returns once the broker acknowledged the message.
+//! - [`KafkaSubscription`]: one `StreamConsumer` per subscription (one member of a consumer
+//!   group) with `enable.auto.commit=false`, `enable.auto.offset.store=false` and
+//!   `auto.offset.reset=earliest`. [`Subscription::commit`] commits `offset + 1` of that
+//!   partition synchronously. A rebalance hands a partition's uncommitted messages to its next
+//!   owner; a commit on a partition this member no longer owns fails with
+//!   [`BusError::NotAssigned`]. Its context logs every assignment and revocation. As in any
+//!   Kafka client, rebalances are processed while the member is polled: a member must keep
+//!   awaiting [`Subscription::next`] (one that stops for `max.poll.interval.ms` is dropped from
+//!   the group), and the default assignor is `cooperative-sticky`.
+//! - [`KafkaBus::ensure_topics`]: creates topics with the configured partitions and
+//!   replication (an existing topic is left as it is); the bus calls it on first use of a topic.
+//! - The mapping of every rdkafka error to a [`BusError`]: transport failures, timeouts, full
+//!   queues and leader/coordinator moves are [`BusError::Unavailable`] (retryable); refusals
+//!   (authorisation, too large, bad config) are [`BusError::Backend`].
+//!
+//! # What it must never do
+//! - Know what a payload means: payloads are opaque bytes.
+//! - Let configuration undo the delivery guarantees: [`KafkaConfig::extra`] is applied to every
+//!   client, but the settings above (idempotence, acks, manual commits, no offset auto-store)
+//!   are set after it and cannot be overridden.
+//! - Commit on a consumer's behalf, or move a committed offset backwards.
+//! - Route a key with anything but `partition_for` over the topic's real partition count (read
+//!   from the cluster's metadata, not assumed from the configuration).
+//! - Block the async runtime: librdkafka's blocking calls (metadata, synchronous commits,
+//!   closing a consumer) run on tokio's blocking threads.
+//! - Panic on what callers or the broker send: every failure is a [`BusError`].
+//!
+//! # How librdkafka is built (the one supported way)
+//! `rdkafka` 0.38 with `default-features = false, features = ["cmake-build", "tokio",
+//! "libz-static"]`, and `rdkafka-sys` pinned to `=4.9.0` (librdkafka 2.10.0): librdkafka is
+//! compiled from the source vendored in `rdkafka-sys` with CMake (3.x) and the system C
+//! compiler, statically linked, with zlib compiled in (`libz-static`) and without TLS, SASL,
+//! zstd or curl. So a build needs only `cmake`, `gcc`/`cc` and `make`: no system librdkafka, no
+//! OpenSSL headers. The first build of librdkafka takes a minute or two. rdkafka 0.39
+//! (librdkafka 2.12) is not used: without curl its CMake build does not compile
+//! (`#ifdef WITH_OAUTHBEARER_OIDC` on a 0/1 define; rust-rdkafka#829, librdkafka#5135).
+//! Connecting to a cluster that needs TLS or SASL would need the `ssl`/`sasl` features: add them
+//! deliberately, with their system dependencies, when a deployment needs them.
+
+mod consumer;
+mod error;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::sync::watch;
+use workflow_bus::{partition_for, Bus, BusError, Subscription};
+
+pub use consumer::{Assignment, KafkaSubscription};
+
+/// How to reach and use a Kafka cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: `host:port[,host:port...]`.
+    pub bootstrap: String,
+    /// `client.id` of the producer and the admin client; consumers add `-<group>`.
+    pub client_id: String,
+    /// Partitions of the topics this bus creates. The partition of a key is computed from the
+    /// topic's actual partition count, read from the cluster.
+    pub partitions: i32,
+    /// Replication factor of the topics this bus creates.
+    pub replication: i32,
+    /// Bound of every request to the cluster: metadata, topic creation, delivery of a
+    /// published message (`message.timeout.ms`), waiting for room in the producer's queue.
+    pub timeout: Duration,
+    /// More librdkafka properties, applied to every client (producer, admin, consumers) after
+    /// the bus's defaults and before the settings the delivery guarantees rest on. For example
+    /// `session.timeout.ms`, `partition.assignment.strategy`, `security.protocol`.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The defaults: client id `payos-workflow`, 8 partitions, replication 1, 30 s timeout.
+    pub fn new(bootstrap: impl Into<String>) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap: bootstrap.into(),
+            client_id: "payos-workflow".into(),
+            partitions: 8,
+            replication: 1,
+            timeout: Duration::from_secs(30),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// `self` with librdkafka property `key` set to `value` (see [`KafkaConfig::extra`]).
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> KafkaConfig {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+
+    fn validate(&self) -> Result<(), BusError> {
+        let invalid = |reason: String| Err(BusError::Backend { reason });
+        if self.bootstrap.trim().is_empty() {
+            return invalid("kafka config: bootstrap servers are empty".into());
+        }
+        if self.partitions < 1 {
+            return invalid(format!(
+                "kafka config: partitions must be at least 1, not {}",
+                self.partitions
+            ));
+        }
+        if self.replication < 1 {
+            return invalid(format!(
+                "kafka config: replication must be at least 1, not {}",
+                self.replication
+            ));
+        }
+        if self.timeout < Duration::from_millis(100) {
+            return invalid(format!(
+                "kafka config: timeout {:?} is below 100ms",
+                self.timeout
+            ));
+        }
+        Ok(())
+    }
+
+    fn millis(&self) -> String {
+        self.timeout.as_millis().to_string()
+    }
+
+    /// The common part of every client's configuration, with the extras applied.
+    fn client(&self, client_id: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", client_id)
+            .set("socket.timeout.ms", self.millis());
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
+
+    fn producer(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", &self.client_id)
+            .set("socket.timeout.ms", self.millis())
+            .set("message.timeout.ms", self.millis())
+            .set("linger.ms", "1");
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        // What the delivery guarantees rest on: not overridable.
+        config.set("enable.idempotence", "true").set("acks", "all");
+        config
+    }
+
+    fn consumer(&self, group: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", format!("{}-{group}", self.client_id))
+            .set("socket.timeout.ms", self.millis())
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.partition.eof", "false");
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        // What the delivery guarantees rest on: not overridable.
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        config
+    }
+}
+
+/// The client context of the producer and the admin client: librdkafka's log and its
+/// asynchronous errors go to `tracing`.
+pub(crate) struct LogContext {
+    pub(crate) name: String,
+}
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let client = &self.name;
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(client, fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(client, fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(client, fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(client, fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Mostly transient (a broker went away); librdkafka recovers on its own.
+        tracing::warn!(client = %self.name, error = %error, "librdkafka: {reason}");
+    }
+}
+
+/// The [`Bus`] on an Apache Kafka cluster. Cheap to clone: clones share the producer.
+#[derive(Clone)]
+pub struct KafkaBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer<LogContext>,
+    admin: AdminClient<LogContext>,
+    /// Partition count per topic, from the cluster's metadata.
+    partitions: Mutex<HashMap<String, u32>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus")
+            .field("bootstrap", &self.inner.config.bootstrap)
+            .field("client_id", &self.inner.config.client_id)
+            .finish()
+    }
+}
+
+impl KafkaBus {
+    /// A bus on the cluster `config` names. Connects lazily: an unreachable cluster shows as
+    /// [`BusError::Unavailable`] on first use, not here.
+    pub fn new(config: KafkaConfig) -> Result<KafkaBus, BusError> {
+        config.validate()?;
+        let producer = config
+            .producer()
+            .create_with_context(LogContext {
+                name: config.client_id.clone(),
+            })
+            .map_err(|e| error::from_kafka(&e, "creating the kafka producer"))?;
+        let admin_id = format!("{}-admin", config.client_id);
+        let admin = config
+            .client(&admin_id)
+            .create_with_context(LogContext { name: admin_id })
+            .map_err(|e| error::from_kafka(&e, "creating the kafka admin client"))?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(KafkaBus {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin,
+                partitions: Mutex::new(HashMap::new()),
+                shutdown,
+            }),
+        })
+    }
+
+    /// The configuration this bus was made with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// Stop: waiting and future [`Subscription::next`] calls return `Ok(None)`; publishing and
+    /// subscribing fail with [`BusError::Closed`]. Messages already acknowledged stay in Kafka.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Whether [`KafkaBus::shutdown`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
+    fn check_open(&self) -> Result<(), BusError> {
+        if self.is_shut_down() {
+            Err(BusError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Create the `topics` that do not exist yet, each with the configured partitions and
+    /// replication. Topics that exist are left as they are (whatever their partition count).
+    pub async fn ensure_topics(&self, topics: &[&str]) -> Result<(), BusError> {
+        let mut names: Vec<&str> = topics.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let config = &self.inner.config;
+        let new: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    config.partitions,
+                    TopicReplication::Fixed(config.replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .request_timeout(Some(config.timeout))
+            .operation_timeout(Some(config.timeout));
+        let results = self
+            .inner
+            .admin
+            .create_topics(&new, &options)
+            .await
+            .map_err(|e| error::from_kafka(&e, &format!("creating topics {names:?}")))?;
+        for result in results {
+            match result {
+                Ok(name) => tracing::info!(
+                    topic = %name, partitions = config.partitions,
+                    replication = config.replication, "created topic"
+                ),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(error::from_code(code, &format!("creating topic {name}")))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of partitions `topic` has, from the cluster's metadata. Retries while the
+    /// topic is being created or has no leader yet, up to the configured timeout.
+    pub async fn partitions(&self, topic: &str) -> Result<u32, BusError> {
+        let deadline = Instant::now() + self.inner.config.timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let producer = self.inner.producer.clone();
+            let name = topic.to_owned();
+            let wait = remaining.clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let metadata = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(Some(&name), wait)
+            })
+            .await
+            .map_err(|e| BusError::Backend {
+                reason: format!("metadata task failed: {e}"),
+            })?;
+            let action = format!("reading the metadata of topic {topic}");
+            // Just created, a topic is briefly unknown or leaderless: that is worth waiting for.
+            let unknown = RDKafkaErrorCode::UnknownTopicOrPartition;
+            let (problem, retry) = match metadata {
+                Ok(metadata) => match metadata.topics().iter().find(|t| t.name() == topic) {
+                    None => (error::from_code(unknown, &action), true),
+                    Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+                        Some(code) => (
+                            error::from_code(code, &action),
+                            code == unknown || error::is_transient(code),
+                        ),
+                        None if t.partitions().is_empty() => (
+                            BusError::Unavailable {
+                                reason: format!("{action}: no partitions yet"),
+                            },
+                            true,
+                        ),
+                        None if t.partitions().iter().any(|p| p.leader() < 0) => (
+                            BusError::Unavailable {
+                                reason: format!("{action}: a partition has no leader"),
+                            },
+                            true,
+                        ),
+                        None => {
+                            return u32::try_from(t.partitions().len()).map_err(|_| {
+                                BusError::Backend {
+                                    reason: format!("{action}: too many partitions"),
+                                }
+                            })
+                        }
+                    },
+                },
+                Err(e) => {
+                    let problem = error::from_kafka(&e, &action);
+                    let retry = problem.is_retryable();
+                    (problem, retry)
+                }
+            };
+            if !retry || Instant::now() >= deadline {
+                return Err(problem);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The partition count used to route keys of `topic`: cached after the first look-up,
+    /// which creates the topic if it is missing.
+    async fn routing_partitions(&self, topic: &str) -> Result<u32, BusError> {
+        if let Some(n) = self.cached(topic) {
+            return Ok(n);
+        }
+        self.ensure_topics(&[topic]).await?;
+        let n = self.partitions(topic).await?;
+        if i64::from(n) != i64::from(self.inner.config.partitions) {
+            tracing::info!(
+                topic,
+                partitions = n,
+                configured = self.inner.config.partitions,
+                "topic has another partition count than configured; routing by its actual count"
+            );
+        }
+        self.partition_cache().insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    fn partition_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // A plain map that every writer leaves consistent: a poisoned lock is still usable.
+        self.inner
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cached(&self, topic: &str) -> Option<u32> {
+        self.partition_cache().get(topic).copied()
+    }
+
+    /// Join consumer group `group` on `topic` (created if missing), as the concrete type: it
+    /// also shows the member's [`Assignment`].
+    pub async fn subscribe_member(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<KafkaSubscription, BusError> {
+        self.check_open()?;
+        if group.is_empty() {
+            return Err(BusError::Backend {
+                reason: "a consumer group needs a name".into(),
+            });
+        }
+        // Created and visible in the cluster's metadata before the consumer looks for it.
+        self.routing_partitions(topic).await?;
+        let assignment = Assignment::default();
+        let context = consumer::GroupContext {
+            log: LogContext {
+                name: format!("{}-{group}", self.inner.config.client_id),
+            },
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            assignment: assignment.clone(),
+        };
+        let consumer: rdkafka::consumer::StreamConsumer<consumer::GroupContext> = self
+            .inner
+            .config
+            .consumer(group)
+            .create_with_context(context)
+            .map_err(|e| error::from_kafka(&e, &format!("creating a consumer for {group}")))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| error::from_kafka(&e, &format!("subscribing {group} to {topic}")))?;
+        Ok(KafkaSubscription {
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            assignment,
+            shutdown: self.inner.shutdown.subscribe(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for KafkaBus {
+    async fn publish(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<(), BusError> {
+        self.check_open()?;
+        let partitions = self.routing_partitions(topic).await?;
+        let partition = partition_for(key, partitions);
+        let target = i32::try_from(partition).map_err(|_| BusError::UnknownPartition {
+            topic: topic.to_owned(),
+            partition,
+        })?;
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(&payload)
+            .partition(target);
+        match self
+            .inner
+            .producer
+            .send(record, Timeout::After(self.inner.config.timeout))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err((e, _message)) => {
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                    )
+                ) {
+                    // The topic was deleted or recreated: look its partitions up again.
+                    self.partition_cache().remove(topic);
+                }
+                Err(error::from_kafka(
+                    &e,
+                    &format!("publishing to {topic}/{partition}"),
+                ))
+            }
+        }
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(self.subscribe_member(topic, group).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(config: &ClientConfig, key: &str) -> Option<String> {
+        config.get(key).map(str::to_owned)
+    }
+
+    #[test]
+    fn guarantees_cannot_be_configured_away() {
+        let config = KafkaConfig::new("k:9092")
+            .with("enable.auto.commit", "true")
+            .with("enable.idempotence", "false")
+            .with("acks", "1")
+            .with("session.timeout.ms", "6000");
+        let consumer = config.consumer("g");
+        assert_eq!(
+            get(&consumer, "enable.auto.commit").as_deref(),
+            Some("false")
+        );
+        assert_eq!(
+            get(&consumer, "enable.auto.offset.store").as_deref(),
+            Some("false")
+        );
+        assert_eq!(
+            get(&consumer, "session.timeout.ms").as_deref(),
+            Some("6000")
+        );
+        assert_eq!(get(&consumer, "group.id").as_deref(), Some("g"));
+        let producer = config.producer();
+        assert_eq!(
+            get(&producer, "enable.idempotence").as_deref(),
+            Some("true")
+        );
+        assert_eq!(get(&producer, "acks").as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn defaults_can_be_overridden() {
+        let config = KafkaConfig::new("k:9092").with("partition.assignment.strategy", "range");
+        assert_eq!(
+            get(&config.consumer("g"), "partition.assignment.strategy").as_deref(),
+            Some("range")
+        );
+        assert_eq!(
+            get(&config.consumer("g"), "auto.offset.reset").as_deref(),
+            Some("earliest")
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mut config = KafkaConfig::new("k:9092");
+        config.partitions = 0;
+        assert!(matches!(
+            KafkaBus::new(config),
+            Err(BusError::Backend { .. })
+        ));
+        assert!(matches!(
+            KafkaBus::new(KafkaConfig::new(" ")),
+            Err(BusError::Backend { .. })
+        ));
+        let bad = KafkaConfig::new("k:9092").with("no.such.property", "1");
+        assert!(matches!(KafkaBus::new(bad), Err(BusError::Backend { .. })));
+    }
+}
