@@ -307,13 +307,13 @@ fn execute_step(
                 Ok(result) => {
                     let route = if result { cfg.if_true } else { cfg.if_false };
                     let output = json!({"result": result, "route": route_text(route)});
-                    complete_step(&mut next, index, now, output, &actor, &mut events);
-                    follow_route(
+                    complete_and_follow(
                         template,
                         &mut next,
                         index,
-                        route,
                         now,
+                        output,
+                        route,
                         &actor,
                         &mut effects,
                         &mut events,
@@ -456,7 +456,7 @@ pub(crate) fn wait_on(
     state.waiting_on = Some(waiting);
 }
 
-pub(crate) fn complete_step(
+fn complete_step(
     state: &mut InstanceState,
     index: usize,
     now: Timestamp,
@@ -512,8 +512,25 @@ pub(crate) fn fail_step(
     );
 }
 
+/// Complete step `index` with `output`, then go where `route` says.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn follow_route(
+pub(crate) fn complete_and_follow(
+    template: &Template,
+    state: &mut InstanceState,
+    index: usize,
+    now: Timestamp,
+    output: Value,
+    route: Route,
+    actor: &ActorRef,
+    effects: &mut Vec<Effect>,
+    events: &mut Vec<Event>,
+) {
+    complete_step(state, index, now, output, actor, events);
+    follow_route(template, state, index, route, now, actor, effects, events);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn follow_route(
     template: &Template,
     state: &mut InstanceState,
     index: usize,

@@ -112,10 +112,19 @@ impl Engine {
             index: fired.step_index,
             kind: fired.timer,
         };
-        match self
-            .transition(&fired.partner_id, &fired.instance_id, command)
+        self.pool_transition(&fired.partner_id, &fired.instance_id, command)
             .await
-        {
+    }
+
+    /// A transition a worker pool asked for: a refusal by the state (a redelivery, a stale or
+    /// ignored command) or a vanished instance is a skip, not an error to retry.
+    async fn pool_transition(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        command: Command,
+    ) -> Result<ExecuteOutcome, EngineError> {
+        match self.transition(partner_id, instance_id, command).await {
             Ok(_) => Ok(ExecuteOutcome::Applied),
             Err(EngineError::Machine(e)) => Ok(ExecuteOutcome::Skipped(e.to_string())),
             Err(EngineError::NotFound { what, id }) => {
@@ -282,17 +291,8 @@ impl Engine {
         let command = Command::ExecuteStep {
             index: cmd.step_index,
         };
-        match self
-            .transition(&cmd.partner_id, &cmd.instance_id, command)
+        self.pool_transition(&cmd.partner_id, &cmd.instance_id, command)
             .await
-        {
-            Ok(_) => Ok(ExecuteOutcome::Applied),
-            Err(EngineError::Machine(e)) => Ok(ExecuteOutcome::Skipped(e.to_string())),
-            Err(EngineError::NotFound { what, id }) => {
-                Ok(ExecuteOutcome::Skipped(format!("{what} `{id}` not found")))
-            }
-            Err(e) => Err(e),
-        }
     }
 
     /// Cancel a running or waiting instance.

@@ -30,6 +30,9 @@ struct LimitArgs {
     /// Largest template document, in bytes.
     #[arg(long, env = "WORKFLOWS_MAX_TEMPLATE_BYTES", default_value_t = 65536)]
     max_template_bytes: usize,
+    /// Most decisions one bulk approval call may carry.
+    #[arg(long, env = "WORKFLOWS_MAX_BULK_DECISIONS", default_value_t = 500)]
+    max_bulk_decisions: usize,
 }
 
 impl LimitArgs {
@@ -100,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             data_dir,
             limits,
-        } => dev(listen, data_dir, limits.limits()).await,
+        } => dev(listen, data_dir, limits).await,
         Command::Api { .. } | Command::Worker { .. } | Command::Scheduler => bail!(
             "the distributed runtime needs the Kafka bus adapter, which this build does not have yet; \
              run `payos-workflows dev` for the embedded engine"
@@ -131,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn dev(listen: SocketAddr, data_dir: PathBuf, limits: Limits) -> anyhow::Result<()> {
+async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let db = data_dir.join("workflows.db");
@@ -149,9 +152,11 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, limits: Limits) -> anyhow::R
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let mut api = producer_api::ApiConfig::new(admin_token.clone());
+    api.max_bulk_decisions = args.max_bulk_decisions;
     let config = EmbeddedConfig {
-        api: producer_api::ApiConfig::new(admin_token.clone()),
-        limits,
+        api,
+        limits: args.limits(),
         partitions: 8,
         clock,
     };

@@ -80,6 +80,8 @@ conformance!(
     list_instances_filters_and_pages,
     list_active_instances_spans_partners,
     concurrent_commits_exactly_one_wins,
+    timers_fire_once_under_concurrent_schedulers,
+    decision_outcomes_keep_the_first,
 );
 
 // ------------------------------------------------------------------------------- fixtures
@@ -1133,5 +1135,97 @@ async fn sqlite_busy_is_retryable() -> TestResult {
     sqlx::query("ROLLBACK").execute(&mut *blocker).await?;
     drop(blocker);
     db.store.create_partner(&partner("p1")).await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------- timers
+
+async fn timers_fire_once_under_concurrent_schedulers(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", None);
+    store.create_instance(&rec, &[], &[]).await?;
+    let timers: Vec<TimerRecord> = (0..300)
+        .map(|n| TimerRecord {
+            id: format!("{}:0:wait_elapsed:{n}", rec.info.id),
+            partner_id: "p1".into(),
+            instance_id: rec.info.id.clone(),
+            step_index: 0,
+            step_type: "wait".into(),
+            kind: "wait_elapsed".into(),
+            // Half due by t=5000, half later.
+            due_at: Timestamp(if n % 2 == 0 { 1_000 + n } else { 100_000 + n }),
+        })
+        .collect();
+    let mut next = rec.clone();
+    next.version = rec.version + 1;
+    store
+        .commit_instance_with_timers(&next, rec.version, &[], &[], &timers)
+        .await?;
+    // Storing the same timers again (a retried commit) adds nothing.
+    assert_eq!(store.list_timers("p1", &rec.info.id).await?.len(), 300);
+    assert_eq!(store.next_timer_due().await?, Some(Timestamp(1_000)));
+
+    // Four schedulers at once, small batches, until nothing due at t=5000 is left.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut fired = Vec::new();
+            loop {
+                let batch = store
+                    .fire_due_timers(Timestamp(5_000), 7, |t| OutboxMessage {
+                        id: format!("timer:{}", t.id),
+                        topic: "workflow.steps.wait".into(),
+                        key: t.instance_id.clone(),
+                        payload: t.id.clone().into_bytes(),
+                    })
+                    .await;
+                match batch {
+                    Ok(b) if b.is_empty() => return Ok::<_, StoreError>(fired),
+                    Ok(b) => fired.extend(b.into_iter().map(|t| t.id)),
+                    // SQLite may report a busy database under four writers: try again.
+                    Err(e) if e.is_retryable() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 150, "each due timer fired exactly once");
+    assert_eq!(unique.len(), 150);
+    let outbox = store.fetch_outbox(0).await?;
+    assert_eq!(outbox.len(), 150, "one message per firing");
+    assert_eq!(store.next_timer_due().await?, Some(Timestamp(100_001)));
+    let listed = store.list_timers("p1", &rec.info.id).await?;
+    assert_eq!(
+        listed.iter().filter(|(_, fired)| fired.is_some()).count(),
+        150
+    );
+    Ok(())
+}
+
+async fn decision_outcomes_keep_the_first(store: Store) -> TestResult {
+    let outcome = |accepted: bool| DecisionOutcome {
+        decision_id: "d1".into(),
+        partner_id: "p1".into(),
+        instance_id: "i1".into(),
+        step_index: 1,
+        accepted,
+        code: (!accepted).then(|| "step_not_waiting".to_string()),
+        message: None,
+        decided_at: Timestamp(7),
+    };
+    store.record_decision_outcome(&outcome(true)).await?;
+    store.record_decision_outcome(&outcome(false)).await?;
+    let got = store.get_decision_outcome("p1", "d1").await?;
+    assert_eq!(got, Some(outcome(true)));
+    assert_eq!(
+        store.get_decision_outcome("p2", "d1").await?,
+        None,
+        "tenancy"
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use super::{complete_step, finish, follow_route, Event, MachineError, Transition};
+use super::{complete_and_follow, finish, Event, MachineError, Transition};
 use crate::expr::{EvalContext, ExprLimits, Expression};
 use crate::instance::{
     ActorRef, ActorType, Decision, InstanceInfo, InstanceState, InstanceStatus, StepStatus, Verdict,
@@ -311,13 +311,13 @@ pub(crate) fn apply_decision(
         if let Value::Object(map) = &mut out {
             map.insert("decision".into(), json!("approved"));
         }
-        complete_step(&mut next, index, now, out, &actor, &mut events);
-        follow_route(
+        complete_and_follow(
             template,
             &mut next,
             index,
-            Route::Continue,
             now,
+            out,
+            Route::Continue,
             &actor,
             &mut effects,
             &mut events,

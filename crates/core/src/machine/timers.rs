@@ -12,9 +12,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{
-    complete_step, fail_step, finish, follow_route, Effect, Event, MachineError, Transition,
-};
+use super::{complete_and_follow, fail_step, finish, Effect, Event, MachineError, Transition};
 use crate::expr::{EvalContext, ExprLimits, Expression};
 use crate::instance::{
     ActorRef, InstanceInfo, InstanceState, InstanceStatus, StepStatus, WaitingOn,
@@ -186,13 +184,13 @@ pub(crate) fn start_wait(
         if at <= now {
             // Already due (a past `until`, an open window): no timer, carry on.
             let output = json!({"waited_ms": 0});
-            complete_step(state, index, now, output, actor, events);
-            follow_route(
+            complete_and_follow(
                 template,
                 state,
                 index,
-                Route::Continue,
                 now,
+                output,
+                Route::Continue,
                 actor,
                 effects,
                 events,
@@ -276,13 +274,13 @@ pub(crate) fn apply_timer(
         (StepKind::Wait(_), TimerKind::WaitElapsed) => {
             let since = state.waiting_on.as_ref().map_or(now, |w| w.since);
             let output = json!({"waited_ms": now.0 - since.0});
-            complete_step(&mut next, index, now, output, &actor, &mut events);
-            follow_route(
+            complete_and_follow(
                 template,
                 &mut next,
                 index,
-                Route::Continue,
                 now,
+                output,
+                Route::Continue,
                 &actor,
                 &mut effects,
                 &mut events,
@@ -295,13 +293,13 @@ pub(crate) fn apply_timer(
             }
             route => {
                 let output = json!({"timed_out": true});
-                complete_step(&mut next, index, now, output, &actor, &mut events);
-                follow_route(
+                complete_and_follow(
                     template,
                     &mut next,
                     index,
-                    route,
                     now,
+                    output,
+                    route,
                     &actor,
                     &mut effects,
                     &mut events,
@@ -394,13 +392,13 @@ fn approval_timeout(
         TimeoutPolicy::Approve => {
             let output =
                 json!({"decision": "approved", "by": "timeout", "approvals": [], "rejections": []});
-            complete_step(state, index, now, output, &actor, events);
-            follow_route(
+            complete_and_follow(
                 template,
                 state,
                 index,
-                Route::Continue,
                 now,
+                output,
+                Route::Continue,
                 &actor,
                 effects,
                 events,
@@ -490,13 +488,13 @@ pub(crate) fn apply_signal(
         after: json!({"index": index, "signal": name, "payload": payload}),
         reason: None,
     }];
-    complete_step(&mut next, index, now, payload, &actor, &mut events);
-    follow_route(
+    complete_and_follow(
         template,
         &mut next,
         index,
-        Route::Continue,
         now,
+        payload,
+        Route::Continue,
         &actor,
         &mut effects,
         &mut events,
