@@ -3,5 +3,6 @@
 //! `main` only parses the command line and calls into here; tests start the same embedded runtime
 //! in process to drive the real HTTP API end to end.
 
+pub mod bench;
 pub mod demo;
 pub mod embedded;

@@ -73,6 +73,21 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
+    /// Run a benchmark workload and print its figures (last line: one JSON object).
+    Bench {
+        /// `timers`: timer lateness of the scheduler.
+        #[arg(long, default_value = "timers", value_parser = ["timers"])]
+        workload: String,
+        /// `embedded` (a SQLite file in a temporary directory) or `distributed`.
+        #[arg(long, default_value = "embedded", value_parser = ["embedded", "distributed"])]
+        runtime: String,
+        /// How many timers (one instance each).
+        #[arg(long, default_value_t = 10_000)]
+        timers: usize,
+        /// The window, in seconds, over which the timers fall due.
+        #[arg(long, default_value_t = 60)]
+        window_s: u64,
+    },
     /// Verify the hash chain of an instance's audit trail.
     VerifyAudit {
         #[arg(long, env = "DATABASE_URL")]
@@ -108,6 +123,37 @@ async fn main() -> anyhow::Result<()> {
             "the distributed runtime needs the Kafka bus adapter, which this build does not have yet; \
              run `payos-workflows dev` for the embedded engine"
         ),
+        Command::Bench {
+            workload: _,
+            runtime,
+            timers,
+            window_s,
+        } => {
+            if runtime != "embedded" {
+                bail!("the distributed runtime is not wired yet; run --runtime embedded");
+            }
+            let dir = std::env::temp_dir().join(format!("payos-bench-{}", uuid::Uuid::now_v7().simple()));
+            std::fs::create_dir_all(&dir)?;
+            let store = Store::connect(&format!("sqlite://{}?mode=rwc", dir.join("bench.db").display())).await?;
+            store.migrate().await?;
+            let report = payos_workflows::bench::timers(
+                store,
+                timers,
+                Duration::from_secs(window_s),
+            )
+            .await?;
+            println!(
+                "timers: {}  due within {} ms  setup {:.1}s",
+                report.timers, report.window_ms, report.setup_s
+            );
+            println!(
+                "timer lateness (fire - due): p50 {} ms  p99 {} ms  max {} ms",
+                report.lateness_p50_ms, report.lateness_p99_ms, report.lateness_max_ms
+            );
+            println!("{}", report.to_json());
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
         Command::Migrate { database_url } => {
             let store = Store::connect(&database_url).await?;
             store.migrate().await?;

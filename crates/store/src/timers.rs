@@ -95,6 +95,25 @@ impl Store {
         Ok(row.try_get::<Option<i64>, _>("due")?.map(Timestamp))
     }
 
+    /// Every timer of a partner as (due, fired) pairs: for benchmarks and inspection.
+    pub async fn timer_firings(
+        &self,
+        partner_id: &str,
+    ) -> Result<Vec<(Timestamp, Option<Timestamp>)>, StoreError> {
+        let rows = sqlx::query("SELECT due_at, fired_at FROM timers WHERE partner_id = $1")
+            .bind(partner_id)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    Timestamp(r.try_get("due_at")?),
+                    r.try_get::<Option<i64>, _>("fired_at")?.map(Timestamp),
+                ))
+            })
+            .collect()
+    }
+
     /// The timers of an instance (fired ones too), by due time: for tests and inspection.
     pub async fn list_timers(
         &self,

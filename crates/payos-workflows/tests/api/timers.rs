@@ -25,6 +25,10 @@ fn manual_clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(Timestamp(now)))
 }
 
+fn clock_now(clock: &ManualClock) -> i64 {
+    workflow_engine::Clock::now(clock).0
+}
+
 async fn start(app: &TestApp, key: &str, doc: Value, trigger: Value) -> String {
     let tid = id(&app.create_template(key, &doc.to_string()).await);
     id(&app.start(key, &tid, trigger).await)
@@ -102,17 +106,25 @@ async fn seed_deadline_rejects_and_a_late_decision_is_refused(backend: Backend) 
     let p = app.partner("acme").await;
     let doc: Value = serde_json::from_str(crate::helpers::PROCUREMENT).unwrap_or_default();
     let iid = start(&app, &p.requester, doc, json!({"id": "t", "amount": 5000})).await;
+    // Waiting (not only dispatched): from then on the deadline timer exists.
     app.wait_for(&p.requester, &iid, "waiting for the cfo", |b| {
-        b["current_step"]["index"] == 1
+        b["status"] == "waiting" && b["current_step"]["index"] == 1
     })
     .await;
-    // The seed's timeout_hours: 48, with no on_timeout: silence rejects.
+    // The seed's timeout_hours: 48, with no on_timeout: silence rejects. At 47 hours the timer
+    // is not due: the scheduler leaves it alone.
     clock.advance(47 * HOUR);
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let (_, still) = app
-        .get(&format!("/v1/workflows/instances/{iid}"), &p.requester)
-        .await;
-    assert_eq!(still["status"], "waiting", "not due yet");
+    let timers = app
+        .store
+        .list_timers("acme", &iid)
+        .await
+        .unwrap_or_default();
+    assert_eq!(timers.len(), 1, "{timers:?}");
+    assert!(timers[0].0.due_at.0 > clock_now(&clock), "not due yet");
+    assert_eq!(
+        app.store.next_timer_due().await.ok().flatten(),
+        Some(timers[0].0.due_at)
+    );
     clock.advance(HOUR + 1);
     let done = app
         .wait_for(&p.requester, &iid, "rejected", |b| {
