@@ -5,9 +5,11 @@
 //! step's command together), and only then commits the message. A crash before that commit means
 //! redelivery, which the engine recognises and skips: effects happen once.
 //!
-//! What is specific to a step type lives in the domain's state machine today; pools that call
-//! out (actions, notifications) add their IO here in their own modules.
+//! What is specific to a step type lives in the domain's state machine; the pools that call
+//! out do their IO here in their own modules (`action`).
 
+pub mod action;
 pub mod pool;
 
+pub use action::ActionExecutor;
 pub use pool::{run_pool, PoolConfig, PoolKind};

@@ -9,6 +9,8 @@ use workflow_core::StepType;
 use workflow_engine::messages::step_topic;
 use workflow_engine::{DecisionCommand, Engine, ExecuteOutcome, StepMessage, DECISION_TOPIC};
 
+use crate::action::ActionExecutor;
+
 /// What a pool consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolKind {
@@ -46,9 +48,12 @@ impl PoolKind {
 }
 
 /// How a pool runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PoolConfig {
     pub kind: PoolKind,
+    /// Makes the calls of action steps (the action pool only). Without one, action steps stay
+    /// in flight, visibly, until a pool that has one picks them up.
+    pub actions: Option<std::sync::Arc<ActionExecutor>>,
     /// Members of the consumer group in this process; partitions are shared among them.
     pub members: usize,
     /// Attempts for a retryable failure before the command is given up (and logged).
@@ -59,6 +64,7 @@ impl PoolConfig {
     pub fn new(kind: PoolKind) -> PoolConfig {
         PoolConfig {
             kind,
+            actions: None,
             members: 2,
             max_attempts: 10,
         }
@@ -155,38 +161,55 @@ async fn handle_decision(
         engine.apply_decision(&cmd)
     })
     .await
+    .finished()
 }
 
-/// Run `op` until it succeeds, fails for good, or retries run out; false when cancelled.
-async fn retrying<F, Fut>(
+/// How a retried operation ended.
+enum Attempted<T> {
+    Done(T),
+    /// Failed for good, or out of retries (logged); the message is done with.
+    GaveUp,
+    /// Cancelled while waiting to retry: leave the message uncommitted.
+    Cancelled,
+}
+
+impl<T> Attempted<T> {
+    /// Whether the message may be committed.
+    fn finished(&self) -> bool {
+        !matches!(self, Attempted::Cancelled)
+    }
+}
+
+/// Run `op` until it succeeds, fails for good, or retries run out.
+async fn retrying<T, F, Fut>(
     config: &PoolConfig,
     cancel: &CancellationToken,
     instance_id: &str,
     mut op: F,
-) -> bool
+) -> Attempted<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), workflow_engine::EngineError>>,
+    Fut: std::future::Future<Output = Result<T, workflow_engine::EngineError>>,
 {
     let mut delay = Duration::from_millis(20);
     for attempt in 1..=config.max_attempts {
         match op().await {
-            Ok(()) => return true,
+            Ok(value) => return Attempted::Done(value),
             Err(e) if e.is_retryable() && attempt < config.max_attempts => {
                 tracing::warn!(error = %e, attempt, instance = %instance_id, "retrying");
                 tokio::select! {
-                    _ = cancel.cancelled() => return false,
+                    _ = cancel.cancelled() => return Attempted::Cancelled,
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 tracing::error!(error = %e, instance = %instance_id, "command failed permanently");
-                return true;
+                return Attempted::GaveUp;
             }
         }
     }
-    true
+    Attempted::GaveUp
 }
 
 async fn handle_step(
@@ -198,13 +221,11 @@ async fn handle_step(
     let cmd = match StepMessage::decode(&msg.payload) {
         Ok(StepMessage::Execute(cmd)) => cmd,
         Ok(StepMessage::TimerFired(fired)) => {
-            return retrying(config, cancel, &fired.instance_id, || async {
-                if let ExecuteOutcome::Skipped(why) = engine.fire_timer(&fired).await? {
-                    tracing::debug!(instance = %fired.instance_id, timer = %fired.timer_id, %why, "timer skipped");
-                }
-                Ok(())
+            return retrying(config, cancel, &fired.instance_id, || {
+                engine.fire_timer(&fired)
             })
-            .await;
+            .await
+            .finished();
         }
         Err(e) => {
             // Not ours to fix by retrying; the distributed runtime sends these to a dead-letter topic.
@@ -212,14 +233,28 @@ async fn handle_step(
             return true;
         }
     };
-    retrying(config, cancel, &cmd.instance_id, || async {
-        match engine.execute_step(&cmd).await? {
-            ExecuteOutcome::Applied => {}
-            ExecuteOutcome::Skipped(why) => {
-                tracing::debug!(instance = %cmd.instance_id, step = cmd.step_index, %why, "step command skipped");
-            }
+    let executed = retrying(config, cancel, &cmd.instance_id, || {
+        engine.execute_step(&cmd)
+    })
+    .await;
+    let task = match executed {
+        Attempted::Done(ExecuteOutcome::Perform(task)) => task,
+        Attempted::Done(ExecuteOutcome::Skipped(why)) => {
+            tracing::debug!(instance = %cmd.instance_id, step = cmd.step_index, %why, "step command skipped");
+            return true;
         }
-        Ok(())
+        other => return other.finished(),
+    };
+    let Some(executor) = &config.actions else {
+        tracing::warn!(instance = %task.instance_id, step = task.step_index, "no action executor in this pool; the action stays in flight");
+        return true;
+    };
+    let Some(outcome) = executor.perform(&task, cancel).await else {
+        return false;
+    };
+    retrying(config, cancel, &task.instance_id, || {
+        engine.record_action(&task, outcome.clone())
     })
     .await
+    .finished()
 }

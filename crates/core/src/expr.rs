@@ -1016,16 +1016,12 @@ mod tests {
                 },
                 Step {
                     name: "Skipped".into(),
-                    kind: StepKind::Action(ActionConfig {
-                        action: "http".into(),
-                    }),
+                    kind: StepKind::Action(ActionConfig::new("http")),
                     raw_config: json!({}),
                 },
                 Step {
                     name: "Pay".into(),
-                    kind: StepKind::Action(ActionConfig {
-                        action: "execute_transfer".into(),
-                    }),
+                    kind: StepKind::Action(ActionConfig::new("execute_transfer")),
                     raw_config: json!({}),
                 },
             ],

@@ -19,15 +19,17 @@ use crate::instance::{
     Verdict, WaitingOn,
 };
 
+mod action;
 mod decide;
 mod timers;
 
 use crate::render::render;
 use crate::template::{
-    ActionConfig, ApprovalConfig, Approver, ApproverEntry, NotificationConfig, Route, StepKind,
-    StepType, Template,
+    ApprovalConfig, Approver, ApproverEntry, NotificationConfig, Route, StepKind, StepType,
+    Template,
 };
 use crate::time::Timestamp;
+pub use action::ActionOutcome;
 pub use decide::{check_decision, Decider, Proposal};
 pub use timers::{timer_id, TimerKind, TimerSpec};
 
@@ -56,6 +58,11 @@ pub enum Command {
         payload: Value,
         actor: ActorRef,
     },
+    /// The action pool reports how step `index`'s call went.
+    ActionResult {
+        index: usize,
+        outcome: ActionOutcome,
+    },
     /// An actor cancels the instance.
     Cancel {
         actor: ActorRef,
@@ -70,6 +77,8 @@ pub enum Effect {
     Dispatch { index: usize, step_type: StepType },
     /// Store a timer with this transition; the scheduler fires it when due.
     ScheduleTimer(TimerSpec),
+    /// Call out for action step `index` with its rendered `input` (the action pool does it).
+    PerformAction { index: usize, input: Value },
 }
 
 /// An audit event produced by a transition.
@@ -235,6 +244,14 @@ pub fn apply(
             payload,
             actor,
         } => timers::apply_signal(template, state, &name, payload, actor, now),
+        Command::ActionResult { index, outcome } => action::apply_result(
+            template,
+            state,
+            index,
+            outcome,
+            pool_actor(StepType::Action),
+            now,
+        ),
         Command::Cancel { actor, reason } => Ok(cancel(state, actor, reason, now)),
     }
 }
@@ -288,7 +305,7 @@ fn execute_step(
         actor: actor.clone(),
         kind: "step.started",
         before: json!({"index": index, "status": "pending"}),
-        after: json!({"index": index, "status": "running", "input": input}),
+        after: json!({"index": index, "status": "running", "input": &input}),
         reason: None,
     });
 
@@ -327,13 +344,11 @@ fn execute_step(
             timers::schedule_approval_deadline(info, index, waiting.due, &mut effects);
             wait_on(&mut next, index, waiting, &actor, &mut events);
         }
-        StepKind::Action(cfg) => wait_on(
-            &mut next,
-            index,
-            action_wait(cfg, index, now),
-            &actor,
-            &mut events,
-        ),
+        StepKind::Action(cfg) => {
+            next.status = InstanceStatus::Running;
+            next.waiting_on = Some(action::action_in_flight(cfg, index, now));
+            effects.push(Effect::PerformAction { index, input });
+        }
         StepKind::Wait(cfg) => timers::start_wait(
             template,
             info,
@@ -400,21 +415,6 @@ fn approval_wait(cfg: &ApprovalConfig, index: usize, now: Timestamp) -> WaitingO
         since: now,
         due: cfg.timeout_ms.map(|ms| now.plus_millis(ms)),
         detail: decide::approval_detail(cfg, &cfg.approvers, &[]),
-    }
-}
-
-// Until the action executor lands, an action step waits visibly instead of pretending to succeed.
-fn action_wait(cfg: &ActionConfig, index: usize, now: Timestamp) -> WaitingOn {
-    WaitingOn {
-        step_index: index,
-        kind: "action".into(),
-        description: format!(
-            "waiting for the action executor to run `{}`; this build does not execute actions yet",
-            cfg.action
-        ),
-        since: now,
-        due: None,
-        detail: json!({"action": cfg.action}),
     }
 }
 
@@ -510,6 +510,35 @@ pub(crate) fn fail_step(
         actor,
         events,
     );
+}
+
+/// End step `index` the way a failure policy says: `fail` fails the step and the instance with
+/// `failure` (keeping `output` on the step); any other route completes the step with `output`
+/// and follows the route.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn end_step_by_route(
+    template: &Template,
+    state: &mut InstanceState,
+    index: usize,
+    now: Timestamp,
+    route: Route,
+    failure: String,
+    output: Value,
+    actor: &ActorRef,
+    effects: &mut Vec<Effect>,
+    events: &mut Vec<Event>,
+) {
+    match route {
+        Route::Fail => {
+            if let Some(exec) = state.execution_mut(index) {
+                exec.output = Some(output);
+            }
+            fail_step(state, index, now, failure, actor.clone(), events);
+        }
+        route => complete_and_follow(
+            template, state, index, now, output, route, actor, effects, events,
+        ),
+    }
 }
 
 /// Complete step `index` with `output`, then go where `route` says.

@@ -215,6 +215,22 @@ pub struct ConditionConfig {
 pub struct ActionConfig {
     /// The registered action's name, e.g. `execute_transfer`.
     pub action: String,
+    /// Calls before giving up on retryable failures (timeouts, 5xx, 429).
+    pub max_attempts: u32,
+    /// Where the instance goes when the action fails for good: `fail` (the default),
+    /// `continue` or `skip_to:N`.
+    pub on_failure: Route,
+}
+
+impl ActionConfig {
+    /// Three attempts, then fail.
+    pub fn new(action: impl Into<String>) -> ActionConfig {
+        ActionConfig {
+            action: action.into(),
+            max_attempts: 3,
+            on_failure: Route::Fail,
+        }
+    }
 }
 
 /// A wait step: what it waits for, and what happens if that takes longer than `timeout_ms`.

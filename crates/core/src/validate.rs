@@ -565,7 +565,7 @@ impl Validator<'_> {
                 .condition(cfg, &cpath, index, len)
                 .map(StepKind::Condition),
             StepType::Approval => self.approval(cfg, &cpath).map(StepKind::Approval),
-            StepType::Action => self.action(cfg, &cpath).map(StepKind::Action),
+            StepType::Action => self.action(cfg, &cpath, index, len).map(StepKind::Action),
             StepType::Wait => self.wait(cfg, &cpath, index, len).map(StepKind::Wait),
             StepType::Notification => self.notification(cfg, &cpath).map(StepKind::Notification),
         };
@@ -947,8 +947,18 @@ impl Validator<'_> {
         })
     }
 
-    fn action(&mut self, obj: &Map<String, Value>, path: &str) -> Option<ActionConfig> {
-        self.unknown_fields(obj, path, &["action", "params"]);
+    fn action(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        index: usize,
+        len: usize,
+    ) -> Option<ActionConfig> {
+        self.unknown_fields(
+            obj,
+            path,
+            &["action", "params", "max_attempts", "on_failure"],
+        );
         let action = self.required_str(obj, "action", path);
         let action = match action {
             Some(a) if ACTIONS.contains(&a) => Some(a),
@@ -974,11 +984,33 @@ impl Validator<'_> {
                 false
             }
         };
+        let max_attempts = match get(obj, "max_attempts") {
+            None => Some(3),
+            Some(v) => {
+                let n = v
+                    .as_u64()
+                    .filter(|n| (1..=20).contains(n))
+                    .map(|n| n as u32);
+                if n.is_none() {
+                    self.push(
+                        path_key(path, "max_attempts"),
+                        "must be a whole number from 1 to 20",
+                    );
+                }
+                n
+            }
+        };
+        let on_failure = match get(obj, "on_failure") {
+            None => Some(Route::Fail),
+            Some(_) => self.route(obj, "on_failure", path, index, len, false),
+        };
         if !params_ok {
             return None;
         }
         Some(ActionConfig {
             action: action?.to_string(),
+            max_attempts: max_attempts?,
+            on_failure: on_failure?,
         })
     }
 
@@ -1273,9 +1305,7 @@ mod tests {
         assert_eq!(t.steps[2].name, "Manager Approval");
         assert_eq!(
             t.steps[3].kind,
-            StepKind::Action(ActionConfig {
-                action: "execute_transfer".into()
-            })
+            StepKind::Action(ActionConfig::new("execute_transfer"))
         );
         assert_eq!(t.steps[3].name, "Execute Payment");
         assert_eq!(

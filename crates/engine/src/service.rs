@@ -7,8 +7,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::Notify;
 use workflow_core::instance::{ActorRef, InstanceInfo, Verdict};
-use workflow_core::machine::{self, Command, Decider, Effect, Event, Proposal, Transition};
+use workflow_core::machine::{
+    self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
+};
 use workflow_core::validate::{parse_template, Limits};
+use workflow_core::StepStatus;
 use workflow_core::Template;
 use workflow_store::records::{
     AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord, TimerRecord,
@@ -36,11 +39,40 @@ pub struct StartOutcome {
     pub created: bool,
 }
 
+/// An action call the action pool must make, then report with [`Engine::record_action`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionTask {
+    pub partner_id: String,
+    pub instance_id: String,
+    pub step_index: usize,
+    /// The step's rendered config: `action`, `params`, ...
+    pub input: Value,
+    pub max_attempts: u32,
+}
+
+fn action_task(rec: &InstanceRecord, effects: &[Effect]) -> Option<ActionTask> {
+    effects.iter().find_map(|e| match e {
+        Effect::PerformAction { index, input } => Some(ActionTask {
+            partner_id: rec.info.partner_id.clone(),
+            instance_id: rec.info.id.clone(),
+            step_index: *index,
+            input: input.clone(),
+            max_attempts: input
+                .get("max_attempts")
+                .and_then(Value::as_u64)
+                .map_or(3, |n| n as u32),
+        }),
+        Effect::Dispatch { .. } | Effect::ScheduleTimer(_) => None,
+    })
+}
+
 /// What happened to a step command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExecuteOutcome {
     /// The step ran and its transition was committed.
     Applied,
+    /// The step is an action: the pool must make this call and report it.
+    Perform(ActionTask),
     /// A redelivery or a stale command: the state already moved past it. Nothing changed.
     Skipped(String),
 }
@@ -124,14 +156,74 @@ impl Engine {
         instance_id: &str,
         command: Command,
     ) -> Result<ExecuteOutcome, EngineError> {
-        match self.transition(partner_id, instance_id, command).await {
-            Ok(_) => Ok(ExecuteOutcome::Applied),
+        match self
+            .transition_effects(partner_id, instance_id, command)
+            .await
+        {
+            Ok((rec, effects)) => Ok(action_task(&rec, &effects)
+                .map(ExecuteOutcome::Perform)
+                .unwrap_or(ExecuteOutcome::Applied)),
+            Err(EngineError::Machine(MachineError::AlreadyExecuted { index })) => {
+                // A redelivered command for an action whose call may not have been recorded:
+                // call again (the idempotency key makes the receiver answer its first result).
+                match self
+                    .in_flight_action(partner_id, instance_id, index)
+                    .await?
+                {
+                    Some(task) => Ok(ExecuteOutcome::Perform(task)),
+                    None => Ok(ExecuteOutcome::Skipped(format!(
+                        "step {index} was already executed"
+                    ))),
+                }
+            }
             Err(EngineError::Machine(e)) => Ok(ExecuteOutcome::Skipped(e.to_string())),
             Err(EngineError::NotFound { what, id }) => {
                 Ok(ExecuteOutcome::Skipped(format!("{what} `{id}` not found")))
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The action task of step `index` if it is an action still in flight (running).
+    async fn in_flight_action(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        index: usize,
+    ) -> Result<Option<ActionTask>, EngineError> {
+        let Some(rec) = self.store.get_instance(partner_id, instance_id).await? else {
+            return Ok(None);
+        };
+        let Some(exec) = rec.state.execution(index) else {
+            return Ok(None);
+        };
+        let in_flight = rec.state.current_step == Some(index)
+            && exec.status == StepStatus::Running
+            && exec.step_type == workflow_core::StepType::Action;
+        Ok(match (&exec.input, in_flight) {
+            (Some(input), true) => action_task(
+                &rec,
+                &[Effect::PerformAction {
+                    index,
+                    input: input.clone(),
+                }],
+            ),
+            _ => None,
+        })
+    }
+
+    /// Record how an action call went; a late or repeated report changes nothing.
+    pub async fn record_action(
+        &self,
+        task: &ActionTask,
+        outcome: ActionOutcome,
+    ) -> Result<ExecuteOutcome, EngineError> {
+        let command = Command::ActionResult {
+            index: task.step_index,
+            outcome,
+        };
+        self.pool_transition(&task.partner_id, &task.instance_id, command)
+            .await
     }
 
     /// Deliver a named signal (its payload becomes the waiting step's output).
@@ -485,6 +577,19 @@ impl Engine {
         instance_id: &str,
         command: Command,
     ) -> Result<InstanceRecord, EngineError> {
+        Ok(self
+            .transition_effects(partner_id, instance_id, command)
+            .await?
+            .0)
+    }
+
+    /// [`Engine::transition`], also returning the effects the caller must carry out itself.
+    async fn transition_effects(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+        command: Command,
+    ) -> Result<(InstanceRecord, Vec<Effect>), EngineError> {
         for _ in 0..MAX_ATTEMPTS {
             let current = self
                 .store
@@ -530,7 +635,7 @@ impl Engine {
                     if !timers.is_empty() {
                         self.timers_changed.notify_one();
                     }
-                    return Ok(next);
+                    return Ok((next, t.effects));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -567,14 +672,14 @@ impl Engine {
                     kind: spec.kind.as_str().to_string(),
                     due_at: spec.due,
                 }),
-                Effect::Dispatch { .. } => None,
+                Effect::Dispatch { .. } | Effect::PerformAction { .. } => None,
             })
             .collect();
         let outbox = t
             .effects
             .iter()
             .filter_map(|effect| match effect {
-                Effect::ScheduleTimer(_) => None,
+                Effect::ScheduleTimer(_) | Effect::PerformAction { .. } => None,
                 Effect::Dispatch { index, step_type } => {
                     let cmd = StepCommand {
                         command_id: uuid::Uuid::now_v7().to_string(),

@@ -120,6 +120,7 @@ pub async fn timers(store: Store, n: usize, window: Duration) -> Result<TimerRep
         limits: Limits::default(),
         partitions: 8,
         clock: clock.clone(),
+        actions: None,
     };
     let runtime = Embedded::start(store.clone(), config).await?;
     let engine = runtime.engine.clone();

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use workflow_bus::{Bus, InProcessBus};
@@ -39,6 +38,8 @@ pub struct EmbeddedConfig {
     pub limits: workflow_core::validate::Limits,
     pub partitions: u32,
     pub clock: Arc<dyn Clock>,
+    /// Makes action steps' calls; without one they stay in flight, visibly.
+    pub actions: Option<Arc<step_workers::ActionExecutor>>,
 }
 
 impl Embedded {
@@ -56,7 +57,10 @@ impl Embedded {
             .flat_map(step_workers::PoolKind::for_step_type);
         for kind in kinds {
             let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
-            let pool = step_workers::PoolConfig::new(kind);
+            let mut pool = step_workers::PoolConfig::new(kind);
+            if kind == step_workers::PoolKind::Steps(StepType::Action) {
+                pool.actions = config.actions.clone();
+            }
             let root = cancel.clone();
             tasks.spawn(async move {
                 if let Err(e) = step_workers::run_pool(engine, bus, pool, token).await {
@@ -86,15 +90,6 @@ impl Embedded {
             cancel,
             tasks,
         })
-    }
-
-    /// Serve the API until shutdown is requested.
-    pub async fn serve(&self, listener: TcpListener) -> Result<(), RuntimeError> {
-        let token = self.cancel.clone();
-        axum::serve(listener, self.router.clone())
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await?;
-        Ok(())
     }
 
     pub fn cancel_token(&self) -> CancellationToken {

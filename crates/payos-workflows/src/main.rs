@@ -9,8 +9,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use payos_workflows::demo;
 use payos_workflows::embedded::{Embedded, EmbeddedConfig};
+use step_workers::ActionExecutor;
 use workflow_core::validate::Limits;
 use workflow_core::StepType;
+use workflow_egress::egress_policy::Timeouts;
+use workflow_egress::{EgressClient, EgressPolicy, PayosClient, PayosConfig};
 use workflow_engine::{Clock, SystemClock};
 use workflow_store::Store;
 
@@ -200,11 +203,25 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         .with_context(|| format!("cannot listen on {listen}"))?;
     let mut api = producer_api::ApiConfig::new(admin_token.clone());
     api.max_bulk_decisions = args.max_bulk_decisions;
+    // Actions go to PAYOS_API_URL, or to the PayOS sandbox this process serves itself.
+    let sandbox = workflow_egress::payos_sandbox::SandboxState::in_memory();
+    let payos = PayosConfig {
+        base_url: std::env::var("PAYOS_API_URL")
+            .unwrap_or_else(|_| format!("http://{listen}/payos-sandbox")),
+        api_key: std::env::var("PAYOS_API_KEY").unwrap_or_else(|_| "sandbox".into()),
+        timeouts: Timeouts::default(),
+    };
+    let using_sandbox = std::env::var("PAYOS_API_URL").is_err();
+    let executor = ActionExecutor::new(
+        PayosClient::new(&payos)?,
+        EgressClient::new(EgressPolicy::from_env()?, Timeouts::default())?,
+    );
     let config = EmbeddedConfig {
         api,
         limits: args.limits(),
         partitions: 8,
         clock,
+        actions: Some(Arc::new(executor)),
     };
     let runtime = Embedded::start(store, config).await?;
 
@@ -219,6 +236,14 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
     println!("PayOS workflow engine (embedded) listening on http://{listen}");
     println!("  data: {}", db.display());
     println!("  OpenAPI: http://{listen}/openapi.json");
+    if using_sandbox {
+        println!(
+            "  PayOS SANDBOX (not real money): actions go to http://{listen}/payos-sandbox; \
+             recorded transfers at http://{listen}/payos-sandbox/sandbox/transfers"
+        );
+    } else {
+        println!("  PayOS API: {}", payos.base_url);
+    }
     println!(
         "  demo partner `{}` keys (also in {}):",
         demo::DEMO_PARTNER,
@@ -237,7 +262,14 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         let _ = tokio::signal::ctrl_c().await;
         token.cancel();
     });
-    runtime.serve(listener).await?;
+    let router = runtime.router.clone().nest(
+        "/payos-sandbox",
+        workflow_egress::payos_sandbox::router(sandbox),
+    );
+    let stop = runtime.cancel_token();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
     runtime.shutdown(Duration::from_secs(10)).await;
     Ok(())
 }

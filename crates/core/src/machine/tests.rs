@@ -63,9 +63,7 @@ fn approval(name: &str, role: &str) -> Step {
 fn action(name: &str) -> Step {
     step(
         name,
-        StepKind::Action(ActionConfig {
-            action: "execute_transfer".into(),
-        }),
+        StepKind::Action(crate::template::ActionConfig::new("execute_transfer")),
         json!({"action": "execute_transfer", "params": {"transfer_id": "{{trigger.id}}"}}),
     )
 }
@@ -133,7 +131,8 @@ fn small_procurement_skips_both_approvals_and_waits_at_the_action() {
     let tpl = procurement();
     let info = info(json!({"id": "tr_1", "amount": 500}));
     let (state, events) = run(&tpl, &info);
-    assert_eq!(state.status, InstanceStatus::Waiting);
+    // The action is in flight: the instance runs, waiting on the action pool.
+    assert_eq!(state.status, InstanceStatus::Running);
     assert_eq!(state.current_step, Some(3));
     let statuses: Vec<_> = state.steps.iter().map(|s| (s.index, s.status)).collect();
     assert_eq!(
@@ -142,7 +141,7 @@ fn small_procurement_skips_both_approvals_and_waits_at_the_action() {
             (0, StepStatus::Completed),
             (1, StepStatus::Skipped),
             (2, StepStatus::Skipped),
-            (3, StepStatus::Waiting),
+            (3, StepStatus::Running),
         ]
     );
     let waiting = state.waiting_on.as_ref().map(|w| w.kind.as_str());
@@ -275,12 +274,13 @@ fn every_waiting_step_type_names_what_it_waits_for() {
     for (s, kind) in kinds {
         let tpl = template(vec![s]);
         let (state, _) = run(&tpl, &info(json!({"id": "tr_9"})));
-        assert_eq!(
-            state.status,
-            InstanceStatus::Waiting,
-            "{kind}: {:?}",
-            state.error
-        );
+        // An action is in flight (running); the others wait.
+        let expected = if kind == "action" {
+            InstanceStatus::Running
+        } else {
+            InstanceStatus::Waiting
+        };
+        assert_eq!(state.status, expected, "{kind}: {:?}", state.error);
         let waiting = state.waiting_on.unwrap_or_else(|| panic!("{kind} waits"));
         assert_eq!(waiting.kind, kind);
         assert!(!waiting.description.is_empty());
@@ -370,9 +370,7 @@ fn cancel_ends_a_waiting_instance_and_then_nothing_changes_it() {
 fn placeholders_that_fail_at_run_time_fail_the_step() {
     let tpl = template(vec![step(
         "pay",
-        StepKind::Action(ActionConfig {
-            action: "execute_transfer".into(),
-        }),
+        StepKind::Action(crate::template::ActionConfig::new("execute_transfer")),
         json!({"action": "execute_transfer", "params": {"transfer_id": "{{trigger.missing}}"}}),
     )]);
     let (state, _) = run(&tpl, &info(json!({})));
@@ -447,6 +445,8 @@ fn gen_step() -> impl Strategy<Value = GenStep> {
 enum GenCmd {
     Execute(usize),
     ExecuteDispatched,
+    /// The action pool reports on the current step.
+    ActionReport(bool),
     Cancel,
 }
 
@@ -454,6 +454,7 @@ fn gen_cmd() -> impl Strategy<Value = GenCmd> {
     prop_oneof![
         6 => Just(GenCmd::ExecuteDispatched),
         2 => (0usize..12).prop_map(GenCmd::Execute),
+        2 => any::<bool>().prop_map(GenCmd::ActionReport),
         1 => Just(GenCmd::Cancel),
     ]
 }
@@ -461,7 +462,7 @@ fn gen_cmd() -> impl Strategy<Value = GenCmd> {
 fn dispatched(effect: &Effect) -> Option<usize> {
     match effect {
         Effect::Dispatch { index, .. } => Some(*index),
-        Effect::ScheduleTimer(_) => None,
+        Effect::ScheduleTimer(_) | Effect::PerformAction { .. } => None,
     }
 }
 
@@ -479,7 +480,14 @@ fn check_invariants(state: &InstanceState) -> Result<(), TestCaseError> {
             let cur = state.current_step;
             prop_assert!(cur.is_some(), "running without a current step");
             let status = cur.and_then(|i| state.execution(i)).map(|e| e.status);
-            prop_assert_eq!(status, Some(StepStatus::Pending));
+            // Dispatched to a pool, or an action call in flight (named in waiting_on).
+            let in_flight = status == Some(StepStatus::Running)
+                && state.waiting_on.as_ref().map(|w| w.kind.as_str()) == Some("action");
+            prop_assert!(
+                status == Some(StepStatus::Pending) || in_flight,
+                "running on {:?}",
+                status
+            );
         }
         InstanceStatus::Waiting => {
             prop_assert!(state.waiting_on.is_some(), "waiting on nothing named");
@@ -519,6 +527,14 @@ proptest! {
                     Some(i) => Command::ExecuteStep { index: *i },
                     None => continue,
                 },
+                GenCmd::ActionReport(ok) => Command::ActionResult {
+                    index: state.current_step.unwrap_or(0),
+                    outcome: if ok {
+                        ActionOutcome::Succeeded { output: json!({"status": "executed"}), attempts: vec![] }
+                    } else {
+                        ActionOutcome::Failed { error: "boom".into(), attempts: vec![] }
+                    },
+                },
                 GenCmd::Cancel => Command::Cancel { actor: human("ops"), reason: None },
             };
             let was_terminal = state.status.is_terminal();
@@ -529,9 +545,9 @@ proptest! {
                         prop_assert!(executed.insert(index), "step {} ran twice", index);
                         pending.retain(|p| *p != index);
                     }
-                    if t.state.status == InstanceStatus::Running {
-                        let dispatches = t.effects.iter().filter_map(dispatched).count();
-                        prop_assert_eq!(dispatches, 1, "running without a dispatch");
+                    if t.state.status == InstanceStatus::Running && matches!(command, Command::ExecuteStep { .. } | Command::ActionResult { .. }) {
+                        let work = t.effects.iter().filter(|e| !matches!(e, Effect::ScheduleTimer(_))).count();
+                        prop_assert_eq!(work, 1, "running with nothing dispatched or called");
                     }
                     for index in t.effects.iter().filter_map(dispatched) {
                         prop_assert!(!executed.contains(&index), "dispatched an executed step");
@@ -929,7 +945,7 @@ mod timed {
             .iter()
             .filter_map(|e| match e {
                 Effect::ScheduleTimer(t) => Some(t.clone()),
-                Effect::Dispatch { .. } => None,
+                Effect::Dispatch { .. } | Effect::PerformAction { .. } => None,
             })
             .collect()
     }
@@ -1263,5 +1279,151 @@ mod timed {
             decide(&tpl, &info, &timed_out.state, &decider("carol", "cfo")),
             Err(MachineError::Terminal { .. })
         ));
+    }
+}
+
+// ---- action results ----
+
+mod actions {
+    use super::*;
+
+    fn executed(out: &Transition) -> Option<Value> {
+        out.effects.iter().find_map(|e| match e {
+            Effect::PerformAction { input, .. } => Some(input.clone()),
+            Effect::Dispatch { .. } | Effect::ScheduleTimer(_) => None,
+        })
+    }
+
+    fn with_failure(route: Route) -> Template {
+        let mut cfg = crate::template::ActionConfig::new("execute_transfer");
+        cfg.on_failure = route;
+        template(vec![
+            step(
+                "Pay",
+                StepKind::Action(cfg),
+                json!({"action": "execute_transfer", "params": {"transfer_id": "{{trigger.id}}"}}),
+            ),
+            approval("After", "cfo"),
+            approval("Last", "cfo"),
+        ])
+    }
+
+    fn report(
+        tpl: &Template,
+        info: &InstanceInfo,
+        state: &InstanceState,
+        outcome: ActionOutcome,
+    ) -> Result<Transition, MachineError> {
+        apply(
+            tpl,
+            info,
+            state,
+            Command::ActionResult { index: 0, outcome },
+            Timestamp(9),
+            &limits(),
+        )
+    }
+
+    #[test]
+    fn executing_an_action_asks_the_pool_to_call_with_the_rendered_input() {
+        let tpl = with_failure(Route::Fail);
+        let info = info(json!({"id": "tr_1"}));
+        let t = start(&tpl, &info, Timestamp(0));
+        let t = apply(
+            &tpl,
+            &info,
+            &t.state,
+            Command::ExecuteStep { index: 0 },
+            Timestamp(1),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            executed(&t),
+            Some(json!({"action": "execute_transfer", "params": {"transfer_id": "tr_1"}}))
+        );
+        assert_eq!(t.state.status, InstanceStatus::Running);
+        // Redelivered step command: refused (the pool re-calls with the same idempotency key).
+        let again = apply(
+            &tpl,
+            &info,
+            &t.state,
+            Command::ExecuteStep { index: 0 },
+            Timestamp(2),
+            &limits(),
+        );
+        assert_eq!(again, Err(MachineError::AlreadyExecuted { index: 0 }));
+
+        let ok = report(
+            &tpl,
+            &info,
+            &t.state,
+            ActionOutcome::Succeeded {
+                output: json!({"status": "executed"}),
+                attempts: vec![json!({"attempt": 1})],
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            ok.state.execution(0).map(|e| e.status),
+            Some(StepStatus::Completed)
+        );
+        assert_eq!(
+            ok.state
+                .execution(0)
+                .and_then(|e| e.output.clone())
+                .map(|o| o["response"]["status"].clone()),
+            Some(json!("executed"))
+        );
+        assert_eq!(ok.state.current_step, Some(1));
+        // A second report is refused: the outcome is recorded once.
+        let twice = report(
+            &tpl,
+            &info,
+            &ok.state,
+            ActionOutcome::Failed {
+                error: "late".into(),
+                attempts: vec![],
+            },
+        );
+        assert_eq!(twice, Err(MachineError::AlreadyExecuted { index: 0 }));
+    }
+
+    #[test]
+    fn on_failure_fail_continue_and_skip_to() {
+        let info = info(json!({"id": "tr_1"}));
+        for (route, status, current) in [
+            (Route::Fail, InstanceStatus::Failed, None),
+            (Route::Continue, InstanceStatus::Running, Some(1)),
+            (Route::SkipTo(2), InstanceStatus::Running, Some(2)),
+        ] {
+            let tpl = with_failure(route);
+            let t = start(&tpl, &info, Timestamp(0));
+            let t = apply(
+                &tpl,
+                &info,
+                &t.state,
+                Command::ExecuteStep { index: 0 },
+                Timestamp(1),
+                &limits(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let failed = report(
+                &tpl,
+                &info,
+                &t.state,
+                ActionOutcome::Failed {
+                    error: "HTTP 500".into(),
+                    attempts: vec![json!({}), json!({})],
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                (failed.state.status, failed.state.current_step),
+                (status, current),
+                "{route:?}"
+            );
+            assert!(failed.events.iter().any(|e| e.kind == "action.failed"));
+        }
     }
 }

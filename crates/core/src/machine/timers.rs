@@ -286,26 +286,18 @@ pub(crate) fn apply_timer(
                 &mut events,
             );
         }
-        (StepKind::Wait(cfg), TimerKind::WaitTimeout) => match cfg.on_timeout {
-            Route::Fail => {
-                let message = format!("step {index} `{}` timed out", step.name);
-                fail_step(&mut next, index, now, message, actor, &mut events);
-            }
-            route => {
-                let output = json!({"timed_out": true});
-                complete_and_follow(
-                    template,
-                    &mut next,
-                    index,
-                    now,
-                    output,
-                    route,
-                    &actor,
-                    &mut effects,
-                    &mut events,
-                );
-            }
-        },
+        (StepKind::Wait(cfg), TimerKind::WaitTimeout) => super::end_step_by_route(
+            template,
+            &mut next,
+            index,
+            now,
+            cfg.on_timeout,
+            format!("step {index} `{}` timed out", step.name),
+            json!({"timed_out": true}),
+            &actor,
+            &mut effects,
+            &mut events,
+        ),
         (StepKind::Approval(cfg), TimerKind::ApprovalTimeout) => {
             approval_timeout(
                 template,

@@ -70,8 +70,22 @@ async fn seed_walk_through_cfo_and_manager_to_the_action(backend: Backend) {
 
     let (s, b) = decide(&app, &p.manager, &iid, "2", "approve", json!({})).await;
     assert_eq!(s, 200, "{b}");
-    let done = waiting_at(&app, &p.requester, &iid, 3).await;
-    assert_eq!(done["current_step"]["name"], "Execute Payment");
+    let done = app
+        .wait_for(&p.requester, &iid, "completed", |b| {
+            b["status"] == "completed"
+        })
+        .await;
+    assert_eq!(done["steps"][3]["name"], "Execute Payment");
+    assert_eq!(
+        done["steps"][3]["output"]["response"]["body"]["status"],
+        "executed"
+    );
+    let counts = app
+        .sandbox
+        .counts("tr_5000")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(counts.executions, 1);
     assert_eq!(
         done["steps"][1]["output"]["approvals"][0]["actor"]["id"],
         "carol"
@@ -243,7 +257,8 @@ async fn separation_of_duties_rules(backend: Backend) {
             .0,
         200
     );
-    waiting_at(&app, &boss, &mine, 3).await;
+    app.wait_for(&boss, &mine, "completed", |b| b["status"] == "completed")
+        .await;
 }
 
 async fn agents_decide_within_bounded_authority(backend: Backend) {

@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 use payos_workflows::embedded::{Embedded, EmbeddedConfig};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use step_workers::ActionExecutor;
+use workflow_egress::payos_sandbox::{self, SandboxState};
+use workflow_egress::{EgressClient, EgressPolicy, PayosClient, PayosConfig, Timeouts};
 use workflow_engine::{Clock, SystemClock};
 use workflow_store::Store;
 
@@ -22,6 +25,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub store: Store,
+    /// The PayOS sandbox the action pool calls: counts executions per transfer.
+    pub sandbox: SandboxState,
     runtime: Option<Embedded>,
     _dir: tempfile::TempDir,
 }
@@ -55,11 +60,35 @@ pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> Te
         .migrate()
         .await
         .unwrap_or_else(|e| panic!("migrate: {e}"));
+    // A real PayOS sandbox over HTTP on its own port: the action pool's target.
+    let sandbox = SandboxState::in_memory();
+    let sandbox_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind sandbox: {e}"));
+    let sandbox_addr = sandbox_listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    let sandbox_router = payos_sandbox::router(sandbox.clone());
+    tokio::spawn(async move { axum::serve(sandbox_listener, sandbox_router).await });
+    let payos = PayosClient::new(&PayosConfig {
+        base_url: format!("http://{sandbox_addr}"),
+        api_key: "test".into(),
+        timeouts: Timeouts::default(),
+    })
+    .unwrap_or_else(|e| panic!("payos client: {e}"));
+    let policy =
+        EgressPolicy::strict().allow_net("127.0.0.1/32".parse().unwrap_or_else(|e| panic!("{e}")));
+    let http = EgressClient::new(policy, Timeouts::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut executor = ActionExecutor::new(payos, http);
+    // Fast retries keep the suite quick; the schedule's shape is what is tested.
+    executor.base_delay = Duration::from_millis(10);
+    executor.max_delay = Duration::from_millis(100);
     let config = EmbeddedConfig {
         api: producer_api::ApiConfig::new(ADMIN.into()),
         limits: workflow_core::validate::Limits::default(),
         partitions: 4,
         clock,
+        actions: Some(Arc::new(executor)),
     };
     let runtime = Embedded::start(store.clone(), config)
         .await
@@ -80,6 +109,7 @@ pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> Te
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         store,
+        sandbox,
         runtime: Some(runtime),
         _dir: dir,
     }

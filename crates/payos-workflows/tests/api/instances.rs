@@ -83,10 +83,17 @@ async fn list_filters_and_cursor(backend: Backend) {
         b["status"] == "failed"
     })
     .await;
-    for id in &ids {
-        app.wait_for(&p.requester, id, "waiting", |b| b["status"] == "waiting")
-            .await;
+    // At most $1,000: the transfer runs and the instance completes; $5,000 waits for the CFO.
+    for id in &ids[..3] {
+        app.wait_for(&p.requester, id, "completed", |b| {
+            b["status"] == "completed"
+        })
+        .await;
     }
+    app.wait_for(&p.requester, &ids[3], "waiting", |b| {
+        b["status"] == "waiting"
+    })
+    .await;
 
     let (_, b) = app
         .get("/v1/workflows/instances?status=failed", &p.requester)
@@ -99,7 +106,12 @@ async fn list_filters_and_cursor(backend: Backend) {
             &p.requester,
         )
         .await;
-    assert_eq!(b["data"].as_array().map(Vec::len), Some(4));
+    assert_eq!(b["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(b["data"][0]["id"], json!(ids[3]));
+    let (_, b) = app
+        .get("/v1/workflows/instances?status=completed", &p.requester)
+        .await;
+    assert_eq!(b["data"].as_array().map(Vec::len), Some(3));
     let (_, b) = app
         .get("/v1/workflows/instances?template_id=other", &p.requester)
         .await;

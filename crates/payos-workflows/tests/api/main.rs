@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod actions;
 mod approvals;
 mod auth;
 mod instances;

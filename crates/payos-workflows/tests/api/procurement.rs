@@ -1,6 +1,6 @@
 //! The spec's Procurement Approval example, end to end.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, Backend, PROCUREMENT};
 
@@ -19,17 +19,32 @@ async fn seed_template_routes_small_and_large_procurements(backend: Backend) {
         .start(&p.requester, tid, json!({"id": "tr_large", "amount": 5000, "currency": "USD", "metadata": {"type": "procurement"}}))
         .await;
 
-    // $500: no approval needed; skip_to:3 lands on "Execute Payment", which waits visibly.
+    // $500: no approval needed; skip_to:3 lands on "Execute Payment", which runs the transfer
+    // in the PayOS sandbox and completes the instance.
     let s = app
         .wait_for(
             &p.requester,
             small["id"].as_str().unwrap_or_default(),
-            "waiting at the action",
-            |b| b["status"] == "waiting" && b["current_step"]["index"] == 3,
+            "completed",
+            |b| b["status"] == "completed",
         )
         .await;
-    assert_eq!(s["current_step"]["name"], "Execute Payment");
-    assert_eq!(s["waiting_on"]["kind"], "action");
+    assert_eq!(s["current_step"], Value::Null);
+    assert_eq!(s["steps"][3]["name"], "Execute Payment");
+    assert_eq!(
+        s["steps"][3]["output"]["response"]["body"]["status"],
+        "executed"
+    );
+    assert_eq!(
+        s["steps"][3]["output"]["response"]["body"]["transfer_id"],
+        "tr_small"
+    );
+    let counts = app
+        .sandbox
+        .counts("tr_small")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(counts.executions, 1, "the transfer executed exactly once");
     let statuses: Vec<_> = s["steps"]
         .as_array()
         .map(|a| a.iter().map(|x| x["status"].clone()).collect())
@@ -40,7 +55,7 @@ async fn seed_template_routes_small_and_large_procurements(backend: Backend) {
             json!("completed"),
             json!("skipped"),
             json!("skipped"),
-            json!("waiting")
+            json!("completed")
         ]
     );
     assert_eq!(

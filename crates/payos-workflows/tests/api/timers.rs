@@ -229,6 +229,7 @@ async fn timers_survive_a_restart(backend: Backend) {
         limits: workflow_core::validate::Limits::default(),
         partitions: 4,
         clock: clock.clone(),
+        actions: None,
     };
     let runtime = payos_workflows::embedded::Embedded::start(store.clone(), config)
         .await

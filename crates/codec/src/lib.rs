@@ -1,0 +1,113 @@
+//! The Avro codec of every Kafka message of the workflow engine.
+//!
+//! The `.avsc` files in `schemas/` are the source of truth; they are compiled into this crate.
+//! Every message is [Avro single-object encoded](framing): the marker `C3 01`, the 8-byte
+//! CRC-64-AVRO fingerprint of the schema it was written with, then the Avro binary body. The
+//! fingerprint identifies the writer schema in the [`Registry`] (current and previous version
+//! of each schema), and a message written with the previous version is resolved to the current
+//! one, so consumers read what producers still running an older release write.
+//!
+//! ```
+//! use workflow_codec::{decode, encode, Message, SchemaName, StepCommand, StepMessage, StepType};
+//!
+//! let msg = StepMessage::from(StepCommand {
+//!     command_id: "c1".into(),
+//!     partner_id: "p".into(),
+//!     instance_id: "i".into(),
+//!     step_index: 3,
+//!     step_type: StepType::Action,
+//!     issued_at: 1_700_000_000_000,
+//! });
+//! let bytes = encode(SchemaName::StepMessage, &msg)?;
+//! assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+//! assert_eq!(decode::<StepMessage>(&bytes)?, msg);
+//! assert_eq!(StepMessage::from_avro(&msg.to_avro()?)?, msg);
+//! # Ok::<(), workflow_codec::CodecError>(())
+//! ```
+//!
+//! Decoding never panics: arbitrary bytes give a [`CodecError`].
+
+pub mod error;
+pub mod framing;
+pub mod messages;
+pub mod registry;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use error::{CodecError, Operation};
+pub use framing::Fingerprint;
+pub use messages::{
+    Actor, ActorType, DeadLetter, DecisionCommand, LifecycleEvent, LifecycleEventKind, Message,
+    StepCommand, StepMessage, StepMessageBody, StepType, TimerFired, TimerKind, TimerRequest,
+    TransferEvent, TriggerCommand, Verdict,
+};
+pub use registry::{Generation, RegisteredSchema, Registry, SchemaFile, SchemaName};
+
+/// Single-object encode `value` with the current version of `schema`.
+///
+/// Fails (never panics) when `value` does not fit the schema: a missing field without default,
+/// an unknown field, a wrong type, an unknown enum symbol.
+pub fn encode<T: Serialize>(schema: SchemaName, value: &T) -> Result<Vec<u8>, CodecError> {
+    let writer = Registry::global()?.current(schema);
+    let body = GenericDatumWriter::builder(&writer.schema)
+        .build()
+        .and_then(|w| w.write_ser_to_vec(value))
+        .map_err(|e| CodecError::avro(schema, Operation::Encode, e))?;
+    Ok(framing::frame(writer.fingerprint, &body))
+}
+
+/// Decode a message written with any known schema (current or previous version), as the
+/// current version of that schema, into `T`.
+///
+/// `T` may be the schema's type from [`messages`], or any self-describing type such as
+/// `serde_json::Value`. To insist on one schema, use [`decode_as`] or [`Message::from_avro`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (name, value) = decode_value(bytes)?;
+    apache_avro::from_value(&value).map_err(|e| CodecError::avro(name, Operation::Deserialize, e))
+}
+
+/// [`decode`], but a message written with another schema than `expected` is a
+/// [`CodecError::SchemaMismatch`].
+pub fn decode_as<T: DeserializeOwned>(expected: SchemaName, bytes: &[u8]) -> Result<T, CodecError> {
+    let found = writer_schema(bytes)?.name;
+    if found != expected {
+        return Err(CodecError::SchemaMismatch { expected, found });
+    }
+    decode(bytes)
+}
+
+/// The schema a message was written with, from its header alone (for routing, metrics, dead
+/// letters).
+pub fn writer_schema(bytes: &[u8]) -> Result<&'static RegisteredSchema, CodecError> {
+    let (fingerprint, _) = framing::unframe(bytes)?;
+    Registry::global()?
+        .by_fingerprint(fingerprint)
+        .ok_or(CodecError::UnknownFingerprint(fingerprint))
+}
+
+/// Read the body with its writer schema, resolved to the current version when it is older.
+fn decode_value(bytes: &[u8]) -> Result<(SchemaName, Value), CodecError> {
+    let (fingerprint, mut body) = framing::unframe(bytes)?;
+    let registry = Registry::global()?;
+    let writer = registry
+        .by_fingerprint(fingerprint)
+        .ok_or(CodecError::UnknownFingerprint(fingerprint))?;
+    let name = writer.name;
+    let reader = registry.current(name);
+    let value = GenericDatumReader::builder(&writer.schema)
+        .maybe_reader_schema((reader.fingerprint != writer.fingerprint).then_some(&reader.schema))
+        .build()
+        .and_then(|r| r.read_value(&mut body))
+        .map_err(|e| CodecError::avro(name, Operation::Decode, e))?;
+    if !body.is_empty() {
+        return Err(CodecError::TrailingBytes {
+            schema: name,
+            trailing: body.len(),
+        });
+    }
+    Ok((name, value))
+}

@@ -1,0 +1,115 @@
+//! Action steps: the machine asks the action pool to call out, and records what came back.
+//!
+//! Executing an action step marks it `running` and returns [`Effect::PerformAction`] with the
+//! rendered input. The pool calls the PayOS API (or the `http` target) with an idempotency key
+//! derived from the instance and step, retrying what is retryable, and reports the outcome as
+//! [`Command::ActionResult`]. If the pool dies before reporting, the redelivered step command
+//! finds the step still `running` and the pool calls again with the same key: the receiver
+//! answers with its first result, so the operation happens once.
+//!
+//! [`Effect::PerformAction`]: super::Effect::PerformAction
+//! [`Command::ActionResult`]: super::Command::ActionResult
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{complete_and_follow, Event, MachineError, Transition};
+use crate::instance::{ActorRef, InstanceState, StepStatus, WaitingOn};
+use crate::template::{ActionConfig, Route, StepKind, Template};
+use crate::time::Timestamp;
+
+/// What the action pool reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ActionOutcome {
+    /// The call succeeded; `output` becomes the step's output.
+    Succeeded { output: Value, attempts: Vec<Value> },
+    /// Every attempt failed, or one failed for good.
+    Failed { error: String, attempts: Vec<Value> },
+}
+
+/// The instance waits on its action pool while the call is in flight.
+pub(crate) fn action_in_flight(cfg: &ActionConfig, index: usize, now: Timestamp) -> WaitingOn {
+    WaitingOn {
+        step_index: index,
+        kind: "action".into(),
+        description: format!("the action pool is running `{}`", cfg.action),
+        since: now,
+        due: None,
+        detail: json!({"action": cfg.action, "max_attempts": cfg.max_attempts}),
+    }
+}
+
+pub(crate) fn apply_result(
+    template: &Template,
+    state: &InstanceState,
+    index: usize,
+    outcome: ActionOutcome,
+    actor: ActorRef,
+    now: Timestamp,
+) -> Result<Transition, MachineError> {
+    let Some(step) = template.steps.get(index) else {
+        return Err(MachineError::NoSuchStep { index });
+    };
+    let StepKind::Action(cfg) = &step.kind else {
+        return Err(MachineError::NotCurrent { index });
+    };
+    let running = state.current_step == Some(index)
+        && state.execution(index).map(|e| e.status) == Some(StepStatus::Running);
+    if !running {
+        // A late or repeated report: the step already has its outcome.
+        return Err(MachineError::AlreadyExecuted { index });
+    }
+    let mut next = state.clone();
+    let mut effects = Vec::new();
+    let mut events = Vec::new();
+    match outcome {
+        ActionOutcome::Succeeded { output, attempts } => {
+            events.push(Event {
+                actor: actor.clone(),
+                kind: "action.succeeded",
+                before: Value::Null,
+                after: json!({"index": index, "action": cfg.action, "attempts": attempts.len()}),
+                reason: None,
+            });
+            let output = json!({"response": output, "attempts": attempts});
+            complete_and_follow(
+                template,
+                &mut next,
+                index,
+                now,
+                output,
+                Route::Continue,
+                &actor,
+                &mut effects,
+                &mut events,
+            );
+        }
+        ActionOutcome::Failed { error, attempts } => {
+            events.push(Event {
+                actor: actor.clone(),
+                kind: "action.failed",
+                before: Value::Null,
+                after: json!({"index": index, "action": cfg.action, "attempts": attempts.len(), "error": error}),
+                reason: None,
+            });
+            super::end_step_by_route(
+                template,
+                &mut next,
+                index,
+                now,
+                cfg.on_failure,
+                format!("action `{}` failed: {error}", cfg.action),
+                json!({"failed": true, "error": error, "attempts": attempts}),
+                &actor,
+                &mut effects,
+                &mut events,
+            );
+        }
+    }
+    Ok(Transition {
+        state: next,
+        effects,
+        events,
+    })
+}
