@@ -33,6 +33,9 @@ pub struct ApiConfig {
     pub decision_wait: std::time::Duration,
     /// Most decisions one bulk call may carry.
     pub max_bulk_decisions: usize,
+    /// Where templates may send requests: outbound URLs are checked when a template is saved
+    /// (and again, by the workers, when the address is resolved).
+    pub egress: workflow_egress::EgressPolicy,
 }
 
 impl ApiConfig {
@@ -43,6 +46,7 @@ impl ApiConfig {
             max_page_size: 100,
             decision_wait: std::time::Duration::from_secs(10),
             max_bulk_decisions: 500,
+            egress: workflow_egress::EgressPolicy::strict(),
         }
     }
 }

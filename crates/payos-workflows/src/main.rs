@@ -203,6 +203,7 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         .with_context(|| format!("cannot listen on {listen}"))?;
     let mut api = producer_api::ApiConfig::new(admin_token.clone());
     api.max_bulk_decisions = args.max_bulk_decisions;
+    api.egress = EgressPolicy::from_env()?;
     // Actions go to PAYOS_API_URL, or to the PayOS sandbox this process serves itself.
     let sandbox = workflow_egress::payos_sandbox::SandboxState::in_memory();
     let payos = PayosConfig {

@@ -34,6 +34,44 @@ fn draft(
     }
 }
 
+/// Refuse outbound URLs that the egress policy refuses (SSRF): an `http` action's
+/// `params.url` and a webhook notification's `url`. A URL with a `{{ }}` placeholder is only
+/// known when the step runs, and is checked then, at address resolution.
+fn check_egress(
+    doc: &serde_json::Value,
+    policy: &workflow_egress::EgressPolicy,
+) -> Result<(), ApiError> {
+    let mut problems = Vec::new();
+    let steps = doc.get("steps").and_then(serde_json::Value::as_array);
+    for (i, step) in steps.into_iter().flatten().enumerate() {
+        let config = &step["config"];
+        let candidates = [
+            (config["params"]["url"].as_str(), "params.url"),
+            (config["url"].as_str(), "url"),
+        ];
+        for (url, field) in candidates {
+            let Some(url) = url else { continue };
+            if url.contains("{{") {
+                continue;
+            }
+            if let Err(e) = policy.check_url_static(url) {
+                problems.push(workflow_core::validate::Problem {
+                    path: format!("$.steps[{i}].config.{field}"),
+                    problem: format!("refused by the egress policy: {e}"),
+                });
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::problems(
+            "the template calls addresses it may not reach",
+            problems,
+        ))
+    }
+}
+
 /// Create a template (version 1). The body is the template document itself.
 #[utoipa::path(post, path = "/v1/workflows/templates", tag = "templates",
     request_body(content = Object, description = "A workflow template document"),
@@ -47,6 +85,7 @@ pub async fn create(
     RawBody(body): RawBody,
 ) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
     let (doc, template) = parse_template_json(&body, state.engine.limits())?;
+    check_egress(&doc, &state.config.egress)?;
     let id = uuid::Uuid::now_v7().to_string();
     let rec = TemplateRecord {
         id: id.clone(),
@@ -146,6 +185,7 @@ pub async fn update(
     RawBody(body): RawBody,
 ) -> Result<Json<TemplateView>, ApiError> {
     let (doc, template) = parse_template_json(&body, state.engine.limits())?;
+    check_egress(&doc, &state.config.egress)?;
     let store = state.engine.store();
     let audit = draft(
         &caller,

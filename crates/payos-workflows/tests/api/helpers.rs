@@ -83,8 +83,12 @@ pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> Te
     // Fast retries keep the suite quick; the schedule's shape is what is tested.
     executor.base_delay = Duration::from_millis(10);
     executor.max_delay = Duration::from_millis(100);
+    let mut api = producer_api::ApiConfig::new(ADMIN.into());
+    // The tests' own receivers live on loopback: allow-listed explicitly, as in production.
+    api.egress =
+        EgressPolicy::strict().allow_net("127.0.0.1/32".parse().unwrap_or_else(|e| panic!("{e}")));
     let config = EmbeddedConfig {
-        api: producer_api::ApiConfig::new(ADMIN.into()),
+        api,
         limits: workflow_core::validate::Limits::default(),
         partitions: 4,
         clock,

@@ -242,7 +242,74 @@ async fn hostile_expressions_are_refused_and_the_server_stays_up(backend: Backen
     assert_eq!(s, 200, "the server is still up");
 }
 
+async fn outbound_urls_are_checked_against_ssrf_when_saved(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let p = app.partner("acme").await;
+    let http = |url: &str| {
+        json!({"name": "h", "trigger_type": "manual", "steps": [
+            {"type": "action", "name": "Call", "config": {"action": "http", "params": {"url": url}}}
+        ]})
+    };
+    let hook = |url: &str| {
+        json!({"name": "n", "trigger_type": "manual", "steps": [
+            {"type": "notification", "name": "Tell", "config": {"channel": "webhook", "url": url}}
+        ]})
+    };
+    let refused = [
+        (
+            http("http://169.254.169.254/latest/meta-data"),
+            "$.steps[0].config.params.url",
+        ),
+        (
+            http("http://10.1.2.3/internal"),
+            "$.steps[0].config.params.url",
+        ),
+        (
+            http("http://localhost:9000/admin"),
+            "$.steps[0].config.params.url",
+        ),
+        (http("http://[::1]/x"), "$.steps[0].config.params.url"),
+        (hook("http://192.168.1.10/hook"), "$.steps[0].config.url"),
+    ];
+    for (doc, path) in refused {
+        let (s, b) = app
+            .call_raw(
+                Method::POST,
+                "/v1/workflows/templates",
+                &p.requester,
+                serde_json::to_vec(&doc).unwrap_or_default(),
+            )
+            .await;
+        assert_eq!(s, 422, "{doc}: {b}");
+        assert_eq!(paths(&b), vec![path.to_string()], "{b}");
+        assert!(
+            b["error"]["details"][0]["problem"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("egress"),
+            "{b}"
+        );
+    }
+    // Allow-listed (this suite allows 127.0.0.1), public, and templated URLs are accepted.
+    for doc in [
+        http("http://127.0.0.1:9/ok"),
+        hook("https://hooks.example.com/x"),
+        http("{{trigger.url}}"),
+    ] {
+        let (s, b) = app
+            .call_raw(
+                Method::POST,
+                "/v1/workflows/templates",
+                &p.requester,
+                serde_json::to_vec(&doc).unwrap_or_default(),
+            )
+            .await;
+        assert_eq!(s, 201, "{doc}: {b}");
+    }
+}
+
 crate::on_both_stores!(
+    outbound_urls_are_checked_against_ssrf_when_saved,
     every_invalid_template_is_a_422_with_paths,
     malformed_json_is_a_400_with_position,
     oversized_documents_are_refused,
