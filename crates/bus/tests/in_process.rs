@@ -60,7 +60,7 @@ fn spawn_consumer(
                 break;
             }
             count += 1;
-            if count % 7 == 0 {
+            if count.is_multiple_of(7) {
                 // Let the other consumer and the publishers interleave with us.
                 tokio::task::yield_now().await;
             }
