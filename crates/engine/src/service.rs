@@ -296,6 +296,30 @@ impl Engine {
         self.parsed(&rec)
     }
 
+    /// The partner's instance and the template version it runs on.
+    async fn load(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+    ) -> Result<(InstanceRecord, Arc<Template>), EngineError> {
+        let current = self
+            .store
+            .get_instance(partner_id, instance_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "instance",
+                id: instance_id.to_string(),
+            })?;
+        let template = self
+            .template_version(
+                partner_id,
+                &current.info.template_id,
+                current.info.template_version,
+            )
+            .await?;
+        Ok((current, template))
+    }
+
     /// Start an instance of the template's latest version. With an idempotency key, a second
     /// call returns the first instance (`created: false`) and writes nothing.
     pub async fn start_instance(
@@ -420,21 +444,7 @@ impl Engine {
         comment: Option<String>,
         wait: Duration,
     ) -> Result<DecisionResult, EngineError> {
-        let current = self
-            .store
-            .get_instance(partner_id, instance_id)
-            .await?
-            .ok_or_else(|| EngineError::NotFound {
-                what: "instance",
-                id: instance_id.to_string(),
-            })?;
-        let template = self
-            .template_version(
-                partner_id,
-                &current.info.template_id,
-                current.info.template_version,
-            )
-            .await?;
+        let (current, template) = self.load(partner_id, instance_id).await?;
         let proposal = Proposal {
             index,
             decider,
@@ -591,21 +601,7 @@ impl Engine {
         command: Command,
     ) -> Result<(InstanceRecord, Vec<Effect>), EngineError> {
         for _ in 0..MAX_ATTEMPTS {
-            let current = self
-                .store
-                .get_instance(partner_id, instance_id)
-                .await?
-                .ok_or_else(|| EngineError::NotFound {
-                    what: "instance",
-                    id: instance_id.to_string(),
-                })?;
-            let template = self
-                .template_version(
-                    partner_id,
-                    &current.info.template_id,
-                    current.info.template_version,
-                )
-                .await?;
+            let (current, template) = self.load(partner_id, instance_id).await?;
             let now = self.clock.now();
             let t = machine::apply(
                 &template,

@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
+use crate::process::{remove_dir, run, StartLock};
 use crate::TestkitError;
 
 /// The Kafka version the local broker runs unless `PAYOS_TEST_KAFKA_VERSION` says otherwise.
@@ -131,7 +132,11 @@ async fn local_broker() -> Result<String, TestkitError> {
         return Ok(bootstrap);
     }
     let root = std::env::temp_dir().join(format!("payos-testkit-kafka-{port}"));
-    let _lock = StartLock::acquire(&root.with_extension("lock")).await?;
+    let _lock = StartLock::acquire(
+        &root.with_extension("lock"),
+        START_DEADLINE + FETCH_DEADLINE,
+    )
+    .await?;
     // Someone else may have started it while we waited for the lock.
     if probe(&bootstrap).await.is_ok() {
         return Ok(bootstrap);
@@ -520,99 +525,11 @@ async fn metadata_brokers(bootstrap: &str) -> Result<usize, String> {
     Ok(usize::try_from(brokers).unwrap_or(0))
 }
 
-/// An exclusive lock on a file, held while one process starts the broker. The OS releases it if
-/// the holder dies, so a crashed start never wedges later runs. (The same as the PostgreSQL
-/// cluster's, with Kafka's longer deadline: the holder may be downloading the jars.)
-struct StartLock {
-    file: std::fs::File,
-}
-
-impl StartLock {
-    async fn acquire(path: &Path) -> Result<StartLock, TestkitError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|source| TestkitError::Io {
-                action: format!("opening lock file {}", path.display()),
-                source,
-            })?;
-        let started = Instant::now();
-        loop {
-            // Fully qualified: newer std has an inherent `File::try_lock` with another signature.
-            match fs4::FileExt::try_lock(&file) {
-                Ok(()) => return Ok(StartLock { file }),
-                Err(fs4::TryLockError::WouldBlock)
-                    if started.elapsed() < START_DEADLINE + FETCH_DEADLINE =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(fs4::TryLockError::WouldBlock) => {
-                    return Err(TestkitError::Timeout {
-                        what: format!("locking {}", path.display()),
-                        seconds: (START_DEADLINE + FETCH_DEADLINE).as_secs(),
-                        detail: String::new(),
-                    })
-                }
-                Err(fs4::TryLockError::Error(source)) => {
-                    return Err(TestkitError::Io {
-                        action: format!("locking {}", path.display()),
-                        source,
-                    })
-                }
-            }
-        }
-    }
-}
-
-impl Drop for StartLock {
-    fn drop(&mut self) {
-        let _ = fs4::FileExt::unlock(&self.file);
-    }
-}
-
-async fn run(cmd: &mut Command, what: &str) -> Result<(), TestkitError> {
-    let command = format!("{:?}", cmd.as_std());
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| TestkitError::Io {
-            action: format!("running {what} ({command})"),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(TestkitError::Command {
-            command,
-            status: out.status.to_string(),
-            output: format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        })
-    }
-}
-
 fn create_dir(dir: &Path) -> Result<(), TestkitError> {
     std::fs::create_dir_all(dir).map_err(|source| TestkitError::Io {
         action: format!("creating {}", dir.display()),
         source,
     })
-}
-
-fn remove_dir(dir: &Path) -> Result<(), TestkitError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(TestkitError::Io {
-            action: format!("removing {}", dir.display()),
-            source,
-        }),
-    }
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), TestkitError> {

@@ -29,6 +29,7 @@
 
 pub mod kafka;
 mod postgres;
+mod process;
 pub mod smtp;
 
 use std::path::Path;

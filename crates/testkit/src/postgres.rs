@@ -2,7 +2,6 @@
 //! (feature `testcontainers`) a container. See the crate docs for the order and the layout.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::PgConnection;
@@ -10,6 +9,7 @@ use sqlx::{Connection, Executor, Row};
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
+use crate::process::{remove_dir, run, StartLock};
 use crate::TestkitError;
 
 const DEFAULT_PORT: u16 = 54329;
@@ -91,7 +91,7 @@ async fn local_cluster() -> Result<String, TestkitError> {
     }
     let bindir = find_bindir().await?;
     let root = std::env::temp_dir().join(format!("payos-testkit-pg-{port}"));
-    let _lock = StartLock::acquire(&root.with_extension("lock")).await?;
+    let _lock = StartLock::acquire(&root.with_extension("lock"), START_DEADLINE).await?;
     // Someone else may have started it while we waited for the lock.
     if can_connect(&url).await {
         return Ok(url);
@@ -302,91 +302,6 @@ async fn drop_stale_databases(admin: &str) {
         }
     }
     let _ = conn.close().await;
-}
-
-/// An exclusive lock on a file, held while one process starts the cluster. The OS releases it
-/// if the holder dies, so a crashed start never wedges later runs.
-struct StartLock {
-    file: std::fs::File,
-}
-
-impl StartLock {
-    async fn acquire(path: &Path) -> Result<StartLock, TestkitError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|source| TestkitError::Io {
-                action: format!("opening lock file {}", path.display()),
-                source,
-            })?;
-        let started = Instant::now();
-        loop {
-            // Fully qualified: newer std has an inherent `File::try_lock` with another signature.
-            match fs4::FileExt::try_lock(&file) {
-                Ok(()) => return Ok(StartLock { file }),
-                Err(fs4::TryLockError::WouldBlock) if started.elapsed() < START_DEADLINE => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(fs4::TryLockError::WouldBlock) => {
-                    return Err(TestkitError::Timeout {
-                        what: format!("locking {}", path.display()),
-                        seconds: START_DEADLINE.as_secs(),
-                        detail: String::new(),
-                    })
-                }
-                Err(fs4::TryLockError::Error(source)) => {
-                    return Err(TestkitError::Io {
-                        action: format!("locking {}", path.display()),
-                        source,
-                    })
-                }
-            }
-        }
-    }
-}
-
-impl Drop for StartLock {
-    fn drop(&mut self) {
-        let _ = fs4::FileExt::unlock(&self.file);
-    }
-}
-
-async fn run(cmd: &mut Command, what: &str) -> Result<(), TestkitError> {
-    let command = format!("{:?}", cmd.as_std());
-    let out: Output = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|source| TestkitError::Io {
-            action: format!("running {what} ({command})"),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(TestkitError::Command {
-            command,
-            status: out.status.to_string(),
-            output: format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        })
-    }
-}
-
-fn remove_dir(dir: &Path) -> Result<(), TestkitError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(TestkitError::Io {
-            action: format!("removing {}", dir.display()),
-            source,
-        }),
-    }
 }
 
 fn log_tail(root: &Path) -> String {
