@@ -185,6 +185,8 @@ pub struct InstanceView {
     pub template_id: String,
     pub template_version: i64,
     pub status: String,
+    /// `live`, or `simulate`: transfer actions went to the simulation endpoint.
+    pub mode: String,
     /// The step the instance is at; null once it finished.
     pub current_step: Option<CurrentStepView>,
     /// What it waits for, since when, due when: "who is blocking this workflow?"
@@ -223,6 +225,7 @@ impl InstanceView {
             template_id: rec.info.template_id.clone(),
             template_version: rec.info.template_version,
             status: state.status.as_str().to_string(),
+            mode: rec.info.mode.as_str().to_string(),
             current_step,
             waiting_on: state.waiting_on.as_ref().map(WaitingOnView::from),
             trigger: rec.info.trigger.clone(),

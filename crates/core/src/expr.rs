@@ -179,6 +179,7 @@ impl EvalContext {
             "template_id": info.template_id,
             "template_version": info.template_version,
             "created_at": info.created_at.millis(),
+            "mode": info.mode.as_str(),
             "created_by": {
                 "id": info.created_by.id,
                 "type": serde_json::to_value(info.created_by.actor_type).unwrap_or(Value::Null),
@@ -1060,6 +1061,7 @@ mod tests {
                 actor_type: ActorType::Human,
             },
             trigger: json!({"id": "tr-1", "amount": 500}),
+            mode: Default::default(),
         };
         let state = InstanceState {
             status: InstanceStatus::Running,
@@ -1083,7 +1085,7 @@ mod tests {
             ctx.instance,
             json!({
                 "id": "inst-1", "partner_id": "p-1", "template_id": "tpl-1",
-                "template_version": 3, "created_at": 1_700_000_000_000i64,
+                "template_version": 3, "created_at": 1_700_000_000_000i64, "mode": "live",
                 "created_by": {"id": "u-1", "type": "human"}
             })
         );

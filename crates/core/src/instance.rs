@@ -178,6 +178,32 @@ impl InstanceState {
     }
 }
 
+/// How an instance runs its PayOS operations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunMode {
+    /// Transfers really execute.
+    #[default]
+    Live,
+    /// Every transfer action goes to the simulation endpoint instead: try a template safely.
+    Simulate,
+}
+
+impl RunMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Live => "live",
+            RunMode::Simulate => "simulate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunMode> {
+        [RunMode::Live, RunMode::Simulate]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
 /// Facts about an instance that never change after creation; the `instance` root of the
 /// expression context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,4 +215,5 @@ pub struct InstanceInfo {
     pub created_at: Timestamp,
     pub created_by: ActorRef,
     pub trigger: Value,
+    pub mode: RunMode,
 }

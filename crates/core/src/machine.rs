@@ -347,6 +347,10 @@ fn execute_step(
         StepKind::Action(cfg) => {
             next.status = InstanceStatus::Running;
             next.waiting_on = Some(action::action_in_flight(cfg, index, now));
+            let input = action::for_mode(input, info.mode);
+            if let Some(exec) = next.execution_mut(index) {
+                exec.input = Some(input.clone());
+            }
             effects.push(Effect::PerformAction { index, input });
         }
         StepKind::Wait(cfg) => timers::start_wait(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
-use workflow_core::instance::{ActorRef, InstanceInfo, Verdict};
+use workflow_core::instance::{ActorRef, InstanceInfo, RunMode, Verdict};
 use workflow_core::machine::{
     self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
 };
@@ -329,10 +329,11 @@ impl Engine {
         template_id: &str,
         trigger: Value,
         idempotency_key: Option<String>,
+        mode: RunMode,
     ) -> Result<StartOutcome, EngineError> {
         if let Some(key) = &idempotency_key {
             if let Some(existing) = self.find_by_key(partner_id, key).await? {
-                return check_same_request(existing, template_id, &trigger, key);
+                return check_same_request(existing, template_id, &trigger, mode, key);
             }
         }
         let rec = self
@@ -358,6 +359,7 @@ impl Engine {
             created_at: now,
             created_by: actor.clone(),
             trigger,
+            mode,
         };
         let t = machine::start(&template, &info, now);
         let instance = InstanceRecord {
@@ -385,7 +387,9 @@ impl Engine {
             }
             // Lost a race with an identical request: answer as the idempotent replay it is.
             CreateOutcome::Existing(existing) => match &idempotency_key {
-                Some(key) => check_same_request(existing, template_id, &instance.info.trigger, key),
+                Some(key) => {
+                    check_same_request(existing, template_id, &instance.info.trigger, mode, key)
+                }
                 None => Ok(StartOutcome {
                     instance: existing,
                     created: false,
@@ -726,9 +730,13 @@ fn check_same_request(
     existing: InstanceRecord,
     template_id: &str,
     trigger: &Value,
+    mode: RunMode,
     key: &str,
 ) -> Result<StartOutcome, EngineError> {
-    if existing.info.template_id != template_id || &existing.info.trigger != trigger {
+    if existing.info.template_id != template_id
+        || &existing.info.trigger != trigger
+        || existing.info.mode != mode
+    {
         return Err(EngineError::IdempotencyMismatch {
             key: key.to_string(),
         });

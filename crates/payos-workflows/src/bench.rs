@@ -147,7 +147,14 @@ pub async fn timers(store: Store, n: usize, window: Duration) -> Result<TimerRep
                 let offset = (i as i64 * window_ms) / (n.max(1) as i64);
                 let at = first_due + offset;
                 let out = engine
-                    .start_instance(&partner, &actor, &template_id, json!({"at": at}), None)
+                    .start_instance(
+                        &partner,
+                        &actor,
+                        &template_id,
+                        json!({"at": at}),
+                        None,
+                        Default::default(),
+                    )
                     .await?;
                 mine.push(out.instance.info.id);
             }

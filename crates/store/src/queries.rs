@@ -12,7 +12,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, Row};
 use workflow_core::audit::{chain_hash, AuditContent, GENESIS};
-use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
+use workflow_core::instance::{ActorRef, ActorType, InstanceInfo, RunMode};
 use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 
 use crate::error::{is_foreign_key_violation, is_unique_violation};
@@ -29,7 +29,7 @@ const TEMPLATE_FROM: &str =
 
 pub(crate) const INSTANCE_COLS: &str =
     "id, partner_id, template_id, template_version, status, current_step, \
-     idempotency_key, created_by, trigger_data, state, created_at, updated_at, version";
+     idempotency_key, created_by, trigger_data, state, created_at, updated_at, version, mode";
 
 const AUDIT_COLS: &str =
     "stream, seq, partner_id, at, actor, kind, before_doc, after_doc, reason, prev_hash, hash";
@@ -365,8 +365,8 @@ impl Store {
         // racing insert of the same key waits for the other transaction, then does nothing.
         let inserted = sqlx::query(
             "INSERT INTO workflow_instances (id, partner_id, template_id, template_version, status, \
-             current_step, idempotency_key, created_by, trigger_data, state, created_at, updated_at, version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             current_step, idempotency_key, created_by, trigger_data, state, created_at, updated_at, version, mode) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (partner_id, idempotency_key) DO NOTHING",
         )
         .bind(info.id.as_str())
@@ -382,6 +382,7 @@ impl Store {
         .bind(info.created_at.0)
         .bind(rec.updated_at.0)
         .bind(rec.version)
+        .bind(info.mode.as_str())
         .execute(&mut *tx)
         .await;
         let inserted = match inserted {
@@ -808,6 +809,10 @@ pub(crate) fn instance_from_row(row: &AnyRow) -> Result<InstanceRecord, StoreErr
     let created_by: String = row.try_get("created_by")?;
     let trigger: String = row.try_get("trigger_data")?;
     let state: String = row.try_get("state")?;
+    let mode: String = row.try_get("mode")?;
+    let mode = RunMode::parse(&mode).ok_or_else(|| StoreError::Corrupt {
+        message: format!("instance {id} has unknown mode `{mode}`"),
+    })?;
     Ok(InstanceRecord {
         info: InstanceInfo {
             partner_id: row.try_get("partner_id")?,
@@ -816,6 +821,7 @@ pub(crate) fn instance_from_row(row: &AnyRow) -> Result<InstanceRecord, StoreErr
             created_at: Timestamp(row.try_get("created_at")?),
             created_by: from_json::<ActorRef>(&created_by, &format!("instance {id} created_by"))?,
             trigger: from_json(&trigger, &format!("instance {id} trigger"))?,
+            mode,
             id: id.clone(),
         },
         idempotency_key: row.try_get("idempotency_key")?,

@@ -158,6 +158,7 @@ fn instance(partner_id: &str, template_id: &str, key: Option<&str>) -> InstanceR
             created_at: Timestamp(5_000),
             created_by: actor(),
             trigger: json!({"amount": 100.25, "currency": "EUR"}),
+            mode: Default::default(),
         },
         idempotency_key: key.map(str::to_string),
         state: InstanceState {

@@ -6,6 +6,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
+use workflow_core::instance::RunMode;
 use workflow_core::InstanceStatus;
 use workflow_engine::service::instance_stream;
 use workflow_store::records::{InstanceFilter, InstanceRecord};
@@ -31,6 +32,9 @@ pub struct CreateInstance {
     /// The same key returns the same instance (201 the first time, 200 after). The
     /// `Idempotency-Key` header is accepted too.
     pub idempotency_key: Option<String>,
+    /// `live` (default) or `simulate`: every transfer action goes to the PayOS simulation
+    /// endpoint instead, to try a template before enabling it.
+    pub mode: Option<String>,
 }
 
 fn empty_object() -> Value {
@@ -95,6 +99,11 @@ pub async fn create(
             ));
         }
     }
+    let mode = match body.mode.as_deref() {
+        None => RunMode::Live,
+        Some(m) => RunMode::parse(m)
+            .ok_or_else(|| ApiError::invalid("$.mode", "must be `live` or `simulate`"))?,
+    };
     let outcome = state
         .engine
         .start_instance(
@@ -103,6 +112,7 @@ pub async fn create(
             &body.template_id,
             body.trigger,
             key,
+            mode,
         )
         .await
         .map_err(|e| match e {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{complete_and_follow, Event, MachineError, Transition};
-use crate::instance::{ActorRef, InstanceState, StepStatus, WaitingOn};
+use crate::instance::{ActorRef, InstanceState, RunMode, StepStatus, WaitingOn};
 use crate::template::{ActionConfig, Route, StepKind, Template};
 use crate::time::Timestamp;
 
@@ -26,6 +26,28 @@ pub enum ActionOutcome {
     Succeeded { output: Value, attempts: Vec<Value> },
     /// Every attempt failed, or one failed for good.
     Failed { error: String, attempts: Vec<Value> },
+}
+
+/// The PayOS operations a simulated instance must not perform for real.
+const TRANSFER_ACTIONS: [&str; 2] = ["execute_transfer", "cancel_transfer"];
+
+/// The call to make for this run mode: a simulated instance sends every transfer action to the
+/// simulation endpoint instead, and its input says so (`simulated_action`).
+pub(crate) fn for_mode(mut input: Value, mode: RunMode) -> Value {
+    if mode != RunMode::Simulate {
+        return input;
+    }
+    if let Value::Object(map) = &mut input {
+        let action = map
+            .get("action")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let Some(action) = action.filter(|a| TRANSFER_ACTIONS.contains(&a.as_str())) {
+            map.insert("action".into(), json!("simulate_transfer"));
+            map.insert("simulated_action".into(), json!(action));
+        }
+    }
+    input
 }
 
 /// The instance waits on its action pool while the call is in flight.
@@ -112,4 +134,25 @@ pub(crate) fn apply_result(
         effects,
         events,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulation_mode_routes_transfer_actions_to_the_simulation_endpoint() {
+        let input = json!({"action": "execute_transfer", "params": {"transfer_id": "t"}});
+        assert_eq!(for_mode(input.clone(), RunMode::Live), input);
+        assert_eq!(
+            for_mode(input, RunMode::Simulate),
+            json!({"action": "simulate_transfer", "simulated_action": "execute_transfer", "params": {"transfer_id": "t"}})
+        );
+        let http = json!({"action": "http", "params": {"url": "https://x.test"}});
+        assert_eq!(
+            for_mode(http.clone(), RunMode::Simulate),
+            http,
+            "only transfer actions are simulated"
+        );
+    }
 }

@@ -20,6 +20,7 @@ fn info(trigger: Value) -> InstanceInfo {
         created_at: Timestamp(0),
         created_by: human("requester"),
         trigger,
+        mode: Default::default(),
     }
 }
 

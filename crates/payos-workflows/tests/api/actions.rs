@@ -346,7 +346,69 @@ async fn the_http_action_calls_a_real_server_with_an_idempotency_key(backend: Ba
     );
 }
 
+async fn simulation_mode_sends_transfers_to_the_simulation_endpoint(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let p = app.partner("acme").await;
+    let tid = id(&app
+        .create_template(&p.requester, crate::helpers::PROCUREMENT)
+        .await);
+    let (s, b) = app
+        .post(
+            "/v1/workflows/instances",
+            &p.requester,
+            json!({"template_id": tid, "trigger": {"id": "tr_sim", "amount": 300}, "mode": "simulate"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["mode"], "simulate");
+    let done = app
+        .wait_for(&p.requester, &id(&b), "completed", |b| {
+            b["status"] == "completed"
+        })
+        .await;
+    assert_eq!(done["steps"][3]["input"]["action"], "simulate_transfer");
+    assert_eq!(
+        done["steps"][3]["input"]["simulated_action"],
+        "execute_transfer"
+    );
+    let counts = app
+        .sandbox
+        .counts("tr_sim")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (counts.executions, counts.simulations),
+        (0, 1),
+        "nothing executed for real"
+    );
+
+    let (s, b) = app
+        .post(
+            "/v1/workflows/instances",
+            &p.requester,
+            json!({"template_id": tid, "trigger": {}, "mode": "dry"}),
+        )
+        .await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(b["error"]["details"][0]["path"], "$.mode");
+    // The same idempotency key in another mode is a different request.
+    let body = |mode: &str| json!({"template_id": tid, "trigger": {"id": "k"}, "idempotency_key": "k1", "mode": mode});
+    assert_eq!(
+        app.post("/v1/workflows/instances", &p.requester, body("simulate"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        app.post("/v1/workflows/instances", &p.requester, body("live"))
+            .await
+            .0,
+        409
+    );
+}
+
 crate::on_both_stores!(
+    simulation_mode_sends_transfers_to_the_simulation_endpoint,
     retries_then_success_executes_once,
     exhausted_retries_follow_on_failure,
     fatal_errors_are_not_retried_and_retry_after_is_honoured,

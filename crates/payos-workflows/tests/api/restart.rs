@@ -84,6 +84,7 @@ async fn resume_after_a_restart_that_lost_the_bus(backend: Backend) {
                 "t",
                 json!({"id": "tr", "amount": amount}),
                 None,
+                Default::default(),
             )
             .await
             .unwrap_or_else(|e| panic!("{e}"));
