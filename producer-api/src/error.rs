@@ -239,6 +239,10 @@ impl From<EngineError> for ApiError {
                 tracing::error!(error = %e, request_id = %request_id::current(), "corrupt template");
                 ApiError::internal()
             }
+            EngineError::Message(_) => {
+                tracing::error!(error = %e, request_id = %request_id::current(), "message encoding failed");
+                ApiError::internal()
+            }
         }
     }
 }

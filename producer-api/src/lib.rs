@@ -33,6 +33,8 @@ pub struct ApiConfig {
     pub decision_wait: std::time::Duration,
     /// Most decisions one bulk call may carry.
     pub max_bulk_decisions: usize,
+    /// Most start requests one `POST /v1/workflows/instances/batch` may carry.
+    pub max_batch_triggers: usize,
     /// Where templates may send requests: outbound URLs are checked when a template is saved
     /// (and again, by the workers, when the address is resolved).
     pub egress: workflow_egress::EgressPolicy,
@@ -46,6 +48,7 @@ impl ApiConfig {
             max_page_size: 100,
             decision_wait: std::time::Duration::from_secs(10),
             max_bulk_decisions: 500,
+            max_batch_triggers: 500,
             egress: workflow_egress::EgressPolicy::strict(),
         }
     }
@@ -85,6 +88,10 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
             post(routes::instances::create).get(routes::instances::list),
         )
         .route(
+            "/v1/workflows/instances/batch",
+            post(routes::instances::create_batch),
+        )
+        .route(
             "/v1/workflows/instances/{id}",
             get(routes::instances::get_one),
         )
@@ -113,6 +120,7 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
             "/v1/workflows/approvals/bulk",
             post(routes::approvals::bulk),
         )
+        .merge(routes::webhooks::routes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, approvals, instances, templates};
+use crate::routes::{admin, approvals, instances, templates, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use crate::routes::{admin, approvals, instances, templates};
         templates::update,
         templates::deactivate,
         instances::create,
+        instances::create_batch,
         instances::list,
         instances::get_one,
         instances::cancel,
@@ -27,6 +28,11 @@ use crate::routes::{admin, approvals, instances, templates};
         approvals::reject,
         approvals::pending,
         approvals::bulk,
+        webhooks::get_secret,
+        webhooks::rotate_secret,
+        webhooks::list_deliveries,
+        webhooks::get_delivery,
+        webhooks::redeliver,
     ),
     components(schemas(crate::error::ErrorResponse)),
     modifiers(&Security)

@@ -284,3 +284,26 @@ pub struct EventsView {
     pub data: Vec<AuditEventView>,
     pub chain: ChainView,
 }
+
+/// The result of one item of `POST /v1/workflows/instances/batch`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchItemResult {
+    /// The item's position in the request (0-based).
+    pub index: usize,
+    /// What the single endpoint would have answered: 201 created, 200 idempotent replay, or
+    /// the status of `error`.
+    pub status: u16,
+    /// The instance, when it was created or replayed.
+    pub instance: Option<InstanceView>,
+    /// Why the item failed; its details' paths start with `$.items[<index>]`.
+    pub error: Option<crate::error::ErrorBody>,
+}
+
+/// The answer of `POST /v1/workflows/instances/batch`: a result per item, in request order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchStartResponse {
+    pub results: Vec<BatchItemResult>,
+    pub created: usize,
+    pub replayed: usize,
+    pub failed: usize,
+}

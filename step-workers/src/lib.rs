@@ -6,10 +6,15 @@
 //! redelivery, which the engine recognises and skips: effects happen once.
 //!
 //! What is specific to a step type lives in the domain's state machine; the pools that call
-//! out do their IO here in their own modules (`action`).
+//! out do their IO here in their own modules (`action`). `transfers` is the `on_transfer` trigger
+//! consumer: it starts instances from the transfer service's events.
 
 pub mod action;
+pub mod notify;
 pub mod pool;
+pub mod transfers;
 
 pub use action::ActionExecutor;
+pub use notify::Notifier;
 pub use pool::{run_pool, PoolConfig, PoolKind};
+pub use transfers::{run_transfer_triggers, TransferTriggerConfig};

@@ -6,6 +6,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use workflow_bus::{Bus, Message, Subscription};
 use workflow_core::StepType;
+use workflow_engine::dead_letter::send_to_dead_letter;
 use workflow_engine::messages::step_topic;
 use workflow_engine::{DecisionCommand, Engine, ExecuteOutcome, StepMessage, DECISION_TOPIC};
 
@@ -18,6 +19,9 @@ pub enum PoolKind {
     Steps(StepType),
     /// Approval decisions, applied in order per instance (part of the approval pool).
     ApprovalDecisions,
+    /// Notification deliveries (part of the notification pool): one attempt per message, and
+    /// the scanner that re-queues due retries.
+    NotificationDeliveries,
 }
 
 impl PoolKind {
@@ -25,6 +29,9 @@ impl PoolKind {
         match self {
             PoolKind::Steps(t) => step_topic(t),
             PoolKind::ApprovalDecisions => DECISION_TOPIC.to_string(),
+            PoolKind::NotificationDeliveries => {
+                workflow_engine::messages::NOTIFICATION_TOPIC.to_string()
+            }
         }
     }
 
@@ -33,6 +40,7 @@ impl PoolKind {
         match self {
             PoolKind::Steps(t) => format!("pool-{}", t.as_str()),
             PoolKind::ApprovalDecisions => "pool-approval-decisions".to_string(),
+            PoolKind::NotificationDeliveries => "pool-notification-deliveries".to_string(),
         }
     }
 
@@ -40,7 +48,10 @@ impl PoolKind {
     pub fn for_step_type(step_type: StepType) -> Vec<PoolKind> {
         match step_type {
             StepType::Approval => vec![PoolKind::Steps(step_type), PoolKind::ApprovalDecisions],
-            StepType::Condition | StepType::Action | StepType::Wait | StepType::Notification => {
+            StepType::Notification => {
+                vec![PoolKind::Steps(step_type), PoolKind::NotificationDeliveries]
+            }
+            StepType::Condition | StepType::Action | StepType::Wait => {
                 vec![PoolKind::Steps(step_type)]
             }
         }
@@ -54,10 +65,11 @@ pub struct PoolConfig {
     /// Makes the calls of action steps (the action pool only). Without one, action steps stay
     /// in flight, visibly, until a pool that has one picks them up.
     pub actions: Option<std::sync::Arc<ActionExecutor>>,
+    /// Makes notification deliveries (the delivery pool only). Without one, deliveries stay
+    /// queued, visibly, until a pool that has one picks them up.
+    pub notifier: Option<std::sync::Arc<crate::notify::Notifier>>,
     /// Members of the consumer group in this process; partitions are shared among them.
     pub members: usize,
-    /// Attempts for a retryable failure before the command is given up (and logged).
-    pub max_attempts: u32,
 }
 
 impl PoolConfig {
@@ -65,8 +77,8 @@ impl PoolConfig {
         PoolConfig {
             kind,
             actions: None,
-            members: 2,
-            max_attempts: 10,
+            notifier: None,
+            members: 4,
         }
     }
 }
@@ -81,10 +93,17 @@ pub async fn run_pool(
     let topic = config.kind.topic();
     let group = config.kind.group();
     let mut members = JoinSet::new();
+    if config.kind == PoolKind::NotificationDeliveries {
+        members.spawn(crate::notify::run_scanner(
+            engine.clone(),
+            cancel.child_token(),
+        ));
+    }
     for _ in 0..config.members.max(1) {
         let sub = bus.subscribe(&topic, &group).await?;
         members.spawn(member(
             engine.clone(),
+            bus.clone(),
             sub,
             config.clone(),
             cancel.child_token(),
@@ -101,6 +120,7 @@ pub async fn run_pool(
 
 async fn member(
     engine: Engine,
+    bus: std::sync::Arc<dyn Bus>,
     mut sub: Box<dyn Subscription>,
     config: PoolConfig,
     cancel: CancellationToken,
@@ -122,8 +142,17 @@ async fn member(
             }
         };
         // Cancellation between steps is fine; the uncommitted message is redelivered.
-        if !handle(&engine, &msg, &config, &cancel).await {
-            return;
+        match handle(&engine, &msg, &config, &cancel).await {
+            Handled::Done => {}
+            Handled::Cancelled => return,
+            Handled::Dead(reason) => {
+                let now = engine.clock().now().0;
+                if let Err(e) = send_to_dead_letter(bus.as_ref(), &msg, &reason, now).await {
+                    // Not committed: the message comes back rather than being lost.
+                    tracing::error!(error = %e, offset = msg.offset, "cannot dead-letter; leaving the message uncommitted");
+                    return;
+                }
+            }
         }
         if let Err(e) = sub.commit(&msg).await {
             tracing::warn!(error = %e, offset = msg.offset, "commit failed; message will be redelivered");
@@ -131,58 +160,68 @@ async fn member(
     }
 }
 
-/// Handle one message. Returns false when cancelled before it finished.
+/// How handling one message ended.
+#[derive(Debug)]
+pub(crate) enum Handled {
+    /// Done with (applied, or recognised as stale or redelivered): commit it.
+    Done,
+    /// Cancelled before it finished: leave it uncommitted, it is redelivered.
+    Cancelled,
+    /// Undecodable, or failing for good: to the dead-letter topic with the reason, then commit,
+    /// so the partition moves on.
+    Dead(String),
+}
+
+impl<T> From<Attempted<T>> for Handled {
+    fn from(attempted: Attempted<T>) -> Handled {
+        match attempted {
+            Attempted::Done(_) => Handled::Done,
+            Attempted::GaveUp(reason) => Handled::Dead(reason),
+            Attempted::Cancelled => Handled::Cancelled,
+        }
+    }
+}
+
+/// Handle one message.
 async fn handle(
     engine: &Engine,
     msg: &Message,
     config: &PoolConfig,
     cancel: &CancellationToken,
-) -> bool {
+) -> Handled {
     match config.kind {
         PoolKind::Steps(_) => handle_step(engine, msg, config, cancel).await,
-        PoolKind::ApprovalDecisions => handle_decision(engine, msg, config, cancel).await,
+        PoolKind::ApprovalDecisions => handle_decision(engine, msg, cancel).await,
+        PoolKind::NotificationDeliveries => {
+            crate::notify::handle_delivery(engine, msg, config.notifier.as_deref(), cancel).await
+        }
     }
 }
 
-async fn handle_decision(
-    engine: &Engine,
-    msg: &Message,
-    config: &PoolConfig,
-    cancel: &CancellationToken,
-) -> bool {
+async fn handle_decision(engine: &Engine, msg: &Message, cancel: &CancellationToken) -> Handled {
     let cmd = match DecisionCommand::decode(&msg.payload) {
         Ok(cmd) => cmd,
-        Err(e) => {
-            tracing::error!(error = %e, topic = %msg.topic, offset = msg.offset, "undecodable decision skipped");
-            return true;
-        }
+        Err(e) => return Handled::Dead(format!("undecodable decision command: {e}")),
     };
-    retrying(config, cancel, &cmd.instance_id, || {
-        engine.apply_decision(&cmd)
-    })
-    .await
-    .finished()
+    retrying(cancel, &cmd.instance_id, || engine.apply_decision(&cmd))
+        .await
+        .into()
 }
 
 /// How a retried operation ended.
 enum Attempted<T> {
     Done(T),
-    /// Failed for good, or out of retries (logged); the message is done with.
-    GaveUp,
+    /// Failed for good (logged), with the error.
+    GaveUp(String),
     /// Cancelled while waiting to retry: leave the message uncommitted.
     Cancelled,
 }
 
-impl<T> Attempted<T> {
-    /// Whether the message may be committed.
-    fn finished(&self) -> bool {
-        !matches!(self, Attempted::Cancelled)
-    }
-}
-
-/// Run `op` until it succeeds, fails for good, or retries run out.
+/// Run `op` until it succeeds or fails for good. A retryable failure (the store unreachable, a
+/// lost optimistic-concurrency race) is retried with capped backoff for as long as it lasts: the
+/// command is not at fault, and moving past it would strand its instance. Only a permanent
+/// failure gives up (and the message goes to the dead-letter topic).
 async fn retrying<T, F, Fut>(
-    config: &PoolConfig,
     cancel: &CancellationToken,
     instance_id: &str,
     mut op: F,
@@ -192,10 +231,12 @@ where
     Fut: std::future::Future<Output = Result<T, workflow_engine::EngineError>>,
 {
     let mut delay = Duration::from_millis(20);
-    for attempt in 1..=config.max_attempts {
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
         match op().await {
             Ok(value) => return Attempted::Done(value),
-            Err(e) if e.is_retryable() && attempt < config.max_attempts => {
+            Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, attempt, instance = %instance_id, "retrying");
                 tokio::select! {
                     _ = cancel.cancelled() => return Attempted::Cancelled,
@@ -204,12 +245,11 @@ where
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                tracing::error!(error = %e, instance = %instance_id, "command failed permanently");
-                return Attempted::GaveUp;
+                tracing::error!(error = %e, instance = %instance_id, attempt, "command failed permanently");
+                return Attempted::GaveUp(format!("failed permanently: {e}"));
             }
         }
     }
-    Attempted::GaveUp
 }
 
 async fn handle_step(
@@ -217,44 +257,35 @@ async fn handle_step(
     msg: &Message,
     config: &PoolConfig,
     cancel: &CancellationToken,
-) -> bool {
+) -> Handled {
     let cmd = match StepMessage::decode(&msg.payload) {
         Ok(StepMessage::Execute(cmd)) => cmd,
         Ok(StepMessage::TimerFired(fired)) => {
-            return retrying(config, cancel, &fired.instance_id, || {
-                engine.fire_timer(&fired)
-            })
-            .await
-            .finished();
+            return retrying(cancel, &fired.instance_id, || engine.fire_timer(&fired))
+                .await
+                .into();
         }
-        Err(e) => {
-            // Not ours to fix by retrying; the distributed runtime sends these to a dead-letter topic.
-            tracing::error!(error = %e, topic = %msg.topic, offset = msg.offset, "undecodable step command skipped");
-            return true;
-        }
+        Err(e) => return Handled::Dead(format!("undecodable step message: {e}")),
     };
-    let executed = retrying(config, cancel, &cmd.instance_id, || {
-        engine.execute_step(&cmd)
-    })
-    .await;
+    let executed = retrying(cancel, &cmd.instance_id, || engine.execute_step(&cmd)).await;
     let task = match executed {
         Attempted::Done(ExecuteOutcome::Perform(task)) => task,
         Attempted::Done(ExecuteOutcome::Skipped(why)) => {
             tracing::debug!(instance = %cmd.instance_id, step = cmd.step_index, %why, "step command skipped");
-            return true;
+            return Handled::Done;
         }
-        other => return other.finished(),
+        other => return other.into(),
     };
     let Some(executor) = &config.actions else {
         tracing::warn!(instance = %task.instance_id, step = task.step_index, "no action executor in this pool; the action stays in flight");
-        return true;
+        return Handled::Done;
     };
     let Some(outcome) = executor.perform(&task, cancel).await else {
-        return false;
+        return Handled::Cancelled;
     };
-    retrying(config, cancel, &task.instance_id, || {
+    retrying(cancel, &task.instance_id, || {
         engine.record_action(&task, outcome.clone())
     })
     .await
-    .finished()
+    .into()
 }

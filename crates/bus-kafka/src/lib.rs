@@ -61,7 +61,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::watch;
-use workflow_bus::{partition_for, Bus, BusError, Subscription};
+use workflow_bus::{partition_for, Bus, BusError, Outgoing, Subscription};
 
 pub use consumer::{Assignment, KafkaSubscription};
 
@@ -172,6 +172,9 @@ impl KafkaConfig {
             .set("socket.timeout.ms", self.millis())
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
+            // A killed member's partitions move within seconds, not librdkafka's 45 s.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
             .set("enable.partition.eof", "false");
         for (key, value) in &self.extra {
             config.set(key, value);
@@ -331,6 +334,26 @@ impl KafkaBus {
             }
         }
         Ok(())
+    }
+
+    /// Every topic the cluster has, with its partition count. Reads metadata only: unlike a
+    /// lookup by name, it can never make a broker auto-create a topic.
+    pub async fn existing_topics(&self) -> Result<BTreeMap<String, u32>, BusError> {
+        let producer = self.inner.producer.clone();
+        let wait = self.inner.config.timeout;
+        let metadata =
+            tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, wait))
+                .await
+                .map_err(|e| BusError::Backend {
+                    reason: format!("metadata task failed: {e}"),
+                })?
+                .map_err(|e| error::from_kafka(&e, "listing the cluster's topics"))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| (t.name().to_owned(), t.partitions().len() as u32))
+            .collect())
     }
 
     /// The number of partitions `topic` has, from the cluster's metadata. Retries while the
@@ -510,8 +533,78 @@ impl Bus for KafkaBus {
         }
     }
 
+    /// Enqueues the whole batch in order without waiting (librdkafka keeps per-partition order
+    /// with the idempotent producer), then waits for every acknowledgement: one round trip per
+    /// batch instead of one per message.
+    async fn publish_batch(&self, batch: Vec<Outgoing>) -> Result<(), BusError> {
+        self.check_open()?;
+        let mut pending = std::collections::VecDeque::with_capacity(batch.len());
+        for m in &batch {
+            let partitions = self.routing_partitions(&m.topic).await?;
+            let partition = partition_for(&m.key, partitions);
+            let target = i32::try_from(partition).map_err(|_| BusError::UnknownPartition {
+                topic: m.topic.clone(),
+                partition,
+            })?;
+            loop {
+                let record = FutureRecord::to(&m.topic)
+                    .key(&m.key)
+                    .payload(&m.payload)
+                    .partition(target);
+                match self.inner.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back((delivery, m.topic.as_str(), partition));
+                        break;
+                    }
+                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                        // Make room by waiting for the oldest message in flight, keeping order.
+                        match pending.pop_front() {
+                            Some((delivery, topic, partition)) => {
+                                delivered(delivery.await, topic, partition)?
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                    Err((e, _)) => {
+                        return Err(error::from_kafka(
+                            &e,
+                            &format!("publishing to {}/{partition}", m.topic),
+                        ))
+                    }
+                }
+            }
+        }
+        let mut first_error = None;
+        for (delivery, topic, partition) in pending {
+            if let Err(e) = delivered(delivery.await, topic, partition) {
+                // The topic may have been recreated: look its partitions up again next time.
+                self.partition_cache().remove(topic);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>, BusError> {
         Ok(Box::new(self.subscribe_member(topic, group).await?))
+    }
+}
+
+/// The outcome of one delivery future of [`KafkaBus::publish_batch`].
+fn delivered<Canceled>(
+    outcome: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, Canceled>,
+    topic: &str,
+    partition: u32,
+) -> Result<(), BusError> {
+    match outcome {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(error::from_kafka(
+            &e,
+            &format!("publishing to {topic}/{partition}"),
+        )),
+        Err(_) => Err(BusError::Backend {
+            reason: format!("the producer dropped a message to {topic}/{partition}"),
+        }),
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use workflow_bus::{partition_for, Bus, BusError, Message, Subscription};
+use workflow_bus::{partition_for, Bus, BusError, Message, Outgoing, Subscription};
 use workflow_bus_kafka::{Assignment, KafkaBus, KafkaConfig, KafkaSubscription};
 use workflow_testkit::{kafka_bootstrap, unique_topic};
 
@@ -199,6 +199,53 @@ async fn publish_consume_round_trip_on_the_partition_partition_for_names() -> Re
     ensure!(msg.key == "instance-ü" && msg.payload.is_empty(), "{msg:?}");
     ensure!(msg.partition == partition_for("instance-ü", PARTITIONS));
     sub.commit(&msg).await?;
+    Ok(())
+}
+
+/// A batch bigger than the producer's queue is all delivered, each key's messages in the
+/// batch's order (the relay publishes the outbox this way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_per_key_order_even_past_the_producer_queue() -> Result<()> {
+    const PARTITIONS: u32 = 3;
+    const KEYS: u32 = 20;
+    const PER_KEY: u32 = 100;
+    init_tracing();
+    let mut config = KafkaConfig::new(kafka_bootstrap().await?)
+        // A tiny queue, so enqueueing meets QueueFull and must wait for room.
+        .with("queue.buffering.max.messages", "50");
+    config.client_id = "bus-kafka-tests-batch".into();
+    config.partitions = PARTITIONS as i32;
+    let bus = KafkaBus::new(config)?;
+    let topic = unique_topic("batch");
+    let mut sub = bus
+        .subscribe_member(&topic, &unique_topic("workers"))
+        .await?;
+    let mut batch = Vec::new();
+    for seq in 0..PER_KEY {
+        for k in 0..KEYS {
+            batch.push(Outgoing {
+                topic: topic.clone(),
+                key: format!("instance-{k}"),
+                payload: format!("instance-{k}:{seq}").into_bytes(),
+            });
+        }
+    }
+    bus.publish_batch(batch).await?;
+
+    let mut last: HashMap<String, u32> = HashMap::new();
+    for _ in 0..KEYS * PER_KEY {
+        let msg = next(&mut sub).await?;
+        let (key, seq) = decode(&msg)?;
+        let expected = last.get(&key).map_or(0, |prev| prev + 1);
+        ensure!(
+            seq == expected,
+            "{key}: got {seq} after {:?}",
+            last.get(&key)
+        );
+        last.insert(key, seq);
+        sub.commit(&msg).await?;
+    }
+    ensure!(last.len() == KEYS as usize && last.values().all(|&s| s == PER_KEY - 1));
     Ok(())
 }
 

@@ -28,12 +28,14 @@
 
 mod error;
 mod in_process;
+mod naming;
 mod partitioner;
 mod sync;
 
 pub use bytes::Bytes;
 pub use error::BusError;
 pub use in_process::{InProcessBus, DEFAULT_PARTITIONS};
+pub use naming::{NamedBus, Naming};
 pub use partitioner::{murmur2, partition_for};
 
 /// One message read from a topic.
@@ -54,6 +56,15 @@ pub struct Message {
     pub payload: Bytes,
 }
 
+/// One message to publish with [`Bus::publish_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    /// The partition key: the workflow instance id.
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
 /// A Kafka-shaped message bus: topics, keys, partitions, consumer groups, explicit commits.
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -62,6 +73,17 @@ pub trait Bus: Send + Sync + 'static {
     /// Messages published with the same key, one after the other, are consumed in that order.
     /// The topic is created on first use.
     async fn publish(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<(), BusError>;
+
+    /// Publish `batch` in order: messages with the same key keep the batch's order. Returns once
+    /// every message is acknowledged; on an error some may have been published (at-least-once:
+    /// the caller publishes the whole batch again). Adapters with a pipelined producer override
+    /// this to have the whole batch in flight at once.
+    async fn publish_batch(&self, batch: Vec<Outgoing>) -> Result<(), BusError> {
+        for m in batch {
+            self.publish(&m.topic, &m.key, m.payload).await?;
+        }
+        Ok(())
+    }
 
     /// Join consumer group `group` on `topic`. Members of one group share the topic's partitions
     /// (each partition to exactly one member; rebalanced when members join/leave); different

@@ -50,6 +50,8 @@ pub enum TimerKind {
     WaitElapsed,
     WaitTimeout,
     ApprovalTimeout,
+    /// Appended after the first release: readers of the previous schema cannot read it.
+    ApprovalReminder,
 }
 
 /// `Verdict.avsc`.

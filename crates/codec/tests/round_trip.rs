@@ -89,6 +89,7 @@ fn every_enum_symbol_round_trips() {
         TimerKind::WaitElapsed,
         TimerKind::WaitTimeout,
         TimerKind::ApprovalTimeout,
+        TimerKind::ApprovalReminder,
     ] {
         round_trip(TimerFired {
             timer,

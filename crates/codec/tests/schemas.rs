@@ -168,11 +168,11 @@ fn fingerprints_are_pinned() {
     let registry = Registry::global().unwrap();
     let pinned = [
         (SchemaName::StepCommand, "a3eb49a761df49d2"),
-        (SchemaName::TimerFired, "ebd3950f5606ecaa"),
-        (SchemaName::StepMessage, "6302a7f919db2a2d"),
+        (SchemaName::TimerFired, "b3edd8b7e8f2438e"),
+        (SchemaName::StepMessage, "df0599cb7286649f"),
         (SchemaName::DecisionCommand, "439431891f603a92"),
         (SchemaName::TriggerCommand, "f35c02a5980c1514"),
-        (SchemaName::TimerRequest, "32fbd18675b8d4b0"),
+        (SchemaName::TimerRequest, "d4975ec5458e619e"),
         (SchemaName::LifecycleEvent, "9c4995445b7bf701"),
         (SchemaName::TransferEvent, "c0f779cd799544ed"),
         (SchemaName::DeadLetter, "9eb88a73f4063542"),

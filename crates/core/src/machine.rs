@@ -21,16 +21,20 @@ use crate::instance::{
 
 mod action;
 mod decide;
+mod notify;
 mod timers;
 
 use crate::render::render;
 use crate::template::{
-    ApprovalConfig, Approver, ApproverEntry, NotificationConfig, Route, StepKind, StepType,
-    Template,
+    ApprovalConfig, Approver, ApproverEntry, Route, StepKind, StepType, Template,
 };
 use crate::time::Timestamp;
 pub use action::ActionOutcome;
 pub use decide::{check_decision, Decider, Proposal};
+pub use notify::{
+    delivery_id, webhook_body, NotificationOutcome, NotificationSpec, NotifyPurpose,
+    OutboundMessage, DEFAULT_STEP_EVENT,
+};
 pub use timers::{timer_id, TimerKind, TimerSpec};
 
 /// What can happen to an instance.
@@ -63,6 +67,13 @@ pub enum Command {
         index: usize,
         outcome: ActionOutcome,
     },
+    /// The delivery pool reports the outcome of the delivery notification step `index`
+    /// waits on (`wait_for_delivery`).
+    NotificationResult {
+        index: usize,
+        delivery_id: String,
+        outcome: NotificationOutcome,
+    },
     /// An actor cancels the instance.
     Cancel {
         actor: ActorRef,
@@ -79,6 +90,8 @@ pub enum Effect {
     ScheduleTimer(TimerSpec),
     /// Call out for action step `index` with its rendered `input` (the action pool does it).
     PerformAction { index: usize, input: Value },
+    /// Queue a notification delivery with this transition (the delivery pool sends it).
+    Notify(NotificationSpec),
 }
 
 /// An audit event produced by a transition.
@@ -252,6 +265,19 @@ pub fn apply(
             pool_actor(StepType::Action),
             now,
         ),
+        Command::NotificationResult {
+            index,
+            delivery_id,
+            outcome,
+        } => notify::apply_result(
+            template,
+            state,
+            index,
+            &delivery_id,
+            outcome,
+            pool_actor(StepType::Notification),
+            now,
+        ),
         Command::Cancel { actor, reason } => Ok(cancel(state, actor, reason, now)),
     }
 }
@@ -342,7 +368,19 @@ fn execute_step(
         StepKind::Approval(cfg) => {
             let waiting = approval_wait(cfg, index, now);
             timers::schedule_approval_deadline(info, index, waiting.due, &mut effects);
+            timers::schedule_approval_reminder(info, cfg, index, 0, waiting.due, now, &mut effects);
             wait_on(&mut next, index, waiting, &actor, &mut events);
+            notify::approval_notices(
+                template,
+                info,
+                &next,
+                index,
+                NotifyPurpose::ApprovalRequested,
+                0,
+                &actor,
+                &mut effects,
+                &mut events,
+            );
         }
         StepKind::Action(cfg) => {
             next.status = InstanceStatus::Running;
@@ -366,11 +404,16 @@ fn execute_step(
             &mut effects,
             &mut events,
         ),
-        StepKind::Notification(cfg) => wait_on(
+        StepKind::Notification(cfg) => notify::start_notification(
+            template,
+            info,
             &mut next,
             index,
-            notification_wait(cfg, index, now),
+            cfg,
+            &input,
+            now,
             &actor,
+            &mut effects,
             &mut events,
         ),
     }
@@ -419,23 +462,6 @@ fn approval_wait(cfg: &ApprovalConfig, index: usize, now: Timestamp) -> WaitingO
         since: now,
         due: cfg.timeout_ms.map(|ms| now.plus_millis(ms)),
         detail: decide::approval_detail(cfg, &cfg.approvers, &[]),
-    }
-}
-
-fn notification_wait(cfg: &NotificationConfig, index: usize, now: Timestamp) -> WaitingOn {
-    let (channel, target) = match cfg {
-        NotificationConfig::Webhook { url, .. } => ("webhook", url.clone()),
-        NotificationConfig::Email { to, .. } => ("email", to.clone()),
-    };
-    WaitingOn {
-        step_index: index,
-        kind: "notification".into(),
-        description: format!(
-            "waiting for {channel} delivery to {target}; this build does not deliver notifications yet"
-        ),
-        since: now,
-        due: None,
-        detail: json!({"channel": channel, "target": target}),
     }
 }
 

@@ -182,6 +182,8 @@ pub struct ApprovalConfig {
     pub require_comment_on_reject: bool,
     /// What happens when the deadline passes without a decision.
     pub on_timeout: TimeoutPolicy,
+    /// Notifications to the approvers (on start, as a reminder, when overdue).
+    pub notify: Option<ApprovalNotify>,
 }
 
 /// An approval's `on_timeout`. Without one, a step with a deadline is rejected when it passes:
@@ -197,7 +199,8 @@ pub enum TimeoutPolicy {
     },
     Reject,
     Fail,
-    /// Record that the deadline passed and keep waiting.
+    /// Record that the deadline passed, notify through the step's `notify` channels (if
+    /// any), and keep waiting.
     Notify,
     /// Approve on the approvers' behalf (only when the template says so explicitly).
     Approve,
@@ -266,10 +269,55 @@ pub enum WaitConfig {
     Signal(String),
 }
 
+/// Where a notification goes, as configured (placeholders unrendered: the content sent is the
+/// step's rendered input).
 #[derive(Debug, Clone, PartialEq)]
-pub enum NotificationConfig {
+pub enum NotifyChannel {
+    /// A Standard Webhooks POST to `url`; `event` is the envelope's `type`.
     Webhook { url: String, event: Option<String> },
+    /// A plain-text email through the configured SMTP relay.
     Email { to: String, subject: String },
+}
+
+impl NotifyChannel {
+    pub fn name(&self) -> &'static str {
+        match self {
+            NotifyChannel::Webhook { .. } => "webhook",
+            NotifyChannel::Email { .. } => "email",
+        }
+    }
+}
+
+/// A notification step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationConfig {
+    pub channel: NotifyChannel,
+    /// False (the default): the step completes once the delivery is durably queued. True: it
+    /// waits until the delivery succeeds, or follows `on_failure` when it is dead-lettered.
+    pub wait_for_delivery: bool,
+    /// With `wait_for_delivery`: `fail` (the default), `continue` or `skip_to:N`.
+    pub on_failure: Route,
+}
+
+impl NotificationConfig {
+    /// Fire-and-forget on `channel`.
+    pub fn new(channel: NotifyChannel) -> NotificationConfig {
+        NotificationConfig {
+            channel,
+            wait_for_delivery: false,
+            on_failure: Route::Fail,
+        }
+    }
+}
+
+/// An approval step's `notify` (and `remind_before`): who hears about the approval when it
+/// starts waiting, before its deadline, and when the deadline passes with `on_timeout: notify`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalNotify {
+    /// One or two channels (`webhook`, `email`).
+    pub channels: Vec<NotifyChannel>,
+    /// Send a reminder this long before the deadline (needs a timeout longer than it).
+    pub remind_before_ms: Option<i64>,
 }
 
 /// The typed configuration of a step.

@@ -24,9 +24,10 @@ use serde_json::{Map, Value};
 use crate::expr::{ExprLimits, Expression};
 use crate::render::{check_placeholders, path_index, path_key};
 use crate::template::{
-    ActionConfig, ApprovalConfig, Approver, ApproverEntry, ConditionConfig, NotificationConfig,
-    RejectPolicy, Route, Step, StepKind, StepType, Template, TemplateSettings, TimeoutPolicy,
-    TriggerCondition, TriggerOp, TriggerType, WaitConfig, WaitStep,
+    ActionConfig, ApprovalConfig, ApprovalNotify, Approver, ApproverEntry, ConditionConfig,
+    NotificationConfig, NotifyChannel, RejectPolicy, Route, Step, StepKind, StepType, Template,
+    TemplateSettings, TimeoutPolicy, TriggerCondition, TriggerOp, TriggerType, WaitConfig,
+    WaitStep,
 };
 use crate::window::BusinessWindow;
 
@@ -567,7 +568,9 @@ impl Validator<'_> {
             StepType::Approval => self.approval(cfg, &cpath).map(StepKind::Approval),
             StepType::Action => self.action(cfg, &cpath, index, len).map(StepKind::Action),
             StepType::Wait => self.wait(cfg, &cpath, index, len).map(StepKind::Wait),
-            StepType::Notification => self.notification(cfg, &cpath).map(StepKind::Notification),
+            StepType::Notification => self
+                .notification(cfg, &cpath, index, len)
+                .map(StepKind::Notification),
         };
         Some(Step {
             name: name?,
@@ -668,6 +671,8 @@ impl Validator<'_> {
                 "reject_policy",
                 "require_comment_on_reject",
                 "on_timeout",
+                "notify",
+                "remind_before",
             ],
         );
         let approvers = self.approver_list(obj, path);
@@ -724,6 +729,7 @@ impl Validator<'_> {
             .ok()?
             .unwrap_or(false);
         let on_timeout = self.approval_timeout(obj, path, timeout_ms.is_some());
+        let notify = self.approval_notify(obj, path, timeout_ms).ok();
         Some(ApprovalConfig {
             approvers: approvers?,
             min_approvals: min_approvals?,
@@ -731,6 +737,7 @@ impl Validator<'_> {
             reject_policy: reject_policy?,
             require_comment_on_reject: require_comment,
             on_timeout: on_timeout?,
+            notify: notify?,
         })
     }
 
@@ -1124,45 +1131,38 @@ impl Validator<'_> {
         })
     }
 
-    fn notification(&mut self, obj: &Map<String, Value>, path: &str) -> Option<NotificationConfig> {
-        const WEBHOOK: [&str; 5] = ["channel", "url", "event", "payload", "wait_for_delivery"];
-        const EMAIL: [&str; 5] = ["channel", "to", "subject", "body", "wait_for_delivery"];
+    fn notification(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        index: usize,
+        len: usize,
+    ) -> Option<NotificationConfig> {
+        const WEBHOOK: [&str; 6] = [
+            "channel",
+            "url",
+            "event",
+            "payload",
+            "wait_for_delivery",
+            "on_failure",
+        ];
+        const EMAIL: [&str; 6] = [
+            "channel",
+            "to",
+            "subject",
+            "body",
+            "wait_for_delivery",
+            "on_failure",
+        ];
         let channel = self.required_str(obj, "channel", path);
-        match channel {
+        let webhook = match channel {
             Some("webhook") => {
                 self.unknown_fields(obj, path, &WEBHOOK);
-                let wait_ok = self.optional_bool(obj, "wait_for_delivery", path).is_ok();
-                let url = self.required_str(obj, "url", path);
-                let url = match url {
-                    Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
-                    Some(_) => {
-                        self.push(path_key(path, "url"), "must be an http:// or https:// URL");
-                        None
-                    }
-                    None => None,
-                };
-                let event = self.optional_str(obj, "event", path).ok();
-                if !wait_ok {
-                    return None;
-                }
-                Some(NotificationConfig::Webhook {
-                    url: url?.to_string(),
-                    event: event?.map(str::to_string),
-                })
+                true
             }
             Some("email") => {
                 self.unknown_fields(obj, path, &EMAIL);
-                let wait_ok = self.optional_bool(obj, "wait_for_delivery", path).is_ok();
-                let to = self.required_nonempty(obj, "to", path);
-                let subject = self.required_nonempty(obj, "subject", path);
-                let body_ok = self.optional_str(obj, "body", path).is_ok();
-                if !(wait_ok && body_ok) {
-                    return None;
-                }
-                Some(NotificationConfig::Email {
-                    to: to?.to_string(),
-                    subject: subject?.to_string(),
-                })
+                false
             }
             other => {
                 let all: Vec<&str> = WEBHOOK.iter().chain(EMAIL.iter()).copied().collect();
@@ -1173,9 +1173,160 @@ impl Validator<'_> {
                         format!("unknown channel `{c}`; expected webhook or email"),
                     );
                 }
+                return None;
+            }
+        };
+        let wait = self.optional_bool(obj, "wait_for_delivery", path);
+        let channel = if webhook {
+            self.webhook_channel(obj, path, true)
+        } else {
+            self.email_channel(obj, path)
+        };
+        let on_failure = match get(obj, "on_failure") {
+            None => Some(Route::Fail),
+            Some(_) => self.route(obj, "on_failure", path, index, len, false),
+        };
+        let wait = wait.ok()?.unwrap_or(false);
+        if !wait && get(obj, "on_failure").is_some() {
+            self.push(
+                path_key(path, "on_failure"),
+                "only applies with wait_for_delivery: true",
+            );
+            return None;
+        }
+        Some(NotificationConfig {
+            channel: channel?,
+            wait_for_delivery: wait,
+            on_failure: on_failure?,
+        })
+    }
+
+    /// A webhook target: `url` (http or https), `payload` (any JSON), and `event` (a string)
+    /// where `with_event`.
+    fn webhook_channel(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        with_event: bool,
+    ) -> Option<NotifyChannel> {
+        let url = self.required_str(obj, "url", path);
+        let url = match url {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+            Some(_) => {
+                self.push(path_key(path, "url"), "must be an http:// or https:// URL");
                 None
             }
+            None => None,
+        };
+        let event = if with_event {
+            self.optional_str(obj, "event", path).ok()?
+        } else {
+            None
+        };
+        Some(NotifyChannel::Webhook {
+            url: url?.to_string(),
+            event: event.map(str::to_string),
+        })
+    }
+
+    /// An email target: `to` and `subject` (required), `body` (a string).
+    fn email_channel(&mut self, obj: &Map<String, Value>, path: &str) -> Option<NotifyChannel> {
+        let to = self.required_nonempty(obj, "to", path);
+        let subject = self.required_nonempty(obj, "subject", path);
+        let body_ok = self.optional_str(obj, "body", path).is_ok();
+        if !body_ok {
+            return None;
         }
+        Some(NotifyChannel::Email {
+            to: to?.to_string(),
+            subject: subject?.to_string(),
+        })
+    }
+
+    /// An approval's `notify`: `{"webhook": {url, payload?}}`, `{"email": {to, subject,
+    /// body?}}`, or both; and `remind_before`, which needs `notify` and a deadline longer than
+    /// it. `Ok(None)` when neither is given; `Err(())` after reporting.
+    fn approval_notify(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        timeout_ms: Option<i64>,
+    ) -> Result<Option<ApprovalNotify>, ()> {
+        let remind = self.optional_duration(obj, "remind_before", path);
+        let npath = path_key(path, "notify");
+        let Some(notify) = get(obj, "notify") else {
+            if matches!(remind, Ok(Some(_))) {
+                self.push(
+                    path_key(path, "remind_before"),
+                    "needs notify: a reminder must have somewhere to go",
+                );
+                return Err(());
+            }
+            return remind.map(|_| None);
+        };
+        let Some(m) = self.object(notify, &npath) else {
+            return Err(());
+        };
+        self.unknown_fields(m, &npath, &["webhook", "email"]);
+        let mut ok = true;
+        let mut channels = Vec::new();
+        if let Some(w) = get(m, "webhook") {
+            let wpath = path_key(&npath, "webhook");
+            match self.object(w, &wpath) {
+                Some(wm) => {
+                    self.unknown_fields(wm, &wpath, &["url", "payload"]);
+                    match self.webhook_channel(wm, &wpath, false) {
+                        Some(c) => channels.push(c),
+                        None => ok = false,
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        if let Some(e) = get(m, "email") {
+            let epath = path_key(&npath, "email");
+            match self.object(e, &epath) {
+                Some(em) => {
+                    self.unknown_fields(em, &epath, &["to", "subject", "body"]);
+                    match self.email_channel(em, &epath) {
+                        Some(c) => channels.push(c),
+                        None => ok = false,
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        if ok && channels.is_empty() {
+            self.push(npath, "needs a webhook or an email (or both)");
+            return Err(());
+        }
+        let remind_before_ms = remind?;
+        if let Some(ms) = remind_before_ms {
+            match timeout_ms {
+                None => {
+                    self.push(
+                        path_key(path, "remind_before"),
+                        "needs a timeout or timeout_hours: a reminder comes before a deadline",
+                    );
+                    return Err(());
+                }
+                Some(t) if ms >= t => {
+                    self.push(
+                        path_key(path, "remind_before"),
+                        "must be shorter than the timeout",
+                    );
+                    return Err(());
+                }
+                Some(_) => {}
+            }
+        }
+        if !ok {
+            return Err(());
+        }
+        Ok(Some(ApprovalNotify {
+            channels,
+            remind_before_ms,
+        }))
     }
 }
 
@@ -1300,6 +1451,7 @@ mod tests {
                 reject_policy: RejectPolicy::Any,
                 require_comment_on_reject: false,
                 on_timeout: TimeoutPolicy::Reject,
+                notify: None,
             })
         );
         assert_eq!(t.steps[2].name, "Manager Approval");
@@ -1365,6 +1517,7 @@ mod tests {
                 reject_policy: RejectPolicy::Any,
                 require_comment_on_reject: false,
                 on_timeout: TimeoutPolicy::Reject,
+                notify: None,
             })
         );
         assert_eq!(
@@ -1393,17 +1546,21 @@ mod tests {
         );
         assert_eq!(
             t.steps[5].kind,
-            StepKind::Notification(NotificationConfig::Webhook {
-                url: "https://example.test/hook".into(),
-                event: Some("done".into())
+            StepKind::Notification(NotificationConfig {
+                channel: NotifyChannel::Webhook {
+                    url: "https://example.test/hook".into(),
+                    event: Some("done".into())
+                },
+                wait_for_delivery: true,
+                on_failure: Route::Fail,
             })
         );
         assert_eq!(
             t.steps[6].kind,
-            StepKind::Notification(NotificationConfig::Email {
+            StepKind::Notification(NotificationConfig::new(NotifyChannel::Email {
                 to: "a@b.test".into(),
                 subject: "Hi {{trigger.id}}".into()
-            })
+            }))
         );
         assert_eq!(
             t.steps[7].kind,
@@ -1801,6 +1958,112 @@ mod tests {
         assert_eq!(
             lines(&note(json!({}))),
             vec!["$.steps[3].config.channel: is required"]
+        );
+    }
+
+    #[test]
+    fn notification_delivery_options() {
+        let note = |config: Value| {
+            with_step(
+                3,
+                json!({"type": "notification", "name": "N", "config": config}),
+            )
+        };
+        assert_eq!(
+            lines(&note(
+                json!({"channel": "webhook", "url": "https://x.test", "on_failure": "continue"})
+            )),
+            vec!["$.steps[3].config.on_failure: only applies with wait_for_delivery: true"]
+        );
+        assert_eq!(
+            lines(&note(
+                json!({"channel": "email", "to": "a@b.test", "subject": "s", "wait_for_delivery": true, "on_failure": "skip_to:1"})
+            )),
+            vec!["$.steps[3].config.on_failure: `skip_to:1` must jump forward, past this step (index 3)"]
+        );
+        assert!(parse_template(
+            &note(
+                json!({"channel": "webhook", "url": "https://x.test", "wait_for_delivery": true, "on_failure": "continue"})
+            ),
+            &Limits::default()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn approval_notify_and_remind_before() {
+        let approval = |extra: Value| {
+            let mut config = json!({"approvers": {"type": "role", "value": "cfo"}});
+            if let (Value::Object(c), Value::Object(e)) = (&mut config, extra) {
+                c.extend(e);
+            }
+            with_step(
+                1,
+                json!({"type": "approval", "name": "A", "config": config}),
+            )
+        };
+        let ok = approval(
+            json!({"timeout": "24h", "remind_before": "2h", "on_timeout": "notify",
+            "notify": {"webhook": {"url": "https://x.test/h", "payload": {"a": 1}}, "email": {"to": "a@b.test", "subject": "s"}}}),
+        );
+        let t = parse_template(&ok, &Limits::default()).unwrap();
+        let StepKind::Approval(cfg) = &t.steps[1].kind else {
+            panic!("approval")
+        };
+        assert_eq!(
+            cfg.notify,
+            Some(ApprovalNotify {
+                channels: vec![
+                    NotifyChannel::Webhook {
+                        url: "https://x.test/h".into(),
+                        event: None
+                    },
+                    NotifyChannel::Email {
+                        to: "a@b.test".into(),
+                        subject: "s".into()
+                    },
+                ],
+                remind_before_ms: Some(2 * 3_600_000),
+            })
+        );
+        assert_eq!(
+            lines(&approval(json!({"remind_before": "2h"}))),
+            vec!["$.steps[1].config.remind_before: needs notify: a reminder must have somewhere to go"]
+        );
+        assert_eq!(
+            lines(&approval(
+                json!({"remind_before": "2h", "notify": {"email": {"to": "a@b.test", "subject": "s"}}})
+            )),
+            vec!["$.steps[1].config.remind_before: needs a timeout or timeout_hours: a reminder comes before a deadline"]
+        );
+        assert_eq!(
+            lines(&approval(
+                json!({"timeout": "1h", "remind_before": "2h", "notify": {"email": {"to": "a@b.test", "subject": "s"}}})
+            )),
+            vec!["$.steps[1].config.remind_before: must be shorter than the timeout"]
+        );
+        assert_eq!(
+            lines(&approval(json!({"notify": {}}))),
+            vec!["$.steps[1].config.notify: needs a webhook or an email (or both)"]
+        );
+        assert_eq!(
+            lines(&approval(
+                json!({"notify": {"webhook": {"url": "ftp://x", "event": "e"}, "email": {"subject": ""}, "sms": 1}})
+            )),
+            vec![
+                "$.steps[1].config.notify.sms: unknown field",
+                "$.steps[1].config.notify.webhook.event: unknown field",
+                "$.steps[1].config.notify.webhook.url: must be an http:// or https:// URL",
+                "$.steps[1].config.notify.email.to: is required",
+                "$.steps[1].config.notify.email.subject: must not be empty",
+            ]
+        );
+        assert_eq!(
+            lines(&approval(json!({"notify": "yes", "remind_before": "soon"}))),
+            vec![
+                "$.steps[1].config.remind_before: invalid duration `soon`; expected a positive whole number and a unit s, m, h or d, e.g. 90s, 15m, 48h, 2d",
+                "$.steps[1].config.notify: must be an object, not a string",
+            ]
         );
     }
 

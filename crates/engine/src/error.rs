@@ -23,6 +23,9 @@ pub enum EngineError {
     Contended { id: String, attempts: u32 },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A message the transition causes could not be encoded (a value beyond its schema).
+    #[error(transparent)]
+    Message(#[from] crate::messages::MessageError),
 }
 
 impl EngineError {
@@ -35,7 +38,8 @@ impl EngineError {
             | EngineError::TemplateInactive { .. }
             | EngineError::IdempotencyMismatch { .. }
             | EngineError::Machine(_)
-            | EngineError::CorruptTemplate { .. } => false,
+            | EngineError::CorruptTemplate { .. }
+            | EngineError::Message(_) => false,
         }
     }
 }

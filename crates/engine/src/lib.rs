@@ -7,8 +7,10 @@
 //! anything itself: the decisions are the domain's.
 
 pub mod clock;
+pub mod dead_letter;
 pub mod error;
 pub mod messages;
+pub mod notify;
 pub mod relay;
 pub mod service;
 

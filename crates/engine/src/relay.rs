@@ -1,38 +1,91 @@
-//! The outbox relay: publishes committed outbox rows onto the bus, oldest first, then deletes them.
+//! The outbox relay: moves committed outbox rows onto the bus, then deletes them.
 //!
-//! A state change and the commands it causes commit together in the store; this loop is what
-//! makes them leave. It is at-least-once: a crash between publish and delete republishes the
-//! rows, and consumers recognise the redelivered commands. Rows are published in commit order,
-//! so one instance's commands keep their order on its partition.
+//! A state change and the messages it causes commit together in the store; this is what makes
+//! them leave. Two paths, one task per process:
+//! - **Fast path.** The process that committed rows hands them to its [`Outbox`] right after the
+//!   commit; the relay publishes them at once (in commit order per process, one batch in flight)
+//!   and deletes them. No second process is involved, so a step's command reaches its pool
+//!   within one bus round trip of the commit.
+//! - **Sweep.** Rows whose process died between commit and publish stay in the table. Every
+//!   [`SWEEP`] each relay makes a pass under the store's relay lock (one process at a time,
+//!   [`Store::relay_pass`]) and publishes the rows it already saw on its previous pass: rows at
+//!   least one sweep old, which no fast path is still handling.
+//!
+//! Delivery is at-least-once: a crash between publish and delete, or a sweep overlapping a slow
+//! fast path, publishes a row twice, and consumers recognise the redelivered commands. An
+//! instance has one command in flight at a time, so its commands keep their order.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use workflow_bus::Bus;
-use workflow_store::Store;
+use workflow_bus::{Bus, Outgoing};
+use workflow_store::records::OutboxMessage;
+use workflow_store::{RelayPass, Store};
 
-/// How many rows one pass publishes.
-const BATCH: u32 = 512;
-/// How often the relay looks even without a wake-up (commits made by other processes).
-const POLL: Duration = Duration::from_millis(50);
-/// Back-off after a failed pass.
+/// Rows one sweep pass looks at.
+const SWEEP_BATCH: u32 = 512;
+/// Rows one fast-path publish carries at most.
+const FAST_BATCH: usize = 2048;
+/// How often a relay sweeps for rows no fast path published.
+pub const SWEEP: Duration = Duration::from_millis(1000);
+/// Back-off after a failed publish.
 const BACKOFF: Duration = Duration::from_millis(250);
 
-/// Publish one batch; returns how many rows left the outbox.
-pub async fn relay_once(store: &Store, bus: &dyn Bus) -> Result<usize, RelayError> {
-    let rows = store.fetch_outbox(BATCH).await?;
-    if rows.is_empty() {
-        return Ok(0);
+/// The rows this process committed and has not published yet.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pending: Mutex<Vec<OutboxMessage>>,
+    ready: Notify,
+    /// Set when rows were committed without being handed over: the next pass sweeps them now.
+    sweep_now: std::sync::atomic::AtomicBool,
+}
+
+impl Outbox {
+    /// Hand over rows just committed.
+    pub fn committed(&self, rows: &[OutboxMessage]) {
+        if rows.is_empty() {
+            return;
+        }
+        self.lock().extend_from_slice(rows);
+        self.ready.notify_one();
     }
-    let mut ids = Vec::with_capacity(rows.len());
-    for row in rows {
-        bus.publish(&row.topic, &row.key, row.payload).await?;
-        ids.push(row.id);
+
+    /// Rows were committed that this process does not hold (written by the store itself):
+    /// publish whatever the outbox table has, now.
+    pub fn sweep_soon(&self) {
+        self.sweep_now
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ready.notify_one();
     }
-    store.delete_outbox(&ids).await?;
-    Ok(ids.len())
+
+    /// How many rows wait for the fast path.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take(&self, max: usize) -> Vec<OutboxMessage> {
+        let mut pending = self.lock();
+        let n = pending.len().min(max);
+        pending.drain(..n).collect()
+    }
+
+    /// Put rows back at the front after a failed publish, keeping their order.
+    fn restore(&self, rows: Vec<OutboxMessage>) {
+        let mut pending = self.lock();
+        let later = std::mem::replace(&mut *pending, rows);
+        pending.extend(later);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<OutboxMessage>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,29 +96,113 @@ pub enum RelayError {
     Bus(#[from] workflow_bus::BusError),
 }
 
-/// Run until cancelled: relay whenever woken, and at least every [`POLL`].
-pub async fn run(store: Store, bus: Arc<dyn Bus>, wake: Arc<Notify>, cancel: CancellationToken) {
+fn outgoing(rows: &[OutboxMessage]) -> Vec<Outgoing> {
+    rows.iter()
+        .map(|row| Outgoing {
+            topic: row.topic.clone(),
+            key: row.key.clone(),
+            payload: row.payload.clone(),
+        })
+        .collect()
+}
+
+/// Publish what the fast path holds; returns how many rows left the outbox.
+pub async fn publish_pending(
+    store: &Store,
+    bus: &dyn Bus,
+    outbox: &Outbox,
+) -> Result<usize, RelayError> {
+    let mut total = 0;
     loop {
-        match relay_once(&store, bus.as_ref()).await {
-            // A full batch: there may be more waiting.
-            Ok(n) if n as u32 >= BATCH => continue,
-            Ok(_) => {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(POLL) => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "outbox relay pass failed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(BACKOFF) => {}
-                }
-            }
+        let rows = outbox.take(FAST_BATCH);
+        if rows.is_empty() {
+            return Ok(total);
         }
-        if cancel.is_cancelled() {
-            return;
+        if let Err(e) = bus.publish_batch(outgoing(&rows)).await {
+            outbox.restore(rows);
+            return Err(e.into());
+        }
+        let ids: Vec<String> = rows.into_iter().map(|r| r.id).collect();
+        // Published: a failed delete only means the sweep publishes them again.
+        if let Err(e) = store.delete_published(&ids).await {
+            tracing::warn!(error = %e, rows = ids.len(), "published outbox rows not deleted; the sweep will republish them");
+        }
+        total += ids.len();
+    }
+}
+
+/// One sweep pass: publish the rows of the outbox table that `seen` already held (or every row
+/// when `all`), and remember the others for the next pass. Returns how many were published.
+pub async fn sweep_once(
+    store: &Store,
+    bus: &dyn Bus,
+    seen: &mut HashSet<String>,
+    all: bool,
+) -> Result<usize, RelayError> {
+    let mut fresh = HashSet::new();
+    let pass = store
+        .relay_pass(SWEEP_BATCH, |rows| {
+            let (old, new): (Vec<_>, Vec<_>) =
+                rows.into_iter().partition(|r| all || seen.contains(&r.id));
+            fresh = new.into_iter().map(|r| r.id).collect();
+            async move {
+                if old.is_empty() {
+                    return Ok::<_, RelayError>(Vec::new());
+                }
+                bus.publish_batch(outgoing(&old))
+                    .await
+                    .map_err(RelayError::from)?;
+                Ok(old.into_iter().map(|r| r.id).collect())
+            }
+        })
+        .await?;
+    *seen = fresh;
+    Ok(match pass {
+        RelayPass::Published(n) => n,
+        RelayPass::NotLeader => 0,
+    })
+}
+
+/// Publish everything in the outbox table now, under the relay lock (tests, tools, startup).
+pub async fn relay_once(store: &Store, bus: &dyn Bus) -> Result<usize, RelayError> {
+    sweep_once(store, bus, &mut HashSet::new(), true).await
+}
+
+/// Run until cancelled: publish handed-over rows as soon as they come, and sweep every
+/// [`SWEEP`]. On cancellation, what is handed over is published before returning.
+pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: CancellationToken) {
+    let mut seen = HashSet::new();
+    let mut next_sweep = tokio::time::Instant::now();
+    loop {
+        if let Err(e) = publish_pending(&store, bus.as_ref(), &outbox).await {
+            tracing::warn!(error = %e, "outbox publish failed; retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(BACKOFF) => {}
+            }
+            continue;
+        }
+        let now_requested = outbox
+            .sweep_now
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if now_requested || tokio::time::Instant::now() >= next_sweep {
+            match sweep_once(&store, bus.as_ref(), &mut seen, now_requested).await {
+                Ok(n) if n > 0 => tracing::debug!(rows = n, "outbox sweep published rows"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox sweep failed; retrying"),
+            }
+            next_sweep = tokio::time::Instant::now() + SWEEP;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                // Publish what was handed over before stopping (SIGTERM drains in-flight work).
+                if let Err(e) = publish_pending(&store, bus.as_ref(), &outbox).await {
+                    tracing::warn!(error = %e, "outbox rows left for the next relay");
+                }
+                return;
+            }
+            _ = outbox.ready.notified() => {}
+            _ = tokio::time::sleep_until(next_sweep) => {}
         }
     }
 }

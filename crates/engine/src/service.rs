@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
-use workflow_core::instance::{ActorRef, InstanceInfo, RunMode, Verdict};
+use workflow_core::instance::{ActorRef, InstanceInfo, InstanceState, RunMode, Verdict};
 use workflow_core::machine::{
     self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
 };
@@ -20,7 +20,11 @@ use workflow_store::{CreateOutcome, Store, StoreError};
 
 use crate::clock::Clock;
 use crate::error::EngineError;
-use crate::messages::{step_topic, DecisionCommand, StepCommand, TimerFired, DECISION_TOPIC};
+use crate::messages::{
+    lifecycle_events, step_topic, DecisionCommand, MessageError, StepCommand, TimerFired,
+    DECISION_TOPIC, LIFECYCLE_TOPIC,
+};
+use crate::relay::Outbox;
 
 /// Parsed templates by (id, version).
 type TemplateCache = HashMap<(String, i64), Arc<Template>>;
@@ -62,7 +66,7 @@ fn action_task(rec: &InstanceRecord, effects: &[Effect]) -> Option<ActionTask> {
                 .and_then(Value::as_u64)
                 .map_or(3, |n| n as u32),
         }),
-        Effect::Dispatch { .. } | Effect::ScheduleTimer(_) => None,
+        Effect::Dispatch { .. } | Effect::ScheduleTimer(_) | Effect::Notify(_) => None,
     })
 }
 
@@ -77,6 +81,36 @@ pub enum ExecuteOutcome {
     Skipped(String),
 }
 
+/// A call waiting for the outcome of one decision; unregisters itself when dropped.
+struct DecisionWaiter<'a> {
+    map: &'a Mutex<HashMap<String, Arc<Notify>>>,
+    id: String,
+    notify: Arc<Notify>,
+}
+
+impl<'a> DecisionWaiter<'a> {
+    fn register(map: &'a Mutex<HashMap<String, Arc<Notify>>>, id: &str) -> DecisionWaiter<'a> {
+        let notify = Arc::new(Notify::new());
+        map.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_string(), notify.clone());
+        DecisionWaiter {
+            map,
+            id: id.to_string(),
+            notify,
+        }
+    }
+}
+
+impl Drop for DecisionWaiter<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
 /// The engine's use cases over one store. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -85,10 +119,12 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     /// Template versions are immutable, so parsed ones are cached forever.
     templates: Arc<Mutex<TemplateCache>>,
-    /// Woken after every commit that wrote outbox rows, so the relay publishes at once.
-    outbox_ready: Arc<Notify>,
+    /// Rows this process committed, handed to its relay to publish at once.
+    outbox: Arc<Outbox>,
     /// Woken whenever a decision outcome is recorded, so waiting API calls answer at once.
-    decided: Arc<Notify>,
+    /// Keyed by decision id, so recording one outcome wakes only the call waiting for it (a
+    /// broadcast made every waiting call re-read the store on every outcome).
+    decided: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     /// Woken when a commit stored timers, so an in-process scheduler re-reads the next due time.
     timers_changed: Arc<Notify>,
 }
@@ -111,8 +147,8 @@ impl Engine {
             limits: Arc::new(limits),
             clock,
             templates: Arc::new(Mutex::new(HashMap::new())),
-            outbox_ready: Arc::new(Notify::new()),
-            decided: Arc::new(Notify::new()),
+            outbox: Arc::new(Outbox::default()),
+            decided: Arc::new(Mutex::new(HashMap::new())),
             timers_changed: Arc::new(Notify::new()),
         }
     }
@@ -129,8 +165,9 @@ impl Engine {
         &self.clock
     }
 
-    pub fn outbox_ready(&self) -> Arc<Notify> {
-        self.outbox_ready.clone()
+    /// The rows this process committed and its relay has not published yet.
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
     }
 
     pub fn timers_changed(&self) -> Arc<Notify> {
@@ -150,7 +187,7 @@ impl Engine {
 
     /// A transition a worker pool asked for: a refusal by the state (a redelivery, a stale or
     /// ignored command) or a vanished instance is a skip, not an error to retry.
-    async fn pool_transition(
+    pub(crate) async fn pool_transition(
         &self,
         partner_id: &str,
         instance_id: &str,
@@ -370,16 +407,14 @@ impl Engine {
             version: 1,
         };
         // The first transition only dispatches step 0: it never asks for timers.
-        let (outbox, audit, _) = self.side_effects(&template, &instance.info, &t, now);
+        let (outbox, audit, _) = self.side_effects(&template, &instance.info, None, &t, now)?;
         let outcome = self
             .store
             .create_instance(&instance, &outbox, &audit)
             .await?;
         match outcome {
             CreateOutcome::Created(instance) => {
-                if !outbox.is_empty() {
-                    self.outbox_ready.notify_one();
-                }
+                self.outbox.committed(&outbox);
                 Ok(StartOutcome {
                     instance,
                     created: true,
@@ -473,19 +508,19 @@ impl Engine {
             comment,
             issued_at: self.clock.now().0,
         };
-        self.store
-            .enqueue(&[OutboxMessage {
-                id: cmd.decision_id.clone(),
-                topic: DECISION_TOPIC.to_string(),
-                key: instance_id.to_string(),
-                payload: cmd.encode(),
-            }])
-            .await?;
-        self.outbox_ready.notify_one();
+        let queued = [OutboxMessage {
+            id: cmd.decision_id.clone(),
+            topic: DECISION_TOPIC.to_string(),
+            key: instance_id.to_string(),
+            payload: cmd.encode()?,
+        }];
+        self.store.enqueue(&queued).await?;
+        self.outbox.committed(&queued);
 
         let deadline = tokio::time::Instant::now() + wait;
+        let waiting = DecisionWaiter::register(&self.decided, &cmd.decision_id);
         loop {
-            let woken = self.decided.notified();
+            let woken = waiting.notify.notified();
             tokio::pin!(woken);
             // Registered before the check, so an outcome recorded in between still wakes us.
             woken.as_mut().enable();
@@ -567,7 +602,15 @@ impl Engine {
                 decided_at: self.clock.now(),
             })
             .await?;
-        self.decided.notify_waiters();
+        let waiter = self
+            .decided
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&cmd.decision_id)
+            .cloned();
+        if let Some(waiter) = waiter {
+            waiter.notify_waiters();
+        }
         Ok(())
     }
 
@@ -622,16 +665,24 @@ impl Engine {
                 updated_at: now,
                 version: current.version + 1,
             };
-            let (outbox, audit, timers) = self.side_effects(&template, &next.info, &t, now);
+            let (mut outbox, audit, timers) =
+                self.side_effects(&template, &next.info, Some(&current.state), &t, now)?;
+            // Notification deliveries and their messages, in the same transaction.
+            let deliveries = crate::notify::queue(&next.info, &t, now, &mut outbox)?;
             match self
                 .store
-                .commit_instance_with_timers(&next, current.version, &outbox, &audit, &timers)
+                .commit_instance_with_deliveries(
+                    &next,
+                    current.version,
+                    &outbox,
+                    &audit,
+                    &timers,
+                    &deliveries,
+                )
                 .await
             {
                 Ok(()) => {
-                    if !outbox.is_empty() {
-                        self.outbox_ready.notify_one();
-                    }
+                    self.outbox.committed(&outbox);
                     if !timers.is_empty() {
                         self.timers_changed.notify_one();
                     }
@@ -647,14 +698,17 @@ impl Engine {
         })
     }
 
-    /// The outbox messages, audit drafts and timers a transition causes.
+    /// The outbox messages, audit drafts and timers a transition from `before` (`None` for a
+    /// new instance) causes.
+    #[allow(clippy::type_complexity)]
     fn side_effects(
         &self,
         template: &Template,
         info: &InstanceInfo,
+        before: Option<&InstanceState>,
         t: &Transition,
         now: workflow_core::Timestamp,
-    ) -> (Vec<OutboxMessage>, Vec<AuditDraft>, Vec<TimerRecord>) {
+    ) -> Result<(Vec<OutboxMessage>, Vec<AuditDraft>, Vec<TimerRecord>), EngineError> {
         let timers = t
             .effects
             .iter()
@@ -672,32 +726,42 @@ impl Engine {
                     kind: spec.kind.as_str().to_string(),
                     due_at: spec.due,
                 }),
-                Effect::Dispatch { .. } | Effect::PerformAction { .. } => None,
+                Effect::Dispatch { .. } | Effect::PerformAction { .. } | Effect::Notify(_) => None,
             })
             .collect();
-        let outbox = t
-            .effects
-            .iter()
-            .filter_map(|effect| match effect {
-                Effect::ScheduleTimer(_) | Effect::PerformAction { .. } => None,
-                Effect::Dispatch { index, step_type } => {
-                    let cmd = StepCommand {
-                        command_id: uuid::Uuid::now_v7().to_string(),
-                        partner_id: info.partner_id.clone(),
-                        instance_id: info.id.clone(),
-                        step_index: *index,
-                        step_type: *step_type,
-                        issued_at: now.0,
-                    };
-                    Some(OutboxMessage {
-                        id: cmd.command_id.clone(),
-                        topic: step_topic(*step_type),
-                        key: info.id.clone(),
-                        payload: cmd.encode(),
-                    })
-                }
-            })
-            .collect();
+        // Instance milestones for other services, keyed by instance id, in order.
+        let lifecycle = lifecycle_events(info, before, &t.state, now.0)
+            .into_iter()
+            .map(|event| {
+                Ok(OutboxMessage {
+                    id: event.event_id.clone(),
+                    topic: LIFECYCLE_TOPIC.to_string(),
+                    key: info.id.clone(),
+                    payload: event.encode()?,
+                })
+            });
+        let commands = t.effects.iter().filter_map(|effect| match effect {
+            Effect::ScheduleTimer(_) | Effect::PerformAction { .. } | Effect::Notify(_) => None,
+            Effect::Dispatch { index, step_type } => {
+                let cmd = StepCommand {
+                    command_id: uuid::Uuid::now_v7().to_string(),
+                    partner_id: info.partner_id.clone(),
+                    instance_id: info.id.clone(),
+                    step_index: *index,
+                    step_type: *step_type,
+                    issued_at: now.0,
+                };
+                Some(cmd.encode().map(|payload| OutboxMessage {
+                    id: cmd.command_id.clone(),
+                    topic: step_topic(*step_type),
+                    key: info.id.clone(),
+                    payload,
+                }))
+            }
+        });
+        let outbox = lifecycle
+            .chain(commands)
+            .collect::<Result<Vec<_>, MessageError>>()?;
         let stream = instance_stream(&info.id);
         let audit = t
             .events
@@ -712,7 +776,7 @@ impl Engine {
                 reason: e.reason.clone(),
             })
             .collect();
-        (outbox, audit, timers)
+        Ok((outbox, audit, timers))
     }
 }
 

@@ -1,5 +1,10 @@
 //! `payos-workflows bench`: workloads run against the engine, with figures printed.
 //!
+//! The `seed` workload (the default) measures instance throughput, step and end-to-end latency
+//! and CPU per 1,000 instances of the spec's Procurement Approval template, driven through the
+//! HTTP API; see [`seed`]. [`seed_embedded`] runs it on the embedded runtime in this process,
+//! [`seed::run_distributed`] against a distributed engine given its URL, database and pids.
+//!
 //! The `timers` workload measures the scheduler: it starts `n` instances whose only step waits
 //! `until` an instant spread over one window (by default 10,000 timers due within the same
 //! minute), lets the embedded runtime fire them on the real clock, and reports timer lateness
@@ -17,6 +22,15 @@ use workflow_store::records::{AuditDraft, PartnerRecord, TemplateRecord};
 use workflow_store::Store;
 
 use crate::embedded::{Embedded, EmbeddedConfig, RuntimeError};
+
+mod cli;
+pub mod cpu;
+mod in_process;
+pub mod seed;
+
+pub use cli::{run_cli, BenchArgs};
+pub use in_process::seed_embedded;
+pub use seed::{SeedOptions, SeedReport, Target};
 
 /// What the timer workload measured.
 #[derive(Debug, Clone)]
@@ -56,6 +70,24 @@ pub enum BenchError {
     Engine(#[from] workflow_engine::EngineError),
     #[error("the bench template does not validate: {0}")]
     Template(String),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("cannot reach PayOS: {0}")]
+    Egress(#[from] workflow_egress::EgressError),
+    #[error("the run went wrong: {0}")]
+    Wrong(String),
+    #[error("only {terminal} of {expected} instances ended within {waited:?}")]
+    Unfinished {
+        terminal: usize,
+        expected: usize,
+        waited: Duration,
+    },
     #[error("only {fired} of {expected} timers fired within {waited:?}")]
     Incomplete {
         fired: usize,

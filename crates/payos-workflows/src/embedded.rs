@@ -1,5 +1,6 @@
 //! The embedded runtime: one process, one store, an in-process partitioned bus, the API, every
-//! worker pool, the scheduler and the outbox relay, all under one cancellation token.
+//! worker pool, the `on_transfer` trigger consumer, the scheduler and the outbox relay, all
+//! under one cancellation token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +45,20 @@ pub struct EmbeddedConfig {
 
 impl Embedded {
     /// Start the relay and every pool on `store` (already migrated), and resume instances whose
-    /// step command was in flight when the process last stopped.
+    /// step command was in flight when the process last stopped. Notification deliveries stay
+    /// queued (visibly) without a notifier: see [`Embedded::start_with_notifier`].
     pub async fn start(store: Store, config: EmbeddedConfig) -> Result<Embedded, RuntimeError> {
+        Embedded::start_with_notifier(store, config, None).await
+    }
+
+    /// [`Embedded::start`], with the notifier the notification delivery pool sends webhooks and
+    /// email with (its consumer group on `workflow.notifications.deliveries`, and the scanner
+    /// that re-queues due retries on the engine's clock).
+    pub async fn start_with_notifier(
+        store: Store,
+        config: EmbeddedConfig,
+        notifier: Option<Arc<step_workers::Notifier>>,
+    ) -> Result<Embedded, RuntimeError> {
         let engine = Engine::new(store.clone(), config.limits, config.clock);
         let bus = Arc::new(InProcessBus::new(config.partitions));
         let dyn_bus: Arc<dyn Bus> = bus.clone();
@@ -61,10 +74,27 @@ impl Embedded {
             if kind == step_workers::PoolKind::Steps(StepType::Action) {
                 pool.actions = config.actions.clone();
             }
+            if kind == step_workers::PoolKind::NotificationDeliveries {
+                pool.notifier = notifier.clone();
+            }
             let root = cancel.clone();
             tasks.spawn(async move {
                 if let Err(e) = step_workers::run_pool(engine, bus, pool, token).await {
                     tracing::error!(error = %e, "worker pool stopped");
+                    root.cancel();
+                }
+            });
+        }
+        {
+            // The on_transfer trigger: the transfer service's events start instances.
+            let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
+            let config = step_workers::TransferTriggerConfig::default();
+            let root = cancel.clone();
+            tasks.spawn(async move {
+                if let Err(e) =
+                    step_workers::run_transfer_triggers(engine, bus, config, token).await
+                {
+                    tracing::error!(error = %e, "transfer trigger consumer stopped");
                     root.cancel();
                 }
             });
@@ -79,7 +109,7 @@ impl Embedded {
         tasks.spawn(relay::run(
             store,
             dyn_bus.clone(),
-            engine.outbox_ready(),
+            engine.outbox(),
             cancel.child_token(),
         ));
         let router = producer_api::router(engine.clone(), config.api);
@@ -144,7 +174,14 @@ async fn resume(engine: &Engine, bus: &dyn Bus) -> Result<usize, RuntimeError> {
                 step_type: exec.step_type,
                 issued_at: engine.clock().now().0,
             };
-            bus.publish(&step_topic(exec.step_type), &rec.info.id, cmd.encode())
+            let payload = match cmd.encode() {
+                Ok(payload) => payload,
+                Err(e) => {
+                    tracing::error!(error = %e, instance = %rec.info.id, "cannot resume");
+                    continue;
+                }
+            };
+            bus.publish(&step_topic(exec.step_type), &rec.info.id, payload)
                 .await?;
             resent += 1;
         }

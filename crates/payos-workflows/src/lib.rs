@@ -4,5 +4,7 @@
 //! in process to drive the real HTTP API end to end.
 
 pub mod bench;
+pub mod config;
 pub mod demo;
+pub mod distributed;
 pub mod embedded;

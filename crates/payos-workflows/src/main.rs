@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use payos_workflows::config::Settings;
 use payos_workflows::demo;
+use payos_workflows::distributed::{self, Node, WorkerPool};
 use payos_workflows::embedded::{Embedded, EmbeddedConfig};
 use step_workers::ActionExecutor;
 use workflow_core::validate::Limits;
-use workflow_core::StepType;
 use workflow_egress::egress_policy::Timeouts;
 use workflow_egress::{EgressClient, EgressPolicy, PayosClient, PayosConfig};
 use workflow_engine::{Clock, SystemClock};
@@ -61,36 +62,49 @@ enum Command {
     },
     /// The API process of the distributed runtime (Kafka + PostgreSQL).
     Api {
-        #[arg(long, env = "WORKFLOWS_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
-    /// One worker pool of the distributed runtime.
+    /// One worker pool of the distributed runtime: approval, condition, action, wait,
+    /// notification, or transfers (starts instances from on_transfer events).
     Worker {
-        #[arg(long, value_parser = parse_step_type)]
-        pool: StepType,
+        #[arg(long, value_parser = parse_pool)]
+        pool: WorkerPool,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// The timer service of the distributed runtime.
-    Scheduler,
+    Scheduler {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Serve a PayOS SANDBOX (not real money) for local runs of the distributed runtime: the
+    /// action pool's target when PAYOS_API_URL points here.
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        listen: SocketAddr,
+    },
+    /// Create the engine's Kafka topics that are missing (or only check them), and list them.
+    Topics {
+        /// Only check: exit 1 if a topic is missing.
+        #[arg(long)]
+        check: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Apply the database migrations and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
     },
     /// Run a benchmark workload and print its figures (last line: one JSON object).
-    Bench {
-        /// `timers`: timer lateness of the scheduler.
-        #[arg(long, default_value = "timers", value_parser = ["timers"])]
-        workload: String,
-        /// `embedded` (a SQLite file in a temporary directory) or `distributed`.
-        #[arg(long, default_value = "embedded", value_parser = ["embedded", "distributed"])]
-        runtime: String,
-        /// How many timers (one instance each).
-        #[arg(long, default_value_t = 10_000)]
-        timers: usize,
-        /// The window, in seconds, over which the timers fall due.
-        #[arg(long, default_value_t = 60)]
-        window_s: u64,
-    },
+    Bench(payos_workflows::bench::BenchArgs),
     /// Verify the hash chain of an instance's audit trail.
     VerifyAudit {
         #[arg(long, env = "DATABASE_URL")]
@@ -102,10 +116,84 @@ enum Command {
     },
 }
 
-fn parse_step_type(s: &str) -> Result<StepType, String> {
-    StepType::parse(s).ok_or_else(|| {
-        format!("unknown pool `{s}`; expected approval, condition, action, wait or notification")
+/// The distributed runtime's configuration file.
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// A TOML file (see examples/distributed.toml); environment variables override it.
+    #[arg(long = "config", env = "WORKFLOWS_CONFIG")]
+    path: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings::load(self.path.as_deref())?)
+    }
+}
+
+fn parse_pool(s: &str) -> Result<WorkerPool, String> {
+    WorkerPool::parse(s).ok_or_else(|| {
+        format!(
+            "unknown pool `{s}`; expected approval, condition, action, wait, notification or transfers"
+        )
     })
+}
+
+/// How long SIGTERM waits for in-flight work.
+const DRAIN: Duration = Duration::from_secs(20);
+
+async fn api(settings: Settings, limits: &LimitArgs) -> anyhow::Result<()> {
+    let admin_token = settings.admin_token.clone().context(
+        "the api needs WORKFLOWS_ADMIN_TOKEN (config key api.admin_token) for /v1/admin",
+    )?;
+    let mut api = producer_api::ApiConfig::new(admin_token);
+    api.max_bulk_decisions = settings.max_bulk_decisions;
+    api.max_batch_triggers = settings.max_batch_triggers;
+    api.decision_wait = settings.decision_wait;
+    api.egress = EgressPolicy::from_env()?;
+    let node = Node::start(settings, limits.limits()).await?;
+    let serve = node.serve_api(api);
+    let stop = node.cancel_token();
+    tokio::spawn(async move {
+        distributed::shutdown_signal().await;
+        stop.cancel();
+    });
+    let served = serve.await;
+    node.run_until_stopped(DRAIN).await;
+    Ok(served?)
+}
+
+async fn worker(settings: Settings, pool: WorkerPool, limits: &LimitArgs) -> anyhow::Result<()> {
+    let mut node = Node::start(settings, limits.limits()).await?;
+    node.start_pool(pool)?;
+    println!("worker pool {pool:?} running");
+    node.run_until_stopped(DRAIN).await;
+    Ok(())
+}
+
+async fn scheduler(settings: Settings, limits: &LimitArgs) -> anyhow::Result<()> {
+    let mut node = Node::start(settings, limits.limits()).await?;
+    node.start_scheduler();
+    println!("scheduler running");
+    node.run_until_stopped(DRAIN).await;
+    Ok(())
+}
+
+async fn topics(settings: Settings, check: bool) -> anyhow::Result<()> {
+    let report = distributed::topics(&settings, check).await?;
+    let mut missing = 0;
+    for t in &report {
+        match t.partitions {
+            Some(n) => println!("{:<40} {:<48} {n} partitions", t.logical, t.physical),
+            None => {
+                missing += 1;
+                println!("{:<40} {:<48} MISSING", t.logical, t.physical);
+            }
+        }
+    }
+    if missing > 0 {
+        bail!("{missing} topic(s) missing; run `payos-workflows topics` to create them");
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -122,41 +210,28 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             limits,
         } => dev(listen, data_dir, limits).await,
-        Command::Api { .. } | Command::Worker { .. } | Command::Scheduler => bail!(
-            "the distributed runtime needs the Kafka bus adapter, which this build does not have yet; \
-             run `payos-workflows dev` for the embedded engine"
-        ),
-        Command::Bench {
-            workload: _,
-            runtime,
-            timers,
-            window_s,
-        } => {
-            if runtime != "embedded" {
-                bail!("the distributed runtime is not wired yet; run --runtime embedded");
-            }
-            let dir = std::env::temp_dir().join(format!("payos-bench-{}", uuid::Uuid::now_v7().simple()));
-            std::fs::create_dir_all(&dir)?;
-            let store = Store::connect(&format!("sqlite://{}?mode=rwc", dir.join("bench.db").display())).await?;
-            store.migrate().await?;
-            let report = payos_workflows::bench::timers(
-                store,
-                timers,
-                Duration::from_secs(window_s),
-            )
-            .await?;
-            println!(
-                "timers: {}  due within {} ms  setup {:.1}s",
-                report.timers, report.window_ms, report.setup_s
+        Command::Api { config, limits } => api(config.settings()?, &limits).await,
+        Command::Worker {
+            pool,
+            config,
+            limits,
+        } => worker(config.settings()?, pool, &limits).await,
+        Command::Scheduler { config, limits } => scheduler(config.settings()?, &limits).await,
+        Command::Topics { check, config } => topics(config.settings()?, check).await,
+        Command::Sandbox { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("PayOS SANDBOX (not real money) on http://{listen}; transfers at /sandbox/transfers");
+            let router = workflow_egress::payos_sandbox::router(
+                workflow_egress::payos_sandbox::SandboxState::in_memory(),
             );
-            println!(
-                "timer lateness (fire - due): p50 {} ms  p99 {} ms  max {} ms",
-                report.lateness_p50_ms, report.lateness_p99_ms, report.lateness_max_ms
-            );
-            println!("{}", report.to_json());
-            let _ = std::fs::remove_dir_all(&dir);
+            axum::serve(listener, router)
+                .with_graceful_shutdown(distributed::shutdown_signal())
+                .await?;
             Ok(())
         }
+        Command::Bench(args) => Ok(payos_workflows::bench::run_cli(args).await?),
         Command::Migrate { database_url } => {
             let store = Store::connect(&database_url).await?;
             store.migrate().await?;
@@ -170,7 +245,10 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let store = Store::connect(&database_url).await?;
             let records = store
-                .list_audit(&partner, &workflow_engine::service::instance_stream(&instance))
+                .list_audit(
+                    &partner,
+                    &workflow_engine::service::instance_stream(&instance),
+                )
                 .await?;
             if records.is_empty() {
                 bail!("no audit events for instance {instance} of partner {partner}");
@@ -203,6 +281,15 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         .with_context(|| format!("cannot listen on {listen}"))?;
     let mut api = producer_api::ApiConfig::new(admin_token.clone());
     api.max_bulk_decisions = args.max_bulk_decisions;
+    if let Ok(raw) = std::env::var("WORKFLOWS_MAX_BATCH_TRIGGERS") {
+        api.max_batch_triggers =
+            raw.parse()
+                .ok()
+                .filter(|n: &usize| *n > 0)
+                .with_context(|| {
+                    format!("WORKFLOWS_MAX_BATCH_TRIGGERS must be a positive integer, not {raw:?}")
+                })?;
+    }
     api.egress = EgressPolicy::from_env()?;
     // Actions go to PAYOS_API_URL, or to the PayOS sandbox this process serves itself.
     let sandbox = workflow_egress::payos_sandbox::SandboxState::in_memory();
@@ -224,7 +311,13 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         clock,
         actions: Some(Arc::new(executor)),
     };
-    let runtime = Embedded::start(store, config).await?;
+    // Notifications: webhooks through the same egress policy, email through WORKFLOWS_SMTP_URL.
+    let notifier = step_workers::Notifier::from_env(EgressClient::new(
+        EgressPolicy::from_env()?,
+        Timeouts::default(),
+    )?)?;
+    let smtp = std::env::var("WORKFLOWS_SMTP_URL").unwrap_or_default();
+    let runtime = Embedded::start_with_notifier(store, config, Some(Arc::new(notifier))).await?;
 
     let env_file = data_dir.join("demo-keys.env");
     let mut env = format!("export WF=http://{listen}\nexport ADMIN_TOKEN={admin_token}\n");
@@ -257,6 +350,11 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         );
     }
     println!("  source {} to use them in curl", env_file.display());
+    if smtp.trim().is_empty() {
+        println!(
+            "  email notifications: off (set WORKFLOWS_SMTP_URL=smtp://host:port to send them)"
+        );
+    }
 
     let token = runtime.cancel_token();
     tokio::spawn(async move {

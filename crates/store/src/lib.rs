@@ -29,8 +29,10 @@
 
 mod approvals;
 mod error;
+pub mod notifications;
 mod queries;
 pub mod records;
+mod relay;
 mod timers;
 
 use std::time::Duration;
@@ -40,7 +42,12 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 
 pub use error::StoreError;
+pub use notifications::{
+    AttemptVerdict, DeliveryAttemptRecord, DeliveryRecord, DeliveryStatus, NewDelivery,
+    RedeliverOutcome, WebhookSecretRecord,
+};
 pub use records::*;
+pub use relay::RelayPass;
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -100,6 +107,12 @@ impl CreateOutcome {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where write transactions run. On SQLite a pool of ONE connection, so writers of this
+    /// process queue on the pool's fair semaphore instead of in SQLite's busy handler (which
+    /// sleeps 1, 2, 5, 10... ms between retries and leaves the lock idle meanwhile); reads
+    /// keep the other pool and, in WAL mode, never wait for the writer. On PostgreSQL the
+    /// same pool as reads.
+    writer: AnyPool,
     backend: Backend,
 }
 
@@ -109,6 +122,12 @@ impl Store {
     /// A SQLite file (and its directory) is created if missing. Does not migrate: call
     /// [`Store::migrate`].
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, 10).await
+    }
+
+    /// [`Store::connect`] with at most `max_connections` PostgreSQL connections in the pool
+    /// (SQLite sizes its own).
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url).ok_or_else(|| {
             StoreError::Database(sqlx::Error::Configuration(
@@ -119,18 +138,23 @@ impl Store {
                 .into(),
             ))
         })?;
-        let pool = match backend {
+        let (pool, writer) = match backend {
             Backend::Sqlite => connect_sqlite(url).await?,
             Backend::Postgres => {
-                AnyPoolOptions::new()
-                    .max_connections(10)
+                let pool = AnyPoolOptions::new()
+                    .max_connections(max_connections.max(1))
                     .acquire_timeout(Duration::from_secs(30))
                     .connect(url)
-                    .await?
+                    .await?;
+                (pool.clone(), pool)
             }
         };
         tracing::debug!(?backend, "store connected");
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            writer,
+            backend,
+        })
     }
 
     /// Apply the embedded migrations of this backend that are not applied yet.
@@ -155,6 +179,7 @@ impl Store {
 
     /// Close the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -171,21 +196,35 @@ impl Store {
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.writer.begin().await?,
         };
         Ok(tx)
     }
 }
 
 /// Per-connection SQLite settings. `busy_timeout` comes first so the others wait for locks.
-const SQLITE_PRAGMAS: [&str; 3] = [
+///
+/// Durability: in WAL mode `synchronous = NORMAL` fsyncs the WAL at each checkpoint, not at
+/// each commit. A committed transaction survives a crash of the process (its frames are in the
+/// WAL file, in the OS's page cache); a power loss or OS crash can lose the last commits
+/// before the checkpoint, never corrupt the database. `FULL` would fsync every commit.
+/// `mmap_size` lets readers map the database file instead of copying pages with `pread`;
+/// `cache_size` (negative: KiB) keeps 32 MiB of pages per connection.
+const SQLITE_PRAGMAS: [&str; 5] = [
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = NORMAL",
     "PRAGMA temp_store = MEMORY",
+    "PRAGMA mmap_size = 268435456",
+    "PRAGMA cache_size = -32768",
 ];
 
-async fn connect_sqlite(url: &str) -> Result<AnyPool, StoreError> {
+/// Read connections of a SQLite file (the writer has its own one).
+const SQLITE_READERS: u32 = 4;
+
+/// The read pool and the one-connection write pool of a SQLite database (the same pool, of
+/// one connection, for `:memory:`).
+async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool), StoreError> {
     let memory = url.contains(":memory:") || url.contains("mode=memory");
     let url = if memory {
         url.to_string()
@@ -207,30 +246,46 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool, StoreError> {
         sqlx::Connection::close(conn).await?;
         url
     };
-    let options = AnyPoolOptions::new().after_connect(|conn, _meta| {
-        Box::pin(async move {
-            conn.execute(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}").as_str())
-                .await?;
-            for pragma in SQLITE_PRAGMAS {
-                conn.execute(pragma).await?;
-            }
-            Ok(())
-        })
-    });
-    let options = if memory {
+    let options = || {
+        AnyPoolOptions::new()
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute(
+                        format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}").as_str(),
+                    )
+                    .await?;
+                    for pragma in SQLITE_PRAGMAS {
+                        conn.execute(pragma).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .acquire_timeout(Duration::from_secs(30))
+    };
+    if memory {
         // Each connection to `:memory:` is its own database: keep exactly one, forever.
-        options
+        let pool = options()
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
-    } else {
-        options.max_connections(8)
-    };
-    Ok(options
-        .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await?;
+        return Ok((pool.clone(), pool));
+    }
+    // The writer stays open, its page cache warm.
+    let writer = options()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
         .connect(&url)
-        .await?)
+        .await?;
+    let readers = options()
+        .max_connections(SQLITE_READERS)
+        .connect(&url)
+        .await?;
+    Ok((readers, writer))
 }
 
 /// sqlx creates a missing SQLite file (mode=rwc) but not its directory.

@@ -404,9 +404,7 @@ impl Store {
         }
         upsert_steps(&mut tx, rec).await?;
         insert_outbox(&mut tx, outbox).await?;
-        for draft in audit {
-            append_audit(&mut tx, &info.partner_id, draft).await?;
-        }
+        append_audits(&mut tx, &info.partner_id, audit).await?;
         tx.commit().await?;
         Ok(CreateOutcome::Created(rec.clone()))
     }
@@ -510,6 +508,21 @@ impl Store {
         audit: &[AuditDraft],
         timers: &[TimerRecord],
     ) -> Result<(), StoreError> {
+        self.commit_instance_with_deliveries(rec, expected_version, outbox, audit, timers, &[])
+            .await
+    }
+
+    /// [`Store::commit_instance_with_timers`], also storing the notification deliveries the
+    /// transition queued, in the same transaction (their bus messages are in `outbox`).
+    pub async fn commit_instance_with_deliveries(
+        &self,
+        rec: &InstanceRecord,
+        expected_version: i64,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+        deliveries: &[crate::notifications::NewDelivery],
+    ) -> Result<(), StoreError> {
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
         // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
@@ -548,9 +561,8 @@ impl Store {
         upsert_steps(&mut tx, rec).await?;
         insert_outbox(&mut tx, outbox).await?;
         crate::timers::insert_timers(&mut tx, timers).await?;
-        for draft in audit {
-            append_audit(&mut tx, &info.partner_id, draft).await?;
-        }
+        crate::notifications::insert_deliveries(&mut tx, deliveries).await?;
+        append_audits(&mut tx, &info.partner_id, audit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -674,32 +686,52 @@ async fn insert_template_version(
 }
 
 /// Mirror `state.steps` into `workflow_step_executions` (insert or overwrite each).
+/// Steps per upsert statement (12 parameters each; well under every backend's limit).
+const STEPS_PER_UPSERT: usize = 64;
+
+/// One multi-row statement per [`STEPS_PER_UPSERT`] steps, not one per step: every statement
+/// is a round trip made while the write lock is held.
 async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<(), StoreError> {
-    for step in &rec.state.steps {
-        sqlx::query(
+    // One row per step index (the last wins, as one statement per step would have it): a
+    // multi-row upsert may not touch a row twice.
+    let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
+        rec.state.steps.iter().map(|s| (s.index, s)).collect();
+    let steps: Vec<_> = unique.into_values().collect();
+    for chunk in steps.chunks(STEPS_PER_UPSERT) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let params: Vec<String> = (1..=12).map(|k| format!("${}", i * 12 + k)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, name, step_type, \
              status, started_at, finished_at, actor, input, output, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             VALUES {} \
              ON CONFLICT (instance_id, step_index) DO UPDATE SET name = excluded.name, \
              step_type = excluded.step_type, status = excluded.status, \
              started_at = excluded.started_at, finished_at = excluded.finished_at, \
              actor = excluded.actor, input = excluded.input, output = excluded.output, \
              error = excluded.error",
-        )
-        .bind(rec.info.id.as_str())
-        .bind(step.index as i64)
-        .bind(rec.info.partner_id.as_str())
-        .bind(step.name.as_str())
-        .bind(step.step_type.as_str())
-        .bind(enum_to_str(&step.status)?)
-        .bind(step.started_at.map(|t| t.0))
-        .bind(step.finished_at.map(|t| t.0))
-        .bind(step.actor.as_ref().map(to_json).transpose()?)
-        .bind(step.input.as_ref().map(to_json).transpose()?)
-        .bind(step.output.as_ref().map(to_json).transpose()?)
-        .bind(step.error.as_deref())
-        .execute(&mut *conn)
-        .await?;
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for step in chunk {
+            query = query
+                .bind(rec.info.id.as_str())
+                .bind(step.index as i64)
+                .bind(rec.info.partner_id.as_str())
+                .bind(step.name.as_str())
+                .bind(step.step_type.as_str())
+                .bind(enum_to_str(&step.status)?)
+                .bind(step.started_at.map(|t| t.0))
+                .bind(step.finished_at.map(|t| t.0))
+                .bind(step.actor.as_ref().map(to_json).transpose()?)
+                .bind(step.input.as_ref().map(to_json).transpose()?)
+                .bind(step.output.as_ref().map(to_json).transpose()?)
+                .bind(step.error.as_deref());
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -729,20 +761,60 @@ async fn append_audit(
     partner_id: &str,
     draft: &AuditDraft,
 ) -> Result<(), StoreError> {
+    let head = stream_head(conn, partner_id, &draft.stream).await?;
+    chain_audit(conn, partner_id, draft, head).await?;
+    Ok(())
+}
+
+/// [`append_audit`] for several events of one transaction: each stream's head is read once,
+/// then the events are chained in order (one round trip fewer per further event of a stream).
+async fn append_audits(
+    conn: &mut AnyConnection,
+    partner_id: &str,
+    drafts: &[AuditDraft],
+) -> Result<(), StoreError> {
+    let mut heads: std::collections::HashMap<&str, (i64, String)> =
+        std::collections::HashMap::new();
+    for draft in drafts {
+        let head = match heads.remove(draft.stream.as_str()) {
+            Some(head) => head,
+            None => stream_head(conn, partner_id, &draft.stream).await?,
+        };
+        let next = chain_audit(conn, partner_id, draft, head).await?;
+        heads.insert(draft.stream.as_str(), next);
+    }
+    Ok(())
+}
+
+/// The stream's last (seq, hash), or (0, genesis) for a new stream.
+async fn stream_head(
+    conn: &mut AnyConnection,
+    partner_id: &str,
+    stream: &str,
+) -> Result<(i64, String), StoreError> {
     let last = sqlx::query(
         "SELECT seq, hash FROM audit_events WHERE partner_id = $1 AND stream = $2 ORDER BY seq DESC LIMIT 1",
     )
     .bind(partner_id)
-    .bind(draft.stream.as_str())
+    .bind(stream)
     .fetch_optional(&mut *conn)
     .await?;
-    let (prev_seq, prev_hash) = match last {
+    Ok(match last {
         Some(row) => (
             row.try_get::<i64, _>("seq")?,
             row.try_get::<String, _>("hash")?,
         ),
         None => (0, GENESIS.to_string()),
-    };
+    })
+}
+
+/// Insert one event after `(prev_seq, prev_hash)`; returns the new head.
+async fn chain_audit(
+    conn: &mut AnyConnection,
+    partner_id: &str,
+    draft: &AuditDraft,
+    (prev_seq, prev_hash): (i64, String),
+) -> Result<(i64, String), StoreError> {
     let seq = prev_seq + 1;
     let content = AuditContent {
         partner_id,
@@ -783,7 +855,7 @@ async fn append_audit(
             StoreError::Database(e)
         }
     })?;
-    Ok(())
+    Ok((seq, hash))
 }
 
 // -------------------------------------------------------------------- row decoding

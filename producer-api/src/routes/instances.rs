@@ -1,4 +1,5 @@
-//! /v1/workflows/instances: start by hand, list, inspect, cancel, read the audit trail.
+//! /v1/workflows/instances: start by hand (one, or a batch), list, inspect, cancel, read the
+//! audit trail.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -9,12 +10,16 @@ use utoipa::ToSchema;
 use workflow_core::instance::RunMode;
 use workflow_core::InstanceStatus;
 use workflow_engine::service::instance_stream;
+use workflow_engine::StartOutcome;
 use workflow_store::records::{InstanceFilter, InstanceRecord};
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_json, JsonBody, Params, RawBody};
-use crate::views::{parse_rfc3339, AuditEventView, ChainView, EventsView, InstanceView, Page};
+use crate::views::{
+    parse_rfc3339, AuditEventView, BatchItemResult, BatchStartResponse, ChainView, EventsView,
+    InstanceView, Page,
+};
 use crate::AppState;
 
 /// Largest trigger payload, serialised: expressions run over it, so it is bounded.
@@ -72,16 +77,6 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(body): JsonBody<CreateInstance>,
 ) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
-    if !body.trigger.is_object() {
-        return Err(ApiError::invalid("$.trigger", "must be a JSON object"));
-    }
-    let size = serde_json::to_vec(&body.trigger).map_or(0, |v| v.len());
-    if size > MAX_TRIGGER_BYTES {
-        return Err(ApiError::invalid(
-            "$.trigger",
-            format!("is {size} bytes; the limit is {MAX_TRIGGER_BYTES}"),
-        ));
-    }
     let header_key = headers
         .get("idempotency-key")
         .map(|v| {
@@ -90,21 +85,53 @@ pub async fn create(
                 .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))
         })
         .transpose()?;
+    let outcome = start(&state, &caller, body, header_key, "$").await?;
+    let status = if outcome.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view(&state, &outcome.instance).await)))
+}
+
+/// Check one start request and start it. Problems name their JSON path under `at` (`$` for
+/// the single endpoint, `$.items[3]` for an item of a batch).
+async fn start(
+    state: &AppState,
+    caller: &Caller,
+    body: CreateInstance,
+    header_key: Option<String>,
+    at: &str,
+) -> Result<StartOutcome, ApiError> {
+    if !body.trigger.is_object() {
+        return Err(ApiError::invalid(
+            format!("{at}.trigger"),
+            "must be a JSON object",
+        ));
+    }
+    let size = serde_json::to_vec(&body.trigger).map_or(0, |v| v.len());
+    if size > MAX_TRIGGER_BYTES {
+        return Err(ApiError::invalid(
+            format!("{at}.trigger"),
+            format!("is {size} bytes; the limit is {MAX_TRIGGER_BYTES}"),
+        ));
+    }
     let key = body.idempotency_key.or(header_key);
     if let Some(k) = &key {
         if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApiError::invalid(
-                "$.idempotency_key",
+                format!("{at}.idempotency_key"),
                 format!("must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
             ));
         }
     }
     let mode = match body.mode.as_deref() {
         None => RunMode::Live,
-        Some(m) => RunMode::parse(m)
-            .ok_or_else(|| ApiError::invalid("$.mode", "must be `live` or `simulate`"))?,
+        Some(m) => RunMode::parse(m).ok_or_else(|| {
+            ApiError::invalid(format!("{at}.mode"), "must be `live` or `simulate`")
+        })?,
     };
-    let outcome = state
+    state
         .engine
         .start_instance(
             &caller.partner_id,
@@ -120,15 +147,133 @@ pub async fn create(
                 what: "template",
                 id,
             } => ApiError::not_found("template", &id)
-                .with_detail("$.template_id", "no such template"),
+                .with_detail(format!("{at}.template_id"), "no such template"),
+            workflow_engine::EngineError::IdempotencyMismatch { .. } => {
+                ApiError::conflict("idempotency_key_reused", e.to_string()).with_detail(
+                    format!("{at}.idempotency_key"),
+                    "already used for a different request",
+                )
+            }
             e => e.into(),
-        })?;
-    let status = if outcome.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(view(&state, &outcome.instance).await)))
+        })
+}
+
+/// Many start requests in one call.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstances {
+    /// Each item is the body of `POST /v1/workflows/instances` (with its own optional
+    /// `idempotency_key`); at most `WORKFLOWS_MAX_BATCH_TRIGGERS` (500) of them.
+    #[schema(value_type = Vec<CreateInstance>)]
+    pub items: Vec<Value>,
+}
+
+/// How many items of a batch start at once.
+const BATCH_CONCURRENCY: usize = 8;
+
+/// Start many instances in one call; each item succeeds or fails on its own and gets its
+/// result, in the order of the request: `status` 201 (created), 200 (idempotent replay) or the
+/// item's error (with the JSON path of the problem, e.g. `$.items[3].template_id`).
+#[utoipa::path(post, path = "/v1/workflows/instances/batch", tag = "instances",
+    request_body = CreateInstances,
+    responses((status = 200, description = "a result per item", body = BatchStartResponse),
+        (status = 422, description = "no items, or more than the limit", body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn create_batch(
+    caller: Caller,
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CreateInstances>,
+) -> Result<Json<BatchStartResponse>, ApiError> {
+    let max = state.config.max_batch_triggers;
+    if body.items.is_empty() || body.items.len() > max {
+        return Err(ApiError::invalid(
+            "$.items",
+            format!("must hold 1 to {max} items; it has {}", body.items.len()),
+        ));
+    }
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(BATCH_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut index_of = std::collections::HashMap::new();
+    for (index, item) in body.items.into_iter().enumerate() {
+        let (state, caller, permits) = (state.clone(), caller.clone(), permits.clone());
+        let handle = tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let at = format!("$.items[{index}]");
+            let started = match parse_item(item, &at) {
+                Ok(body) => start(&state, &caller, body, None, &at).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(outcome) => BatchItemResult {
+                    index,
+                    status: if outcome.created { 201 } else { 200 },
+                    instance: Some(view(&state, &outcome.instance).await),
+                    error: None,
+                },
+                Err(e) => BatchItemResult {
+                    index,
+                    status: e.status.as_u16(),
+                    instance: None,
+                    error: Some(ErrorBody {
+                        code: e.code.to_string(),
+                        message: e.message,
+                        details: e.details,
+                    }),
+                },
+            }
+        });
+        index_of.insert(handle.id(), index);
+    }
+    let mut results = Vec::new();
+    while let Some(done) = tasks.join_next_with_id().await {
+        match done {
+            Ok((_, r)) => results.push(r),
+            Err(e) => {
+                // A bug, not the caller's input: that item alone answers 500.
+                tracing::error!(error = %e, request_id = %crate::request_id::current(), "batch start task failed");
+                results.push(BatchItemResult {
+                    index: index_of.get(&e.id()).copied().unwrap_or(usize::MAX),
+                    status: 500,
+                    instance: None,
+                    error: Some(ErrorBody {
+                        code: "internal".into(),
+                        message: "internal error; quote the request id when reporting it".into(),
+                        details: Vec::new(),
+                    }),
+                });
+            }
+        }
+    }
+    results.sort_by_key(|r| r.index);
+    let count = |status: u16| results.iter().filter(|r| r.status == status).count();
+    let (created, replayed) = (count(201), count(200));
+    Ok(Json(BatchStartResponse {
+        failed: results.len() - created - replayed,
+        created,
+        replayed,
+        results,
+    }))
+}
+
+/// One batch item as a start request; a wrong shape is a 422 at its path under `at` (a missing
+/// field at the field's own path, e.g. `$.items[3].template_id`).
+fn parse_item(item: Value, at: &str) -> Result<CreateInstance, ApiError> {
+    serde_path_to_error::deserialize(item).map_err(|e| {
+        let path = e.path().to_string();
+        let mut path = if path.is_empty() || path == "." {
+            at.to_string()
+        } else {
+            format!("{at}.{path}")
+        };
+        let problem = e.into_inner().to_string();
+        let missing = problem
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'));
+        if let Some(field) = missing {
+            path = format!("{path}.{field}");
+        }
+        ApiError::invalid(path, problem)
+    })
 }
 
 /// List instances, newest first.

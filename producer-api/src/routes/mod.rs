@@ -4,6 +4,7 @@ pub mod admin;
 pub mod approvals;
 pub mod instances;
 pub mod templates;
+pub mod webhooks;
 
 use axum::http::StatusCode;
 

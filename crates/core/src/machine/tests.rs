@@ -56,6 +56,7 @@ fn approval(name: &str, role: &str) -> Step {
             reject_policy: crate::template::RejectPolicy::Any,
             require_comment_on_reject: false,
             on_timeout: crate::template::TimeoutPolicy::Reject,
+            notify: None,
         }),
         json!({"approvers": {"type": "role", "value": role}, "timeout_hours": 48}),
     )
@@ -263,11 +264,15 @@ fn every_waiting_step_type_names_what_it_waits_for() {
         (
             step(
                 "n",
-                StepKind::Notification(NotificationConfig::Webhook {
-                    url: "https://example.com/hook".into(),
-                    event: None,
+                StepKind::Notification(crate::template::NotificationConfig {
+                    channel: crate::template::NotifyChannel::Webhook {
+                        url: "https://example.com/hook".into(),
+                        event: None,
+                    },
+                    wait_for_delivery: true,
+                    on_failure: Route::Fail,
                 }),
-                json!({"channel": "webhook", "url": "https://example.com/hook"}),
+                json!({"channel": "webhook", "url": "https://example.com/hook", "wait_for_delivery": true}),
             ),
             "notification",
         ),
@@ -463,7 +468,7 @@ fn gen_cmd() -> impl Strategy<Value = GenCmd> {
 fn dispatched(effect: &Effect) -> Option<usize> {
     match effect {
         Effect::Dispatch { index, .. } => Some(*index),
-        Effect::ScheduleTimer(_) | Effect::PerformAction { .. } => None,
+        Effect::ScheduleTimer(_) | Effect::PerformAction { .. } | Effect::Notify(_) => None,
     }
 }
 
@@ -627,6 +632,7 @@ mod decisions {
                 reject_policy: policy,
                 require_comment_on_reject: comment,
                 on_timeout: crate::template::TimeoutPolicy::Reject,
+                notify: None,
             }),
             json!({}),
         )
@@ -946,7 +952,7 @@ mod timed {
             .iter()
             .filter_map(|e| match e {
                 Effect::ScheduleTimer(t) => Some(t.clone()),
-                Effect::Dispatch { .. } | Effect::PerformAction { .. } => None,
+                Effect::Dispatch { .. } | Effect::PerformAction { .. } | Effect::Notify(_) => None,
             })
             .collect()
     }
@@ -974,6 +980,7 @@ mod timed {
                     reject_policy: RejectPolicy::Any,
                     require_comment_on_reject: false,
                     on_timeout: policy,
+                    notify: None,
                 }),
                 json!({}),
             ),
@@ -1291,7 +1298,7 @@ mod actions {
     fn executed(out: &Transition) -> Option<Value> {
         out.effects.iter().find_map(|e| match e {
             Effect::PerformAction { input, .. } => Some(input.clone()),
-            Effect::Dispatch { .. } | Effect::ScheduleTimer(_) => None,
+            Effect::Dispatch { .. } | Effect::ScheduleTimer(_) | Effect::Notify(_) => None,
         })
     }
 
@@ -1426,5 +1433,351 @@ mod actions {
             );
             assert!(failed.events.iter().any(|e| e.kind == "action.failed"));
         }
+    }
+}
+
+// ---- notifications ----
+
+mod notifications {
+    use super::*;
+    use crate::validate::{parse_template, Limits};
+
+    const HOUR: i64 = 3_600_000;
+
+    fn parse(doc: Value) -> Template {
+        parse_template(&doc, &Limits::default()).unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
+    fn notices(effects: &[Effect]) -> Vec<NotificationSpec> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Notify(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn timers(effects: &[Effect]) -> Vec<TimerSpec> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::ScheduleTimer(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn exec(
+        tpl: &Template,
+        info: &InstanceInfo,
+        state: &InstanceState,
+        index: usize,
+        now: i64,
+    ) -> Transition {
+        apply(
+            tpl,
+            info,
+            state,
+            Command::ExecuteStep { index },
+            Timestamp(now),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn first(tpl: &Template, info: &InstanceInfo) -> Transition {
+        let t = start(tpl, info, Timestamp(0));
+        exec(tpl, info, &t.state, 0, 0)
+    }
+
+    fn webhook_step(extra: Value) -> Template {
+        let mut config = json!({"channel": "webhook", "url": "https://hooks.example/{{ trigger.id }}",
+            "event": "payment.ready", "payload": {"id": "{{ trigger.id }}", "amount": "{{ trigger.amount }}"}});
+        if let (Value::Object(c), Value::Object(e)) = (&mut config, extra) {
+            c.extend(e);
+        }
+        parse(json!({"name": "n", "trigger_type": "manual", "steps": [
+            {"type": "notification", "name": "Tell", "config": config},
+            {"type": "condition", "name": "After", "config": {"expression": "true"}}
+        ]}))
+    }
+
+    #[test]
+    fn a_notification_step_queues_a_rendered_delivery_and_moves_on() {
+        let tpl = webhook_step(json!({}));
+        let info = info(json!({"id": "tr_1", "amount": 42}));
+        let t = first(&tpl, &info);
+        let n = notices(&t.effects);
+        assert_eq!(n.len(), 1);
+        assert_eq!(
+            n[0].message,
+            OutboundMessage::Webhook {
+                url: "https://hooks.example/tr_1".into(),
+                event_type: "payment.ready".into(),
+                data: json!({"id": "tr_1", "amount": 42}),
+            }
+        );
+        assert!(!n[0].wait);
+        assert_eq!(
+            n[0].delivery_id,
+            delivery_id("i1", 0, NotifyPurpose::Step, 0, "webhook")
+        );
+        // Not blocked: the step completed and the next one is dispatched in the same transition.
+        assert_eq!(
+            t.state.execution(0).map(|e| e.status),
+            Some(StepStatus::Completed)
+        );
+        assert_eq!(
+            t.state
+                .execution(0)
+                .and_then(|e| e.output.clone())
+                .map(|o| o["status"].clone()),
+            Some(json!("queued"))
+        );
+        assert!(t.effects.iter().any(|e| dispatched(e) == Some(1)));
+        assert!(t.events.iter().any(|e| e.kind == "notification.queued"));
+    }
+
+    #[test]
+    fn wait_for_delivery_waits_then_completes_or_follows_on_failure() {
+        let info = info(json!({"id": "tr_2", "amount": 1}));
+        for (extra, outcome, status) in [
+            (
+                json!({"wait_for_delivery": true}),
+                NotificationOutcome::Delivered {
+                    attempts: 2,
+                    status: Some(204),
+                },
+                StepStatus::Completed,
+            ),
+            (
+                json!({"wait_for_delivery": true}),
+                NotificationOutcome::DeadLettered {
+                    error: "boom".into(),
+                    attempts: 7,
+                },
+                StepStatus::Failed,
+            ),
+            (
+                json!({"wait_for_delivery": true, "on_failure": "continue"}),
+                NotificationOutcome::DeadLettered {
+                    error: "boom".into(),
+                    attempts: 7,
+                },
+                StepStatus::Completed,
+            ),
+        ] {
+            let tpl = webhook_step(extra);
+            let t = first(&tpl, &info);
+            assert_eq!(t.state.status, InstanceStatus::Waiting);
+            let id = notices(&t.effects)[0].delivery_id.clone();
+            assert!(notices(&t.effects)[0].wait);
+            assert_eq!(
+                t.state
+                    .waiting_on
+                    .as_ref()
+                    .map(|w| w.detail["delivery_id"].clone()),
+                Some(json!(id))
+            );
+            // Another delivery's outcome is not this step's.
+            let wrong = apply(
+                &tpl,
+                &info,
+                &t.state,
+                Command::NotificationResult {
+                    index: 0,
+                    delivery_id: "dlv_other".into(),
+                    outcome: outcome.clone(),
+                },
+                Timestamp(5),
+                &limits(),
+            );
+            assert!(matches!(
+                wrong,
+                Err(MachineError::AlreadyExecuted { index: 0 })
+            ));
+            let done = apply(
+                &tpl,
+                &info,
+                &t.state,
+                Command::NotificationResult {
+                    index: 0,
+                    delivery_id: id.clone(),
+                    outcome: outcome.clone(),
+                },
+                Timestamp(5),
+                &limits(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                done.state.execution(0).map(|e| e.status),
+                Some(status),
+                "{outcome:?}"
+            );
+            // A repeated report changes nothing.
+            let again = apply(
+                &tpl,
+                &info,
+                &done.state,
+                Command::NotificationResult {
+                    index: 0,
+                    delivery_id: id,
+                    outcome,
+                },
+                Timestamp(6),
+                &limits(),
+            );
+            assert!(again.is_err());
+        }
+    }
+
+    #[test]
+    fn a_url_that_renders_badly_fails_the_step() {
+        let tpl = parse(json!({"name": "n", "trigger_type": "manual", "steps": [
+            {"type": "notification", "name": "Tell", "config": {"channel": "email", "to": "{{ trigger.to }}", "subject": "s"}}
+        ]}));
+        let t = first(&tpl, &info(json!({"to": ""})));
+        assert_eq!(t.state.status, InstanceStatus::Failed);
+        assert!(notices(&t.effects).is_empty());
+    }
+
+    fn approval_tpl(on_timeout: Value) -> Template {
+        parse(json!({"name": "n", "trigger_type": "manual", "steps": [
+            {"type": "approval", "name": "CFO", "config": {
+                "approvers": {"type": "role", "value": "cfo"}, "timeout": "24h", "remind_before": "2h",
+                "on_timeout": on_timeout,
+                "notify": {"webhook": {"url": "https://hooks.example/a", "payload": {"t": "{{ trigger.id }}"}},
+                           "email": {"to": "cfo@example.com", "subject": "Approve {{ trigger.id }}"}}}}
+        ]}))
+    }
+
+    #[test]
+    fn approvals_notify_on_start_remind_before_the_deadline_and_when_overdue() {
+        let tpl = approval_tpl(json!("notify"));
+        let info = info(json!({"id": "tr_3"}));
+        let t = first(&tpl, &info);
+        let n = notices(&t.effects);
+        assert_eq!(n.len(), 2, "webhook and email");
+        assert!(n
+            .iter()
+            .all(|n| n.purpose == NotifyPurpose::ApprovalRequested));
+        match &n[0].message {
+            OutboundMessage::Webhook {
+                event_type, data, ..
+            } => {
+                assert_eq!(event_type, "workflow.approval.requested");
+                assert_eq!(data["payload"], json!({"t": "tr_3"}));
+                assert_eq!(data["approvers"][0]["value"], "cfo");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &n[1].message {
+            OutboundMessage::Email { subject, .. } => assert_eq!(subject, "Approve tr_3"),
+            other => panic!("{other:?}"),
+        }
+        let ts = timers(&t.effects);
+        let reminder = ts
+            .iter()
+            .find(|t| t.kind == TimerKind::ApprovalReminder)
+            .cloned()
+            .unwrap_or_else(|| panic!("a reminder timer: {ts:?}"));
+        assert_eq!(reminder.due, Timestamp(22 * HOUR));
+        let fire = |state: &InstanceState, spec: &TimerSpec, now: i64| {
+            apply(
+                &tpl,
+                &info,
+                state,
+                Command::TimerFired {
+                    timer_id: spec.id.clone(),
+                    index: 0,
+                    kind: spec.kind,
+                },
+                Timestamp(now),
+                &limits(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let r = fire(&t.state, &reminder, 22 * HOUR);
+        assert_eq!(r.state.status, InstanceStatus::Waiting);
+        let rn = notices(&r.effects);
+        assert_eq!(rn.len(), 2);
+        assert!(rn
+            .iter()
+            .all(|n| n.purpose == NotifyPurpose::ApprovalReminder));
+        assert!(
+            matches!(&rn[1].message, OutboundMessage::Email { subject, .. } if subject == "Reminder: Approve tr_3")
+        );
+        assert!(r.events.iter().any(|e| e.kind == "approval.reminder"));
+        let deadline = ts
+            .iter()
+            .find(|t| t.kind == TimerKind::ApprovalTimeout)
+            .cloned()
+            .unwrap_or_else(|| panic!("a deadline"));
+        let o = fire(&r.state, &deadline, 24 * HOUR);
+        assert_eq!(
+            o.state.status,
+            InstanceStatus::Waiting,
+            "notify keeps waiting"
+        );
+        let on = notices(&o.effects);
+        assert_eq!(on.len(), 2);
+        assert!(on
+            .iter()
+            .all(|n| n.purpose == NotifyPurpose::ApprovalOverdue));
+        assert!(o.events.iter().any(|e| e.kind == "approval.overdue"));
+        // Every notice has its own delivery id.
+        let mut ids: Vec<String> = n
+            .iter()
+            .chain(&rn)
+            .chain(&on)
+            .map(|n| n.delivery_id.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 6);
+    }
+
+    #[test]
+    fn a_decided_approval_ignores_its_reminder() {
+        let tpl = approval_tpl(json!("reject"));
+        let info = info(json!({"id": "tr_4"}));
+        let t = first(&tpl, &info);
+        let reminder = timers(&t.effects)
+            .into_iter()
+            .find(|t| t.kind == TimerKind::ApprovalReminder)
+            .unwrap_or_else(|| panic!("reminder"));
+        let decided = apply(
+            &tpl,
+            &info,
+            &t.state,
+            Command::Decide {
+                decision_id: "d1".into(),
+                index: 0,
+                decider: Decider {
+                    actor: human("carol"),
+                    roles: vec!["cfo".into()],
+                },
+                verdict: Verdict::Approve,
+                comment: None,
+            },
+            Timestamp(HOUR),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(decided.state.status, InstanceStatus::Completed);
+        let late = apply(
+            &tpl,
+            &info,
+            &decided.state,
+            Command::TimerFired {
+                timer_id: reminder.id,
+                index: 0,
+                kind: reminder.kind,
+            },
+            Timestamp(22 * HOUR),
+            &limits(),
+        );
+        assert!(late.is_err(), "terminal instances refuse everything");
     }
 }

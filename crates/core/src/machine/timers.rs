@@ -12,12 +12,15 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::notify::{approval_notices, NotifyPurpose};
 use super::{complete_and_follow, fail_step, finish, Effect, Event, MachineError, Transition};
 use crate::expr::{EvalContext, ExprLimits, Expression};
 use crate::instance::{
     ActorRef, InstanceInfo, InstanceState, InstanceStatus, StepStatus, WaitingOn,
 };
-use crate::template::{Route, StepKind, Template, TimeoutPolicy, WaitConfig, WaitStep};
+use crate::template::{
+    ApprovalConfig, Route, StepKind, Template, TimeoutPolicy, WaitConfig, WaitStep,
+};
 use crate::time::Timestamp;
 use crate::window::{BusinessWindow, Opening};
 
@@ -31,13 +34,16 @@ pub enum TimerKind {
     WaitTimeout,
     /// An approval's deadline passed without a decision.
     ApprovalTimeout,
+    /// An approval's `remind_before` point: remind its approvers through `notify`.
+    ApprovalReminder,
 }
 
 impl TimerKind {
-    pub const ALL: [TimerKind; 3] = [
+    pub const ALL: [TimerKind; 4] = [
         TimerKind::WaitElapsed,
         TimerKind::WaitTimeout,
         TimerKind::ApprovalTimeout,
+        TimerKind::ApprovalReminder,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +51,7 @@ impl TimerKind {
             TimerKind::WaitElapsed => "wait_elapsed",
             TimerKind::WaitTimeout => "wait_timeout",
             TimerKind::ApprovalTimeout => "approval_timeout",
+            TimerKind::ApprovalReminder => "approval_reminder",
         }
     }
 
@@ -94,6 +101,26 @@ pub(crate) fn schedule_approval_deadline(
 ) {
     if let Some(due) = due {
         schedule(info, index, TimerKind::ApprovalTimeout, 0, due, effects);
+    }
+}
+
+/// The `remind_before` timer of an approval whose deadline is `due` (escalation `level`): none
+/// without `notify.remind_before`, a deadline, or when the reminder point is already past.
+pub(crate) fn schedule_approval_reminder(
+    info: &InstanceInfo,
+    cfg: &ApprovalConfig,
+    index: usize,
+    level: u32,
+    due: Option<Timestamp>,
+    now: Timestamp,
+    effects: &mut Vec<Effect>,
+) {
+    let before = cfg.notify.as_ref().and_then(|n| n.remind_before_ms);
+    if let (Some(due), Some(before)) = (due, before) {
+        let at = due.plus_millis(-before);
+        if at > now {
+            schedule(info, index, TimerKind::ApprovalReminder, level, at, effects);
+        }
     }
 }
 
@@ -304,9 +331,30 @@ pub(crate) fn apply_timer(
                 info,
                 &mut next,
                 index,
-                &cfg.on_timeout,
+                cfg,
                 level,
                 now,
+                &mut effects,
+                &mut events,
+            );
+        }
+        (StepKind::Approval(_), TimerKind::ApprovalReminder) => {
+            events.push(Event {
+                actor: actor.clone(),
+                kind: "approval.reminder",
+                before: Value::Null,
+                after: json!({"index": index, "escalations": level,
+                    "due": next.waiting_on.as_ref().and_then(|w| w.due)}),
+                reason: Some("remind_before the deadline".into()),
+            });
+            approval_notices(
+                template,
+                info,
+                &next,
+                index,
+                NotifyPurpose::ApprovalReminder,
+                level,
+                &actor,
                 &mut effects,
                 &mut events,
             );
@@ -330,7 +378,9 @@ fn timer_id_for(info: &InstanceInfo, index: usize, kind: TimerKind, level: u32) 
     match kind {
         // Wait timers are never re-armed.
         TimerKind::WaitElapsed | TimerKind::WaitTimeout => timer_id(&info.id, index, kind, 0),
-        TimerKind::ApprovalTimeout => timer_id(&info.id, index, kind, level),
+        TimerKind::ApprovalTimeout | TimerKind::ApprovalReminder => {
+            timer_id(&info.id, index, kind, level)
+        }
     }
 }
 
@@ -340,12 +390,13 @@ fn approval_timeout(
     info: &InstanceInfo,
     state: &mut InstanceState,
     index: usize,
-    policy: &TimeoutPolicy,
+    cfg: &ApprovalConfig,
     level: u32,
     now: Timestamp,
     effects: &mut Vec<Effect>,
     events: &mut Vec<Event>,
 ) {
+    let policy = &cfg.on_timeout;
     let actor = super::scheduler_actor();
     let name = template
         .steps
@@ -396,13 +447,26 @@ fn approval_timeout(
                 events,
             );
         }
-        TimeoutPolicy::Notify => events.push(Event {
-            actor,
-            kind: "approval.overdue",
-            before: Value::Null,
-            after: json!({"index": index, "name": name}),
-            reason: Some("deadline passed; still waiting".into()),
-        }),
+        TimeoutPolicy::Notify => {
+            events.push(Event {
+                actor: actor.clone(),
+                kind: "approval.overdue",
+                before: Value::Null,
+                after: json!({"index": index, "name": name}),
+                reason: Some("deadline passed; still waiting".into()),
+            });
+            approval_notices(
+                template,
+                info,
+                state,
+                index,
+                NotifyPurpose::ApprovalOverdue,
+                level,
+                &actor,
+                effects,
+                events,
+            );
+        }
         TimeoutPolicy::Escalate {
             approvers,
             timeout_ms,
@@ -422,6 +486,7 @@ fn approval_timeout(
                 exec.escalations = level;
             }
             schedule(info, index, TimerKind::ApprovalTimeout, level, due, effects);
+            schedule_approval_reminder(info, cfg, index, level, Some(due), now, effects);
             if let Some(w) = state.waiting_on.as_mut() {
                 w.description = format!(
                     "escalated ({level}/{max_escalations}): {}",
@@ -437,13 +502,25 @@ fn approval_timeout(
                 }
             }
             events.push(Event {
-                actor,
+                actor: actor.clone(),
                 kind: "approval.escalated",
                 before: json!({"index": index, "escalations": level - 1}),
                 after: json!({"index": index, "escalations": level,
                     "approvers": approvers.iter().map(|a| a.to_json()).collect::<Vec<_>>(), "due": due}),
                 reason: Some("deadline passed without a decision".into()),
             });
+            // The new approvers hear about it like the first ones did.
+            approval_notices(
+                template,
+                info,
+                state,
+                index,
+                NotifyPurpose::ApprovalRequested,
+                level,
+                &actor,
+                effects,
+                events,
+            );
         }
     }
 }

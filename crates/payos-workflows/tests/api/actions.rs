@@ -415,3 +415,9 @@ crate::on_both_stores!(
     a_worker_dying_between_call_and_record_executes_once,
     the_http_action_calls_a_real_server_with_an_idempotency_key,
 );
+
+crate::on_distributed!(
+    simulation_mode_sends_transfers_to_the_simulation_endpoint,
+    retries_then_success_executes_once,
+    exhausted_retries_follow_on_failure,
+);

@@ -641,3 +641,10 @@ crate::on_both_stores!(
     bulk_with_mixed_results,
     fifty_parallel_decisions_give_exactly_one,
 );
+
+crate::on_distributed!(
+    seed_walk_through_cfo_and_manager_to_the_action,
+    rejection_at_each_stage,
+    quorum_two_of_three,
+    fifty_parallel_decisions_give_exactly_one,
+);

@@ -12,13 +12,20 @@ use workflow_egress::{EgressClient, EgressPolicy, PayosClient, PayosConfig, Time
 use workflow_engine::{Clock, SystemClock};
 use workflow_store::Store;
 
+use crate::cluster::Cluster;
+
 pub const ADMIN: &str = "test-admin-token";
 pub const PROCUREMENT: &str = payos_workflows::demo::PROCUREMENT_TEMPLATE;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
+    /// The embedded runtime on SQLite.
     Sqlite,
+    /// The embedded runtime on PostgreSQL.
     Postgres,
+    /// The distributed runtime: api, pools and scheduler as OS processes on PostgreSQL and
+    /// Kafka (see cluster.rs).
+    Distributed,
 }
 
 pub struct TestApp {
@@ -28,6 +35,10 @@ pub struct TestApp {
     /// The PayOS sandbox the action pool calls: counts executions per transfer.
     pub sandbox: SandboxState,
     runtime: Option<Embedded>,
+    /// The processes, when the app is the distributed runtime.
+    pub cluster: Option<Cluster>,
+    /// How long `wait_for` waits for an instance to reach a state.
+    pub patience: Duration,
     _dir: tempfile::TempDir,
 }
 
@@ -41,13 +52,31 @@ pub struct Partner {
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
-    spawn_app_with_clock(backend, Arc::new(SystemClock)).await
+    match backend {
+        Backend::Distributed => TestApp::distributed().await,
+        Backend::Sqlite | Backend::Postgres => {
+            spawn_app_with_clock(backend, Arc::new(SystemClock)).await
+        }
+    }
 }
 
 /// The app on a clock the test controls (timers, deadlines).
 pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> TestApp {
+    spawn_app_with_notifier(backend, clock, None).await
+}
+
+/// The app on a clock the test controls, with a notifier for the notification delivery pool
+/// (without one, deliveries stay queued).
+pub async fn spawn_app_with_notifier(
+    backend: Backend,
+    clock: Arc<dyn Clock>,
+    notifier: Option<Arc<step_workers::Notifier>>,
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let url = match backend {
+        Backend::Distributed => {
+            panic!("the distributed runtime's processes run on the system clock")
+        }
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()),
         Backend::Postgres => workflow_testkit::postgres_url()
             .await
@@ -94,7 +123,7 @@ pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> Te
         clock,
         actions: Some(Arc::new(executor)),
     };
-    let runtime = Embedded::start(store.clone(), config)
+    let runtime = Embedded::start_with_notifier(store.clone(), config, notifier)
         .await
         .unwrap_or_else(|e| panic!("start: {e}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -115,15 +144,47 @@ pub async fn spawn_app_with_clock(backend: Backend, clock: Arc<dyn Clock>) -> Te
         store,
         sandbox,
         runtime: Some(runtime),
+        cluster: None,
+        patience: Duration::from_secs(15),
         _dir: dir,
     }
 }
 
 impl TestApp {
+    /// The distributed runtime's processes, and a client of its API.
+    pub async fn distributed() -> TestApp {
+        TestApp::distributed_with_env(&[]).await
+    }
+
+    /// [`TestApp::distributed`], with more environment variables for every process.
+    pub async fn distributed_with_env(env: &[(&str, String)]) -> TestApp {
+        let cluster = Cluster::start_with_env(env).await;
+        TestApp {
+            base: cluster.base.clone(),
+            client: reqwest::Client::new(),
+            store: cluster.store.clone(),
+            sandbox: cluster.sandbox.clone(),
+            runtime: None,
+            cluster: Some(cluster),
+            // Consumer groups form when the processes start: the first steps take longer.
+            patience: Duration::from_secs(60),
+            _dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
+        }
+    }
+
     /// Stop the whole engine (API, pools, scheduler, relay) and wait for its tasks to end.
     pub async fn stop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+
+    /// The embedded runtime's in-process bus (to publish other services' events, or read the
+    /// engine's topics).
+    pub fn bus(&self) -> Arc<workflow_bus::InProcessBus> {
+        match &self.runtime {
+            Some(runtime) => runtime.bus.clone(),
+            None => panic!("no in-process bus: the app is stopped, or distributed"),
         }
     }
 
@@ -243,7 +304,7 @@ impl TestApp {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + self.patience;
         loop {
             let (s, b) = self
                 .get(&format!("/v1/workflows/instances/{id}"), key)
@@ -254,7 +315,11 @@ impl TestApp {
             }
             assert!(
                 Instant::now() < deadline,
-                "instance {id} never reached: {what}; last: {b:#}"
+                "instance {id} never reached: {what}; last: {b:#}\n{}",
+                self.cluster
+                    .as_ref()
+                    .map(Cluster::tails)
+                    .unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -306,6 +371,23 @@ macro_rules! on_both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// Also run scenarios against the distributed runtime (api, pools and scheduler as OS
+/// processes on PostgreSQL and Kafka). Scenarios that move a manual clock or reach into the
+/// in-process bus stay embedded-only.
+#[macro_export]
+macro_rules! on_distributed {
+    ($($name:ident),* $(,)?) => {
+        mod distributed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Distributed).await
                 }
             )*
         }

@@ -288,3 +288,8 @@ crate::on_both_stores!(
     cancel_and_its_errors,
     bad_instance_requests,
 );
+
+crate::on_distributed!(
+    idempotency_key_returns_the_same_instance,
+    cancel_and_its_errors,
+);

@@ -2,13 +2,20 @@
 
 mod helpers;
 
+mod cluster;
+mod faults;
+
 mod actions;
 mod approvals;
 mod auth;
+mod batch;
 mod instances;
+mod lifecycle;
+mod notifications;
 mod procurement;
 mod restart;
 mod templates;
 mod tenancy;
 mod timers;
+mod transfers;
 mod validation;

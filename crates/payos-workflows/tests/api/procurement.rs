@@ -188,3 +188,8 @@ crate::on_both_stores!(
     evaluation_error_fails_the_step_with_a_stored_error,
     audit_trail_is_hash_chained_and_verifies,
 );
+
+crate::on_distributed!(
+    seed_template_routes_small_and_large_procurements,
+    audit_trail_is_hash_chained_and_verifies,
+);

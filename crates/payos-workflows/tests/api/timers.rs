@@ -260,3 +260,5 @@ crate::on_both_stores!(
     signals_and_real_clock_waits,
     timers_survive_a_restart,
 );
+
+crate::on_distributed!(signals_and_real_clock_waits,);

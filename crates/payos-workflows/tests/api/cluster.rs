@@ -1,0 +1,230 @@
+//! The distributed runtime as OS processes: `api`, one `worker` per pool and the `scheduler`,
+//! each a real `payos-workflows` process on a fresh PostgreSQL database and a real Kafka
+//! broker (topics and consumer groups under a prefix unique to the test), with the PayOS
+//! sandbox served by the test over HTTP.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use workflow_egress::payos_sandbox::{self, SandboxState};
+use workflow_store::Store;
+
+use crate::helpers::ADMIN;
+
+/// At most this many clusters run at once in the suite: each is eight processes.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Every process of a full deployment.
+pub const ALL: [&str; 8] = [
+    "api",
+    "approval",
+    "condition",
+    "action",
+    "wait",
+    "notification",
+    "transfers",
+    "scheduler",
+];
+
+pub struct Cluster {
+    /// The API's base URL.
+    pub base: String,
+    pub store: Store,
+    pub sandbox: SandboxState,
+    pub database_url: String,
+    pub bootstrap: String,
+    pub prefix: String,
+    port: u16,
+    sandbox_url: String,
+    logs: tempfile::TempDir,
+    procs: BTreeMap<String, Child>,
+    client: reqwest::Client,
+    extra: Vec<(String, String)>,
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl Cluster {
+    /// Start every process of [`ALL`], with `extra` environment variables, and wait until the
+    /// API answers.
+    pub async fn start_with_env(extra: &[(&str, String)]) -> Cluster {
+        let slot = SLOTS
+            .acquire()
+            .await
+            .unwrap_or_else(|e| panic!("cluster slots: {e}"));
+        let database_url = workflow_testkit::postgres_url()
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL for tests: {e}"));
+        let bootstrap = workflow_testkit::kafka_bootstrap()
+            .await
+            .unwrap_or_else(|e| panic!("Kafka for tests: {e}"));
+        // Migrated once here, so the processes' own migrations find nothing to do.
+        let store = Store::connect(&database_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        store
+            .migrate()
+            .await
+            .unwrap_or_else(|e| panic!("migrate: {e}"));
+
+        let sandbox = SandboxState::in_memory();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind sandbox: {e}"));
+        let sandbox_addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let router = payos_sandbox::router(sandbox.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+
+        let port = free_port();
+        let prefix = format!("t{}.", uuid::Uuid::now_v7().simple());
+        let mut cluster = Cluster {
+            base: format!("http://127.0.0.1:{port}"),
+            store,
+            sandbox,
+            database_url,
+            bootstrap,
+            prefix,
+            port,
+            sandbox_url: format!("http://{sandbox_addr}"),
+            logs: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
+            procs: BTreeMap::new(),
+            client: reqwest::Client::new(),
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            _slot: slot,
+        };
+        for name in ALL {
+            cluster.spawn(name);
+        }
+        cluster.wait_for_api().await;
+        cluster
+    }
+
+    fn command(&self, name: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_payos-workflows"));
+        match name {
+            "api" | "scheduler" => {
+                cmd.arg(name);
+            }
+            pool => {
+                cmd.args(["worker", "--pool", pool]);
+            }
+        }
+        cmd.env("DATABASE_URL", &self.database_url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
+            .env("WORKFLOWS_TOPIC_PREFIX", &self.prefix)
+            .env("WORKFLOWS_ADMIN_TOKEN", ADMIN)
+            .env("WORKFLOWS_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("WORKFLOWS_TOPIC_PARTITIONS", "4")
+            .env("WORKFLOWS_DB_MAX_CONNECTIONS", "4")
+            .env("PAYOS_API_URL", &self.sandbox_url)
+            .env("PAYOS_API_KEY", "test")
+            .env("WORKFLOWS_EGRESS_ALLOW", "127.0.0.1/32")
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .kill_on_drop(true);
+        cmd
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.path().join(format!("{name}.log"))
+    }
+
+    /// Start (or restart) process `name`, appending its output to its log.
+    pub fn spawn(&mut self, name: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .unwrap_or_else(|e| panic!("log of {name}: {e}"));
+        let err = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("log of {name}: {e}"));
+        let child = self
+            .command(name)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.insert(name.to_string(), child);
+    }
+
+    /// SIGKILL process `name` and reap it: no drain, no goodbye.
+    pub async fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.procs.remove(name) {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM process `name`; returns its exit status once it has drained and exited.
+    pub async fn terminate(&mut self, name: &str, within: Duration) -> std::process::ExitStatus {
+        let mut child = self
+            .procs
+            .remove(name)
+            .unwrap_or_else(|| panic!("{name} is not running"));
+        let pid = child.id().unwrap_or_else(|| panic!("{name} has no pid"));
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill -TERM: {e}"));
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(status) => status.unwrap_or_else(|e| panic!("wait {name}: {e}")),
+            Err(_) => panic!(
+                "{name} did not exit within {within:?} of SIGTERM\n{}",
+                self.tail(name)
+            ),
+        }
+    }
+
+    /// Wait until the API process answers HTTP.
+    pub async fn wait_for_api(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = self
+                .client
+                .get(format!("{}/openapi.json", self.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the api never answered\n{}",
+                self.tail("api")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines of a process's log, for failure messages.
+    pub fn tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!("--- {name} log ---\n{}", lines[from..].join("\n"))
+    }
+
+    /// Every process's log tail.
+    pub fn tails(&self) -> String {
+        ALL.iter()
+            .map(|n| self.tail(n))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("free port: {e}"))
+}

@@ -1,0 +1,319 @@
+//! Fault tests of the distributed runtime: processes killed mid-run, orphaned outbox rows, a
+//! poison message, a drain on SIGTERM. Every instance must complete, no transfer may execute
+//! twice (counted at the PayOS sandbox, a real HTTP server), and only the poison message may
+//! reach the dead-letter topic. Also: transfer events on Kafka start instances once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use workflow_bus::Bus;
+use workflow_bus_kafka::{KafkaBus, KafkaConfig};
+use workflow_codec::{DeadLetter, Message as _};
+use workflow_core::validate::Limits;
+use workflow_egress::payos_sandbox::Fault;
+use workflow_engine::dead_letter::DEAD_LETTER_TOPIC;
+use workflow_engine::{Engine, SystemClock};
+
+use crate::cluster::Cluster;
+use crate::helpers::{Partner, TestApp, PROCUREMENT};
+
+const SMALL: u32 = 30;
+
+fn cluster(app: &mut TestApp) -> &mut Cluster {
+    app.cluster
+        .as_mut()
+        .unwrap_or_else(|| panic!("a distributed app"))
+}
+
+async fn kafka(c: &Cluster) -> KafkaBus {
+    let mut config = KafkaConfig::new(c.bootstrap.clone());
+    config.client_id = "fault-tests".into();
+    KafkaBus::new(config).unwrap_or_else(|e| panic!("kafka: {e}"))
+}
+
+/// Start `n` $500 procurements (condition → transfer) with idempotency keys, retrying each
+/// start until the API accepts it (the API may be down meanwhile). Returns the instance ids.
+async fn start_many(app: &TestApp, p: &Partner, tid: &str, tag: &str, n: u32) -> Vec<String> {
+    start_many_at(
+        app.client.clone(),
+        app.base.clone(),
+        p.requester.clone(),
+        tid,
+        tag,
+        n,
+    )
+    .await
+}
+
+async fn start_many_at(
+    client: reqwest::Client,
+    base: String,
+    key: String,
+    tid: &str,
+    tag: &str,
+    n: u32,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let body = json!({
+            "template_id": tid,
+            "idempotency_key": format!("{tag}-{i}"),
+            "trigger": {"id": format!("{tag}-{i}"), "amount": 500, "currency": "USD",
+                        "metadata": {"type": "procurement"}},
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sent = client
+                .post(format!("{base}/v1/workflows/instances"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await;
+            if let Ok(resp) = sent {
+                let status = resp.status();
+                let b: Value = resp.json().await.unwrap_or(Value::Null);
+                if status == StatusCode::CREATED || status == StatusCode::OK {
+                    ids.push(b["id"].as_str().unwrap_or_default().to_string());
+                    break;
+                }
+                assert!(status.is_server_error(), "start {tag}-{i}: {status} {b}");
+            }
+            assert!(Instant::now() < deadline, "start {tag}-{i} never accepted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    ids
+}
+
+/// Every instance completes and each transfer executed exactly once at the sandbox.
+async fn all_complete_once(app: &TestApp, p: &Partner, ids: &[String], tag: &str) {
+    for (i, id) in ids.iter().enumerate() {
+        app.wait_for(&p.requester, id, "completed", |b| {
+            b["status"] == "completed"
+        })
+        .await;
+        let counts = app
+            .sandbox
+            .counts(&format!("{tag}-{i}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(counts.executions, 1, "transfer {tag}-{i} executed once");
+    }
+}
+
+/// The dead letters on the cluster's topic, read until nothing new comes for `quiet`.
+async fn dead_letters(c: &Cluster, quiet: Duration) -> Vec<DeadLetter> {
+    let bus = kafka(c).await;
+    let topic = format!("{}{DEAD_LETTER_TOPIC}", c.prefix);
+    let mut sub = bus
+        .subscribe(
+            &topic,
+            &format!("inspect-{}", uuid::Uuid::now_v7().simple()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut letters = Vec::new();
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout(quiet, sub.next()).await {
+        letters.push(DeadLetter::from_avro(&msg.payload).unwrap_or_else(|e| panic!("{e}")));
+    }
+    letters
+}
+
+async fn seed(app: &TestApp) -> (Partner, String) {
+    let p = app.partner("acme").await;
+    let tpl = app.create_template(&p.requester, PROCUREMENT).await;
+    let tid = tpl["id"].as_str().unwrap_or_default().to_string();
+    (p, tid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_action_worker_and_the_api_mid_run_loses_nothing_and_runs_nothing_twice() {
+    let mut app = TestApp::distributed().await;
+    let (p, tid) = seed(&app).await;
+
+    // SIGKILL the action pool while transfers are being executed (the first calls are slow,
+    // so the kill lands between a call and its recording), then bring it back.
+    app.sandbox.inject(Fault::Delay { millis: 1500 }, 2);
+    let first = start_many(&app, &p, &tid, "w", SMALL).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.sandbox.requests() < 2 {
+        assert!(Instant::now() < deadline, "no transfer ever ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster(&mut app).kill("action").await;
+    let more = start_many(&app, &p, &tid, "w2", 5).await;
+    cluster(&mut app).spawn("action");
+    all_complete_once(&app, &p, &first, "w").await;
+    all_complete_once(&app, &p, &more, "w2").await;
+
+    // SIGKILL the api (and the relay it runs) while clients keep starting instances: they
+    // retry with their idempotency keys once it is back.
+    let starting = {
+        let (client, base, key, tid) = (
+            app.client.clone(),
+            app.base.clone(),
+            p.requester.clone(),
+            tid.clone(),
+        );
+        tokio::spawn(async move { start_many_at(client, base, key, &tid, "a", SMALL).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster(&mut app).kill("api").await;
+    cluster(&mut app).spawn("api");
+    app.cluster
+        .as_ref()
+        .unwrap_or_else(|| panic!("cluster"))
+        .wait_for_api()
+        .await;
+    let during = starting.await.unwrap_or_else(|e| panic!("{e}"));
+    all_complete_once(&app, &p, &during, "a").await;
+    let (s, listed) = app
+        .get("/v1/workflows/instances?limit=100", &p.requester)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let total = listed["data"].as_array().map_or(0, Vec::len);
+    assert_eq!(
+        total,
+        (2 * SMALL + 5) as usize,
+        "one instance per idempotency key"
+    );
+
+    let c = app.cluster.as_ref().unwrap_or_else(|| panic!("cluster"));
+    let letters = dead_letters(c, Duration::from_secs(2)).await;
+    assert!(letters.is_empty(), "dead letters: {letters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_orphaned_by_a_dead_process_are_swept_and_sigterm_drains() {
+    let app = TestApp::distributed().await;
+    let (p, tid) = seed(&app).await;
+
+    // A process that committed an instance and died before publishing: an engine in this
+    // test, on the cluster's database, with no relay at all.
+    let engine = Engine::new(app.store.clone(), Limits::default(), Arc::new(SystemClock));
+    let requester = workflow_core::instance::ActorRef {
+        id: "rita".into(),
+        actor_type: workflow_core::instance::ActorType::Human,
+    };
+    let orphan = engine
+        .start_instance(
+            "acme",
+            &requester,
+            &tid,
+            json!({"id": "orphan", "amount": 500, "currency": "USD", "metadata": {"type": "procurement"}}),
+            Some("orphan".to_string()),
+            workflow_core::instance::RunMode::Live,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    assert!(
+        !engine.outbox().is_empty(),
+        "its command was never published"
+    );
+    let id = orphan.instance.info.id.clone();
+    app.wait_for(&p.requester, &id, "completed by the sweep", |b| {
+        b["status"] == "completed"
+    })
+    .await;
+    let counts = app
+        .sandbox
+        .counts("orphan")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(counts.executions, 1);
+
+    // SIGTERM: the condition pool finishes what it holds, commits and exits 0.
+    let mut app = app;
+    let status = cluster(&mut app)
+        .terminate("condition", Duration::from_secs(30))
+        .await;
+    assert!(status.success(), "drained exit: {status:?}");
+    let waiting = start_many(&app, &p, &tid, "t", 3).await;
+    // Nobody consumes conditions now; a new member picks the commands up where it left off.
+    let (s, b) = app
+        .get(
+            &format!("/v1/workflows/instances/{}", waiting[0]),
+            &p.requester,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_ne!(b["status"], "completed", "{b}");
+    cluster(&mut app).spawn("condition");
+    all_complete_once(&app, &p, &waiting, "t").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_the_rest_flow_on() {
+    let app = TestApp::distributed().await;
+    let (p, tid) = seed(&app).await;
+    let c = app.cluster.as_ref().unwrap_or_else(|| panic!("cluster"));
+    let bus = kafka(c).await;
+    let topic = format!("{}workflow.steps.condition", c.prefix);
+    bus.publish(&topic, "poison-instance", b"\x00\x01 not avro".to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("publish: {e}"));
+    let ids = start_many(&app, &p, &tid, "p", 5).await;
+    all_complete_once(&app, &p, &ids, "p").await;
+
+    let letters = dead_letters(c, Duration::from_secs(3)).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.topic, "workflow.steps.condition");
+    assert_eq!(letter.key.as_deref(), Some(&b"poison-instance"[..]));
+    assert_eq!(letter.payload.as_deref(), Some(&b"\x00\x01 not avro"[..]));
+    assert!(letter.reason.contains("undecodable"), "{}", letter.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_event_on_kafka_starts_the_seed_template_once() {
+    let app = TestApp::distributed().await;
+    let (p, _tid) = seed(&app).await;
+    let c = app.cluster.as_ref().unwrap_or_else(|| panic!("cluster"));
+    let bus = kafka(c).await;
+    let topic = format!("{}payos.transfers.events", c.prefix);
+    let event = workflow_codec::TransferEvent {
+        event_id: "evt-1".into(),
+        partner_id: "acme".into(),
+        transfer_id: "tr_kafka".into(),
+        amount: "500.00".into(),
+        currency: "USD".into(),
+        metadata: r#"{"type":"procurement"}"#.into(),
+        occurred_at: 1,
+    }
+    .to_avro()
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The transfer service may deliver an event twice: one instance, one transfer.
+    for _ in 0..2 {
+        bus.publish(&topic, "tr_kafka", event.clone())
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let (s, b) = app.get("/v1/workflows/instances", &p.requester).await;
+        assert_eq!(s, StatusCode::OK);
+        if let Some(first) = b["data"].as_array().and_then(|a| a.first()) {
+            break first["id"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no instance started\n{}",
+            c.tails()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    app.wait_for(&p.requester, &id, "completed", |b| {
+        b["status"] == "completed"
+    })
+    .await;
+    let counts = app
+        .sandbox
+        .counts("tr_kafka")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(counts.executions, 1);
+    let (_, b) = app.get("/v1/workflows/instances", &p.requester).await;
+    assert_eq!(b["data"].as_array().map(Vec::len), Some(1), "{b}");
+}

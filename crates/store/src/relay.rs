@@ -1,0 +1,123 @@
+//! The outbox relay's side of the store: one pass takes the oldest outbox rows, hands them to a
+//! publisher, and deletes them only once they are published.
+//!
+//! On PostgreSQL several processes run a relay (each process of the distributed runtime does,
+//! so losing one loses no relay). A pass runs in a transaction holding a transaction-scoped
+//! advisory lock, so exactly one relay publishes at a time and rows leave in commit order,
+//! keeping each instance's commands in order; the others find the lock taken and wait for their
+//! next pass. A relay killed mid-pass releases the lock with its connection, and its rows are
+//! published again by the next relay (at-least-once; consumers skip redelivered commands).
+//! SQLite serves one process, so there the pass needs no lock.
+
+use std::future::Future;
+
+use sqlx::Row;
+
+use crate::records::OutboxMessage;
+use crate::{Backend, Store, StoreError};
+
+/// The advisory lock key of the relay ("relay" in ASCII).
+const RELAY_LOCK: i64 = 0x72_65_6c_61_79;
+/// Ids per DELETE statement.
+const DELETE_CHUNK: usize = 500;
+
+/// What a relay pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayPass {
+    /// This many rows were published and deleted (0: the outbox was empty).
+    Published(usize),
+    /// Another process holds the relay lock.
+    NotLeader,
+}
+
+impl Store {
+    /// Take up to `limit` of the oldest outbox rows and hand them to `publish`, which returns
+    /// the ids it published; those are deleted. When `publish` fails, nothing is deleted and its
+    /// error is returned.
+    pub async fn relay_pass<F, Fut, E>(&self, limit: u32, publish: F) -> Result<RelayPass, E>
+    where
+        F: FnOnce(Vec<OutboxMessage>) -> Fut,
+        Fut: Future<Output = Result<Vec<String>, E>>,
+        E: From<StoreError>,
+    {
+        let limit = i64::from(limit.max(1));
+        let select = "SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC LIMIT $1";
+        match self.backend() {
+            Backend::Sqlite => {
+                let rows = fetch(self.pool(), select, limit).await?;
+                if rows.is_empty() {
+                    return Ok(RelayPass::Published(0));
+                }
+                let ids = publish(rows).await?;
+                self.delete_published(&ids).await?;
+                Ok(RelayPass::Published(ids.len()))
+            }
+            Backend::Postgres => {
+                let mut tx = self.pool().begin().await.map_err(StoreError::from)?;
+                let locked: i32 = sqlx::query(
+                    "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN 1 ELSE 0 END AS locked",
+                )
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut *tx)
+                .await
+                .and_then(|row| row.try_get("locked"))
+                .map_err(StoreError::from)?;
+                if locked == 0 {
+                    return Ok(RelayPass::NotLeader);
+                }
+                let rows = fetch(&mut *tx, select, limit).await?;
+                if rows.is_empty() {
+                    return Ok(RelayPass::Published(0));
+                }
+                let ids = publish(rows).await?;
+                delete(&mut tx, &ids).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(RelayPass::Published(ids.len()))
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Forget outbox rows that were published. Unknown ids are ignored.
+    pub async fn delete_published(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pool().acquire().await?;
+        delete(&mut conn, ids).await
+    }
+}
+
+async fn fetch<'e, X>(exec: X, sql: &str, limit: i64) -> Result<Vec<OutboxMessage>, StoreError>
+where
+    X: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let rows = sqlx::query(sql).bind(limit).fetch_all(exec).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(OutboxMessage {
+                id: row.try_get("id")?,
+                topic: row.try_get("topic")?,
+                key: row.try_get("msg_key")?,
+                payload: row.try_get("payload")?,
+            })
+        })
+        .collect()
+}
+
+async fn delete(conn: &mut sqlx::AnyConnection, ids: &[String]) -> Result<(), StoreError> {
+    for chunk in ids.chunks(DELETE_CHUNK) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "DELETE FROM outbox WHERE id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
