@@ -42,8 +42,8 @@ pub use error::{CodecError, Operation};
 pub use framing::Fingerprint;
 pub use messages::{
     Actor, ActorType, DeadLetter, DecisionCommand, LifecycleEvent, LifecycleEventKind, Message,
-    StepCommand, StepMessage, StepMessageBody, StepType, TimerFired, TimerKind, TimerRequest,
-    TransferEvent, TriggerCommand, Verdict,
+    NotificationDelivery, StepCommand, StepMessage, StepMessageBody, StepType, TimerFired,
+    TimerKind, TimerRequest, TransferEvent, TriggerCommand, Verdict,
 };
 pub use registry::{Generation, RegisteredSchema, Registry, SchemaFile, SchemaName};
 

@@ -261,3 +261,16 @@ pub struct DeadLetter {
 impl Message for DeadLetter {
     const SCHEMA: SchemaName = SchemaName::DeadLetter;
 }
+
+/// `NotificationDelivery.avsc`: "attempt this delivery now".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationDelivery {
+    pub delivery_id: String,
+    pub partner_id: String,
+    pub instance_id: String,
+    pub issued_at: i64,
+}
+
+impl Message for NotificationDelivery {
+    const SCHEMA: SchemaName = SchemaName::NotificationDelivery;
+}

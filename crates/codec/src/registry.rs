@@ -44,11 +44,13 @@ pub enum SchemaName {
     TransferEvent,
     /// `DeadLetter.avsc`: a message a consumer gave up on.
     DeadLetter,
+    /// `NotificationDelivery.avsc`: on `workflow.notifications.deliveries`.
+    NotificationDelivery,
 }
 
 impl SchemaName {
     /// Every message schema.
-    pub const ALL: [SchemaName; 9] = [
+    pub const ALL: [SchemaName; 10] = [
         SchemaName::StepMessage,
         SchemaName::StepCommand,
         SchemaName::TimerFired,
@@ -58,6 +60,7 @@ impl SchemaName {
         SchemaName::LifecycleEvent,
         SchemaName::TransferEvent,
         SchemaName::DeadLetter,
+        SchemaName::NotificationDelivery,
     ];
 
     /// The record's name without namespace; also the file name (`<name>.avsc`).
@@ -72,6 +75,7 @@ impl SchemaName {
             SchemaName::LifecycleEvent => "LifecycleEvent",
             SchemaName::TransferEvent => "TransferEvent",
             SchemaName::DeadLetter => "DeadLetter",
+            SchemaName::NotificationDelivery => "NotificationDelivery",
         }
     }
 
@@ -142,13 +146,13 @@ const CURRENT_FILES: &[SchemaFile] = embed!(Generation::Current, "";
     "Actor.avsc", "ActorType.avsc", "StepType.avsc", "TimerKind.avsc", "Verdict.avsc",
     "StepCommand.avsc", "TimerFired.avsc", "StepMessage.avsc", "DecisionCommand.avsc",
     "TriggerCommand.avsc", "TimerRequest.avsc", "LifecycleEvent.avsc", "TransferEvent.avsc",
-    "DeadLetter.avsc",
+    "DeadLetter.avsc", "NotificationDelivery.avsc",
 );
 const PREVIOUS_FILES: &[SchemaFile] = embed!(Generation::Previous, "previous/";
     "Actor.avsc", "ActorType.avsc", "StepType.avsc", "TimerKind.avsc", "Verdict.avsc",
     "StepCommand.avsc", "TimerFired.avsc", "StepMessage.avsc", "DecisionCommand.avsc",
     "TriggerCommand.avsc", "TimerRequest.avsc", "LifecycleEvent.avsc", "TransferEvent.avsc",
-    "DeadLetter.avsc",
+    "DeadLetter.avsc", "NotificationDelivery.avsc",
 );
 
 /// One version of one message schema.

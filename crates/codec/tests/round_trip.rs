@@ -69,6 +69,12 @@ fn every_message_type_round_trips() {
         payload: Some(vec![]),
         ..dead_letter()
     });
+    round_trip(notification_delivery());
+    round_trip(NotificationDelivery {
+        delivery_id: String::new(),
+        issued_at: 0,
+        ..notification_delivery()
+    });
 }
 
 #[test]

@@ -176,6 +176,7 @@ fn fingerprints_are_pinned() {
         (SchemaName::LifecycleEvent, "9c4995445b7bf701"),
         (SchemaName::TransferEvent, "c0f779cd799544ed"),
         (SchemaName::DeadLetter, "9eb88a73f4063542"),
+        (SchemaName::NotificationDelivery, "a74e8f70c6f4d545"),
     ];
     for (name, fp) in pinned {
         assert_eq!(registry.current(name).fingerprint.to_string(), fp, "{name}");

@@ -7,7 +7,10 @@
 //!
 //! Invariants (checked by the property tests below):
 //! - at most one execution exists per step index: no step runs twice;
-//! - a terminal status is final: every command on a terminal instance is refused, state unchanged;
+//! - a terminal status is final: every command on a terminal instance is refused, state unchanged,
+//!   with one exception that changes no status: the late outcome of an action call that was in
+//!   flight when the instance was cancelled is recorded on its (cancelled) step, once, because
+//!   money may have moved (see `action::apply_late_result`);
 //! - a non-terminal instance is either `running` with its current step dispatched (pending or
 //!   running) or `waiting` with `waiting_on` naming what it waits for.
 
@@ -221,6 +224,15 @@ pub fn apply(
     limits: &ExprLimits,
 ) -> Result<Transition, MachineError> {
     if state.status.is_terminal() {
+        if let Command::ActionResult { index, outcome } = command {
+            return action::apply_late_result(
+                template,
+                state,
+                index,
+                outcome,
+                pool_actor(StepType::Action),
+            );
+        }
         return Err(MachineError::Terminal {
             status: state.status.as_str(),
         });

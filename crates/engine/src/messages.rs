@@ -518,11 +518,8 @@ pub const NOTIFICATION_TOPIC: &str = "workflow.notifications.deliveries";
 
 /// "Attempt delivery `delivery_id` now": the content, the retry state and the log are in the
 /// store (`notification_deliveries`); the message only says which one and that it is due.
-///
-/// Encoded as JSON for now (a plain serde struct); its Avro schema
-/// (`schemas/NotificationDelivery.avsc` and a codec type) is still to be added with the codec's
-/// golden fixtures and compatibility checks.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Avro `NotificationDelivery` (`schemas/NotificationDelivery.avsc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotificationDelivery {
     pub delivery_id: String,
     pub partner_id: String,
@@ -532,15 +529,27 @@ pub struct NotificationDelivery {
 }
 
 impl NotificationDelivery {
+    /// Avro `NotificationDelivery`, single-object encoded.
     pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
-        serde_json::to_vec(self).map_err(|e| {
-            MessageError::field("NotificationDelivery", "*", format!("does not encode: {e}"))
-        })
+        codec::NotificationDelivery {
+            delivery_id: self.delivery_id.clone(),
+            partner_id: self.partner_id.clone(),
+            instance_id: self.instance_id.clone(),
+            issued_at: self.issued_at,
+        }
+        .to_avro()
+        .map_err(MessageError::encoding("NotificationDelivery"))
     }
 
+    /// A `NotificationDelivery` written with the current or the previous schema version.
     pub fn decode(bytes: &[u8]) -> Result<NotificationDelivery, MessageError> {
-        serde_json::from_slice(bytes).map_err(|e| {
-            MessageError::field("NotificationDelivery", "*", format!("does not decode: {e}"))
+        let c = codec::NotificationDelivery::from_avro(bytes)
+            .map_err(MessageError::decoding("NotificationDelivery"))?;
+        Ok(NotificationDelivery {
+            delivery_id: c.delivery_id,
+            partner_id: c.partner_id,
+            instance_id: c.instance_id,
+            issued_at: c.issued_at,
         })
     }
 }
@@ -774,6 +783,32 @@ mod tests {
         assert!(!l.event_id.is_empty());
         let t = TransferEvent::decode(&read("TransferEvent.bin")).unwrap();
         assert!(t.trigger()["amount"].is_number());
+        let n = NotificationDelivery::decode(&read("NotificationDelivery.bin")).unwrap();
+        assert!(n.delivery_id.starts_with("dlv_"));
+    }
+
+    #[test]
+    fn notification_deliveries_round_trip_as_avro() {
+        let d = NotificationDelivery {
+            delivery_id: "dlv_0123".into(),
+            partner_id: "p".into(),
+            instance_id: "i".into(),
+            issued_at: 1_717_243_200_750,
+        };
+        let bytes = d.encode().unwrap();
+        assert_eq!(&bytes[..2], &[0xC3, 0x01], "single-object encoded");
+        assert_eq!(NotificationDelivery::decode(&bytes).unwrap(), d);
+        // The JSON this message used to be, and other schemas' messages, are refused.
+        let json =
+            br#"{"delivery_id":"dlv_0123","partner_id":"p","instance_id":"i","issued_at":1}"#;
+        assert!(matches!(
+            NotificationDelivery::decode(json),
+            Err(MessageError::Codec { .. })
+        ));
+        let step = step_command().encode().unwrap();
+        let err = NotificationDelivery::decode(&step).unwrap_err();
+        assert!(err.to_string().contains("schema mismatch"), "{err}");
+        assert!(StepMessage::decode(&bytes).is_err());
     }
 
     #[test]

@@ -249,7 +249,11 @@ impl Engine {
         })
     }
 
-    /// Record how an action call went; a late or repeated report changes nothing.
+    /// Record how an action call went; a repeated report changes nothing. The report of a call
+    /// that was in flight when the instance was cancelled is not dropped (money may have
+    /// moved): it is recorded on the cancelled step, with an `action.completed_after_cancel`
+    /// (or `action.failed_after_cancel`) audit event carrying the response, and the instance
+    /// stays cancelled.
     pub async fn record_action(
         &self,
         task: &ActionTask,

@@ -26,6 +26,7 @@ use crate::embedded::{Embedded, EmbeddedConfig, RuntimeError};
 mod cli;
 pub mod cpu;
 mod in_process;
+mod launch;
 pub mod seed;
 
 pub use cli::{run_cli, BenchArgs};

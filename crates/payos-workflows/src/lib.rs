@@ -8,3 +8,4 @@ pub mod config;
 pub mod demo;
 pub mod distributed;
 pub mod embedded;
+pub mod sandbox_ledger;

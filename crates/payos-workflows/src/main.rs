@@ -11,6 +11,7 @@ use payos_workflows::config::Settings;
 use payos_workflows::demo;
 use payos_workflows::distributed::{self, Node, WorkerPool};
 use payos_workflows::embedded::{Embedded, EmbeddedConfig};
+use payos_workflows::sandbox_ledger;
 use step_workers::ActionExecutor;
 use workflow_core::validate::Limits;
 use workflow_egress::egress_policy::Timeouts;
@@ -89,6 +90,10 @@ enum Command {
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8099")]
         listen: SocketAddr,
+        /// Where the sandbox records its calls (table `payos_sandbox_transfers`), so a replayed
+        /// Idempotency-Key is answered from the record across restarts.
+        #[arg(long, env = "DATABASE_URL", default_value = sandbox_ledger::DEFAULT_SANDBOX_DATABASE_URL)]
+        database_url: String,
     },
     /// Create the engine's Kafka topics that are missing (or only check them), and list them.
     Topics {
@@ -218,18 +223,23 @@ async fn main() -> anyhow::Result<()> {
         } => worker(config.settings()?, pool, &limits).await,
         Command::Scheduler { config, limits } => scheduler(config.settings()?, &limits).await,
         Command::Topics { check, config } => topics(config.settings()?, check).await,
-        Command::Sandbox { listen } => {
+        Command::Sandbox {
+            listen,
+            database_url,
+        } => {
+            let (store, sandbox) = sandbox_ledger::open_sandbox(&database_url)
+                .await
+                .context("cannot open the sandbox's database")?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             println!("PayOS SANDBOX (not real money) on http://{listen}; transfers at /sandbox/transfers");
-            let router = workflow_egress::payos_sandbox::router(
-                workflow_egress::payos_sandbox::SandboxState::in_memory(),
-            );
-            axum::serve(listener, router)
+            let router = workflow_egress::payos_sandbox::router(sandbox);
+            let served = axum::serve(listener, router)
                 .with_graceful_shutdown(distributed::shutdown_signal())
-                .await?;
-            Ok(())
+                .await;
+            store.close().await;
+            Ok(served?)
         }
         Command::Bench(args) => Ok(payos_workflows::bench::run_cli(args).await?),
         Command::Migrate { database_url } => {
@@ -292,7 +302,8 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
     }
     api.egress = EgressPolicy::from_env()?;
     // Actions go to PAYOS_API_URL, or to the PayOS sandbox this process serves itself.
-    let sandbox = workflow_egress::payos_sandbox::SandboxState::in_memory();
+    // Its calls are recorded in the engine's store, so its idempotency survives a restart.
+    let sandbox = sandbox_ledger::sandbox_on(store.clone());
     let payos = PayosConfig {
         base_url: std::env::var("PAYOS_API_URL")
             .unwrap_or_else(|_| format!("http://{listen}/payos-sandbox")),

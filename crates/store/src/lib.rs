@@ -11,9 +11,11 @@
 //! [`Backend`]. Migrations live in `migrations/sqlite` and `migrations/postgres` with the same
 //! numbering and are embedded in the binary; [`Store::migrate`] applies them.
 //!
-//! SQLite runs in WAL mode with a busy timeout, foreign keys on and `synchronous=NORMAL`; write
-//! transactions start with `BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout
-//! instead of failing on a lock upgrade. `sqlite::memory:` uses a single connection so every
+//! SQLite runs in WAL mode with a busy timeout, foreign keys on and `synchronous=NORMAL` (a
+//! commit survives a process crash; see `SQLITE_PRAGMAS`); write transactions run on one
+//! dedicated connection and start with `BEGIN IMMEDIATE`, so this process's writers queue on
+//! the pool in order and another process's wait on the busy timeout, never failing on a lock
+//! upgrade. Reads use a pool of their own. `sqlite::memory:` uses a single connection so every
 //! caller sees the same database.
 //!
 //! # Invariants this crate keeps
@@ -33,6 +35,7 @@ pub mod notifications;
 mod queries;
 pub mod records;
 mod relay;
+pub mod sandbox;
 mod timers;
 
 use std::time::Duration;
@@ -48,6 +51,7 @@ pub use notifications::{
 };
 pub use records::*;
 pub use relay::RelayPass;
+pub use sandbox::{SandboxRecordOutcome, SandboxTransferRecord};
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");

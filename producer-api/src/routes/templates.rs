@@ -35,8 +35,9 @@ fn draft(
 }
 
 /// Refuse outbound URLs that the egress policy refuses (SSRF): an `http` action's
-/// `params.url` and a webhook notification's `url`. A URL with a `{{ }}` placeholder is only
-/// known when the step runs, and is checked then, at address resolution.
+/// `params.url`, a webhook notification's `url` and an approval's `notify.webhook.url`. A URL
+/// with a `{{ }}` placeholder is only known when the step runs, and is checked then, at
+/// address resolution.
 fn check_egress(
     doc: &serde_json::Value,
     policy: &workflow_egress::EgressPolicy,
@@ -48,6 +49,10 @@ fn check_egress(
         let candidates = [
             (config["params"]["url"].as_str(), "params.url"),
             (config["url"].as_str(), "url"),
+            (
+                config["notify"]["webhook"]["url"].as_str(),
+                "notify.webhook.url",
+            ),
         ];
         for (url, field) in candidates {
             let Some(url) = url else { continue };

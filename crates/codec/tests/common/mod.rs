@@ -54,6 +54,10 @@ macro_rules! with_type {
                 type $T = DeadLetter;
                 $body
             }
+            SchemaName::NotificationDelivery => {
+                type $T = NotificationDelivery;
+                $body
+            }
         }
     };
 }
@@ -180,6 +184,15 @@ pub fn dead_letter() -> DeadLetter {
     }
 }
 
+pub fn notification_delivery() -> NotificationDelivery {
+    NotificationDelivery {
+        delivery_id: "dlv_0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
+        partner_id: "acme".into(),
+        instance_id: "inst_7f3a".into(),
+        issued_at: 1_717_243_200_750,
+    }
+}
+
 /// The golden samples: (fixture stem, schema, value as JSON). The stem is the schema name,
 /// optionally followed by `.<variant>`.
 pub fn samples() -> Vec<(&'static str, SchemaName, Json)> {
@@ -209,6 +222,11 @@ pub fn samples() -> Vec<(&'static str, SchemaName, Json)> {
         ("LifecycleEvent", SchemaName::LifecycleEvent, j(lifecycle())),
         ("TransferEvent", SchemaName::TransferEvent, j(transfer())),
         ("DeadLetter", SchemaName::DeadLetter, j(dead_letter())),
+        (
+            "NotificationDelivery",
+            SchemaName::NotificationDelivery,
+            j(notification_delivery()),
+        ),
     ]
 }
 

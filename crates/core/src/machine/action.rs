@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{complete_and_follow, Event, MachineError, Transition};
-use crate::instance::{ActorRef, InstanceState, RunMode, StepStatus, WaitingOn};
+use crate::instance::{ActorRef, InstanceState, InstanceStatus, RunMode, StepStatus, WaitingOn};
 use crate::template::{ActionConfig, Route, StepKind, Template};
 use crate::time::Timestamp;
 
@@ -133,6 +133,75 @@ pub(crate) fn apply_result(
         state: next,
         effects,
         events,
+    })
+}
+
+/// A report for an action step of an instance that was cancelled while the call was in flight.
+///
+/// The call may have moved money, so its outcome is not dropped: it is recorded on the step
+/// (`output` with the response and every attempt, as a live report would be), the step and the
+/// instance stay `cancelled`, and the audit trail gets `action.completed_after_cancel` (with the
+/// response) or `action.failed_after_cancel`, so an operator sees what PayOS did. Only a step
+/// whose call was started (`started_at` set: it was `running` when cancelled) qualifies, and
+/// only once: a repeated report is refused by the recorded output.
+pub(crate) fn apply_late_result(
+    template: &Template,
+    state: &InstanceState,
+    index: usize,
+    outcome: ActionOutcome,
+    actor: ActorRef,
+) -> Result<Transition, MachineError> {
+    let terminal = MachineError::Terminal {
+        status: state.status.as_str(),
+    };
+    if state.status != InstanceStatus::Cancelled {
+        return Err(terminal);
+    }
+    let Some(StepKind::Action(cfg)) = template.steps.get(index).map(|s| &s.kind) else {
+        return Err(terminal);
+    };
+    let Some(exec) = state.execution(index) else {
+        return Err(terminal);
+    };
+    if exec.status != StepStatus::Cancelled || exec.started_at.is_none() {
+        // Cancelled before its call started: no call was made, nothing can report on it.
+        return Err(terminal);
+    }
+    if exec.output.is_some() {
+        return Err(MachineError::AlreadyExecuted { index });
+    }
+    let (kind, output, after) = match outcome {
+        ActionOutcome::Succeeded { output, attempts } => (
+            "action.completed_after_cancel",
+            json!({"response": output, "attempts": attempts, "completed_after_cancel": true}),
+            json!({"index": index, "action": cfg.action, "attempts": attempts.len(),
+                "response": output, "status": "cancelled"}),
+        ),
+        ActionOutcome::Failed { error, attempts } => (
+            "action.failed_after_cancel",
+            json!({"failed": true, "error": error, "attempts": attempts,
+                "completed_after_cancel": true}),
+            json!({"index": index, "action": cfg.action, "attempts": attempts.len(),
+                "error": error, "status": "cancelled"}),
+        ),
+    };
+    let mut next = state.clone();
+    if let Some(exec) = next.execution_mut(index) {
+        exec.output = Some(output);
+    }
+    Ok(Transition {
+        state: next,
+        effects: Vec::new(),
+        events: vec![Event {
+            actor,
+            kind,
+            before: json!({"index": index, "status": "cancelled", "output": null}),
+            after,
+            reason: Some(format!(
+                "the `{}` call was in flight when the instance was cancelled",
+                cfg.action
+            )),
+        }],
     })
 }
 

@@ -534,7 +534,11 @@ proptest! {
                     None => continue,
                 },
                 GenCmd::ActionReport(ok) => Command::ActionResult {
-                    index: state.current_step.unwrap_or(0),
+                    // The current step, or (after a cancel) the last step it cancelled.
+                    index: state
+                        .current_step
+                        .or_else(|| state.steps.iter().rev().find(|e| e.status == StepStatus::Cancelled).map(|e| e.index))
+                        .unwrap_or(0),
                     outcome: if ok {
                         ActionOutcome::Succeeded { output: json!({"status": "executed"}), attempts: vec![] }
                     } else {
@@ -545,8 +549,27 @@ proptest! {
             };
             let was_terminal = state.status.is_terminal();
             if let Ok(t) = apply(&tpl, &info, &state, command.clone(), now, &limits()) {
-                {
-                    prop_assert!(!was_terminal, "a terminal instance changed");
+                if was_terminal {
+                    // The one exception: the late outcome of a call in flight when the instance
+                    // was cancelled is recorded on its step; no status changes.
+                    let Command::ActionResult { index, .. } = command else {
+                        return Err(TestCaseError::fail("a terminal instance changed"));
+                    };
+                    prop_assert_eq!(state.status, InstanceStatus::Cancelled);
+                    prop_assert_eq!(t.state.status, state.status);
+                    prop_assert_eq!(t.state.current_step, state.current_step);
+                    prop_assert!(t.effects.is_empty());
+                    for (before, after) in state.steps.iter().zip(&t.state.steps) {
+                        prop_assert_eq!(before.status, after.status);
+                        if before.index != index {
+                            prop_assert_eq!(before, after);
+                        }
+                    }
+                    prop_assert!(state.execution(index).is_some_and(|e| e.output.is_none()));
+                    prop_assert!(t.state.execution(index).is_some_and(|e| e.output.is_some()));
+                    prop_assert!(t.events.len() == 1 && t.events[0].kind.ends_with("_after_cancel"));
+                    state = t.state;
+                } else {
                     if let Command::ExecuteStep { index } = command {
                         prop_assert!(executed.insert(index), "step {} ran twice", index);
                         pending.retain(|p| *p != index);
@@ -1433,6 +1456,174 @@ mod actions {
             );
             assert!(failed.events.iter().any(|e| e.kind == "action.failed"));
         }
+    }
+
+    fn cancel(tpl: &Template, info: &InstanceInfo, state: &InstanceState) -> InstanceState {
+        apply(
+            tpl,
+            info,
+            state,
+            Command::Cancel {
+                actor: human("ops"),
+                reason: Some("customer withdrew".into()),
+            },
+            Timestamp(5),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .state
+    }
+
+    #[test]
+    fn a_result_after_cancel_is_recorded_on_the_cancelled_step() {
+        let tpl = with_failure(Route::Fail);
+        let info = info(json!({"id": "tr_1"}));
+        let t = start(&tpl, &info, Timestamp(0));
+        let running = apply(
+            &tpl,
+            &info,
+            &t.state,
+            Command::ExecuteStep { index: 0 },
+            Timestamp(1),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .state;
+        // Cancelled while the call is in flight.
+        let cancelled = cancel(&tpl, &info, &running);
+        assert_eq!(cancelled.status, InstanceStatus::Cancelled);
+        assert_eq!(
+            cancelled.execution(0).map(|e| e.status),
+            Some(StepStatus::Cancelled)
+        );
+
+        // The call went through after all: the transfer executed, and that is recorded.
+        let response = json!({"id": "exe_1", "status": "executed", "transfer_id": "tr_1"});
+        let late = report(
+            &tpl,
+            &info,
+            &cancelled,
+            ActionOutcome::Succeeded {
+                output: response.clone(),
+                attempts: vec![json!({"attempt": 1, "status": 200})],
+            },
+        )
+        .unwrap_or_else(|e| panic!("a late result must be recorded: {e}"));
+        assert_eq!(late.state.status, InstanceStatus::Cancelled);
+        assert_eq!(late.state.error, cancelled.error);
+        assert_eq!(late.state.current_step, None);
+        assert!(late.effects.is_empty(), "nothing runs after a cancel");
+        let step = late.state.execution(0).unwrap_or_else(|| panic!("step 0"));
+        assert_eq!(step.status, StepStatus::Cancelled);
+        assert_eq!(step.finished_at, Some(Timestamp(5)));
+        let output = step.output.clone().unwrap_or_default();
+        assert_eq!(output["response"], response);
+        assert_eq!(output["attempts"], json!([{"attempt": 1, "status": 200}]));
+        assert_eq!(output["completed_after_cancel"], true);
+        // The other steps never ran.
+        assert!(late.state.execution(1).is_none());
+        assert_eq!(late.events.len(), 1);
+        let event = &late.events[0];
+        assert_eq!(event.kind, "action.completed_after_cancel");
+        assert_eq!(event.after["response"], response);
+        assert_eq!(event.after["action"], "execute_transfer");
+        assert_eq!(event.after["status"], "cancelled");
+        assert_eq!(event.actor, pool_actor(StepType::Action));
+
+        // Recorded once: a repeated report changes nothing.
+        let again = report(
+            &tpl,
+            &info,
+            &late.state,
+            ActionOutcome::Succeeded {
+                output: json!({"status": "executed"}),
+                attempts: vec![],
+            },
+        );
+        assert_eq!(again, Err(MachineError::AlreadyExecuted { index: 0 }));
+
+        // A late failure is recorded too, with its own event.
+        let failed = report(
+            &tpl,
+            &info,
+            &cancelled,
+            ActionOutcome::Failed {
+                error: "HTTP 500".into(),
+                attempts: vec![json!({}), json!({})],
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(failed.events[0].kind, "action.failed_after_cancel");
+        assert_eq!(failed.events[0].after["error"], "HTTP 500");
+        assert_eq!(
+            failed.state.execution(0).map(|e| e.status),
+            Some(StepStatus::Cancelled)
+        );
+        assert_eq!(
+            failed
+                .state
+                .execution(0)
+                .and_then(|e| e.output.clone())
+                .map(|o| o["error"].clone()),
+            Some(json!("HTTP 500"))
+        );
+    }
+
+    #[test]
+    fn only_a_call_in_flight_at_cancel_can_report_late() {
+        let tpl = with_failure(Route::Fail);
+        let info = info(json!({"id": "tr_1"}));
+        let outcome = || ActionOutcome::Succeeded {
+            output: json!({"status": "executed"}),
+            attempts: vec![],
+        };
+        // Cancelled while still pending: no call was made, so no report is accepted.
+        let t = start(&tpl, &info, Timestamp(0));
+        let cancelled = cancel(&tpl, &info, &t.state);
+        assert_eq!(
+            report(&tpl, &info, &cancelled, outcome()),
+            Err(MachineError::Terminal {
+                status: "cancelled"
+            })
+        );
+        // Another terminal status (the action failed the instance): refused as before.
+        let running = apply(
+            &tpl,
+            &info,
+            &t.state,
+            Command::ExecuteStep { index: 0 },
+            Timestamp(1),
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .state;
+        let failed = report(
+            &tpl,
+            &info,
+            &running,
+            ActionOutcome::Failed {
+                error: "HTTP 400".into(),
+                attempts: vec![],
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .state;
+        assert_eq!(failed.status, InstanceStatus::Failed);
+        assert_eq!(
+            report(&tpl, &info, &failed, outcome()),
+            Err(MachineError::Terminal { status: "failed" })
+        );
+        // A cancelled approval step is no action: refused.
+        let mut cancelled_running = cancel(&tpl, &info, &running);
+        assert!(report(&tpl, &info, &cancelled_running, outcome()).is_ok());
+        let approval_tpl = template(vec![approval("A", "cfo")]);
+        cancelled_running.steps[0].step_type = StepType::Approval;
+        assert_eq!(
+            report(&approval_tpl, &info, &cancelled_running, outcome()),
+            Err(MachineError::Terminal {
+                status: "cancelled"
+            })
+        );
     }
 }
 

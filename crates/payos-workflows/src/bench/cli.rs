@@ -15,7 +15,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "seed", value_parser = ["seed", "timers"])]
     pub workload: String,
     /// `embedded` (in this process, a SQLite file in a temporary directory) or `distributed`
-    /// (an engine already running: WORKFLOWS_BENCH_URL, DATABASE_URL, WORKFLOWS_ADMIN_TOKEN).
+    /// (processes this bench starts on DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS, or an engine
+    /// already running at --url).
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "distributed"])]
     pub runtime: String,
     /// seed: how many instances (half at or under $1,000, half over).
@@ -46,6 +47,9 @@ pub struct BenchArgs {
     /// seed, distributed: the engine's admin token.
     #[arg(long, env = "WORKFLOWS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// seed, distributed without --url: the Kafka cluster the deployed processes use.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka: Option<String>,
     /// seed, distributed: pids of the engine's processes, for CPU accounting (comma-separated).
     #[arg(long, env = "WORKFLOWS_BENCH_PIDS", value_delimiter = ',')]
     pub pids: Vec<u32>,
@@ -83,28 +87,50 @@ async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
         },
     };
     let report = if args.runtime == "distributed" {
-        let (Some(base_url), Some(database_url), Some(admin_token)) = (
-            args.url.clone(),
-            args.database_url.clone(),
-            args.admin_token.clone(),
-        ) else {
-            return Err(BenchError::Usage(
-                "--runtime distributed benchmarks an engine that is already running: give its API \
-                 (WORKFLOWS_BENCH_URL or --url), its database (DATABASE_URL or --database-url), its \
-                 admin token (WORKFLOWS_ADMIN_TOKEN or --admin-token) and, for CPU accounting, the \
-                 pids of its processes (WORKFLOWS_BENCH_PIDS or --pids)"
-                    .into(),
-            ));
-        };
-        if args.pids.is_empty() {
-            tracing::warn!("no pids given: the CPU figure of the distributed runtime will be 0");
+        match args.url.clone() {
+            Some(base_url) => {
+                let (Some(database_url), Some(admin_token)) =
+                    (args.database_url.clone(), args.admin_token.clone())
+                else {
+                    return Err(BenchError::Usage(
+                        "--url benchmarks a distributed engine that is already running: also give                          its database (DATABASE_URL or --database-url), its admin token                          (WORKFLOWS_ADMIN_TOKEN or --admin-token) and, for CPU accounting, the pids                          of its processes (WORKFLOWS_BENCH_PIDS or --pids)"
+                            .into(),
+                    ));
+                };
+                if args.pids.is_empty() {
+                    tracing::warn!(
+                        "no pids given: the CPU figure of the distributed runtime will be 0"
+                    );
+                }
+                let target = Target {
+                    base_url,
+                    admin_token,
+                    database_url,
+                };
+                seed::run_distributed(&target, &args.pids, &opts).await?
+            }
+            None => {
+                // Deploy the processes for the run.
+                let (Some(database_url), Some(bootstrap)) =
+                    (args.database_url.clone(), args.kafka.clone())
+                else {
+                    return Err(BenchError::Usage(
+                        "--runtime distributed deploys the api, the pools and the scheduler as                          processes: give DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS (or --url for an                          engine already running)"
+                            .into(),
+                    ));
+                };
+                let deployment =
+                    super::launch::Deployment::start(&database_url, &bootstrap).await?;
+                let target = Target {
+                    base_url: deployment.base_url.clone(),
+                    admin_token: deployment.admin_token.clone(),
+                    database_url,
+                };
+                let report = seed::run_distributed(&target, &deployment.pids(), &opts).await;
+                deployment.stop().await;
+                report?
+            }
         }
-        let target = Target {
-            base_url,
-            admin_token,
-            database_url,
-        };
-        seed::run_distributed(&target, &args.pids, &opts).await?
     } else {
         super::seed_embedded(&opts).await?
     };

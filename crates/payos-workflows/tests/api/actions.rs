@@ -407,7 +407,104 @@ async fn simulation_mode_sends_transfers_to_the_simulation_endpoint(backend: Bac
     );
 }
 
+/// Cancel while `execute_transfer` is in flight: the transfer executes anyway (the sandbox holds
+/// the call), and its late result is recorded on the cancelled step with an audit event, not
+/// dropped.
+async fn a_transfer_finishing_after_cancel_is_recorded(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let p = app.partner("acme").await;
+    app.sandbox.inject(Fault::Delay { millis: 1500 }, 1);
+    let before = app.sandbox.requests();
+    let iid = run(&app, &p.requester, pay(json!({})), "tr_late").await;
+    // The call has reached PayOS and is being held.
+    let deadline = Instant::now() + app.patience;
+    while app.sandbox.requests() == before {
+        assert!(Instant::now() < deadline, "the action pool never called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, b) = app
+        .post(
+            &format!("/v1/workflows/instances/{iid}/cancel"),
+            &p.requester,
+            json!({"reason": "customer withdrew"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["status"], "cancelled");
+    assert_eq!(b["steps"][0]["status"], "cancelled");
+    assert!(
+        b["steps"][0]["output"].is_null(),
+        "cancelled before the call answered: {b:#}"
+    );
+
+    // The call answers after the cancel: the executed transfer shows on the cancelled step.
+    let done = app
+        .wait_for(&p.requester, &iid, "the late result recorded", |b| {
+            !b["steps"][0]["output"].is_null()
+        })
+        .await;
+    assert_eq!(done["status"], "cancelled", "{done:#}");
+    assert_eq!(done["steps"][0]["status"], "cancelled", "{done:#}");
+    let output = &done["steps"][0]["output"];
+    assert_eq!(output["response"]["status"], 200, "{done:#}");
+    assert_eq!(output["response"]["body"]["status"], "executed", "{done:#}");
+    assert_eq!(output["response"]["body"]["transfer_id"], "tr_late");
+    assert_eq!(output["completed_after_cancel"], true);
+    assert_eq!(output["attempts"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        done["steps"].as_array().map(Vec::len),
+        Some(1),
+        "nothing ran after the cancel: {done:#}"
+    );
+    assert_eq!(
+        app.sandbox
+            .counts("tr_late")
+            .await
+            .map(|c| c.executions)
+            .ok(),
+        Some(1)
+    );
+
+    let (s, ev) = app
+        .get(
+            &format!("/v1/workflows/instances/{iid}/events"),
+            &p.requester,
+        )
+        .await;
+    assert_eq!(s, 200, "{ev}");
+    assert_eq!(ev["chain"]["verified"], true);
+    let kinds: Vec<&str> = ev["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["kind"].as_str()).collect())
+        .unwrap_or_default();
+    let cancelled = kinds.iter().position(|k| *k == "instance.cancelled");
+    let late = kinds
+        .iter()
+        .position(|k| *k == "action.completed_after_cancel");
+    assert!(
+        matches!((cancelled, late), (Some(c), Some(l)) if c < l),
+        "{kinds:?}"
+    );
+    let event = ev["data"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|e| e["kind"] == "action.completed_after_cancel")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        event["after"]["response"]["body"]["status"], "executed",
+        "{event:#}"
+    );
+    assert_eq!(event["after"]["response"]["body"]["transfer_id"], "tr_late");
+    assert_eq!(event["after"]["action"], "execute_transfer");
+    assert_eq!(event["actor"]["id"], "pool:action");
+    assert!(!kinds.contains(&"action.succeeded"), "{kinds:?}");
+}
+
 crate::on_both_stores!(
+    a_transfer_finishing_after_cancel_is_recorded,
     simulation_mode_sends_transfers_to_the_simulation_endpoint,
     retries_then_success_executes_once,
     exhausted_retries_follow_on_failure,
@@ -417,6 +514,8 @@ crate::on_both_stores!(
 );
 
 crate::on_distributed!(
+    fatal_errors_are_not_retried_and_retry_after_is_honoured,
+    the_http_action_calls_a_real_server_with_an_idempotency_key,
     simulation_mode_sends_transfers_to_the_simulation_endpoint,
     retries_then_success_executes_once,
     exhausted_retries_follow_on_failure,

@@ -643,6 +643,11 @@ crate::on_both_stores!(
 );
 
 crate::on_distributed!(
+    separation_of_duties_rules,
+    agents_decide_within_bounded_authority,
+    every_decision_error_changes_nothing,
+    pending_lists_per_actor,
+    bulk_with_mixed_results,
     seed_walk_through_cfo_and_manager_to_the_action,
     rejection_at_each_stage,
     quorum_two_of_three,

@@ -109,8 +109,12 @@ impl Cluster {
     fn command(&self, name: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_payos-workflows"));
         match name {
-            "api" | "scheduler" => {
+            "api" => {
                 cmd.arg(name);
+            }
+            // "scheduler", "scheduler-2"...: several schedulers may run.
+            scheduler if scheduler.starts_with("scheduler") => {
+                cmd.arg("scheduler");
             }
             pool => {
                 cmd.args(["worker", "--pool", pool]);

@@ -317,3 +317,133 @@ async fn a_transfer_event_on_kafka_starts_the_seed_template_once() {
     let (_, b) = app.get("/v1/workflows/instances", &p.requester).await;
     assert_eq!(b["data"].as_array().map(Vec::len), Some(1), "{b}");
 }
+
+/// The timeout policies on the real clock with short deadlines, while the scheduler is killed
+/// and two schedulers then share the timers: every timer fires once, each policy has its effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_policies_fire_once_across_a_killed_scheduler_and_two_live_ones() {
+    let mut app = TestApp::distributed().await;
+    let p = app.partner("acme").await;
+    // No scheduler while the instances start: their deadlines pass unseen.
+    cluster(&mut app).kill("scheduler").await;
+
+    let approval = |on_timeout: Value| {
+        json!({"name": "Deadline", "trigger_type": "manual", "steps": [
+            {"type": "approval", "name": "Sign-off", "config": {
+                "approvers": {"type": "role", "value": "cfo"}, "timeout": "2s",
+                "on_timeout": on_timeout}},
+            {"type": "condition", "name": "Done", "config": {"expression": "true"}}
+        ]})
+    };
+    let cases = [
+        ("reject", approval(json!({"action": "reject"})), "rejected"),
+        ("fail", approval(json!({"action": "fail"})), "failed"),
+        (
+            "approve",
+            approval(json!({"action": "approve"})),
+            "completed",
+        ),
+        (
+            "escalate",
+            approval(
+                json!({"action": "escalate", "approvers": {"type": "role", "value": "ceo"},
+                            "timeout": "2s", "max_escalations": 1}),
+            ),
+            "rejected",
+        ),
+        (
+            "wait timeout",
+            json!({"name": "Rate lock", "trigger_type": "manual", "steps": [
+                {"type": "wait", "name": "Locked", "config": {"signal": "rate_locked", "timeout": "2s", "on_timeout": "continue"}},
+                {"type": "condition", "name": "Done", "config": {"expression": "true"}}
+            ]}),
+            "completed",
+        ),
+    ];
+    let mut started = Vec::new();
+    for (name, doc, outcome) in &cases {
+        let tpl = app.create_template(&p.requester, &doc.to_string()).await;
+        let tid = tpl["id"].as_str().unwrap_or_default().to_string();
+        let inst = app.start(&p.requester, &tid, json!({})).await;
+        started.push((
+            *name,
+            inst["id"].as_str().unwrap_or_default().to_string(),
+            *outcome,
+        ));
+    }
+    let notify = approval(json!({"action": "notify"}));
+    let tpl = app.create_template(&p.requester, &notify.to_string()).await;
+    let tid = tpl["id"].as_str().unwrap_or_default().to_string();
+    let overdue = app.start(&p.requester, &tid, json!({})).await;
+    let overdue = overdue["id"].as_str().unwrap_or_default().to_string();
+
+    // Each step is waiting (its timer stored); past every first deadline, nothing has fired:
+    // the timers wait in the table.
+    for (_, id, _) in &started {
+        app.wait_for(&p.requester, id, "waiting", |b| b["status"] == "waiting")
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (name, id, _) in &started {
+        let (_, b) = app
+            .get(&format!("/v1/workflows/instances/{id}"), &p.requester)
+            .await;
+        assert_eq!(
+            b["status"], "waiting",
+            "{name} moved without a scheduler: {b:#}"
+        );
+    }
+
+    // Two schedulers come up and share the due timers.
+    cluster(&mut app).spawn("scheduler");
+    cluster(&mut app).spawn("scheduler-2");
+    for (name, id, outcome) in &started {
+        let done = app
+            .wait_for(&p.requester, id, outcome, |b| b["status"] == *outcome)
+            .await;
+        let (_, events) = app
+            .get(
+                &format!("/v1/workflows/instances/{id}/events"),
+                &p.requester,
+            )
+            .await;
+        let fired = events["data"].as_array().map_or(0, |a| {
+            a.iter().filter(|e| e["kind"] == "timer.fired").count()
+        });
+        let expected = if *name == "escalate" { 2 } else { 1 };
+        assert_eq!(
+            fired, expected,
+            "{name}: timer.fired events\n{events:#}\n{done:#}"
+        );
+    }
+    let still = app
+        .wait_for(&p.requester, &overdue, "overdue recorded", |b| {
+            b["status"] == "waiting"
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, events) = app
+            .get(
+                &format!("/v1/workflows/instances/{overdue}/events"),
+                &p.requester,
+            )
+            .await;
+        let kinds: Vec<&str> = events["data"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["kind"].as_str()).collect())
+            .unwrap_or_default();
+        if kinds.contains(&"approval.overdue") {
+            assert_eq!(
+                kinds.iter().filter(|k| **k == "approval.overdue").count(),
+                1
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no overdue event: {kinds:?}\n{still:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -290,6 +290,8 @@ crate::on_both_stores!(
 );
 
 crate::on_distributed!(
+    list_filters_and_cursor,
+    bad_instance_requests,
     idempotency_key_returns_the_same_instance,
     cancel_and_its_errors,
 );

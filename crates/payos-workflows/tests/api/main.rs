@@ -14,6 +14,7 @@ mod lifecycle;
 mod notifications;
 mod procurement;
 mod restart;
+mod sandbox;
 mod templates;
 mod tenancy;
 mod timers;

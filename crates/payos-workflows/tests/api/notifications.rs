@@ -808,6 +808,49 @@ async fn deliveries_and_secrets_are_the_partners_own(backend: Backend) {
     assert_eq!(s, 401, "{b}");
 }
 
+/// The same approval notifications on the real clock with short durations (the distributed
+/// runtime's processes run on the system clock): requested at once, a reminder a second before
+/// the deadline, an overdue notice after it, each once.
+async fn approval_notifications_on_the_real_clock(backend: Backend) {
+    let Env { app, .. } = env(backend).await;
+    let p = app.partner("acme").await;
+    let rx = Receiver::start(&[]).await;
+    let step = json!({"type": "approval", "name": "CFO sign-off", "config": {
+        "approvers": {"type": "role", "value": "cfo"}, "timeout": "3s", "remind_before": "1s",
+        "on_timeout": {"action": "notify"},
+        "notify": {"webhook": {"url": rx.url, "payload": {"transfer": "{{ trigger.id }}"}}}}});
+    let started = std::time::Instant::now();
+    let iid = start(
+        &app,
+        &p.requester,
+        json!([step]),
+        json!({"id": "tr_rt", "amount": 5000}),
+    )
+    .await;
+    let hits = rx.wait_for(3).await;
+    let kinds: Vec<Value> = hits.iter().map(|h| h.json()["type"].clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            json!("workflow.approval.requested"),
+            json!("workflow.approval.reminder"),
+            json!("workflow.approval.overdue")
+        ]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the overdue notice came before the deadline: {:?}",
+        started.elapsed()
+    );
+    app.wait_for(&p.requester, &iid, "still waiting", |b| {
+        b["status"] == "waiting"
+    })
+    .await;
+    // Nothing more arrives: each notice was sent once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rx.hits().len(), 3, "no duplicate notice");
+}
+
 crate::on_both_stores!(
     a_webhook_is_delivered_signed_and_logged,
     a_failed_attempt_is_retried_on_the_schedule,
@@ -826,4 +869,5 @@ crate::on_distributed!(
     an_email_arrives_at_the_smtp_sink,
     rotation_signs_with_both_secrets,
     outbound_urls_are_checked_at_send_time,
+    approval_notifications_on_the_real_clock,
 );

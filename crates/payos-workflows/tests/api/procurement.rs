@@ -190,6 +190,7 @@ crate::on_both_stores!(
 );
 
 crate::on_distributed!(
+    evaluation_error_fails_the_step_with_a_stored_error,
     seed_template_routes_small_and_large_procurements,
     audit_trail_is_hash_chained_and_verifies,
 );

@@ -255,7 +255,25 @@ async fn outbound_urls_are_checked_against_ssrf_when_saved(backend: Backend) {
             {"type": "notification", "name": "Tell", "config": {"channel": "webhook", "url": url}}
         ]})
     };
+    // An approval that notifies a webhook when it starts waiting (and on reminders, overdue
+    // notices and escalations): step 1, after a condition.
+    let approval_hook = |url: &str| {
+        json!({"name": "a", "trigger_type": "manual", "steps": [
+            {"type": "condition", "name": "Check", "config": {"expression": "true"}},
+            {"type": "approval", "name": "Approve", "config": {
+                "approvers": {"type": "role", "value": "cfo"},
+                "notify": {"webhook": {"url": url}, "email": {"to": "cfo@example.com", "subject": "s"}}}}
+        ]})
+    };
     let refused = [
+        (
+            approval_hook("http://169.254.169.254/latest/meta-data"),
+            "$.steps[1].config.notify.webhook.url",
+        ),
+        (
+            approval_hook("http://10.0.0.7:8080/hooks"),
+            "$.steps[1].config.notify.webhook.url",
+        ),
         (
             http("http://169.254.169.254/latest/meta-data"),
             "$.steps[0].config.params.url",
@@ -295,6 +313,8 @@ async fn outbound_urls_are_checked_against_ssrf_when_saved(backend: Backend) {
         http("http://127.0.0.1:9/ok"),
         hook("https://hooks.example.com/x"),
         http("{{trigger.url}}"),
+        approval_hook("https://hooks.example.com/approvals"),
+        approval_hook("http://127.0.0.1:9/approvals"),
     ] {
         let (s, b) = app
             .call_raw(
@@ -306,6 +326,35 @@ async fn outbound_urls_are_checked_against_ssrf_when_saved(backend: Backend) {
             .await;
         assert_eq!(s, 201, "{doc}: {b}");
     }
+    // A new version (PUT) is checked the same way, and the refused one is not saved.
+    let (s, b) = app
+        .call_raw(
+            Method::POST,
+            "/v1/workflows/templates",
+            &p.requester,
+            serde_json::to_vec(&approval_hook("https://hooks.example.com/a")).unwrap_or_default(),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let tid = b["id"].as_str().unwrap_or_default().to_string();
+    let (s, b) = app
+        .call_raw(
+            Method::PUT,
+            &format!("/v1/workflows/templates/{tid}"),
+            &p.requester,
+            serde_json::to_vec(&approval_hook("http://172.16.0.1/hook")).unwrap_or_default(),
+        )
+        .await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(
+        paths(&b),
+        vec!["$.steps[1].config.notify.webhook.url".to_string()],
+        "{b}"
+    );
+    let (_, got) = app
+        .get(&format!("/v1/workflows/templates/{tid}"), &p.requester)
+        .await;
+    assert_eq!(got["version"], 1, "{got}");
 }
 
 crate::on_both_stores!(

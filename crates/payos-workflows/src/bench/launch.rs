@@ -1,0 +1,117 @@
+//! `bench --runtime distributed` without `--url`: deploy the distributed runtime for the run.
+//! The api, one worker per pool of the seed workload and the scheduler are started as separate
+//! processes of this same binary on `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS` (topics and
+//! consumer groups under a prefix unique to the run), with a PayOS sandbox served by the bench
+//! itself; they are stopped with SIGTERM afterwards.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use super::BenchError;
+
+/// The processes the seed workload needs.
+const PROCESSES: [&[&str]; 6] = [
+    &["api"],
+    &["worker", "--pool", "condition"],
+    &["worker", "--pool", "approval"],
+    &["worker", "--pool", "action"],
+    &["worker", "--pool", "wait"],
+    &["scheduler"],
+];
+
+/// A running deployment.
+pub struct Deployment {
+    pub base_url: String,
+    pub admin_token: String,
+    children: Vec<Child>,
+}
+
+impl Deployment {
+    /// Start every process and wait until the API answers.
+    pub async fn start(database_url: &str, bootstrap: &str) -> Result<Deployment, BenchError> {
+        let exe = std::env::current_exe()?;
+        let sandbox = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sandbox_addr = sandbox.local_addr()?;
+        let router = workflow_egress::payos_sandbox::router(
+            workflow_egress::payos_sandbox::SandboxState::in_memory(),
+        );
+        tokio::spawn(async move { axum::serve(sandbox, router).await });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let admin_token = format!("adm_{run}");
+        let mut children = Vec::new();
+        for args in PROCESSES {
+            let child = Command::new(&exe)
+                .args(args)
+                .env("DATABASE_URL", database_url)
+                .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+                .env("WORKFLOWS_TOPIC_PREFIX", format!("bench-{run}."))
+                .env("WORKFLOWS_ADMIN_TOKEN", &admin_token)
+                .env("WORKFLOWS_LISTEN", format!("127.0.0.1:{port}"))
+                .env("PAYOS_API_URL", format!("http://{sandbox_addr}"))
+                .env("PAYOS_API_KEY", "bench")
+                .env("WORKFLOWS_EGRESS_ALLOW", "127.0.0.1/32")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            children.push(child);
+        }
+        let deployment = Deployment {
+            base_url: format!("http://127.0.0.1:{port}"),
+            admin_token,
+            children,
+        };
+        deployment.wait_for_api().await?;
+        Ok(deployment)
+    }
+
+    /// The processes' pids, for CPU accounting.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(Child::id).collect()
+    }
+
+    async fn wait_for_api(&self) -> Result<(), BenchError> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = client
+                .get(format!("{}/openapi.json", self.base_url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Wrong(
+                    "the distributed api did not answer within 60 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM every process and wait for it (killing what is still up after 20 s).
+    pub async fn stop(mut self) {
+        for child in &self.children {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for child in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
