@@ -414,15 +414,19 @@ impl Store {
         partner_id: &str,
         id: &str,
     ) -> Result<Option<InstanceRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE partner_id = $1 AND id = $2"
-        );
+        // By primary key alone, the partner checked here: with `partner_id = $1` in the WHERE
+        // clause the planner may pick any partner-prefixed index for a partner that is rare in
+        // its statistics, and scan every instance of that partner.
+        let sql = format!("SELECT {INSTANCE_COLS} FROM workflow_instances WHERE id = $1");
         let row = sqlx::query(&sql)
-            .bind(partner_id)
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
-        row.as_ref().map(instance_from_row).transpose()
+        Ok(row
+            .as_ref()
+            .map(instance_from_row)
+            .transpose()?
+            .filter(|rec| rec.info.partner_id == partner_id))
     }
 
     /// The instance a partner created with an idempotency key, if any.
@@ -526,37 +530,43 @@ impl Store {
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
         // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
-        // re-evaluates `version = expected` against the winner's row and matches nothing.
-        let done = sqlx::query(
+        // re-evaluates `version = expected` against the winner's row and matches nothing. By
+        // primary key alone (see `get_instance`); the partner is checked on the returned row,
+        // and a mismatch drops the transaction, which rolls it back.
+        let updated = sqlx::query(
             "UPDATE workflow_instances SET status = $1, current_step = $2, state = $3, \
              updated_at = $4, version = $5 \
-             WHERE partner_id = $6 AND id = $7 AND version = $8",
+             WHERE id = $6 AND version = $7 RETURNING partner_id",
         )
         .bind(rec.state.status.as_str())
         .bind(rec.state.current_step.map(|s| s as i64))
         .bind(to_json(&rec.state)?)
         .bind(rec.updated_at.0)
         .bind(expected_version + 1)
-        .bind(info.partner_id.as_str())
         .bind(info.id.as_str())
         .bind(expected_version)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            let exists = sqlx::query(
-                "SELECT version FROM workflow_instances WHERE partner_id = $1 AND id = $2",
-            )
-            .bind(info.partner_id.as_str())
-            .bind(info.id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            return Err(match exists {
-                Some(_) => StoreError::Conflict {
-                    what: "instance",
-                    id: info.id.clone(),
-                },
-                None => not_found("instance", &info.id),
-            });
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| row.try_get::<String, _>("partner_id"))
+        .transpose()?;
+        match updated {
+            Some(owner) if owner == info.partner_id => {}
+            Some(_) => return Err(not_found("instance", &info.id)),
+            None => {
+                let owner = sqlx::query("SELECT partner_id FROM workflow_instances WHERE id = $1")
+                    .bind(info.id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|row| row.try_get::<String, _>("partner_id"))
+                    .transpose()?;
+                return Err(match owner {
+                    Some(owner) if owner == info.partner_id => StoreError::Conflict {
+                        what: "instance",
+                        id: info.id.clone(),
+                    },
+                    _ => not_found("instance", &info.id),
+                });
+            }
         }
         upsert_steps(&mut tx, rec).await?;
         insert_outbox(&mut tx, outbox).await?;

@@ -126,6 +126,17 @@ async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
                     admin_token: deployment.admin_token.clone(),
                     database_url,
                 };
+                // Warm-up on its own partner (latencies are read per partner): the consumer
+                // groups form and the connections open before the measured run.
+                let warm_up = SeedOptions {
+                    instances: 20,
+                    rate: 0.0,
+                    ..opts.clone()
+                };
+                if let Err(e) = seed::run_distributed(&target, &[], &warm_up).await {
+                    deployment.stop().await;
+                    return Err(e);
+                }
                 let report = seed::run_distributed(&target, &deployment.pids(), &opts).await;
                 deployment.stop().await;
                 report?

@@ -698,7 +698,7 @@ pub async fn drive(target: &Target, opts: &SeedOptions) -> Result<DriveOutcome, 
                 waited: started.elapsed(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     join_all(tasks).await?;
     let last = sqlx::query(&format!(
