@@ -3,11 +3,16 @@
 //! Keys are random 32-byte secrets shown once; the store keeps only their SHA-256, so a leaked
 //! database does not leak usable keys.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use workflow_core::instance::{ActorRef, ActorType};
+use workflow_store::records::ApiKeyRecord;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -49,6 +54,37 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         })
 }
 
+/// How long a key found in the store is trusted without looking it up again.
+const KEY_TTL: Duration = Duration::from_secs(30);
+/// Most keys remembered; past it the cache is emptied (simple, and keys are few per process).
+const KEY_CACHE_MAX: usize = 10_000;
+
+/// Keys found in the store recently, by hash: every request authenticates, and a store read
+/// per request was a tenth of the engine's SQL statements. Only keys that exist are cached (an
+/// unknown key is looked up each time), and only for [`KEY_TTL`], so a key removed from the
+/// store stops working within that time.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    keys: Mutex<HashMap<String, (Instant, ApiKeyRecord)>>,
+}
+
+impl KeyCache {
+    fn get(&self, hash: &str) -> Option<ApiKeyRecord> {
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.get(hash)
+            .filter(|(at, _)| at.elapsed() < KEY_TTL)
+            .map(|(_, rec)| rec.clone())
+    }
+
+    fn put(&self, hash: String, rec: ApiKeyRecord) {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if keys.len() >= KEY_CACHE_MAX {
+            keys.clear();
+        }
+        keys.insert(hash, (Instant::now(), rec));
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -57,12 +93,20 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts)?;
-        let key = state
-            .engine
-            .store()
-            .find_api_key(&hash_key(token))
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("unknown API key"))?;
+        let hash = hash_key(token);
+        let key = match state.keys.get(&hash) {
+            Some(key) => key,
+            None => {
+                let key = state
+                    .engine
+                    .store()
+                    .find_api_key(&hash)
+                    .await?
+                    .ok_or_else(|| ApiError::unauthorized("unknown API key"))?;
+                state.keys.put(hash, key.clone());
+                key
+            }
+        };
         Ok(Caller {
             partner_id: key.partner_id,
             actor: ActorRef {

@@ -59,6 +59,8 @@ impl ApiConfig {
 pub struct AppState {
     pub engine: Engine,
     pub config: Arc<ApiConfig>,
+    /// API keys recently found in the store.
+    pub keys: Arc<auth::KeyCache>,
 }
 
 /// The whole API as one router.
@@ -67,6 +69,7 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
     let state = AppState {
         engine,
         config: Arc::new(config),
+        keys: Arc::new(auth::KeyCache::default()),
     };
     Router::new()
         .route("/openapi.json", get(openapi::serve))

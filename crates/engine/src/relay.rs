@@ -4,7 +4,8 @@
 //! them leave. Two paths, one task per process:
 //! - **Fast path.** The process that committed rows hands them to its [`Outbox`] right after the
 //!   commit; the relay publishes them at once (in commit order per process, one batch in flight)
-//!   and deletes them. No second process is involved, so a step's command reaches its pool
+//!   and deletes them (within [`DELETE_DELAY`], several batches' rows in one statement). No
+//!   second process is involved, so a step's command reaches its pool
 //!   within one bus round trip of the commit.
 //! - **Sweep.** Rows whose process died between commit and publish stay in the table. Every
 //!   [`SWEEP`] each relay makes a pass under the store's relay lock (one process at a time,
@@ -33,6 +34,12 @@ const FAST_BATCH: usize = 2048;
 pub const SWEEP: Duration = Duration::from_millis(1000);
 /// Back-off after a failed publish.
 const BACKOFF: Duration = Duration::from_millis(250);
+/// How long published rows may wait to be deleted, so the deletes of several fast-path batches
+/// share one statement (each is a write transaction on SQLite's single writer). Far below
+/// [`SWEEP`], and the relay deletes before each sweep, so a sweep never republishes them.
+const DELETE_DELAY: Duration = Duration::from_millis(20);
+/// Published rows that are deleted at once, without waiting for [`DELETE_DELAY`].
+const DELETE_BATCH: usize = 1024;
 
 /// The rows this process committed and has not published yet.
 #[derive(Debug, Default)]
@@ -112,6 +119,18 @@ pub async fn publish_pending(
     bus: &dyn Bus,
     outbox: &Outbox,
 ) -> Result<usize, RelayError> {
+    let mut published = Vec::new();
+    let result = publish_into(bus, outbox, &mut published).await;
+    delete_published(store, &mut published).await;
+    result
+}
+
+/// Publish what the fast path holds, adding the published ids to `published` (to delete).
+async fn publish_into(
+    bus: &dyn Bus,
+    outbox: &Outbox,
+    published: &mut Vec<String>,
+) -> Result<usize, RelayError> {
     let mut total = 0;
     loop {
         let rows = outbox.take(FAST_BATCH);
@@ -122,13 +141,21 @@ pub async fn publish_pending(
             outbox.restore(rows);
             return Err(e.into());
         }
-        let ids: Vec<String> = rows.into_iter().map(|r| r.id).collect();
-        // Published: a failed delete only means the sweep publishes them again.
-        if let Err(e) = store.delete_published(&ids).await {
-            tracing::warn!(error = %e, rows = ids.len(), "published outbox rows not deleted; the sweep will republish them");
-        }
-        total += ids.len();
+        total += rows.len();
+        published.extend(rows.into_iter().map(|r| r.id));
     }
+}
+
+/// Delete published rows and empty `ids`. A failed delete only means the sweep publishes them
+/// again (consumers skip redelivered messages).
+async fn delete_published(store: &Store, ids: &mut Vec<String>) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = store.delete_published(ids).await {
+        tracing::warn!(error = %e, rows = ids.len(), "published outbox rows not deleted; the sweep will republish them");
+    }
+    ids.clear();
 }
 
 /// One sweep pass: publish the rows of the outbox table that `seen` already held (or every row
@@ -173,19 +200,37 @@ pub async fn relay_once(store: &Store, bus: &dyn Bus) -> Result<usize, RelayErro
 pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: CancellationToken) {
     let mut seen = HashSet::new();
     let mut next_sweep = tokio::time::Instant::now();
+    // Published ids not deleted yet, and when they must be.
+    let mut published: Vec<String> = Vec::new();
+    let mut delete_by: Option<tokio::time::Instant> = None;
     loop {
-        if let Err(e) = publish_pending(&store, bus.as_ref(), &outbox).await {
-            tracing::warn!(error = %e, "outbox publish failed; retrying");
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(BACKOFF) => {}
-            }
-            continue;
+        let result = publish_into(bus.as_ref(), &outbox, &mut published).await;
+        if !published.is_empty() && delete_by.is_none() {
+            delete_by = Some(tokio::time::Instant::now() + DELETE_DELAY);
         }
         let now_requested = outbox
             .sweep_now
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        if now_requested || tokio::time::Instant::now() >= next_sweep {
+        let sweep_due = now_requested || tokio::time::Instant::now() >= next_sweep;
+        if published.len() >= DELETE_BATCH
+            || sweep_due
+            || delete_by.is_some_and(|t| tokio::time::Instant::now() >= t)
+        {
+            delete_published(&store, &mut published).await;
+            delete_by = None;
+        }
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "outbox publish failed; retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    delete_published(&store, &mut published).await;
+                    return;
+                }
+                _ = tokio::time::sleep(BACKOFF) => {}
+            }
+            continue;
+        }
+        if sweep_due {
             match sweep_once(&store, bus.as_ref(), &mut seen, now_requested).await {
                 Ok(n) if n > 0 => tracing::debug!(rows = n, "outbox sweep published rows"),
                 Ok(_) => {}
@@ -196,13 +241,16 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
         tokio::select! {
             _ = cancel.cancelled() => {
                 // Publish what was handed over before stopping (SIGTERM drains in-flight work).
-                if let Err(e) = publish_pending(&store, bus.as_ref(), &outbox).await {
+                let result = publish_into(bus.as_ref(), &outbox, &mut published).await;
+                delete_published(&store, &mut published).await;
+                if let Err(e) = result {
                     tracing::warn!(error = %e, "outbox rows left for the next relay");
                 }
                 return;
             }
             _ = outbox.ready.notified() => {}
             _ = tokio::time::sleep_until(next_sweep) => {}
+            _ = tokio::time::sleep_until(delete_by.unwrap_or(next_sweep)) => {}
         }
     }
 }

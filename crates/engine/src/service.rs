@@ -31,6 +31,10 @@ type TemplateCache = HashMap<(String, i64), Arc<Template>>;
 
 /// How often a waiting decision checks for an outcome recorded by another process.
 const DECISION_POLL: Duration = Duration::from_millis(20);
+/// The same check when this process applies decisions itself (embedded): its outcomes wake the
+/// waiter directly, so polling is only a safety net. At saturation a decision waits hundreds of
+/// milliseconds, and polling every 20 ms cost ~11 store reads per decision.
+const DECISION_POLL_LOCAL: Duration = Duration::from_millis(250);
 
 /// How often a use case re-reads and retries after losing an optimistic-concurrency race.
 const MAX_ATTEMPTS: u32 = 8;
@@ -127,6 +131,8 @@ pub struct Engine {
     decided: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     /// Woken when a commit stored timers, so an in-process scheduler re-reads the next due time.
     timers_changed: Arc<Notify>,
+    /// Set once this process applied a decision (its approval pool runs here).
+    applies_decisions: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What became of a submitted approval decision.
@@ -150,6 +156,7 @@ impl Engine {
             outbox: Arc::new(Outbox::default()),
             decided: Arc::new(Mutex::new(HashMap::new())),
             timers_changed: Arc::new(Notify::new()),
+            applies_decisions: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -317,7 +324,8 @@ impl Engine {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn template_version(
+    /// A stored template version, parsed; from the cache once parsed (versions are immutable).
+    pub async fn template_version(
         &self,
         partner_id: &str,
         id: &str,
@@ -555,9 +563,17 @@ impl Engine {
                 });
             }
             // Another process's outcome is not signalled here: poll as well.
+            let poll = if self
+                .applies_decisions
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                DECISION_POLL_LOCAL
+            } else {
+                DECISION_POLL
+            };
             tokio::select! {
                 _ = woken => {}
-                _ = tokio::time::sleep(DECISION_POLL) => {}
+                _ = tokio::time::sleep(poll.min(deadline.saturating_duration_since(tokio::time::Instant::now()))) => {}
             }
         }
     }
@@ -565,6 +581,8 @@ impl Engine {
     /// Apply a decision command from the ordered stream and record its outcome. A redelivered
     /// command is recognised by its decision id in the state and recorded as accepted again.
     pub async fn apply_decision(&self, cmd: &DecisionCommand) -> Result<(), EngineError> {
+        self.applies_decisions
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let command = Command::Decide {
             decision_id: cmd.decision_id.clone(),
             index: cmd.step_index,

@@ -71,6 +71,10 @@ impl Embedded {
         for kind in kinds {
             let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
             let mut pool = step_workers::PoolConfig::new(kind);
+            // A member handles one message at a time, and a partition goes to one member: a
+            // member per partition lets every partition progress while others wait on the
+            // store's group commit or an action's call (4 members capped the action pool).
+            pool.members = pool.members.max(config.partitions as usize);
             if kind == step_workers::PoolKind::Steps(StepType::Action) {
                 pool.actions = config.actions.clone();
             }

@@ -32,7 +32,7 @@ impl Store {
         .bind(o.code.as_deref())
         .bind(o.message.as_deref())
         .bind(o.decided_at.0)
-        .execute(self.pool())
+        .execute(self.write_pool())
         .await?;
         Ok(())
     }

@@ -30,6 +30,7 @@
 //! It must never decide anything about workflows: it stores what the domain computed.
 
 mod approvals;
+mod commit;
 mod error;
 pub mod notifications;
 mod queries;
@@ -44,6 +45,7 @@ use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 
+pub use commit::InstanceCommit;
 pub use error::StoreError;
 pub use notifications::{
     AttemptVerdict, DeliveryAttemptRecord, DeliveryRecord, DeliveryStatus, NewDelivery,
@@ -118,6 +120,9 @@ pub struct Store {
     /// same pool as reads.
     writer: AnyPool,
     backend: Backend,
+    /// The group committer of instance commits (a SQLite file only: on PostgreSQL writers run
+    /// concurrently, and `:memory:` has one connection for reads and writes).
+    committer: Option<commit::Committer>,
 }
 
 impl Store {
@@ -142,15 +147,23 @@ impl Store {
                 .into(),
             ))
         })?;
-        let (pool, writer) = match backend {
-            Backend::Sqlite => connect_sqlite(url).await?,
+        let (pool, writer, committer) = match backend {
+            Backend::Sqlite => {
+                let (pool, writer, memory) = connect_sqlite(url).await?;
+                let committer = if memory {
+                    None
+                } else {
+                    Some(commit::Committer::start(writer.clone(), backend)?)
+                };
+                (pool, writer, committer)
+            }
             Backend::Postgres => {
                 let pool = AnyPoolOptions::new()
                     .max_connections(max_connections.max(1))
                     .acquire_timeout(Duration::from_secs(30))
                     .connect(url)
                     .await?;
-                (pool.clone(), pool)
+                (pool.clone(), pool, None)
             }
         };
         tracing::debug!(?backend, "store connected");
@@ -158,6 +171,7 @@ impl Store {
             pool,
             writer,
             backend,
+            committer,
         })
     }
 
@@ -181,6 +195,13 @@ impl Store {
         &self.pool
     }
 
+    /// Where a write outside [`Store::begin_write`] (a single autocommit statement) runs. On
+    /// SQLite a write on a read connection would contend with the writer in SQLite's busy
+    /// handler, which sleeps milliseconds while the lock sits idle; on the writer it queues.
+    pub(crate) fn write_pool(&self) -> &AnyPool {
+        &self.writer
+    }
+
     /// Close the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         self.writer.close().await;
@@ -199,12 +220,20 @@ impl Store {
     pub(crate) async fn begin_write(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        let tx = match self.backend {
-            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.writer.begin().await?,
-        };
-        Ok(tx)
+        begin_on(&self.writer, self.backend).await
     }
+}
+
+/// [`Store::begin_write`] on a given write pool.
+pub(crate) async fn begin_on(
+    writer: &AnyPool,
+    backend: Backend,
+) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+    let tx = match backend {
+        Backend::Sqlite => writer.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => writer.begin().await?,
+    };
+    Ok(tx)
 }
 
 /// Per-connection SQLite settings. `busy_timeout` comes first so the others wait for locks.
@@ -227,8 +256,8 @@ const SQLITE_PRAGMAS: [&str; 5] = [
 const SQLITE_READERS: u32 = 4;
 
 /// The read pool and the one-connection write pool of a SQLite database (the same pool, of
-/// one connection, for `:memory:`).
-async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool), StoreError> {
+/// one connection, for `:memory:`), and whether it is `:memory:`.
+async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool, bool), StoreError> {
     let memory = url.contains(":memory:") || url.contains("mode=memory");
     let url = if memory {
         url.to_string()
@@ -275,7 +304,7 @@ async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool), StoreError> {
             .max_lifetime(None)
             .connect(&url)
             .await?;
-        return Ok((pool.clone(), pool));
+        return Ok((pool.clone(), pool, true));
     }
     // The writer stays open, its page cache warm.
     let writer = options()
@@ -289,7 +318,7 @@ async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool), StoreError> {
         .max_connections(SQLITE_READERS)
         .connect(&url)
         .await?;
-    Ok((readers, writer))
+    Ok((readers, writer, false))
 }
 
 /// sqlx creates a missing SQLite file (mode=rwc) but not its directory.

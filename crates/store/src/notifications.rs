@@ -456,7 +456,7 @@ impl Store {
         )
         .bind(partner_id)
         .bind(id)
-        .execute(self.pool())
+        .execute(self.write_pool())
         .await?;
         Ok(())
     }
@@ -578,7 +578,7 @@ impl Store {
         .bind(partner_id)
         .bind(new_secret())
         .bind(now.0)
-        .execute(self.pool())
+        .execute(self.write_pool())
         .await?;
         self.find_webhook_secret(partner_id)
             .await?

@@ -72,7 +72,7 @@ impl Store {
             .bind(p.id.as_str())
             .bind(p.name.as_str())
             .bind(p.created_at.0)
-            .execute(self.pool())
+            .execute(self.write_pool())
             .await
             .map_err(|e| unique_to(e, "partner", &p.id))?;
         Ok(())
@@ -518,6 +518,10 @@ impl Store {
 
     /// [`Store::commit_instance_with_timers`], also storing the notification deliveries the
     /// transition queued, in the same transaction (their bus messages are in `outbox`).
+    ///
+    /// On a SQLite file this goes through the group committer (see `commit.rs`): commits that
+    /// queue while a batch is being written share the next transaction, each still all or
+    /// nothing and each checked against its own expected version.
     pub async fn commit_instance_with_deliveries(
         &self,
         rec: &InstanceRecord,
@@ -527,52 +531,30 @@ impl Store {
         timers: &[TimerRecord],
         deliveries: &[crate::notifications::NewDelivery],
     ) -> Result<(), StoreError> {
-        let info = &rec.info;
-        let mut tx = self.begin_write().await?;
-        // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
-        // re-evaluates `version = expected` against the winner's row and matches nothing. By
-        // primary key alone (see `get_instance`); the partner is checked on the returned row,
-        // and a mismatch drops the transaction, which rolls it back.
-        let updated = sqlx::query(
-            "UPDATE workflow_instances SET status = $1, current_step = $2, state = $3, \
-             updated_at = $4, version = $5 \
-             WHERE id = $6 AND version = $7 RETURNING partner_id",
-        )
-        .bind(rec.state.status.as_str())
-        .bind(rec.state.current_step.map(|s| s as i64))
-        .bind(to_json(&rec.state)?)
-        .bind(rec.updated_at.0)
-        .bind(expected_version + 1)
-        .bind(info.id.as_str())
-        .bind(expected_version)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|row| row.try_get::<String, _>("partner_id"))
-        .transpose()?;
-        match updated {
-            Some(owner) if owner == info.partner_id => {}
-            Some(_) => return Err(not_found("instance", &info.id)),
-            None => {
-                let owner = sqlx::query("SELECT partner_id FROM workflow_instances WHERE id = $1")
-                    .bind(info.id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|row| row.try_get::<String, _>("partner_id"))
-                    .transpose()?;
-                return Err(match owner {
-                    Some(owner) if owner == info.partner_id => StoreError::Conflict {
-                        what: "instance",
-                        id: info.id.clone(),
-                    },
-                    _ => not_found("instance", &info.id),
-                });
-            }
+        if let Some(committer) = &self.committer {
+            return committer
+                .submit(crate::commit::InstanceCommit {
+                    rec: rec.clone(),
+                    expected_version,
+                    outbox: outbox.to_vec(),
+                    audit: audit.to_vec(),
+                    timers: timers.to_vec(),
+                    deliveries: deliveries.to_vec(),
+                })
+                .await;
         }
-        upsert_steps(&mut tx, rec).await?;
-        insert_outbox(&mut tx, outbox).await?;
-        crate::timers::insert_timers(&mut tx, timers).await?;
-        crate::notifications::insert_deliveries(&mut tx, deliveries).await?;
-        append_audits(&mut tx, &info.partner_id, audit).await?;
+        let mut tx = self.begin_write().await?;
+        write_instance_commit(
+            &mut tx,
+            rec,
+            expected_version,
+            outbox,
+            audit,
+            timers,
+            deliveries,
+        )
+        .await
+        .map_err(|e| e.error)?;
         tx.commit().await?;
         Ok(())
     }
@@ -648,7 +630,7 @@ impl Store {
                 "DELETE FROM outbox WHERE id IN ({})",
                 placeholders.join(", ")
             );
-            args.bind(&sql).execute(self.pool()).await?;
+            args.bind(&sql).execute(self.write_pool()).await?;
         }
         Ok(())
     }
@@ -672,6 +654,88 @@ impl Store {
 }
 
 // -------------------------------------------------------------------- helpers in a transaction
+
+/// Why [`write_instance_commit`] failed, and whether it wrote anything before failing.
+pub(crate) struct CommitFailure {
+    pub(crate) error: StoreError,
+    /// True when the commit was refused before any write (version conflict, unknown
+    /// instance): the transaction it ran in is untouched and may go on with other commits.
+    pub(crate) clean: bool,
+}
+
+impl From<StoreError> for CommitFailure {
+    fn from(error: StoreError) -> Self {
+        CommitFailure {
+            error,
+            clean: false,
+        }
+    }
+}
+
+impl From<sqlx::Error> for CommitFailure {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::from(error).into()
+    }
+}
+
+/// The statements of one instance commit, inside a write transaction the caller owns.
+pub(crate) async fn write_instance_commit(
+    conn: &mut AnyConnection,
+    rec: &InstanceRecord,
+    expected_version: i64,
+    outbox: &[OutboxMessage],
+    audit: &[AuditDraft],
+    timers: &[TimerRecord],
+    deliveries: &[crate::notifications::NewDelivery],
+) -> Result<(), CommitFailure> {
+    let info = &rec.info;
+    let refused = |error| CommitFailure { error, clean: true };
+    // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
+    // re-evaluates `version = expected` against the winner's row and matches nothing. By
+    // primary key alone (see `get_instance`); the partner is checked on the returned row, and
+    // a mismatch fails the transaction (not clean: the row was updated).
+    let updated = sqlx::query(
+        "UPDATE workflow_instances SET status = $1, current_step = $2, state = $3, \
+         updated_at = $4, version = $5 \
+         WHERE id = $6 AND version = $7 RETURNING partner_id",
+    )
+    .bind(rec.state.status.as_str())
+    .bind(rec.state.current_step.map(|s| s as i64))
+    .bind(to_json(&rec.state)?)
+    .bind(rec.updated_at.0)
+    .bind(expected_version + 1)
+    .bind(info.id.as_str())
+    .bind(expected_version)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(|row| row.try_get::<String, _>("partner_id"))
+    .transpose()?;
+    match updated {
+        Some(owner) if owner == info.partner_id => {}
+        Some(_) => return Err(not_found("instance", &info.id).into()),
+        None => {
+            let owner = sqlx::query("SELECT partner_id FROM workflow_instances WHERE id = $1")
+                .bind(info.id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| row.try_get::<String, _>("partner_id"))
+                .transpose()?;
+            return Err(refused(match owner {
+                Some(owner) if owner == info.partner_id => StoreError::Conflict {
+                    what: "instance",
+                    id: info.id.clone(),
+                },
+                _ => not_found("instance", &info.id),
+            }));
+        }
+    }
+    upsert_steps(conn, rec).await?;
+    insert_outbox(conn, outbox).await?;
+    crate::timers::insert_timers(conn, timers).await?;
+    crate::notifications::insert_deliveries(conn, deliveries).await?;
+    append_audits(conn, &info.partner_id, audit).await?;
+    Ok(())
+}
 
 async fn insert_template_version(
     conn: &mut AnyConnection,
@@ -746,19 +810,43 @@ async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<
     Ok(())
 }
 
+/// Rows per multi-row INSERT (at most 11 parameters a row: well under every backend's limit).
+const ROWS_PER_INSERT: usize = 64;
+
+/// `($1, $2, ...), ($k+1, ...)`: the VALUES of `rows` rows of `width` parameters.
+fn values_placeholders(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=width).map(|k| format!("${}", r * width + k)).collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One multi-row statement per [`ROWS_PER_INSERT`] messages: every statement is a round trip
+/// made while the write lock is held. Rows are inserted in order, so `seq` keeps their order.
 pub(crate) async fn insert_outbox(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<(), StoreError> {
-    for m in messages {
-        sqlx::query("INSERT INTO outbox (id, topic, msg_key, payload) VALUES ($1, $2, $3, $4)")
-            .bind(m.id.as_str())
-            .bind(m.topic.as_str())
-            .bind(m.key.as_str())
-            .bind(m.payload.as_slice())
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| unique_to(e, "outbox message", &m.id))?;
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO outbox (id, topic, msg_key, payload) VALUES {}",
+            values_placeholders(chunk.len(), 4)
+        );
+        let mut query = sqlx::query(&sql);
+        for m in chunk {
+            query = query
+                .bind(m.id.as_str())
+                .bind(m.topic.as_str())
+                .bind(m.key.as_str())
+                .bind(m.payload.as_slice());
+        }
+        query.execute(&mut *conn).await.map_err(|e| {
+            let ids: Vec<&str> = chunk.iter().map(|m| m.id.as_str()).collect();
+            unique_to(e, "outbox message", &ids.join(", "))
+        })?;
     }
     Ok(())
 }
@@ -777,7 +865,9 @@ async fn append_audit(
 }
 
 /// [`append_audit`] for several events of one transaction: each stream's head is read once,
-/// then the events are chained in order (one round trip fewer per further event of a stream).
+/// the events are chained in order in memory, and written with one multi-row INSERT per
+/// [`ROWS_PER_INSERT`] events (a transition writes several; each statement is a round trip
+/// made while the write lock is held).
 async fn append_audits(
     conn: &mut AnyConnection,
     partner_id: &str,
@@ -785,15 +875,69 @@ async fn append_audits(
 ) -> Result<(), StoreError> {
     let mut heads: std::collections::HashMap<&str, (i64, String)> =
         std::collections::HashMap::new();
+    // (draft, seq, prev_hash, hash), in order.
+    let mut rows: Vec<(&AuditDraft, i64, String, String)> = Vec::with_capacity(drafts.len());
     for draft in drafts {
-        let head = match heads.remove(draft.stream.as_str()) {
+        let (prev_seq, prev_hash) = match heads.remove(draft.stream.as_str()) {
             Some(head) => head,
             None => stream_head(conn, partner_id, &draft.stream).await?,
         };
-        let next = chain_audit(conn, partner_id, draft, head).await?;
-        heads.insert(draft.stream.as_str(), next);
+        let seq = prev_seq + 1;
+        let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
+        heads.insert(draft.stream.as_str(), (seq, hash.clone()));
+        rows.push((draft, seq, prev_hash, hash));
+    }
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, \
+             after_doc, reason, prev_hash, hash) VALUES {}",
+            values_placeholders(chunk.len(), 11)
+        );
+        let mut query = sqlx::query(&sql);
+        for (draft, seq, prev_hash, hash) in chunk {
+            query = query
+                .bind(draft.stream.as_str())
+                .bind(*seq)
+                .bind(partner_id)
+                .bind(draft.at.0)
+                .bind(to_json(&draft.actor)?)
+                .bind(draft.kind.as_str())
+                .bind(to_json(&draft.before)?)
+                .bind(to_json(&draft.after)?)
+                .bind(draft.reason.as_deref())
+                .bind(prev_hash.as_str())
+                .bind(hash.as_str());
+        }
+        query.execute(&mut *conn).await.map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict {
+                    what: "audit stream",
+                    id: chunk
+                        .first()
+                        .map(|(d, ..)| d.stream.clone())
+                        .unwrap_or_default(),
+                }
+            } else {
+                StoreError::Database(e)
+            }
+        })?;
     }
     Ok(())
+}
+
+/// What an event's hash covers.
+fn audit_content<'a>(partner_id: &'a str, draft: &'a AuditDraft, seq: i64) -> AuditContent<'a> {
+    AuditContent {
+        partner_id,
+        stream: &draft.stream,
+        seq,
+        at: draft.at,
+        actor: &draft.actor,
+        kind: &draft.kind,
+        before: &draft.before,
+        after: &draft.after,
+        reason: draft.reason.as_deref(),
+    }
 }
 
 /// The stream's last (seq, hash), or (0, genesis) for a new stream.
@@ -826,18 +970,7 @@ async fn chain_audit(
     (prev_seq, prev_hash): (i64, String),
 ) -> Result<(i64, String), StoreError> {
     let seq = prev_seq + 1;
-    let content = AuditContent {
-        partner_id,
-        stream: &draft.stream,
-        seq,
-        at: draft.at,
-        actor: &draft.actor,
-        kind: &draft.kind,
-        before: &draft.before,
-        after: &draft.after,
-        reason: draft.reason.as_deref(),
-    };
-    let hash = chain_hash(&prev_hash, &content);
+    let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
     sqlx::query(
         "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, after_doc, \
          reason, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",

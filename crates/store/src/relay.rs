@@ -84,7 +84,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.pool().acquire().await?;
+        let mut conn = self.write_pool().acquire().await?;
         delete(&mut conn, ids).await
     }
 }

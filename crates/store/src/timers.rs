@@ -29,20 +29,34 @@ pub(crate) async fn insert_timers(
     conn: &mut AnyConnection,
     timers: &[TimerRecord],
 ) -> Result<(), StoreError> {
-    for t in timers {
-        sqlx::query(
+    // One multi-row statement per 64 timers (7 parameters each): a round trip per statement
+    // is made while the write lock is held. A multi-row upsert may not name a row twice.
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&TimerRecord> = timers.iter().filter(|t| seen.insert(&t.id)).collect();
+    for chunk in unique.chunks(64) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|r| {
+                let p: Vec<String> = (1..=7).map(|k| format!("${}", r * 7 + k)).collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, kind, due_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(t.id.as_str())
-        .bind(t.partner_id.as_str())
-        .bind(t.instance_id.as_str())
-        .bind(t.step_index)
-        .bind(t.step_type.as_str())
-        .bind(t.kind.as_str())
-        .bind(t.due_at.0)
-        .execute(&mut *conn)
-        .await?;
+             VALUES {} ON CONFLICT (id) DO NOTHING",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for t in chunk {
+            query = query
+                .bind(t.id.as_str())
+                .bind(t.partner_id.as_str())
+                .bind(t.instance_id.as_str())
+                .bind(t.step_index)
+                .bind(t.step_type.as_str())
+                .bind(t.kind.as_str())
+                .bind(t.due_at.0);
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -82,6 +82,7 @@ conformance!(
     concurrent_commits_exactly_one_wins,
     timers_fire_once_under_concurrent_schedulers,
     decision_outcomes_keep_the_first,
+    group_commit_answers_each_commit_as_alone,
 );
 
 // ------------------------------------------------------------------------------- fixtures
@@ -1227,6 +1228,100 @@ async fn decision_outcomes_keep_the_first(store: Store) -> TestResult {
         store.get_decision_outcome("p2", "d1").await?,
         None,
         "tenancy"
+    );
+    Ok(())
+}
+
+/// Several commits in one group transaction: a commit that loses its version check (here to an
+/// earlier commit of the same group) is refused alone and writes nothing; one that fails after
+/// it started writing (a duplicate outbox id) rolls back alone; the others commit, with their
+/// outbox rows and a valid audit chain.
+async fn group_commit_answers_each_commit_as_alone(store: Store) -> TestResult {
+    let (a, b, c) = (
+        instance("p1", "t1", None),
+        instance("p1", "t1", None),
+        instance("p1", "t1", None),
+    );
+    for rec in [&a, &b, &c] {
+        created(&store, rec).await?;
+    }
+    let commit = |rec: &InstanceRecord, status, outbox: Vec<OutboxMessage>| InstanceCommit {
+        rec: advanced(rec, status),
+        expected_version: 1,
+        outbox,
+        audit: vec![draft(&instance_stream(rec), "instance.advanced", json!({}))],
+        timers: vec![],
+        deliveries: vec![],
+    };
+    let dup = message(&c.info.id);
+    let group = [
+        commit(&a, InstanceStatus::Waiting, vec![message(&a.info.id)]),
+        // Read the same version as the first: loses to it.
+        commit(&a, InstanceStatus::Cancelled, vec![message(&a.info.id)]),
+        commit(&b, InstanceStatus::Waiting, vec![message(&b.info.id)]),
+        commit(&c, InstanceStatus::Waiting, vec![dup.clone(), dup]),
+    ];
+    let results = store.commit_instances(&group).await;
+    assert_eq!(results.len(), 4);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(
+            results[1],
+            Err(StoreError::Conflict {
+                what: "instance",
+                ..
+            })
+        ),
+        "{:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert!(
+        matches!(results[3], Err(StoreError::AlreadyExists { .. })),
+        "{:?}",
+        results[3]
+    );
+
+    let stored_a = store.get_instance("p1", &a.info.id).await?.unwrap();
+    assert_eq!(stored_a, group[0].rec);
+    assert_eq!(stored_a.state.status, InstanceStatus::Waiting);
+    assert_eq!(
+        store.get_instance("p1", &b.info.id).await?.unwrap(),
+        group[2].rec
+    );
+    assert_eq!(store.get_instance("p1", &c.info.id).await?.unwrap(), c);
+
+    // Outbox: the three creates' rows, then the two winning commits' rows, in commit order.
+    let outbox: Vec<String> = store
+        .fetch_outbox(0)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(outbox.len(), 5, "{outbox:?}");
+    assert_eq!(outbox[3], group[0].outbox[0].id);
+    assert_eq!(outbox[4], group[2].outbox[0].id);
+
+    for (rec, events) in [(&a, 2), (&b, 2), (&c, 1)] {
+        let trail = store.list_audit("p1", &instance_stream(rec)).await?;
+        assert_eq!(verify_audit_chain(&trail), Ok(events));
+    }
+
+    // The same through the ordinary entry point, racing: exactly one of two commits of one
+    // read wins, however they are grouped.
+    let (s1, s2) = (store.clone(), store.clone());
+    let (x, y) = (
+        advanced(&stored_a, InstanceStatus::Waiting),
+        advanced(&stored_a, InstanceStatus::Cancelled),
+    );
+    let (r1, r2) = tokio::join!(
+        s1.commit_instance(&x, 2, &[], &[]),
+        s2.commit_instance(&y, 2, &[], &[])
+    );
+    assert!(r1.is_ok() != r2.is_ok(), "{r1:?} {r2:?}");
+    assert_eq!(
+        store.get_instance("p1", &a.info.id).await?.unwrap().version,
+        3
     );
     Ok(())
 }

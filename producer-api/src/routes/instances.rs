@@ -48,18 +48,16 @@ fn empty_object() -> Value {
 
 /// The instance view, with its template version's step names.
 pub(crate) async fn view(state: &AppState, rec: &InstanceRecord) -> InstanceView {
+    // From the engine's cache of parsed versions: a store read per view otherwise.
     let template = state
         .engine
-        .store()
-        .get_template_version(
+        .template_version(
             &rec.info.partner_id,
             &rec.info.template_id,
             rec.info.template_version,
         )
         .await
-        .ok()
-        .flatten()
-        .and_then(|t| state.engine.parsed(&t).ok());
+        .ok();
     InstanceView::new(rec, template.as_deref())
 }
 

@@ -54,7 +54,7 @@ async fn run_in(dir: &Path, opts: &SeedOptions) -> Result<SeedReport, BenchError
     let config = EmbeddedConfig {
         api: producer_api::ApiConfig::new(admin_token.clone()),
         limits: Limits::default(),
-        partitions: 8,
+        partitions: 32,
         clock,
         actions: Some(Arc::new(executor)),
     };
