@@ -1,5 +1,5 @@
 //! The store conformance suite: every test is written once as an async fn taking a migrated
-//! [`Store`] and run against each backend by the `conformance!` macro (SQLite on a temporary
+//! [`Store`] and run against each backend by the `both_backends!` macro (tests/common) (SQLite on a temporary
 //! file, PostgreSQL on a fresh database from `workflow-testkit`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,59 +14,12 @@ use workflow_core::{
     InstanceState, InstanceStatus, StepExecution, StepStatus, StepType, Timestamp,
 };
 use workflow_store::*;
-use workflow_testkit::TempDir;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+mod common;
 
-/// A migrated store and whatever must live as long as it.
-struct TestDb {
-    store: Store,
-    _dir: Option<TempDir>,
-}
+use common::{sqlite_db, TestResult};
 
-async fn sqlite_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
-    let (dir, url) = workflow_testkit::temp_sqlite()?;
-    let store = Store::connect(&url).await?;
-    assert_eq!(store.backend(), Backend::Sqlite);
-    store.migrate().await?;
-    Ok(TestDb {
-        store,
-        _dir: Some(dir),
-    })
-}
-
-async fn postgres_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
-    let url = workflow_testkit::postgres_url().await?;
-    let store = Store::connect(&url).await?;
-    assert_eq!(store.backend(), Backend::Postgres);
-    store.migrate().await?;
-    Ok(TestDb { store, _dir: None })
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> super::TestResult {
-                    let db = super::sqlite_db().await?;
-                    super::$name(db.store.clone()).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> super::TestResult {
-                    let db = super::postgres_db().await?;
-                    super::$name(db.store.clone()).await
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+crate::both_backends!(
     migrate_is_idempotent,
     partners_and_api_keys,
     templates_versions_lists_and_activation,

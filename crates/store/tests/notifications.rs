@@ -8,56 +8,12 @@ use serde_json::json;
 use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
 use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 use workflow_store::*;
-use workflow_testkit::TempDir;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+mod common;
 
-struct TestDb {
-    store: Store,
-    _dir: Option<TempDir>,
-}
+use common::TestResult;
 
-async fn sqlite_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
-    let (dir, url) = workflow_testkit::temp_sqlite()?;
-    let store = Store::connect(&url).await?;
-    store.migrate().await?;
-    Ok(TestDb {
-        store,
-        _dir: Some(dir),
-    })
-}
-
-async fn postgres_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
-    let url = workflow_testkit::postgres_url().await?;
-    let store = Store::connect(&url).await?;
-    store.migrate().await?;
-    Ok(TestDb { store, _dir: None })
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> super::TestResult {
-                    let db = super::sqlite_db().await?;
-                    super::$name(db.store.clone()).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> super::TestResult {
-                    let db = super::postgres_db().await?;
-                    super::$name(db.store.clone()).await
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+crate::both_backends!(
     deliveries_commit_with_the_instance_or_not_at_all,
     a_delivery_is_claimed_once_and_every_attempt_is_logged,
     due_deliveries_are_requeued_with_their_message,

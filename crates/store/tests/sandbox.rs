@@ -6,63 +6,13 @@
 use serde_json::json;
 use workflow_core::Timestamp;
 use workflow_store::*;
-use workflow_testkit::TempDir;
 
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+mod common;
 
-/// A migrated store, the URL it was opened with, and whatever must live as long as it.
-struct TestDb {
-    store: Store,
-    url: String,
-    _dir: Option<TempDir>,
-}
+use common::TestResult;
 
-async fn sqlite_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
-    let (dir, url) = workflow_testkit::temp_sqlite()?;
-    let store = Store::connect(&url).await?;
-    store.migrate().await?;
-    Ok(TestDb {
-        store,
-        url,
-        _dir: Some(dir),
-    })
-}
-
-async fn postgres_db() -> Result<TestDb, Box<dyn std::error::Error + Send + Sync>> {
-    let url = workflow_testkit::postgres_url().await?;
-    let store = Store::connect(&url).await?;
-    store.migrate().await?;
-    Ok(TestDb {
-        store,
-        url,
-        _dir: None,
-    })
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> super::TestResult {
-                    let db = super::sqlite_db().await?;
-                    super::$name(db.store.clone(), &db.url).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> super::TestResult {
-                    let db = super::postgres_db().await?;
-                    super::$name(db.store.clone(), &db.url).await
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+crate::both_backends!(
+url;
     a_key_records_once_and_survives_reopening,
     racing_calls_with_one_key_record_once,
     calls_are_listed_in_order_and_per_transfer,
