@@ -13,12 +13,12 @@ IMPURE_CORE_DEPS := tokio|sqlx|rdkafka|axum|reqwest|hyper
 # A banner with the time, so CI logs show how long each recipe took.
 banner = echo "==> [$$(date -u +%H:%M:%S)] $(1)"
 
-.PHONY: help ci lint fmt core-is-pure test dev
+.PHONY: help ci lint fmt core-is-pure helm-check test dev
 
 help: ## list the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-14s %s\n", $$1, $$2 }'
 
-ci: core-is-pure lint test ## everything CI checks, in CI's order
+ci: core-is-pure lint helm-check test ## everything CI checks, in CI's order
 
 lint: ## formatting check, then clippy on every target with warnings as errors
 	@$(call banner,lint: rustfmt)
@@ -38,6 +38,10 @@ core-is-pure: ## fail if workflow-core depends on an async runtime, a database o
 		exit 1; \
 	fi; \
 	echo "workflow-core is pure: none of $(IMPURE_CORE_DEPS) in its dependencies"
+
+helm-check: ## lint, render and check the Helm chart without a cluster (builds helm once into ~/.cache/payos-helm-check)
+	@$(call banner,helm-check)
+	scripts/helm-check.sh
 
 test: ## every test, unit and integration (integration suites start PostgreSQL via crates/testkit)
 	@$(call banner,test)

@@ -33,6 +33,11 @@ struct AssignmentState {
     delivered: BTreeMap<u32, u64>,
     /// How many rebalances this member went through.
     generation: u64,
+    /// Per owned partition: a commit the coordinator refused while a rebalance was in progress
+    /// although this member kept the partition (an incremental rebalance moves only some). It
+    /// is made again before the next message is taken; a revoke drops it (the new owner then
+    /// gets the messages again, as for any uncommitted message).
+    owed: BTreeMap<u32, u64>,
 }
 
 impl Assignment {
@@ -109,6 +114,7 @@ impl ConsumerContext for GroupContext {
         };
         let mut state = self.assignment.lock();
         state.committed.retain(|p, _| now.contains(p));
+        state.owed.retain(|p, _| now.contains(p));
         state.partitions = now;
         state.generation += 1;
     }
@@ -206,6 +212,7 @@ async fn shut_down(rx: &mut watch::Receiver<bool>) {
 #[async_trait::async_trait]
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Result<Option<Message>, BusError> {
+        self.pay_owed_commits().await;
         loop {
             if *self.shutdown.borrow() {
                 return Ok(None);
@@ -311,6 +318,16 @@ impl Subscription for KafkaSubscription {
                 Ok(())
             }
             Err(e) if e.rdkafka_error_code().is_some_and(is_lost_assignment) => {
+                let mut state = self.assignment.lock();
+                if state.partitions.contains(&msg.partition) {
+                    // Refused mid-rebalance, but the partition stays ours: the message is done
+                    // here and nobody else will get it, so the commit is owed, not dropped.
+                    tracing::info!(topic = %self.topic, group = %self.group,
+                        partition = msg.partition, error = %e, "commit refused during a rebalance; owed");
+                    let owed = state.owed.entry(msg.partition).or_insert(next);
+                    *owed = (*owed).max(next);
+                    return Ok(());
+                }
                 tracing::info!(topic = %self.topic, group = %self.group,
                     partition = msg.partition, error = %e, "commit after the partition moved");
                 Err(not_assigned())
@@ -322,6 +339,64 @@ impl Subscription for KafkaSubscription {
                     self.topic, msg.partition, self.group
                 ),
             )),
+        }
+    }
+}
+
+impl KafkaSubscription {
+    /// Make the commits owed since a rebalance (see `AssignmentState::owed`), for the
+    /// partitions still owned. One still refused stays owed; the rest are forgotten once made.
+    async fn pay_owed_commits(&mut self) {
+        let owed: Vec<(u32, u64)> = {
+            let mut state = self.assignment.lock();
+            if state.owed.is_empty() {
+                return;
+            }
+            // Copied, not taken: `next()` may be cancelled while the commit is in flight.
+            let AssignmentState {
+                partitions,
+                committed,
+                owed,
+                ..
+            } = &mut *state;
+            owed.retain(|p, next| {
+                partitions.contains(p) && committed.get(p).is_none_or(|c| c < next)
+            });
+            owed.iter().map(|(p, next)| (*p, *next)).collect()
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next) in &owed {
+            let (Ok(partition), Ok(offset)) = (i32::try_from(*partition), i64::try_from(*next))
+            else {
+                continue;
+            };
+            if tpl
+                .add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+                .is_err()
+            {
+                continue;
+            }
+        }
+        let consumer = Arc::clone(&self.consumer);
+        let result =
+            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+        let mut state = self.assignment.lock();
+        match result {
+            Ok(Ok(())) => {
+                for (partition, next) in owed {
+                    if state.partitions.contains(&partition) {
+                        let committed = state.committed.entry(partition).or_insert(next);
+                        *committed = (*committed).max(next);
+                    }
+                    if state.owed.get(&partition).is_some_and(|o| *o <= next) {
+                        state.owed.remove(&partition);
+                    }
+                }
+            }
+            failed => {
+                tracing::info!(topic = %self.topic, group = %self.group, result = ?failed.map(|r| r.err()),
+                    "owed commit refused again; kept for the next call");
+            }
         }
     }
 }

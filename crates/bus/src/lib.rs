@@ -15,6 +15,9 @@
 //! - [`InProcessBus`]: the adapter of the embedded mode (one process, no broker). It behaves like
 //!   the Kafka topics: same keys, same per-key order, same consumer-group semantics.
 //!
+//! - With the `conformance` feature (tests only), [`conformance`]: the contract tests every
+//!   adapter runs, so the contract is written once.
+//!
 //! The Kafka adapter (rdkafka) is another implementation of the same trait; nothing that uses
 //! the bus may depend on which adapter it has.
 //!
@@ -26,6 +29,8 @@
 //! - Block the async runtime: no lock is held across an `.await`, no blocking sleeps.
 //! - Panic on bad input from callers: every failure is a [`BusError`].
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod error;
 mod in_process;
 mod naming;

@@ -5,6 +5,11 @@
 //! (the `trigger`, `steps` and `instance` roots, as JSON) and turns the result back into JSON.
 //! The `cel` crate (cel-rust) does the parsing and interpreting.
 //!
+//! A validated template keeps its programs ([`CompiledExpressions`]), and the state machine
+//! evaluates them against an [`InstanceContext`], which builds the roots an expression reads
+//! when it first reads them; both give exactly what compiling the source and evaluating it
+//! against [`EvalContext::build`] gives.
+//!
 //! # Hostile input
 //!
 //! Expressions come from partners and must be treated as hostile. The cel parser is recursive
@@ -53,7 +58,9 @@
 //! `500.5`), but its arithmetic does not mix them (`trigger.amount + 0.5` fails when `amount`
 //! is an integer; write `double(trigger.amount) + 0.5`).
 
-use std::collections::HashSet;
+use std::borrow::Cow;
+use std::cell::{OnceCell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
@@ -155,42 +162,205 @@ impl EvalContext {
     /// `state` (skipped steps included), under the step's index as a string (`"0"`) and under its
     /// name. Should a step be named like another step's index, the index wins.
     pub fn build(template: &Template, info: &InstanceInfo, state: &InstanceState) -> EvalContext {
-        let mut by_name = Map::new();
-        let mut by_index = Map::new();
-        for exec in &state.steps {
-            let entry = serde_json::json!({
-                "status": serde_json::to_value(exec.status).unwrap_or(Value::Null),
-                "output": exec.output.clone().unwrap_or(Value::Null),
-                "error": exec.error.clone().map(Value::String).unwrap_or(Value::Null),
-            });
-            let name = template
-                .steps
-                .get(exec.index)
-                .map(|s| s.name.clone())
-                .unwrap_or_else(|| exec.name.clone());
-            by_name.insert(name, entry.clone());
-            by_index.insert(exec.index.to_string(), entry);
-        }
-        let mut steps = by_name;
-        steps.extend(by_index);
-        let instance = serde_json::json!({
-            "id": info.id,
-            "partner_id": info.partner_id,
-            "template_id": info.template_id,
-            "template_version": info.template_version,
-            "created_at": info.created_at.millis(),
-            "mode": info.mode.as_str(),
-            "created_by": {
-                "id": info.created_by.id,
-                "type": serde_json::to_value(info.created_by.actor_type).unwrap_or(Value::Null),
-            },
-        });
         EvalContext {
             trigger: info.trigger.clone(),
-            steps: Value::Object(steps),
-            instance,
+            steps: steps_root(template, state),
+            instance: instance_root(info),
         }
     }
+}
+
+/// The `steps` root of [`EvalContext::build`].
+fn steps_root(template: &Template, state: &InstanceState) -> Value {
+    let mut by_name = Map::new();
+    let mut by_index = Map::new();
+    for exec in &state.steps {
+        let entry = serde_json::json!({
+            "status": serde_json::to_value(exec.status).unwrap_or(Value::Null),
+            "output": exec.output.clone().unwrap_or(Value::Null),
+            "error": exec.error.clone().map(Value::String).unwrap_or(Value::Null),
+        });
+        let name = template
+            .steps
+            .get(exec.index)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| exec.name.clone());
+        by_name.insert(name, entry.clone());
+        by_index.insert(exec.index.to_string(), entry);
+    }
+    let mut steps = by_name;
+    steps.extend(by_index);
+    Value::Object(steps)
+}
+
+/// The `instance` root of [`EvalContext::build`].
+fn instance_root(info: &InstanceInfo) -> Value {
+    serde_json::json!({
+        "id": info.id,
+        "partner_id": info.partner_id,
+        "template_id": info.template_id,
+        "template_version": info.template_version,
+        "created_at": info.created_at.millis(),
+        "mode": info.mode.as_str(),
+        "created_by": {
+            "id": info.created_by.id,
+            "type": serde_json::to_value(info.created_by.actor_type).unwrap_or(Value::Null),
+        },
+    })
+}
+
+/// The context of an instance as [`EvalContext::build`] makes it, but each root built (and
+/// converted for the interpreter) only when an expression first reads it, then kept for the
+/// next expressions evaluated against it.
+///
+/// Why: a transition evaluates few expressions (often none: an approval step has nothing to
+/// render) and most read only `trigger`, yet the whole context was copied into JSON, then
+/// converted twice over for the interpreter, for every expression. Built per transition; it
+/// borrows the instance and keeps nothing beyond it.
+pub struct InstanceContext<'a> {
+    template: &'a Template,
+    info: &'a InstanceInfo,
+    state: &'a InstanceState,
+    steps: OnceCell<Value>,
+    instance: OnceCell<Value>,
+    /// The interpreter's context with the roots read so far.
+    cel: RefCell<CelScope>,
+}
+
+impl<'a> InstanceContext<'a> {
+    pub fn new(
+        template: &'a Template,
+        info: &'a InstanceInfo,
+        state: &'a InstanceState,
+    ) -> InstanceContext<'a> {
+        InstanceContext {
+            template,
+            info,
+            state,
+            steps: OnceCell::new(),
+            instance: OnceCell::new(),
+            cel: RefCell::new(CelScope::new()),
+        }
+    }
+
+    pub fn trigger(&self) -> &Value {
+        &self.info.trigger
+    }
+
+    pub fn steps(&self) -> &Value {
+        self.steps
+            .get_or_init(|| steps_root(self.template, self.state))
+    }
+
+    pub fn instance(&self) -> &Value {
+        self.instance.get_or_init(|| instance_root(self.info))
+    }
+
+    fn root(&self, index: usize) -> &Value {
+        match index {
+            0 => self.trigger(),
+            1 => self.steps(),
+            _ => self.instance(),
+        }
+    }
+
+    /// Whether root `index` converts for the interpreter (it nests no deeper than
+    /// [`MAX_VALUE_DEPTH`]), without building it when it is not built yet.
+    fn root_fits(&self, index: usize) -> bool {
+        match (index, self.steps.get()) {
+            (0, _) => fits(self.trigger(), 0),
+            (1, Some(steps)) => fits(steps, 0),
+            // Each entry `{status, output, error}` is at depth 1, its values at depth 2.
+            (1, None) => self
+                .state
+                .steps
+                .iter()
+                .all(|e| e.output.as_ref().is_none_or(|o| fits(o, 2))),
+            // Fixed facts, two levels deep.
+            _ => true,
+        }
+    }
+}
+
+/// What expressions are evaluated against.
+pub trait ExprContext {
+    fn eval(&self, expr: &Expression) -> Result<Value, ExprError>;
+}
+
+impl ExprContext for EvalContext {
+    fn eval(&self, expr: &Expression) -> Result<Value, ExprError> {
+        expr.evaluate(self)
+    }
+}
+
+impl ExprContext for InstanceContext<'_> {
+    fn eval(&self, expr: &Expression) -> Result<Value, ExprError> {
+        expr.evaluate_in(self)
+    }
+}
+
+/// Whether `value`, placed at `depth`, nests no deeper than [`MAX_VALUE_DEPTH`] (what
+/// [`to_cel`] refuses).
+fn fits(value: &Value, depth: usize) -> bool {
+    if depth > MAX_VALUE_DEPTH {
+        return false;
+    }
+    match value {
+        Value::Array(items) => items.iter().all(|v| fits(v, depth + 1)),
+        Value::Object(members) => members.values().all(|v| fits(v, depth + 1)),
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => true,
+    }
+}
+
+/// The interpreter's context and which of the [`ROOTS`] it holds.
+struct CelScope {
+    ctx: Context<'static, 'static>,
+    added: [bool; 3],
+}
+
+impl CelScope {
+    fn new() -> CelScope {
+        CelScope {
+            ctx: Context::with_env(Arc::clone(stdlib())),
+            added: [false; 3],
+        }
+    }
+
+    /// Add the roots in `reads` not added yet, taking each from `root`; a root that does not
+    /// convert is the evaluation's error, named after the root, checked in the order of
+    /// [`ROOTS`]. Roots not read are only checked, as [`Expression::evaluate`] always converted
+    /// every root: `fits(i)` says whether root `i` would convert.
+    fn prepare<'v>(
+        &mut self,
+        reads: [bool; 3],
+        root: impl Fn(usize) -> &'v Value,
+        fits: impl Fn(usize) -> bool,
+    ) -> Result<(), ExprError> {
+        for (i, name) in ROOTS.iter().enumerate() {
+            if !reads[i] || self.added[i] {
+                if !self.added[i] && !fits(i) {
+                    return Err(too_deep_root(name));
+                }
+                continue;
+            }
+            let value = to_cel(root(i), 0).map_err(|m| eval_err(format!("{name}: {m}")))?;
+            let ctx = &mut self.ctx;
+            // The conversion for the interpreter unwraps; JSON-made values always convert,
+            // and a panic is an evaluation error as it always was.
+            catch_unwind(AssertUnwindSafe(|| {
+                ctx.add_variable_from_value(*name, value)
+            }))
+            .map_err(|_| eval_err("the interpreter failed on this input".to_string()))?;
+            self.added[i] = true;
+        }
+        Ok(())
+    }
+}
+
+fn too_deep_root(name: &str) -> ExprError {
+    eval_err(format!(
+        "{name}: value nests deeper than {MAX_VALUE_DEPTH} levels"
+    ))
 }
 
 /// A compiled, checked CEL expression. Cheap to clone.
@@ -199,6 +369,9 @@ pub struct Expression {
     source: String,
     program: Arc<IdedExpr>,
     max_result_nodes: usize,
+    /// Which of the [`ROOTS`] the program names (anywhere: over-approximated); only those
+    /// are handed to the interpreter.
+    reads: [bool; 3],
 }
 
 impl Expression {
@@ -222,11 +395,12 @@ impl Expression {
                 })
             }
         };
-        check_tree(&program, limits)?;
+        let reads = check_tree(&program, limits)?;
         Ok(Expression {
             source: source.to_string(),
             program: Arc::new(program),
             max_result_nodes: limits.max_result_nodes,
+            reads,
         })
     }
 
@@ -237,15 +411,22 @@ impl Expression {
     /// Run the expression against `ctx` and return its value as JSON: timestamps become RFC 3339
     /// strings, durations strings such as `"90s"`.
     pub fn evaluate(&self, ctx: &EvalContext) -> Result<Value, ExprError> {
-        let trigger = to_cel(&ctx.trigger, 0).map_err(|m| eval_err(format!("trigger: {m}")))?;
-        let steps = to_cel(&ctx.steps, 0).map_err(|m| eval_err(format!("steps: {m}")))?;
-        let instance = to_cel(&ctx.instance, 0).map_err(|m| eval_err(format!("instance: {m}")))?;
+        let roots = [&ctx.trigger, &ctx.steps, &ctx.instance];
+        let mut scope = CelScope::new();
+        scope.prepare(self.reads, |i| roots[i], |i| fits(roots[i], 0))?;
+        self.run(&scope)
+    }
+
+    /// [`Expression::evaluate`] against an instance's context, built as far as needed.
+    pub fn evaluate_in(&self, ctx: &InstanceContext<'_>) -> Result<Value, ExprError> {
+        let mut scope = ctx.cel.borrow_mut();
+        scope.prepare(self.reads, |i| ctx.root(i), |i| ctx.root_fits(i))?;
+        self.run(&scope)
+    }
+
+    fn run(&self, scope: &CelScope) -> Result<Value, ExprError> {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let mut cel_ctx = Context::with_env(Arc::clone(stdlib()));
-            cel_ctx.add_variable_from_value("trigger", trigger);
-            cel_ctx.add_variable_from_value("steps", steps);
-            cel_ctx.add_variable_from_value("instance", instance);
-            cel::Value::resolve(&self.program, &cel_ctx)
+            cel::Value::resolve(&self.program, &scope.ctx)
         }));
         match outcome {
             Ok(Ok(value)) => {
@@ -255,6 +436,81 @@ impl Expression {
             Ok(Err(e)) => Err(eval_err(execution_message(&e))),
             Err(_) => Err(eval_err("the interpreter failed on this input".to_string())),
         }
+    }
+}
+
+/// The expressions of one template, compiled once when the template was validated, by source
+/// text (condition expressions, `until`, agents' `limit`s and every `{{ }}` placeholder).
+///
+/// Why: the state machine used to compile an expression each time it evaluated one (lexer scan,
+/// parse, tree walk) although a template's expressions never change; the engine caches parsed
+/// templates, so this keeps each program next to its template for the template's lifetime.
+/// A lookup whose source is not in the table (a template built by hand) or whose limits differ
+/// from those the table was compiled with compiles afresh, exactly as before: the outcome never
+/// depends on the cache.
+#[derive(Clone, Default)]
+pub struct CompiledExpressions {
+    /// The limits every program in `by_source` was compiled with.
+    limits: ExprLimits,
+    by_source: HashMap<String, Expression>,
+}
+
+impl CompiledExpressions {
+    /// An empty table for expressions compiled with `limits`.
+    pub fn new(limits: &ExprLimits) -> CompiledExpressions {
+        CompiledExpressions {
+            limits: limits.clone(),
+            by_source: HashMap::new(),
+        }
+    }
+
+    /// Compile `source` with the table's limits and keep the program if it compiles.
+    pub fn compile(&mut self, source: &str) -> Result<(), ExprError> {
+        if self.by_source.contains_key(source) {
+            return Ok(());
+        }
+        let expr = Expression::compile(source, &self.limits)?;
+        self.by_source.insert(source.to_string(), expr);
+        Ok(())
+    }
+
+    /// The program of `source` compiled with `limits`: from the table when it has it (and was
+    /// compiled with the same limits), else compiled now.
+    pub fn get_or_compile(
+        &self,
+        source: &str,
+        limits: &ExprLimits,
+    ) -> Result<Cow<'_, Expression>, ExprError> {
+        if let Some(expr) = self.by_source.get(source) {
+            if &self.limits == limits {
+                return Ok(Cow::Borrowed(expr));
+            }
+        }
+        Expression::compile(source, limits).map(Cow::Owned)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_source.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_source.is_empty()
+    }
+}
+
+/// The sources only (a program's syntax tree is long and says nothing more).
+impl std::fmt::Debug for CompiledExpressions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut sources: Vec<&String> = self.by_source.keys().collect();
+        sources.sort();
+        f.debug_set().entries(sources).finish()
+    }
+}
+
+/// Derived data: two templates are equal when their definitions are, whatever was compiled.
+impl PartialEq for CompiledExpressions {
+    fn eq(&self, _other: &Self) -> bool {
+        true
     }
 }
 
@@ -461,15 +717,21 @@ fn skip_string(b: &[u8], start: usize, raw: bool) -> usize {
 // Tree checks
 // ---------------------------------------------------------------------------------------------
 
-/// Walks the parsed tree (iteratively): unknown roots, comprehension count and nesting.
-fn check_tree(root: &IdedExpr, limits: &ExprLimits) -> Result<(), ExprError> {
+/// Walks the parsed tree (iteratively): unknown roots, comprehension count and nesting. Returns
+/// which of the [`ROOTS`] the tree names anywhere (a name bound by a comprehension counts too:
+/// naming a root the program does not read is harmless, missing one would not be).
+fn check_tree(root: &IdedExpr, limits: &ExprLimits) -> Result<[bool; 3], ExprError> {
     // (node, variables bound by enclosing comprehensions, comprehension nesting)
     let mut stack: Vec<(&IdedExpr, Arc<HashSet<String>>, usize)> =
         vec![(root, Arc::new(HashSet::new()), 0)];
     let mut comprehensions = 0usize;
+    let mut reads = [false; 3];
     while let Some((node, bound, nesting)) = stack.pop() {
         match &node.expr {
             Expr::Ident(name) => {
+                if let Some(i) = ROOTS.iter().position(|r| r == name) {
+                    reads[i] = true;
+                }
                 if !bound.contains(name)
                     && !ROOTS.contains(&name.as_str())
                     && !TYPE_IDENTS.contains(&name.as_str())
@@ -528,7 +790,7 @@ fn check_tree(root: &IdedExpr, limits: &ExprLimits) -> Result<(), ExprError> {
             }
         }
     }
-    Ok(())
+    Ok(reads)
 }
 
 fn push_entries<'a>(
@@ -1027,6 +1289,7 @@ mod tests {
                 },
             ],
             settings: TemplateSettings::default(),
+            compiled: Default::default(),
         }
     }
 
@@ -1112,6 +1375,178 @@ mod tests {
                 .evaluate(&ctx)
                 .is_err()
         );
+    }
+
+    fn sample_info(trigger: Value) -> InstanceInfo {
+        InstanceInfo {
+            id: "inst-1".into(),
+            partner_id: "p-1".into(),
+            template_id: "tpl-1".into(),
+            template_version: 3,
+            created_at: Timestamp(1_700_000_000_000),
+            created_by: ActorRef {
+                id: "u-1".into(),
+                actor_type: ActorType::Agent,
+            },
+            trigger,
+            mode: Default::default(),
+        }
+    }
+
+    fn nested(levels: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 0..levels {
+            v = json!([v]);
+        }
+        v
+    }
+
+    /// An instance's lazily built context evaluates every expression exactly as the context
+    /// built up front, errors included, whatever was evaluated against it before.
+    #[test]
+    fn instance_context_evaluates_like_the_built_context() {
+        let template = sample_template();
+        let info = sample_info(json!({"id": "tr-1", "amount": 500, "items": [1, 2, 3]}));
+        let state = InstanceState {
+            status: InstanceStatus::Running,
+            current_step: Some(2),
+            waiting_on: None,
+            steps: vec![
+                exec(
+                    0,
+                    "Check Amount Tier",
+                    StepStatus::Completed,
+                    Some(json!({"result": true, "nested": {"l": [1, {"k": "v"}]}})),
+                ),
+                exec(1, "Skipped", StepStatus::Skipped, None),
+            ],
+            error: None,
+            finished_at: None,
+        };
+        let sources = [
+            "trigger.amount <= 1000",
+            "steps[\"0\"].output.nested.l[1].k",
+            "steps[\"Check Amount Tier\"].status + ':' + instance.created_by.type",
+            "instance.template_version == 3 && trigger.items.exists(x, x == 2)",
+            "size(steps)",
+            "steps.Skipped.output",
+            "has(steps.Pay)",
+            "[1, 2].exists(trigger, trigger > 1)",
+            "[1, 2].map(x, x * 2)",
+            "trigger.nope == 1",
+            "instance.created_at / 0",
+            "1 + 'x'",
+            "true",
+        ];
+        let limits = ExprLimits::default();
+        let built = EvalContext::build(&template, &info, &state);
+        for order in [false, true] {
+            let lazy = InstanceContext::new(&template, &info, &state);
+            let mut run: Vec<&str> = sources.to_vec();
+            if order {
+                run.reverse();
+            }
+            for src in run {
+                let e = Expression::compile(src, &limits).unwrap();
+                assert_eq!(e.evaluate_in(&lazy), e.evaluate(&built), "{src}");
+            }
+            assert_eq!(lazy.steps(), &built.steps);
+            assert_eq!(lazy.instance(), &built.instance);
+            assert_eq!(lazy.trigger(), &built.trigger);
+        }
+    }
+
+    /// A root too deep for the interpreter fails every evaluation, as when every root was
+    /// converted for each one, also for expressions that do not read it.
+    #[test]
+    fn too_deep_roots_fail_whether_read_or_not() {
+        let template = sample_template();
+        let limits = ExprLimits::default();
+        let reads_trigger = Expression::compile("trigger.amount", &limits).unwrap();
+        let reads_steps = Expression::compile("size(steps) > 0", &limits).unwrap();
+        let reads_none = Expression::compile("1 + 1", &limits).unwrap();
+        // An output at depth 2 of `steps`: 198 more levels fit, 199 do not.
+        for (levels, fits) in [(198, true), (199, false)] {
+            let info = sample_info(json!({"amount": 1}));
+            let state = InstanceState {
+                status: InstanceStatus::Running,
+                current_step: Some(1),
+                waiting_on: None,
+                steps: vec![exec(0, "Deep", StepStatus::Completed, Some(nested(levels)))],
+                error: None,
+                finished_at: None,
+            };
+            let built = EvalContext::build(&template, &info, &state);
+            for e in [&reads_trigger, &reads_steps, &reads_none] {
+                let lazy = InstanceContext::new(&template, &info, &state);
+                let got = e.evaluate_in(&lazy);
+                assert_eq!(got, e.evaluate(&built), "{}", e.source());
+                assert_eq!(got.is_ok(), fits, "{}", e.source());
+                if let Err(ExprError::Eval { message }) = got {
+                    assert_eq!(message, "steps: value nests deeper than 200 levels");
+                }
+            }
+        }
+        // The trigger is checked first, at depth 0.
+        for (levels, fits) in [(200, true), (201, false)] {
+            let info = sample_info(nested(levels));
+            let state = InstanceState {
+                status: InstanceStatus::Running,
+                current_step: Some(0),
+                waiting_on: None,
+                steps: vec![exec(0, "Deep", StepStatus::Completed, Some(nested(250)))],
+                error: None,
+                finished_at: None,
+            };
+            let built = EvalContext::build(&template, &info, &state);
+            let lazy = InstanceContext::new(&template, &info, &state);
+            let got = reads_none.evaluate_in(&lazy);
+            assert_eq!(got, reads_none.evaluate(&built));
+            let message = match got {
+                Err(ExprError::Eval { message }) => message,
+                other => panic!("expected Eval, got {other:?}"),
+            };
+            let root = if fits { "steps" } else { "trigger" };
+            assert_eq!(
+                message,
+                format!("{root}: value nests deeper than 200 levels")
+            );
+        }
+    }
+
+    #[test]
+    fn compiled_expressions_are_kept_for_their_limits_only() {
+        let limits = ExprLimits::default();
+        let mut table = CompiledExpressions::new(&limits);
+        table.compile("trigger.amount <= 1000").unwrap();
+        table.compile("trigger.amount <= 1000").unwrap();
+        assert!(table.compile("trigger.amount <=").is_err());
+        assert_eq!(table.len(), 1);
+        assert!(matches!(
+            table.get_or_compile("trigger.amount <= 1000", &limits),
+            Ok(Cow::Borrowed(_))
+        ));
+        assert!(matches!(
+            table.get_or_compile("trigger.id", &limits),
+            Ok(Cow::Owned(_))
+        ));
+        // Other limits compile afresh, with their own outcome.
+        let strict = ExprLimits {
+            max_operators: 0,
+            ..ExprLimits::default()
+        };
+        assert!(matches!(
+            table.get_or_compile("trigger.amount <= 1000", &strict),
+            Err(ExprError::TooComplex { .. })
+        ));
+        let other = ExprLimits {
+            max_result_nodes: 7,
+            ..ExprLimits::default()
+        };
+        assert!(matches!(
+            table.get_or_compile("trigger.amount <= 1000", &other),
+            Ok(Cow::Owned(e)) if e.max_result_nodes == 7
+        ));
     }
 
     #[test]

@@ -14,9 +14,11 @@
 //! - a non-terminal instance is either `running` with its current step dispatched (pending or
 //!   running) or `waiting` with `waiting_on` naming what it waits for.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Value};
 
-use crate::expr::{EvalContext, ExprLimits, Expression};
+use crate::expr::{ExprLimits, InstanceContext};
 use crate::instance::{
     ActorRef, ActorType, InstanceInfo, InstanceState, InstanceStatus, StepExecution, StepStatus,
     Verdict, WaitingOn,
@@ -27,9 +29,10 @@ mod decide;
 mod notify;
 mod timers;
 
-use crate::render::render;
+use crate::render::render_compiled;
 use crate::template::{
-    ApprovalConfig, Approver, ApproverEntry, Route, StepKind, StepType, Template,
+    ActionConfig, ApprovalConfig, Approver, ApproverEntry, ConditionConfig, NotificationConfig,
+    Route, StepKind, StepType, Template, WaitStep,
 };
 use crate::time::Timestamp;
 pub use action::ActionOutcome;
@@ -197,8 +200,12 @@ pub fn start(template: &Template, info: &InstanceInfo, now: Timestamp) -> Transi
         actor: info.created_by.clone(),
         kind: "instance.created",
         before: Value::Null,
-        after: json!({"status": "running", "template_id": info.template_id,
-            "template_version": info.template_version, "trigger": info.trigger}),
+        after: with_member(
+            json!({"status": "running", "template_id": info.template_id,
+                "template_version": info.template_version}),
+            "trigger",
+            info.trigger.clone(),
+        ),
         reason: None,
     }];
     if template.steps.is_empty() {
@@ -219,6 +226,33 @@ pub fn apply(
     template: &Template,
     info: &InstanceInfo,
     state: &InstanceState,
+    command: Command,
+    now: Timestamp,
+    limits: &ExprLimits,
+) -> Result<Transition, MachineError> {
+    apply_to(template, info, Cow::Borrowed(state), command, now, limits)
+}
+
+/// [`apply`], taking over `state` for the next state instead of copying it (a caller that
+/// drops the state it loaded anyway saves a deep copy of every step's input and output). On
+/// error the state is dropped.
+pub fn apply_owned(
+    template: &Template,
+    info: &InstanceInfo,
+    state: InstanceState,
+    command: Command,
+    now: Timestamp,
+    limits: &ExprLimits,
+) -> Result<Transition, MachineError> {
+    apply_to(template, info, Cow::Owned(state), command, now, limits)
+}
+
+/// Each transition checks the command against `state`, then turns `state` into the next state
+/// (`Cow::into_owned`: copied only when borrowed).
+fn apply_to(
+    template: &Template,
+    info: &InstanceInfo,
+    state: Cow<'_, InstanceState>,
     command: Command,
     now: Timestamp,
     limits: &ExprLimits,
@@ -297,7 +331,7 @@ pub fn apply(
 fn execute_step(
     template: &Template,
     info: &InstanceInfo,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     index: usize,
     now: Timestamp,
     limits: &ExprLimits,
@@ -316,14 +350,38 @@ fn execute_step(
     }
 
     let actor = pool_actor(step.kind.step_type());
-    let mut next = state.clone();
     let mut effects = Vec::new();
     let mut events = Vec::new();
 
-    let ctx = EvalContext::build(template, info, state);
+    // Everything the step evaluates reads the instance as it was before the step started: it
+    // is all evaluated first, then the state is taken over for the next one.
+    let ctx = InstanceContext::new(template, info, &state);
     let base_path = format!("$.steps[{index}].config");
-    let input = match render(&step.raw_config, &base_path, &ctx, limits) {
-        Ok(input) => input,
+    let prepared = render_compiled(
+        &step.raw_config,
+        &base_path,
+        &ctx,
+        limits,
+        &template.compiled,
+    )
+    .map(|input| {
+        let kind = match &step.kind {
+            StepKind::Condition(cfg) => {
+                Started::Condition(cfg, condition_outcome(template, cfg, &ctx, limits))
+            }
+            StepKind::Approval(cfg) => Started::Approval(cfg),
+            StepKind::Action(cfg) => Started::Action(cfg),
+            StepKind::Wait(cfg) => {
+                Started::Wait(cfg, timers::wait_plan(template, cfg, &ctx, now, limits))
+            }
+            StepKind::Notification(cfg) => Started::Notification(cfg),
+        };
+        (input, kind)
+    });
+    drop(ctx);
+    let mut next = state.into_owned();
+    let (input, started) = match prepared {
+        Ok(prepared) => prepared,
         Err(e) => {
             fail_step(&mut next, index, now, e.to_string(), actor, &mut events);
             return Ok(Transition {
@@ -343,41 +401,34 @@ fn execute_step(
         actor: actor.clone(),
         kind: "step.started",
         before: json!({"index": index, "status": "pending"}),
-        after: json!({"index": index, "status": "running", "input": &input}),
+        after: with_member(
+            json!({"index": index, "status": "running"}),
+            "input",
+            input.clone(),
+        ),
         reason: None,
     });
 
-    match &step.kind {
-        StepKind::Condition(cfg) => {
-            let outcome = Expression::compile(&cfg.expression, limits)
-                .and_then(|expr| expr.evaluate(&ctx))
-                .map_err(|e| e.to_string())
-                .and_then(|value| match value {
-                    Value::Bool(b) => Ok(b),
-                    other => Err(format!(
-                        "expression must give true or false, it gave {other}"
-                    )),
-                });
-            match outcome {
-                Ok(result) => {
-                    let route = if result { cfg.if_true } else { cfg.if_false };
-                    let output = json!({"result": result, "route": route_text(route)});
-                    complete_and_follow(
-                        template,
-                        &mut next,
-                        index,
-                        now,
-                        output,
-                        route,
-                        &actor,
-                        &mut effects,
-                        &mut events,
-                    );
-                }
-                Err(message) => fail_step(&mut next, index, now, message, actor, &mut events),
+    match started {
+        Started::Condition(cfg, outcome) => match outcome {
+            Ok(result) => {
+                let route = if result { cfg.if_true } else { cfg.if_false };
+                let output = json!({"result": result, "route": route_text(route)});
+                complete_and_follow(
+                    template,
+                    &mut next,
+                    index,
+                    now,
+                    output,
+                    route,
+                    &actor,
+                    &mut effects,
+                    &mut events,
+                );
             }
-        }
-        StepKind::Approval(cfg) => {
+            Err(message) => fail_step(&mut next, index, now, message, actor, &mut events),
+        },
+        Started::Approval(cfg) => {
             let waiting = approval_wait(cfg, index, now);
             timers::schedule_approval_deadline(info, index, waiting.due, &mut effects);
             timers::schedule_approval_reminder(info, cfg, index, 0, waiting.due, now, &mut effects);
@@ -394,7 +445,7 @@ fn execute_step(
                 &mut events,
             );
         }
-        StepKind::Action(cfg) => {
+        Started::Action(cfg) => {
             next.status = InstanceStatus::Running;
             next.waiting_on = Some(action::action_in_flight(cfg, index, now));
             let input = action::for_mode(input, info.mode);
@@ -403,20 +454,19 @@ fn execute_step(
             }
             effects.push(Effect::PerformAction { index, input });
         }
-        StepKind::Wait(cfg) => timers::start_wait(
+        Started::Wait(cfg, plan) => timers::start_wait(
             template,
             info,
             &mut next,
             index,
             cfg,
-            &ctx,
+            plan,
             now,
-            limits,
             &actor,
             &mut effects,
             &mut events,
         ),
-        StepKind::Notification(cfg) => notify::start_notification(
+        Started::Notification(cfg) => notify::start_notification(
             template,
             info,
             &mut next,
@@ -434,6 +484,44 @@ fn execute_step(
         effects,
         events,
     })
+}
+
+/// A step's kind with what it evaluated before the step started.
+enum Started<'t> {
+    Condition(&'t ConditionConfig, Result<bool, String>),
+    Approval(&'t ApprovalConfig),
+    Action(&'t ActionConfig),
+    Wait(&'t WaitStep, Result<timers::WaitPlan, String>),
+    Notification(&'t NotificationConfig),
+}
+
+/// The value of a condition step's expression, which must be a boolean.
+fn condition_outcome(
+    template: &Template,
+    cfg: &ConditionConfig,
+    ctx: &InstanceContext<'_>,
+    limits: &ExprLimits,
+) -> Result<bool, String> {
+    template
+        .compiled
+        .get_or_compile(&cfg.expression, limits)
+        .and_then(|expr| expr.evaluate_in(ctx))
+        .map_err(|e| e.to_string())
+        .and_then(|value| match value {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!(
+                "expression must give true or false, it gave {other}"
+            )),
+        })
+}
+
+/// `object` with member `key` set to `value`, moved in. What `json!({..., key: value})` gives,
+/// without the copy `json!` makes of a JSON value by serialising it.
+pub(crate) fn with_member(mut object: Value, key: &str, value: Value) -> Value {
+    if let Value::Object(map) = &mut object {
+        map.insert(key.to_string(), value);
+    }
+    object
 }
 
 fn route_text(route: Route) -> String {
@@ -515,7 +603,11 @@ fn complete_step(
         actor: actor.clone(),
         kind: "step.completed",
         before: json!({"index": index, "status": "running"}),
-        after: json!({"index": index, "status": "completed", "output": output}),
+        after: with_member(
+            json!({"index": index, "status": "completed"}),
+            "output",
+            output,
+        ),
         reason: None,
     });
 }
@@ -753,12 +845,12 @@ pub(crate) fn finish(
 }
 
 fn cancel(
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     actor: ActorRef,
     reason: Option<String>,
     now: Timestamp,
 ) -> Transition {
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     let mut events = Vec::new();
     for exec in next.steps.iter_mut() {
         match exec.status {

@@ -16,7 +16,9 @@
 
 use serde_json::Value;
 
-use crate::expr::{EvalContext, ExprError, ExprLimits, Expression};
+use crate::expr::{
+    CompiledExpressions, EvalContext, ExprContext, ExprError, ExprLimits, Expression,
+};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{path}: {error}")]
@@ -85,6 +87,28 @@ fn too_many(limits: &ExprLimits) -> ExprError {
 
 /// Every placeholder in `value` that does not compile, with its path under `base_path`.
 pub fn check_placeholders(value: &Value, base_path: &str, limits: &ExprLimits) -> Vec<RenderError> {
+    walk_placeholders(value, base_path, limits, &mut |src| {
+        Expression::compile(src, limits).map(drop)
+    })
+}
+
+/// [`check_placeholders`], keeping every placeholder that compiles in `compiled` (whose limits
+/// must be `limits`).
+pub(crate) fn compile_placeholders(
+    value: &Value,
+    base_path: &str,
+    limits: &ExprLimits,
+    compiled: &mut CompiledExpressions,
+) -> Vec<RenderError> {
+    walk_placeholders(value, base_path, limits, &mut |src| compiled.compile(src))
+}
+
+fn walk_placeholders(
+    value: &Value,
+    base_path: &str,
+    limits: &ExprLimits,
+    compile: &mut dyn FnMut(&str) -> Result<(), ExprError>,
+) -> Vec<RenderError> {
     let mut errors = Vec::new();
     let mut count = 0usize;
     // Iterative walk in document order.
@@ -111,7 +135,7 @@ pub fn check_placeholders(value: &Value, base_path: &str, limits: &ExprLimits) -
                         });
                         return errors;
                     }
-                    if let Err(error) = Expression::compile(src, limits) {
+                    if let Err(error) = compile(src) {
                         errors.push(RenderError {
                             path: path.clone(),
                             error,
@@ -143,68 +167,122 @@ pub fn render(
     ctx: &EvalContext,
     limits: &ExprLimits,
 ) -> Result<Value, RenderError> {
-    let mut count = 0usize;
-    render_node(value, base_path, ctx, limits, &mut count)
+    render_compiled(
+        value,
+        base_path,
+        ctx,
+        limits,
+        &CompiledExpressions::default(),
+    )
 }
 
-fn render_node(
+/// [`render`], taking each placeholder's program from `compiled` (the template's) when it is
+/// there instead of compiling it again.
+pub fn render_compiled(
     value: &Value,
-    path: &str,
-    ctx: &EvalContext,
+    base_path: &str,
+    ctx: &dyn ExprContext,
     limits: &ExprLimits,
-    count: &mut usize,
+    compiled: &CompiledExpressions,
 ) -> Result<Value, RenderError> {
-    let fail = |error: ExprError| RenderError {
-        path: path.to_string(),
-        error,
+    let mut r = Renderer {
+        base_path,
+        ctx,
+        limits,
+        compiled,
+        count: 0,
+        path: Vec::new(),
     };
-    match value {
-        Value::String(s) => {
-            let segs = segments(s).map_err(fail)?;
-            let mut eval = |src: &str| -> Result<Value, RenderError> {
-                *count += 1;
-                if *count > limits.max_placeholders {
-                    return Err(fail(too_many(limits)));
-                }
-                Expression::compile(src, limits)
-                    .and_then(|e| e.evaluate(ctx))
-                    .map_err(fail)
+    r.node(value)
+}
+
+/// One step of the JSONPath from the base to the node being rendered.
+enum PathSeg<'v> {
+    Key(&'v str),
+    Index(usize),
+}
+
+struct Renderer<'a, 'v> {
+    base_path: &'a str,
+    ctx: &'a dyn ExprContext,
+    limits: &'a ExprLimits,
+    compiled: &'a CompiledExpressions,
+    /// Placeholders evaluated so far.
+    count: usize,
+    /// The path of the current node; the text form is only built for an error (most configs
+    /// render without one, and formatting every node's path cost an allocation per node).
+    path: Vec<PathSeg<'v>>,
+}
+
+impl<'v> Renderer<'_, 'v> {
+    fn fail(&self, error: ExprError) -> RenderError {
+        let mut path = self.base_path.to_string();
+        for seg in &self.path {
+            path = match seg {
+                PathSeg::Key(k) => path_key(&path, k),
+                PathSeg::Index(i) => path_index(&path, *i),
             };
-            match segs.as_slice() {
-                [] => Ok(Value::String(String::new())),
-                [Segment::Placeholder(src)] => eval(src),
-                _ => {
-                    let mut out = String::new();
-                    for seg in segs {
-                        match seg {
-                            Segment::Text(t) => out.push_str(t),
-                            Segment::Placeholder(src) => match eval(src)? {
-                                Value::String(s) => out.push_str(&s),
-                                other => out.push_str(&other.to_string()),
-                            },
+        }
+        RenderError { path, error }
+    }
+
+    fn eval(&mut self, src: &str) -> Result<Value, RenderError> {
+        self.count += 1;
+        if self.count > self.limits.max_placeholders {
+            return Err(self.fail(too_many(self.limits)));
+        }
+        self.compiled
+            .get_or_compile(src, self.limits)
+            .and_then(|e| self.ctx.eval(&e))
+            .map_err(|e| self.fail(e))
+    }
+
+    fn node(&mut self, value: &'v Value) -> Result<Value, RenderError> {
+        match value {
+            // No placeholder: the string as it is (what the segments below would give).
+            Value::String(s) if !s.contains("{{") => Ok(value.clone()),
+            Value::String(s) => {
+                let segs = segments(s).map_err(|e| self.fail(e))?;
+                match segs.as_slice() {
+                    [] => Ok(Value::String(String::new())),
+                    [Segment::Placeholder(src)] => self.eval(src),
+                    _ => {
+                        let mut out = String::new();
+                        for seg in segs {
+                            match seg {
+                                Segment::Text(t) => out.push_str(t),
+                                Segment::Placeholder(src) => match self.eval(src)? {
+                                    Value::String(s) => out.push_str(&s),
+                                    other => out.push_str(&other.to_string()),
+                                },
+                            }
                         }
+                        Ok(Value::String(out))
                     }
-                    Ok(Value::String(out))
                 }
             }
-        }
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| render_node(item, &path_index(path, i), ctx, limits, count))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Value::Array),
-        Value::Object(members) => {
-            let mut out = serde_json::Map::new();
-            for (k, v) in members {
-                out.insert(
-                    k.clone(),
-                    render_node(v, &path_key(path, k), ctx, limits, count)?,
-                );
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    self.path.push(PathSeg::Index(i));
+                    let rendered = self.node(item);
+                    self.path.pop();
+                    out.push(rendered?);
+                }
+                Ok(Value::Array(out))
             }
-            Ok(Value::Object(out))
+            Value::Object(members) => {
+                let mut out = serde_json::Map::new();
+                for (k, v) in members {
+                    self.path.push(PathSeg::Key(k));
+                    let rendered = self.node(v);
+                    self.path.pop();
+                    out.insert(k.clone(), rendered?);
+                }
+                Ok(Value::Object(out))
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => Ok(value.clone()),
         }
-        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(value.clone()),
     }
 }
 
@@ -375,6 +453,37 @@ mod tests {
         assert!(matches!(errors[0].error, ExprError::TooComplex { .. }));
         let err = render(&too_many, "$", &ctx(), &limits).unwrap_err();
         assert_eq!(err.path, "$[2].k");
+    }
+
+    #[test]
+    fn compiled_placeholders_render_the_same() {
+        let limits = ExprLimits::default();
+        let configs = [
+            json!({"params": {"transfer_id": "{{trigger.id}}", "n": [1, "{{ trigger.amount }}"]},
+                   "text": "x {{trigger.tags}} y", "plain": "no {{ here", "k": null}),
+            json!({"a b": [{"c": "{{trigger.nope}}"}]}),
+            json!({"a": ["ok", {"b'": "{{ trigger.id"}]}),
+            json!("{{ instance.id }}/{{steps['0'].output.ok}}"),
+        ];
+        for config in configs {
+            let mut table = CompiledExpressions::new(&limits);
+            let check = compile_placeholders(&config, "$.c", &limits, &mut table);
+            assert_eq!(check, check_placeholders(&config, "$.c", &limits));
+            assert_eq!(
+                render_compiled(&config, "$.c", &ctx(), &limits, &table),
+                render(&config, "$.c", &ctx(), &limits),
+                "{config}"
+            );
+        }
+        let err = render_compiled(
+            &json!({"a b": [{"c": "{{trigger.nope}}"}]}),
+            "$.c",
+            &ctx(),
+            &limits,
+            &CompiledExpressions::new(&limits),
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "$.c['a b'][0].c");
     }
 
     #[test]

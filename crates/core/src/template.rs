@@ -7,6 +7,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::expr::CompiledExpressions;
+
 /// The five step types of the spec. A new one is a compile error everywhere it matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -374,4 +376,8 @@ pub struct Template {
     pub trigger_conditions: Vec<TriggerCondition>,
     pub steps: Vec<Step>,
     pub settings: TemplateSettings,
+    /// Every expression and placeholder of the template, compiled by the validation (see
+    /// [`CompiledExpressions`] for why). A template built by hand may leave it empty
+    /// (`Default::default()`): expressions missing from it are compiled when evaluated.
+    pub compiled: CompiledExpressions,
 }

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::expr::{ExprLimits, Expression};
-use crate::render::{check_placeholders, path_index, path_key};
+use crate::expr::{CompiledExpressions, ExprLimits};
+use crate::render::{compile_placeholders, path_index, path_key};
 use crate::template::{
     ActionConfig, ApprovalConfig, ApprovalNotify, Approver, ApproverEntry, ConditionConfig,
     NotificationConfig, NotifyChannel, RejectPolicy, Route, Step, StepKind, StepType, Template,
@@ -128,6 +128,7 @@ pub fn parse_template(doc: &Value, limits: &Limits) -> Result<Template, Vec<Prob
     let mut v = Validator {
         problems: Vec::new(),
         limits,
+        compiled: CompiledExpressions::new(&limits.expr),
     };
     let template = v.template(doc);
     match template {
@@ -182,6 +183,8 @@ fn type_name(v: &Value) -> &'static str {
 struct Validator<'l> {
     problems: Vec<Problem>,
     limits: &'l Limits,
+    /// Every expression that compiled so far, handed to the template.
+    compiled: CompiledExpressions,
 }
 
 impl Validator<'_> {
@@ -316,8 +319,8 @@ impl Validator<'_> {
     }
 
     fn compile(&mut self, source: &str, path: String) -> bool {
-        match Expression::compile(source, &self.limits.expr) {
-            Ok(_) => true,
+        match self.compiled.compile(source) {
+            Ok(()) => true,
             Err(e) => {
                 self.push(path, e.to_string());
                 false
@@ -363,6 +366,7 @@ impl Validator<'_> {
             trigger_conditions: trigger_conditions?,
             steps: steps?,
             settings: settings?,
+            compiled: std::mem::take(&mut self.compiled),
         })
     }
 
@@ -557,7 +561,7 @@ impl Validator<'_> {
             self.push(cpath, "is required");
             return None;
         };
-        for e in check_placeholders(config, &cpath, &self.limits.expr) {
+        for e in compile_placeholders(config, &cpath, &self.limits.expr, &mut self.compiled) {
             self.push(e.path, e.error.to_string());
         }
         let cfg = self.object(config, &cpath)?;
@@ -1465,6 +1469,15 @@ mod tests {
             json!({"action": "execute_transfer", "params": {"transfer_id": "{{trigger.id}}"}})
         );
         assert!(t.settings.separation_of_duties);
+        // The condition and the placeholder, compiled once, here.
+        let limits = Limits::default().expr;
+        assert_eq!(t.compiled.len(), 2);
+        for src in ["trigger.amount <= 1000", "trigger.id"] {
+            assert!(matches!(
+                t.compiled.get_or_compile(src, &limits),
+                Ok(std::borrow::Cow::Borrowed(e)) if e.source() == src
+            ));
+        }
     }
 
     #[test]
@@ -1499,6 +1512,9 @@ mod tests {
             ]
         });
         let t = parse_template(&doc, &Limits::default()).unwrap();
+        // `until`, the placeholders (`{{ trigger.id }}` and `{{trigger.id}}` are one source)
+        // and the condition.
+        assert_eq!(t.compiled.len(), 3);
         assert_eq!(t.description.as_deref(), Some("all step types"));
         assert_eq!(t.trigger_type, TriggerType::Manual);
         assert_eq!(t.trigger_conditions.len(), 5);

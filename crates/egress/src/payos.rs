@@ -148,6 +148,22 @@ impl PayosConfig {
                     reason: "not set".into(),
                 })
         };
+        Ok(Self {
+            base_url: required(PAYOS_API_URL_ENV)?,
+            api_key: required(PAYOS_API_KEY_ENV)?,
+            timeouts: Self::timeouts_from_lookup(lookup)?,
+        })
+    }
+
+    /// The PayOS call timeouts: `PAYOS_API_TIMEOUT_MS` and `PAYOS_API_CONNECT_TIMEOUT_MS`, or
+    /// the defaults.
+    pub fn timeouts_from_env() -> Result<Timeouts, EgressError> {
+        Self::timeouts_from_lookup(|name| std::env::var(name).ok())
+    }
+
+    fn timeouts_from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Timeouts, EgressError> {
         let millis = |name: &str, default: Duration| match lookup(name) {
             None => Ok(default),
             Some(v) => v
@@ -162,13 +178,9 @@ impl PayosConfig {
                 }),
         };
         let defaults = Timeouts::default();
-        Ok(Self {
-            base_url: required(PAYOS_API_URL_ENV)?,
-            api_key: required(PAYOS_API_KEY_ENV)?,
-            timeouts: Timeouts {
-                connect: millis(PAYOS_API_CONNECT_TIMEOUT_MS_ENV, defaults.connect)?,
-                request: millis(PAYOS_API_TIMEOUT_MS_ENV, defaults.request)?,
-            },
+        Ok(Timeouts {
+            connect: millis(PAYOS_API_CONNECT_TIMEOUT_MS_ENV, defaults.connect)?,
+            request: millis(PAYOS_API_TIMEOUT_MS_ENV, defaults.request)?,
         })
     }
 }

@@ -325,6 +325,43 @@ pub fn lifecycle_events(
     after: &InstanceState,
     at: i64,
 ) -> Vec<LifecycleEvent> {
+    lifecycle_events_since(info, before.map(Reached::of).as_ref(), after, at)
+}
+
+/// What [`lifecycle_events`] reads of the state before a transition: each execution's status
+/// and the instance's. Taken before the transition so that the state itself can become the
+/// next state instead of being copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reached {
+    /// (index, status) of each execution, in the state's order.
+    steps: Vec<(usize, StepStatus)>,
+    terminal: bool,
+}
+
+impl Reached {
+    pub fn of(state: &InstanceState) -> Reached {
+        Reached {
+            steps: state.steps.iter().map(|e| (e.index, e.status)).collect(),
+            terminal: state.status.is_terminal(),
+        }
+    }
+
+    /// The status of step `index`'s execution, as [`InstanceState::execution`] finds it.
+    fn status(&self, index: usize) -> Option<StepStatus> {
+        self.steps
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, status)| *status)
+    }
+}
+
+/// [`lifecycle_events`] from what the state before the transition had reached.
+pub fn lifecycle_events_since(
+    info: &InstanceInfo,
+    before: Option<&Reached>,
+    after: &InstanceState,
+    at: i64,
+) -> Vec<LifecycleEvent> {
     let event = |kind, step_index, status: Option<&str>| LifecycleEvent {
         event_id: uuid::Uuid::now_v7().to_string(),
         partner_id: info.partner_id.clone(),
@@ -342,8 +379,8 @@ pub fn lifecycle_events(
     }
     let was_final = |index: usize| {
         before
-            .and_then(|b| b.execution(index))
-            .is_some_and(|e| final_step_status(e.status).is_some())
+            .and_then(|b| b.status(index))
+            .is_some_and(|status| final_step_status(status).is_some())
     };
     let mut finished: Vec<(usize, &'static str)> = after
         .steps
@@ -359,7 +396,7 @@ pub fn lifecycle_events(
             Some(status),
         ));
     }
-    let was_terminal = before.is_some_and(|b| b.status.is_terminal());
+    let was_terminal = before.is_some_and(|b| b.terminal);
     if after.status.is_terminal() && !was_terminal {
         events.push(event(
             LifecycleEventKind::InstanceFinished,

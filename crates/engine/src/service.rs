@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
-use workflow_core::instance::{ActorRef, InstanceInfo, InstanceState, RunMode, Verdict};
+use workflow_core::instance::{ActorRef, InstanceInfo, RunMode, Verdict};
 use workflow_core::machine::{
     self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
 };
@@ -21,8 +21,8 @@ use workflow_store::{CreateOutcome, Store, StoreError};
 use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::messages::{
-    lifecycle_events, step_topic, DecisionCommand, MessageError, StepCommand, TimerFired,
-    DECISION_TOPIC, LIFECYCLE_TOPIC,
+    lifecycle_events_since, step_topic, DecisionCommand, MessageError, Reached, StepCommand,
+    TimerFired, DECISION_TOPIC, LIFECYCLE_TOPIC,
 };
 use crate::relay::Outbox;
 
@@ -58,17 +58,17 @@ pub struct ActionTask {
     pub max_attempts: u32,
 }
 
-fn action_task(rec: &InstanceRecord, effects: &[Effect]) -> Option<ActionTask> {
-    effects.iter().find_map(|e| match e {
+fn action_task(rec: &InstanceRecord, effects: Vec<Effect>) -> Option<ActionTask> {
+    effects.into_iter().find_map(|e| match e {
         Effect::PerformAction { index, input } => Some(ActionTask {
             partner_id: rec.info.partner_id.clone(),
             instance_id: rec.info.id.clone(),
-            step_index: *index,
-            input: input.clone(),
+            step_index: index,
             max_attempts: input
                 .get("max_attempts")
                 .and_then(Value::as_u64)
                 .map_or(3, |n| n as u32),
+            input,
         }),
         Effect::Dispatch { .. } | Effect::ScheduleTimer(_) | Effect::Notify(_) => None,
     })
@@ -204,7 +204,7 @@ impl Engine {
             .transition_effects(partner_id, instance_id, command)
             .await
         {
-            Ok((rec, effects)) => Ok(action_task(&rec, &effects)
+            Ok((rec, effects)) => Ok(action_task(&rec, effects)
                 .map(ExecuteOutcome::Perform)
                 .unwrap_or(ExecuteOutcome::Applied)),
             Err(EngineError::Machine(MachineError::AlreadyExecuted { index })) => {
@@ -247,7 +247,7 @@ impl Engine {
         Ok(match (&exec.input, in_flight) {
             (Some(input), true) => action_task(
                 &rec,
-                &[Effect::PerformAction {
+                vec![Effect::PerformAction {
                     index,
                     input: input.clone(),
                 }],
@@ -411,15 +411,21 @@ impl Engine {
             mode,
         };
         let t = machine::start(&template, &info, now);
+        // The first transition only dispatches step 0: it never asks for timers.
+        let (outbox, _) = self.outbox_and_timers(&template, &info, None, &t, now)?;
+        let Transition {
+            state,
+            effects: _,
+            events,
+        } = t;
+        let audit = audit_drafts(&info.id, events, now);
         let instance = InstanceRecord {
             info,
             idempotency_key: idempotency_key.clone(),
-            state: t.state.clone(),
+            state,
             updated_at: now,
             version: 1,
         };
-        // The first transition only dispatches step 0: it never asks for timers.
-        let (outbox, audit, _) = self.side_effects(&template, &instance.info, None, &t, now)?;
         let outcome = self
             .store
             .create_instance(&instance, &outbox, &audit)
@@ -672,25 +678,31 @@ impl Engine {
         for _ in 0..MAX_ATTEMPTS {
             let (current, template) = self.load(partner_id, instance_id).await?;
             let now = self.clock.now();
-            let t = machine::apply(
+            // The loaded state becomes the next state (it is not needed after the transition):
+            // only what the lifecycle events compare is kept of it.
+            let before = Reached::of(&current.state);
+            let mut t = machine::apply_owned(
                 &template,
                 &current.info,
-                &current.state,
+                current.state,
                 command.clone(),
                 now,
                 &self.limits.expr,
             )?;
+            let (mut outbox, timers) =
+                self.outbox_and_timers(&template, &current.info, Some(&before), &t, now)?;
+            // Notification deliveries and their messages, in the same transaction.
+            let deliveries = crate::notify::queue(&current.info, &t, now, &mut outbox)?;
+            // The transition's parts move into the commit: its state, events and the loaded
+            // info are not copied (they were deep copies of JSON documents, then dropped).
+            let audit = audit_drafts(&current.info.id, std::mem::take(&mut t.events), now);
             let next = InstanceRecord {
-                info: current.info.clone(),
-                idempotency_key: current.idempotency_key.clone(),
-                state: t.state.clone(),
+                info: current.info,
+                idempotency_key: current.idempotency_key,
+                state: t.state,
                 updated_at: now,
                 version: current.version + 1,
             };
-            let (mut outbox, audit, timers) =
-                self.side_effects(&template, &next.info, Some(&current.state), &t, now)?;
-            // Notification deliveries and their messages, in the same transaction.
-            let deliveries = crate::notify::queue(&next.info, &t, now, &mut outbox)?;
             match self
                 .store
                 .commit_instance_with_deliveries(
@@ -720,17 +732,16 @@ impl Engine {
         })
     }
 
-    /// The outbox messages, audit drafts and timers a transition from `before` (`None` for a
-    /// new instance) causes.
-    #[allow(clippy::type_complexity)]
-    fn side_effects(
+    /// The outbox messages and timers a transition from `before` (`None` for a new instance)
+    /// causes; its audit drafts are [`audit_drafts`].
+    fn outbox_and_timers(
         &self,
         template: &Template,
         info: &InstanceInfo,
-        before: Option<&InstanceState>,
+        before: Option<&Reached>,
         t: &Transition,
         now: workflow_core::Timestamp,
-    ) -> Result<(Vec<OutboxMessage>, Vec<AuditDraft>, Vec<TimerRecord>), EngineError> {
+    ) -> Result<(Vec<OutboxMessage>, Vec<TimerRecord>), EngineError> {
         let timers = t
             .effects
             .iter()
@@ -752,7 +763,7 @@ impl Engine {
             })
             .collect();
         // Instance milestones for other services, keyed by instance id, in order.
-        let lifecycle = lifecycle_events(info, before, &t.state, now.0)
+        let lifecycle = lifecycle_events_since(info, before, &t.state, now.0)
             .into_iter()
             .map(|event| {
                 Ok(OutboxMessage {
@@ -784,22 +795,29 @@ impl Engine {
         let outbox = lifecycle
             .chain(commands)
             .collect::<Result<Vec<_>, MessageError>>()?;
-        let stream = instance_stream(&info.id);
-        let audit = t
-            .events
-            .iter()
-            .map(|e: &Event| AuditDraft {
-                stream: stream.clone(),
-                at: now,
-                actor: e.actor.clone(),
-                kind: e.kind.to_string(),
-                before: e.before.clone(),
-                after: e.after.clone(),
-                reason: e.reason.clone(),
-            })
-            .collect();
-        Ok((outbox, audit, timers))
+        Ok((outbox, timers))
     }
+}
+
+/// The audit drafts of a transition's events on instance `instance_id`'s stream.
+fn audit_drafts(
+    instance_id: &str,
+    events: Vec<Event>,
+    now: workflow_core::Timestamp,
+) -> Vec<AuditDraft> {
+    let stream = instance_stream(instance_id);
+    events
+        .into_iter()
+        .map(|e| AuditDraft {
+            stream: stream.clone(),
+            at: now,
+            actor: e.actor,
+            kind: e.kind.to_string(),
+            before: e.before,
+            after: e.after,
+            reason: e.reason,
+        })
+        .collect()
 }
 
 /// The audit stream of one instance.

@@ -301,7 +301,7 @@ fn action_executor(settings: &Settings) -> Result<step_workers::ActionExecutor, 
     let payos = PayosClient::new(&PayosConfig {
         base_url,
         api_key: settings.payos_api_key.clone().unwrap_or_default(),
-        timeouts: Timeouts::default(),
+        timeouts: PayosConfig::timeouts_from_env()?,
     })?;
     let egress = EgressClient::new(EgressPolicy::from_env()?, Timeouts::default())?;
     Ok(step_workers::ActionExecutor::new(payos, egress))

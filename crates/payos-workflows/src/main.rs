@@ -19,6 +19,10 @@ use workflow_egress::{EgressClient, EgressPolicy, PayosClient, PayosConfig};
 use workflow_engine::{Clock, SystemClock};
 use workflow_store::Store;
 
+/// mimalloc: per-thread free lists instead of glibc's locked arenas (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "payos-workflows", version, about = "The PayOS workflow engine")]
 struct Cli {
@@ -308,7 +312,7 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         base_url: std::env::var("PAYOS_API_URL")
             .unwrap_or_else(|_| format!("http://{listen}/payos-sandbox")),
         api_key: std::env::var("PAYOS_API_KEY").unwrap_or_else(|_| "sandbox".into()),
-        timeouts: Timeouts::default(),
+        timeouts: PayosConfig::timeouts_from_env()?,
     };
     let using_sandbox = std::env::var("PAYOS_API_URL").is_err();
     let executor = ActionExecutor::new(

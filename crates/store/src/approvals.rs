@@ -5,11 +5,18 @@ use workflow_core::Timestamp;
 
 use crate::queries::{insert_outbox, instance_from_row, INSTANCE_COLS};
 use crate::records::{DecisionOutcome, OutboxMessage, WaitingApproval};
+use crate::sqlite_writer::Write;
 use crate::{Store, StoreError};
 
 impl Store {
     /// Queue messages that change no state (e.g. a decision command), in one transaction.
     pub async fn enqueue(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
+        if let Some(committer) = &self.committer {
+            return committer
+                .submit(Write::Enqueue(messages.to_vec()))
+                .await
+                .map(|_| ());
+        }
         let mut tx = self.begin_write().await?;
         insert_outbox(&mut tx, messages).await?;
         tx.commit().await?;
@@ -19,6 +26,12 @@ impl Store {
     /// Record a decision's outcome. The first outcome recorded for a decision id stands: a
     /// redelivered command cannot overwrite it.
     pub async fn record_decision_outcome(&self, o: &DecisionOutcome) -> Result<(), StoreError> {
+        if let Some(committer) = &self.committer {
+            return committer
+                .submit(Write::Decision(o.clone()))
+                .await
+                .map(|_| ());
+        }
         sqlx::query(
             "INSERT INTO approval_decisions \
              (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
@@ -42,6 +55,9 @@ impl Store {
         partner_id: &str,
         decision_id: &str,
     ) -> Result<Option<DecisionOutcome>, StoreError> {
+        if let Some(readers) = &self.readers {
+            return readers.decision_outcome(partner_id, decision_id);
+        }
         let row = sqlx::query(
             "SELECT decision_id, partner_id, instance_id, step_index, accepted, code, message, \
              decided_at FROM approval_decisions WHERE partner_id = $1 AND decision_id = $2",

@@ -1,18 +1,23 @@
 //! Group commit: instance commits that arrive while a write transaction is running share the
 //! next one.
 //!
-//! SQLite has one writer, and a transaction holds it for every statement's round trip to
-//! sqlx's connection thread, plus `BEGIN` and `COMMIT`. On a SQLite file, [`Committer`] owns
-//! the writing of instance commits: a thread of its own (so the transaction holding the lock is
-//! never queued behind HTTP handlers on the shared runtime) takes every commit queued so far
-//! and writes them in ONE transaction, in arrival order.
+//! SQLite has one writer, and a transaction holds it for every statement plus `BEGIN` and
+//! `COMMIT`. On a SQLite file, [`Committer`] owns the writing of instance creates and commits:
+//! a thread of its own (so the transaction holding the lock is never queued behind HTTP
+//! handlers on the shared runtime) takes every write queued so far and runs them in ONE
+//! transaction, in arrival order, through `sqlite_writer.rs` (statements on this thread, no
+//! hop to a driver thread each).
 //!
-//! Each commit stays all or nothing and is checked against its own expected version: a commit
-//! refused before it wrote anything (version conflict, unknown instance) is answered with its
-//! error and the others go on; a failure after a commit started writing (a duplicate outbox id,
-//! an I/O error) rolls the group back and its commits are retried one transaction each, so
-//! every commit gets exactly the answer it would have had alone. A commit is answered only
-//! after the transaction holding it committed.
+//! Each write stays all or nothing and is checked against its own expected version: it runs in
+//! a savepoint, and one that fails (version conflict, unknown instance, a duplicate outbox id)
+//! is rolled back to it and answered with its error while the others go on, so every write gets
+//! exactly the answer it would have had alone. A write is answered only after the transaction
+//! holding it committed.
+//!
+//! PostgreSQL (and `:memory:`) write with sqlx: [`commit_group`] does the same in one
+//! transaction there, with a fallback to one transaction per commit after a partial failure.
+
+use std::path::Path;
 
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
@@ -20,10 +25,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::notifications::NewDelivery;
 use crate::queries::write_instance_commit;
 use crate::records::{AuditDraft, InstanceRecord, OutboxMessage, TimerRecord};
+use crate::sqlite_writer::{SqliteWriter, Write, Written};
 use crate::{begin_on, Backend, Store, StoreError};
 
-/// Most commits written in one transaction.
-const MAX_GROUP: usize = 128;
+/// Most writes in one transaction.
+const MAX_GROUP: usize = 256;
 
 /// One instance commit: what [`Store::commit_instance_with_deliveries`] takes, owned.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,9 +43,10 @@ pub struct InstanceCommit {
     pub deliveries: Vec<NewDelivery>,
 }
 
+/// Writes that must share one transaction, and where their answers go.
 struct Job {
-    commit: InstanceCommit,
-    reply: oneshot::Sender<Result<(), StoreError>>,
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Vec<Result<Written, StoreError>>>,
 }
 
 /// The queue of the group-commit thread. Cheap to clone; the thread ends when every clone is
@@ -50,8 +57,12 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Start the thread writing through `writer` (a SQLite file's one write connection).
-    pub(crate) fn start(writer: AnyPool, backend: Backend) -> Result<Committer, StoreError> {
+    /// Start the thread writing the SQLite file at `path`. `writer` is the store's one sqlx
+    /// write connection: the thread holds it while a group is written, so the store's other
+    /// writes (templates, timers, outbox deletes...) queue behind the group instead of meeting
+    /// its lock in SQLite's sleeping busy handler, and the other way round.
+    pub(crate) fn start(writer: AnyPool, path: &Path) -> Result<Committer, StoreError> {
+        let sqlite = SqliteWriter::open(path)?;
         let (jobs, queue) = mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -59,38 +70,75 @@ impl Committer {
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         std::thread::Builder::new()
             .name("store-committer".to_string())
-            .spawn(move || runtime.block_on(run(writer, backend, queue)))
+            .spawn(move || runtime.block_on(run(writer, sqlite, queue)))
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         Ok(Committer { jobs })
     }
 
-    /// Queue a commit and wait until its transaction committed (or it failed).
-    pub(crate) async fn submit(&self, commit: InstanceCommit) -> Result<(), StoreError> {
+    /// Queue one write and wait until its transaction committed (or it failed).
+    pub(crate) async fn submit(&self, write: Write) -> Result<Written, StoreError> {
+        self.submit_all(vec![write])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(closed()))
+    }
+
+    /// Queue writes that must share a transaction; one answer per write, in order.
+    pub(crate) async fn submit_all(&self, writes: Vec<Write>) -> Vec<Result<Written, StoreError>> {
+        let count = writes.len();
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job { commit, reply })
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?;
+        if self.jobs.send(Job { writes, reply }).is_err() {
+            return (0..count).map(|_| Err(closed())).collect();
+        }
         answer
             .await
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolClosed))?
+            .unwrap_or_else(|_| (0..count).map(|_| Err(closed())).collect())
     }
 }
 
-async fn run(writer: AnyPool, backend: Backend, mut queue: mpsc::UnboundedReceiver<Job>) {
+fn closed() -> StoreError {
+    StoreError::Database(sqlx::Error::PoolClosed)
+}
+
+async fn run(writer: AnyPool, mut sqlite: SqliteWriter, mut queue: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = queue.recv().await {
         let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
+        let mut size = jobs[0].writes.len();
+        while size < MAX_GROUP {
             match queue.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(job) => {
+                    size += job.writes.len();
+                    jobs.push(job);
+                }
                 Err(_) => break,
             }
         }
-        let (commits, replies): (Vec<_>, Vec<_>) =
-            jobs.into_iter().map(|j| (j.commit, j.reply)).unzip();
-        let results = commit_group(&writer, backend, &commits).await;
-        for (reply, result) in replies.into_iter().zip(results) {
+        let mut writes = Vec::with_capacity(size);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replies.push((job.reply, job.writes.len()));
+            writes.extend(job.writes);
+        }
+        let results = match writer.acquire().await {
+            Ok(_lock) => sqlite.write_group(&writes),
+            Err(e) => {
+                let retryable = matches!(e, sqlx::Error::PoolTimedOut);
+                writes
+                    .iter()
+                    .map(|_| {
+                        Err(if retryable {
+                            StoreError::Database(sqlx::Error::PoolTimedOut)
+                        } else {
+                            closed()
+                        })
+                    })
+                    .collect()
+            }
+        };
+        let mut results = results.into_iter();
+        for (reply, count) in replies {
             // The caller may have gone away (its request was dropped): nothing to tell.
-            let _ = reply.send(result);
+            let _ = reply.send(results.by_ref().take(count).collect());
         }
     }
 }
@@ -177,6 +225,17 @@ impl Store {
         &self,
         commits: &[InstanceCommit],
     ) -> Vec<Result<(), StoreError>> {
-        commit_group(self.write_pool(), self.backend(), commits).await
+        match &self.committer {
+            Some(committer) => {
+                let writes = commits.iter().cloned().map(Write::Commit).collect();
+                committer
+                    .submit_all(writes)
+                    .await
+                    .into_iter()
+                    .map(|r| r.map(|_| ()))
+                    .collect()
+            }
+            None => commit_group(self.write_pool(), self.backend(), commits).await,
+        }
     }
 }

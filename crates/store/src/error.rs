@@ -22,6 +22,9 @@ pub enum StoreError {
     Corrupt { message: String },
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// A failure of the embedded runtime's SQLite writer (`sqlite_writer.rs`).
+    #[error("database error: {0}")]
+    Sqlite(#[source] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
@@ -34,6 +37,7 @@ impl StoreError {
         match self {
             StoreError::Conflict { .. } => true,
             StoreError::Database(e) => is_transient(e),
+            StoreError::Sqlite(e) => is_transient_sqlite(e),
             StoreError::NotFound { .. }
             | StoreError::AlreadyExists { .. }
             | StoreError::Corrupt { .. }
@@ -51,6 +55,12 @@ impl StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError::Database(e)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
     }
 }
 
@@ -88,6 +98,14 @@ fn is_transient(e: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+fn is_transient_sqlite(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(i64::from(f.extended_code) & 0xff, SQLITE_BUSY | SQLITE_LOCKED)
+    )
 }
 
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -22,9 +22,10 @@ use crate::{CreateOutcome, Store, StoreError};
 /// Most ids one `DELETE ... IN (...)` names; keeps well under every backend's parameter limit.
 const DELETE_CHUNK: usize = 500;
 
-const TEMPLATE_COLS: &str = "v.id, v.partner_id, v.version, v.name, v.trigger_type, h.active, \
+pub(crate) const TEMPLATE_COLS: &str =
+    "v.id, v.partner_id, v.version, v.name, v.trigger_type, h.active, \
      v.doc, v.created_at, v.created_by";
-const TEMPLATE_FROM: &str =
+pub(crate) const TEMPLATE_FROM: &str =
     "workflow_templates v JOIN workflow_template_heads h ON h.id = v.id AND h.partner_id = v.partner_id";
 
 pub(crate) const INSTANCE_COLS: &str =
@@ -239,6 +240,9 @@ impl Store {
         partner_id: &str,
         id: &str,
     ) -> Result<Option<TemplateRecord>, StoreError> {
+        if let Some(readers) = &self.readers {
+            return readers.latest_template(partner_id, id);
+        }
         let sql = format!(
             "SELECT {TEMPLATE_COLS} FROM {TEMPLATE_FROM} \
              WHERE v.partner_id = $1 AND v.id = $2 AND v.version = h.latest_version"
@@ -359,6 +363,22 @@ impl Store {
         outbox: &[OutboxMessage],
         audit: &[AuditDraft],
     ) -> Result<CreateOutcome, StoreError> {
+        if let Some(committer) = &self.committer {
+            let new = crate::sqlite_writer::NewInstance {
+                rec: rec.clone(),
+                outbox: outbox.to_vec(),
+                audit: audit.to_vec(),
+            };
+            return match committer
+                .submit(crate::sqlite_writer::Write::Create(new))
+                .await?
+            {
+                crate::sqlite_writer::Written::Created(outcome) => Ok(*outcome),
+                crate::sqlite_writer::Written::Committed => Err(StoreError::corrupt(
+                    "the committer answered a create with a commit",
+                )),
+            };
+        }
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
         // ON CONFLICT on the idempotency key only: an id collision still raises. On PostgreSQL a
@@ -417,16 +437,18 @@ impl Store {
         // By primary key alone, the partner checked here: with `partner_id = $1` in the WHERE
         // clause the planner may pick any partner-prefixed index for a partner that is rare in
         // its statistics, and scan every instance of that partner.
-        let sql = format!("SELECT {INSTANCE_COLS} FROM workflow_instances WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row
-            .as_ref()
-            .map(instance_from_row)
-            .transpose()?
-            .filter(|rec| rec.info.partner_id == partner_id))
+        let found = match &self.readers {
+            Some(readers) => readers.instance(id)?,
+            None => {
+                let sql = format!("SELECT {INSTANCE_COLS} FROM workflow_instances WHERE id = $1");
+                let row = sqlx::query(&sql)
+                    .bind(id)
+                    .fetch_optional(self.pool())
+                    .await?;
+                row.as_ref().map(instance_from_row).transpose()?
+            }
+        };
+        Ok(found.filter(|rec| rec.info.partner_id == partner_id))
     }
 
     /// The instance a partner created with an idempotency key, if any.
@@ -435,6 +457,9 @@ impl Store {
         partner_id: &str,
         idempotency_key: &str,
     ) -> Result<Option<InstanceRecord>, StoreError> {
+        if let Some(readers) = &self.readers {
+            return readers.instance_by_key(partner_id, idempotency_key);
+        }
         let sql = format!(
             "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE partner_id = $1 AND idempotency_key = $2"
         );
@@ -532,16 +557,18 @@ impl Store {
         deliveries: &[crate::notifications::NewDelivery],
     ) -> Result<(), StoreError> {
         if let Some(committer) = &self.committer {
+            let commit = crate::commit::InstanceCommit {
+                rec: rec.clone(),
+                expected_version,
+                outbox: outbox.to_vec(),
+                audit: audit.to_vec(),
+                timers: timers.to_vec(),
+                deliveries: deliveries.to_vec(),
+            };
             return committer
-                .submit(crate::commit::InstanceCommit {
-                    rec: rec.clone(),
-                    expected_version,
-                    outbox: outbox.to_vec(),
-                    audit: audit.to_vec(),
-                    timers: timers.to_vec(),
-                    deliveries: deliveries.to_vec(),
-                })
-                .await;
+                .submit(crate::sqlite_writer::Write::Commit(commit))
+                .await
+                .map(|_| ());
         }
         let mut tx = self.begin_write().await?;
         write_instance_commit(
@@ -620,6 +647,13 @@ impl Store {
 
     /// Forget published messages. Unknown ids are ignored.
     pub async fn delete_outbox(&self, ids: &[String]) -> Result<(), StoreError> {
+        if let Some(committer) = &self.committer {
+            // With the instance writes: one transaction instead of a lock of its own.
+            return committer
+                .submit(crate::sqlite_writer::Write::DeleteOutbox(ids.to_vec()))
+                .await
+                .map(|_| ());
+        }
         for chunk in ids.chunks(DELETE_CHUNK) {
             let mut args = Args::default();
             let placeholders: Vec<String> = chunk
@@ -763,8 +797,35 @@ async fn insert_template_version(
 /// Steps per upsert statement (12 parameters each; well under every backend's limit).
 const STEPS_PER_UPSERT: usize = 64;
 
+/// The upsert of `rows` step rows (12 parameters each, `$1`...), shared with the SQLite
+/// writer. A row whose values did not change is not updated: no page dirtied on SQLite, no new
+/// row version on PostgreSQL.
+pub(crate) fn step_upsert_sql(rows: usize) -> String {
+    format!(
+        "INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, name, step_type, \
+         status, started_at, finished_at, actor, input, output, error) \
+         VALUES {} \
+         ON CONFLICT (instance_id, step_index) DO UPDATE SET name = excluded.name, \
+         step_type = excluded.step_type, status = excluded.status, \
+         started_at = excluded.started_at, finished_at = excluded.finished_at, \
+         actor = excluded.actor, input = excluded.input, output = excluded.output, \
+         error = excluded.error \
+         WHERE workflow_step_executions.status IS DISTINCT FROM excluded.status \
+         OR workflow_step_executions.name IS DISTINCT FROM excluded.name \
+         OR workflow_step_executions.step_type IS DISTINCT FROM excluded.step_type \
+         OR workflow_step_executions.started_at IS DISTINCT FROM excluded.started_at \
+         OR workflow_step_executions.finished_at IS DISTINCT FROM excluded.finished_at \
+         OR workflow_step_executions.actor IS DISTINCT FROM excluded.actor \
+         OR workflow_step_executions.input IS DISTINCT FROM excluded.input \
+         OR workflow_step_executions.output IS DISTINCT FROM excluded.output \
+         OR workflow_step_executions.error IS DISTINCT FROM excluded.error",
+        values_placeholders(rows, 12)
+    )
+}
+
 /// One multi-row statement per [`STEPS_PER_UPSERT`] steps, not one per step: every statement
-/// is a round trip made while the write lock is held.
+/// is a round trip made while the write lock is held. Every commit names every step; a row whose
+/// values did not change is not updated (on PostgreSQL an update writes a new row version).
 async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<(), StoreError> {
     // One row per step index (the last wins, as one statement per step would have it): a
     // multi-row upsert may not touch a row twice.
@@ -772,23 +833,7 @@ async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<
         rec.state.steps.iter().map(|s| (s.index, s)).collect();
     let steps: Vec<_> = unique.into_values().collect();
     for chunk in steps.chunks(STEPS_PER_UPSERT) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let params: Vec<String> = (1..=12).map(|k| format!("${}", i * 12 + k)).collect();
-                format!("({})", params.join(", "))
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, name, step_type, \
-             status, started_at, finished_at, actor, input, output, error) \
-             VALUES {} \
-             ON CONFLICT (instance_id, step_index) DO UPDATE SET name = excluded.name, \
-             step_type = excluded.step_type, status = excluded.status, \
-             started_at = excluded.started_at, finished_at = excluded.finished_at, \
-             actor = excluded.actor, input = excluded.input, output = excluded.output, \
-             error = excluded.error",
-            rows.join(", ")
-        );
+        let sql = step_upsert_sql(chunk.len());
         let mut query = sqlx::query(&sql);
         for step in chunk {
             query = query
@@ -926,7 +971,11 @@ async fn append_audits(
 }
 
 /// What an event's hash covers.
-fn audit_content<'a>(partner_id: &'a str, draft: &'a AuditDraft, seq: i64) -> AuditContent<'a> {
+pub(crate) fn audit_content<'a>(
+    partner_id: &'a str,
+    draft: &'a AuditDraft,
+    seq: i64,
+) -> AuditContent<'a> {
     AuditContent {
         partner_id,
         stream: &draft.stream,
@@ -1003,46 +1052,105 @@ async fn chain_audit(
 
 // -------------------------------------------------------------------- row decoding
 
+/// The raw columns of [`TEMPLATE_COLS`], whichever driver read them.
+pub(crate) struct TemplateColumns {
+    pub(crate) id: String,
+    pub(crate) partner_id: String,
+    pub(crate) version: i64,
+    pub(crate) name: String,
+    pub(crate) trigger_type: String,
+    pub(crate) active: i64,
+    pub(crate) doc: String,
+    pub(crate) created_at: i64,
+    pub(crate) created_by: String,
+}
+
 fn template_from_row(row: &AnyRow) -> Result<TemplateRecord, StoreError> {
-    let active: i64 = row.try_get("active")?;
-    let doc: String = row.try_get("doc")?;
-    Ok(TemplateRecord {
+    decode_template(TemplateColumns {
         id: row.try_get("id")?,
         partner_id: row.try_get("partner_id")?,
         version: row.try_get("version")?,
         name: row.try_get("name")?,
         trigger_type: row.try_get("trigger_type")?,
-        active: active != 0,
-        doc: from_json(&doc, "template doc")?,
-        created_at: Timestamp(row.try_get("created_at")?),
+        active: row.try_get("active")?,
+        doc: row.try_get("doc")?,
+        created_at: row.try_get("created_at")?,
         created_by: row.try_get("created_by")?,
     })
 }
 
+/// A template record from its stored columns (the document decoded).
+pub(crate) fn decode_template(cols: TemplateColumns) -> Result<TemplateRecord, StoreError> {
+    Ok(TemplateRecord {
+        id: cols.id,
+        partner_id: cols.partner_id,
+        version: cols.version,
+        name: cols.name,
+        trigger_type: cols.trigger_type,
+        active: cols.active != 0,
+        doc: from_json(&cols.doc, "template doc")?,
+        created_at: Timestamp(cols.created_at),
+        created_by: cols.created_by,
+    })
+}
+
+/// The raw columns of [`INSTANCE_COLS`] (the ones the record keeps), whichever driver read them.
+pub(crate) struct InstanceColumns {
+    pub(crate) id: String,
+    pub(crate) partner_id: String,
+    pub(crate) template_id: String,
+    pub(crate) template_version: i64,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) created_by: String,
+    pub(crate) trigger: String,
+    pub(crate) state: String,
+    pub(crate) created_at: i64,
+    pub(crate) updated_at: i64,
+    pub(crate) version: i64,
+    pub(crate) mode: String,
+}
+
 pub(crate) fn instance_from_row(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
-    let id: String = row.try_get("id")?;
-    let created_by: String = row.try_get("created_by")?;
-    let trigger: String = row.try_get("trigger_data")?;
-    let state: String = row.try_get("state")?;
-    let mode: String = row.try_get("mode")?;
-    let mode = RunMode::parse(&mode).ok_or_else(|| StoreError::Corrupt {
-        message: format!("instance {id} has unknown mode `{mode}`"),
+    decode_instance(InstanceColumns {
+        id: row.try_get("id")?,
+        partner_id: row.try_get("partner_id")?,
+        template_id: row.try_get("template_id")?,
+        template_version: row.try_get("template_version")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        created_by: row.try_get("created_by")?,
+        trigger: row.try_get("trigger_data")?,
+        state: row.try_get("state")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
+        mode: row.try_get("mode")?,
+    })
+}
+
+/// An instance record from its stored columns (the JSON documents decoded).
+pub(crate) fn decode_instance(cols: InstanceColumns) -> Result<InstanceRecord, StoreError> {
+    let id = cols.id;
+    let mode = RunMode::parse(&cols.mode).ok_or_else(|| StoreError::Corrupt {
+        message: format!("instance {id} has unknown mode `{}`", cols.mode),
     })?;
     Ok(InstanceRecord {
         info: InstanceInfo {
-            partner_id: row.try_get("partner_id")?,
-            template_id: row.try_get("template_id")?,
-            template_version: row.try_get("template_version")?,
-            created_at: Timestamp(row.try_get("created_at")?),
-            created_by: from_json::<ActorRef>(&created_by, &format!("instance {id} created_by"))?,
-            trigger: from_json(&trigger, &format!("instance {id} trigger"))?,
+            partner_id: cols.partner_id,
+            template_id: cols.template_id,
+            template_version: cols.template_version,
+            created_at: Timestamp(cols.created_at),
+            created_by: from_json::<ActorRef>(
+                &cols.created_by,
+                &format!("instance {id} created_by"),
+            )?,
+            trigger: from_json(&cols.trigger, &format!("instance {id} trigger"))?,
             mode,
             id: id.clone(),
         },
-        idempotency_key: row.try_get("idempotency_key")?,
-        state: from_json::<InstanceState>(&state, &format!("instance {id} state"))?,
-        updated_at: Timestamp(row.try_get("updated_at")?),
-        version: row.try_get("version")?,
+        idempotency_key: cols.idempotency_key,
+        state: from_json::<InstanceState>(&cols.state, &format!("instance {id} state"))?,
+        updated_at: Timestamp(cols.updated_at),
+        version: cols.version,
     })
 }
 
@@ -1086,7 +1194,7 @@ fn unique_to(e: sqlx::Error, what: &'static str, id: &str) -> StoreError {
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value)
         .map_err(|e| StoreError::corrupt(format!("cannot encode a document: {e}")))
 }
@@ -1097,7 +1205,7 @@ fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreErro
 }
 
 /// A unit enum's serde name (`snake_case`), e.g. `StepStatus::Completed` -> `completed`.
-fn enum_to_str<T: Serialize>(value: &T) -> Result<String, StoreError> {
+pub(crate) fn enum_to_str<T: Serialize>(value: &T) -> Result<String, StoreError> {
     match serde_json::to_value(value) {
         Ok(Value::String(s)) => Ok(s),
         Ok(other) => Err(StoreError::corrupt(format!(

@@ -10,10 +10,12 @@
 //! [`Effect::PerformAction`]: super::Effect::PerformAction
 //! [`Command::ActionResult`]: super::Command::ActionResult
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{complete_and_follow, Event, MachineError, Transition};
+use super::{complete_and_follow, with_member, Event, MachineError, Transition};
 use crate::instance::{ActorRef, InstanceState, InstanceStatus, RunMode, StepStatus, WaitingOn};
 use crate::template::{ActionConfig, Route, StepKind, Template};
 use crate::time::Timestamp;
@@ -64,7 +66,7 @@ pub(crate) fn action_in_flight(cfg: &ActionConfig, index: usize, now: Timestamp)
 
 pub(crate) fn apply_result(
     template: &Template,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     index: usize,
     outcome: ActionOutcome,
     actor: ActorRef,
@@ -82,7 +84,7 @@ pub(crate) fn apply_result(
         // A late or repeated report: the step already has its outcome.
         return Err(MachineError::AlreadyExecuted { index });
     }
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     let mut effects = Vec::new();
     let mut events = Vec::new();
     match outcome {
@@ -94,7 +96,11 @@ pub(crate) fn apply_result(
                 after: json!({"index": index, "action": cfg.action, "attempts": attempts.len()}),
                 reason: None,
             });
-            let output = json!({"response": output, "attempts": attempts});
+            let output = with_member(
+                with_member(json!({}), "response", output),
+                "attempts",
+                Value::Array(attempts),
+            );
             complete_and_follow(
                 template,
                 &mut next,
@@ -122,7 +128,11 @@ pub(crate) fn apply_result(
                 now,
                 cfg.on_failure,
                 format!("action `{}` failed: {error}", cfg.action),
-                json!({"failed": true, "error": error, "attempts": attempts}),
+                with_member(
+                    json!({"failed": true, "error": error}),
+                    "attempts",
+                    Value::Array(attempts),
+                ),
                 &actor,
                 &mut effects,
                 &mut events,
@@ -146,7 +156,7 @@ pub(crate) fn apply_result(
 /// only once: a repeated report is refused by the recorded output.
 pub(crate) fn apply_late_result(
     template: &Template,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     index: usize,
     outcome: ActionOutcome,
     actor: ActorRef,
@@ -185,7 +195,7 @@ pub(crate) fn apply_late_result(
                 "error": error, "status": "cancelled"}),
         ),
     };
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     if let Some(exec) = next.execution_mut(index) {
         exec.output = Some(output);
     }

@@ -4,10 +4,12 @@
 //! list what an actor may decide now (the pending inbox); [`apply_decision`] records an accepted
 //! decision and moves the step on when quorum (or the rejection threshold) is reached.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Value};
 
 use super::{complete_and_follow, finish, Event, MachineError, Transition};
-use crate::expr::{EvalContext, ExprLimits, Expression};
+use crate::expr::{CompiledExpressions, ExprLimits, InstanceContext};
 use crate::instance::{
     ActorRef, ActorType, Decision, InstanceInfo, InstanceState, InstanceStatus, StepStatus, Verdict,
 };
@@ -48,18 +50,21 @@ fn matches(entry: &ApproverEntry, decider: &Decider) -> bool {
 /// Whether an entry's bounds allow an agent to approve this instance; `Err` says why not.
 fn within_bounds(
     entry: &ApproverEntry,
-    ctx: &EvalContext,
+    ctx: &InstanceContext<'_>,
     limits: &ExprLimits,
+    compiled: &CompiledExpressions,
 ) -> Result<(), String> {
     if let Some(max) = entry.max_amount {
-        match ctx.trigger.get("amount").and_then(Value::as_f64) {
+        match ctx.trigger().get("amount").and_then(Value::as_f64) {
             Some(amount) if amount <= max => {}
             Some(amount) => return Err(format!("amount {amount} is over its limit of {max}")),
             None => return Err(format!("the trigger has no amount to check against {max}")),
         }
     }
     if let Some(src) = &entry.limit {
-        let result = Expression::compile(src, limits).and_then(|e| e.evaluate(ctx));
+        let result = compiled
+            .get_or_compile(src, limits)
+            .and_then(|e| e.evaluate_in(ctx));
         match result {
             Ok(Value::Bool(true)) => {}
             Ok(_) => return Err(format!("its limit `{src}` does not hold")),
@@ -161,17 +166,18 @@ pub fn check_decision(
         }
     }
     if verdict == Verdict::Approve && actor.actor_type == ActorType::Agent {
-        let ctx = EvalContext::build(template, info, state);
+        let ctx = InstanceContext::new(template, info, state);
         let mut refusals = Vec::new();
-        let allowed = matched
-            .iter()
-            .any(|e| match within_bounds(e, &ctx, limits) {
-                Ok(()) => true,
-                Err(why) => {
-                    refusals.push(why);
-                    false
-                }
-            });
+        let allowed =
+            matched.iter().any(
+                |e| match within_bounds(e, &ctx, limits, &template.compiled) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refusals.push(why);
+                        false
+                    }
+                },
+            );
         if !allowed {
             return Err(MachineError::AgentLimit {
                 actor: actor.id.clone(),
@@ -230,7 +236,7 @@ fn decision_summary(decisions: &[Decision], verdict: Verdict) -> Vec<Value> {
 pub(crate) fn apply_decision(
     template: &Template,
     info: &InstanceInfo,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     req: DecisionRequest,
     now: Timestamp,
     limits: &ExprLimits,
@@ -242,10 +248,10 @@ pub(crate) fn apply_decision(
         verdict: req.verdict,
         comment: req.comment.as_deref(),
     };
-    check_decision(template, info, state, &proposal, limits)?;
-    let cfg = waiting_approval(template, state, index)?;
+    check_decision(template, info, &state, &proposal, limits)?;
+    let cfg = waiting_approval(template, &state, index)?;
     let actor = req.decider.actor.clone();
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     let mut effects = Vec::new();
     let mut events = Vec::new();
 
@@ -323,7 +329,8 @@ pub(crate) fn apply_decision(
             &mut events,
         );
     } else {
-        let detail = approval_detail(cfg, current_approvers(cfg, state, index), &decisions);
+        // A decision leaves the escalation level as it was.
+        let detail = approval_detail(cfg, current_approvers(cfg, &next, index), &decisions);
         if let Some(waiting) = next.waiting_on.as_mut() {
             let escalations = waiting.detail.get("escalations").cloned();
             waiting.detail = detail;

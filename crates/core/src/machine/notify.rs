@@ -12,6 +12,8 @@
 //! [`Effect::Notify`]: super::Effect::Notify
 //! [`Command::NotificationResult`]: super::Command::NotificationResult
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -270,7 +272,7 @@ pub(crate) fn start_notification(
 /// The delivery pool reports the outcome of a delivery that notification step `index` waits on.
 pub(crate) fn apply_result(
     template: &Template,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     index: usize,
     delivery: &str,
     outcome: NotificationOutcome,
@@ -295,7 +297,7 @@ pub(crate) fn apply_result(
         // A late or repeated report: the step already has its outcome.
         return Err(MachineError::AlreadyExecuted { index });
     }
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     let mut effects = Vec::new();
     let mut events = Vec::new();
     match outcome {

@@ -78,6 +78,7 @@ fn template(steps: Vec<Step>) -> Template {
         trigger_conditions: vec![],
         steps,
         settings: TemplateSettings::default(),
+        compiled: Default::default(),
     }
 }
 
@@ -98,6 +99,22 @@ fn procurement() -> Template {
 
 fn limits() -> ExprLimits {
     ExprLimits::default()
+}
+
+/// Every transition of these tests (the property tests' too) is applied both ways, borrowing
+/// the state and taking it over with [`apply_owned`]: both must give the same outcome.
+fn apply(
+    template: &Template,
+    info: &InstanceInfo,
+    state: &InstanceState,
+    command: Command,
+    now: Timestamp,
+    limits: &ExprLimits,
+) -> Result<Transition, MachineError> {
+    let borrowed = super::apply(template, info, state, command.clone(), now, limits);
+    let owned = super::apply_owned(template, info, state.clone(), command, now, limits);
+    assert_eq!(borrowed, owned);
+    borrowed
 }
 
 /// Run every dispatched step until the instance waits or ends.

@@ -9,12 +9,14 @@
 //! [`Effect::ScheduleTimer`]: super::Effect::ScheduleTimer
 //! [`Command::TimerFired`]: super::Command::TimerFired
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::notify::{approval_notices, NotifyPurpose};
 use super::{complete_and_follow, fail_step, finish, Effect, Event, MachineError, Transition};
-use crate::expr::{EvalContext, ExprLimits, Expression};
+use crate::expr::{ExprLimits, InstanceContext};
 use crate::instance::{
     ActorRef, InstanceInfo, InstanceState, InstanceStatus, StepStatus, WaitingOn,
 };
@@ -134,31 +136,33 @@ fn parse_instant(v: &Value) -> Option<Timestamp> {
     }
 }
 
-/// Start a wait step (its execution is already `running`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn start_wait(
+/// When a wait step ends by itself (`until`, `None`: only a signal ends it), and how to
+/// describe it. Worked out before the step starts: an `until` reads the instance's context.
+pub(crate) struct WaitPlan {
+    until: Option<Timestamp>,
+    description: String,
+    detail: Value,
+}
+
+/// The [`WaitPlan`] of a wait step starting at `now`; `Err` says why the step fails.
+pub(crate) fn wait_plan(
     template: &Template,
-    info: &InstanceInfo,
-    state: &mut InstanceState,
-    index: usize,
     cfg: &WaitStep,
-    ctx: &EvalContext,
+    ctx: &InstanceContext<'_>,
     now: Timestamp,
     limits: &ExprLimits,
-    actor: &ActorRef,
-    effects: &mut Vec<Effect>,
-    events: &mut Vec<Event>,
-) {
-    // When the wait ends by itself (None: only a signal ends it), and how to describe it.
-    let (until, description, detail): (Option<Timestamp>, String, Value) = match &cfg.mode {
+) -> Result<WaitPlan, String> {
+    let (until, description, detail) = match &cfg.mode {
         WaitConfig::Duration(ms) => (
             Some(now.plus_millis(*ms)),
             format!("waiting {ms} ms"),
             json!({"duration_ms": ms}),
         ),
         WaitConfig::Until(src) => {
-            let at = Expression::compile(src, limits)
-                .and_then(|e| e.evaluate(ctx))
+            let at = template
+                .compiled
+                .get_or_compile(src, limits)
+                .and_then(|e| e.evaluate_in(ctx))
                 .map_err(|e| e.to_string())
                 .and_then(|v| {
                     parse_instant(&v).ok_or_else(|| {
@@ -166,18 +170,12 @@ pub(crate) fn start_wait(
                             "`until` must give a timestamp (RFC 3339 or milliseconds), it gave {v}"
                         )
                     })
-                });
-            match at {
-                Ok(at) => (
-                    Some(at),
-                    "waiting until a point in time".into(),
-                    json!({"until": src}),
-                ),
-                Err(message) => {
-                    fail_step(state, index, now, message, actor.clone(), events);
-                    return;
-                }
-            }
+                })?;
+            (
+                Some(at),
+                "waiting until a point in time".into(),
+                json!({"until": src}),
+            )
         }
         WaitConfig::Window(raw) => match BusinessWindow::parse(raw, "window") {
             Ok(window) => {
@@ -192,13 +190,11 @@ pub(crate) fn start_wait(
                 )
             }
             Err(problems) => {
-                let message = problems
+                return Err(problems
                     .iter()
                     .map(|p| format!("{}: {}", p.path, p.problem))
                     .collect::<Vec<_>>()
-                    .join("; ");
-                fail_step(state, index, now, message, actor.clone(), events);
-                return;
+                    .join("; "));
             }
         },
         WaitConfig::Signal(name) => (
@@ -206,6 +202,38 @@ pub(crate) fn start_wait(
             format!("waiting for signal `{name}`"),
             json!({"signal": name}),
         ),
+    };
+    Ok(WaitPlan {
+        until,
+        description,
+        detail,
+    })
+}
+
+/// Start a wait step (its execution is already `running`) as `plan` says, or fail it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_wait(
+    template: &Template,
+    info: &InstanceInfo,
+    state: &mut InstanceState,
+    index: usize,
+    cfg: &WaitStep,
+    plan: Result<WaitPlan, String>,
+    now: Timestamp,
+    actor: &ActorRef,
+    effects: &mut Vec<Effect>,
+    events: &mut Vec<Event>,
+) {
+    let WaitPlan {
+        until,
+        description,
+        detail,
+    } = match plan {
+        Ok(plan) => plan,
+        Err(message) => {
+            fail_step(state, index, now, message, actor.clone(), events);
+            return;
+        }
     };
     if let Some(at) = until {
         if at <= now {
@@ -250,9 +278,9 @@ pub(crate) fn start_wait(
     );
 }
 
-fn ignored(state: &InstanceState, timer_id: &str, why: String) -> Transition {
+fn ignored(state: Cow<'_, InstanceState>, timer_id: &str, why: String) -> Transition {
     Transition {
-        state: state.clone(),
+        state: state.into_owned(),
         effects: Vec::new(),
         events: vec![Event {
             actor: super::scheduler_actor(),
@@ -268,7 +296,7 @@ fn ignored(state: &InstanceState, timer_id: &str, why: String) -> Transition {
 pub(crate) fn apply_timer(
     template: &Template,
     info: &InstanceInfo,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     timer_id: &str,
     index: usize,
     kind: TimerKind,
@@ -288,7 +316,7 @@ pub(crate) fn apply_timer(
         ));
     }
     let actor = super::scheduler_actor();
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     let mut effects = Vec::new();
     let mut events = vec![Event {
         actor: actor.clone(),
@@ -299,7 +327,7 @@ pub(crate) fn apply_timer(
     }];
     match (&step.kind, kind) {
         (StepKind::Wait(_), TimerKind::WaitElapsed) => {
-            let since = state.waiting_on.as_ref().map_or(now, |w| w.since);
+            let since = next.waiting_on.as_ref().map_or(now, |w| w.since);
             let output = json!({"waited_ms": now.0 - since.0});
             complete_and_follow(
                 template,
@@ -359,9 +387,10 @@ pub(crate) fn apply_timer(
                 &mut events,
             );
         }
+        // `next` is still the state as it was: nothing changed it yet.
         _ => {
             return Ok(ignored(
-                state,
+                Cow::Owned(next),
                 timer_id,
                 format!("step {index} has no {} timer", kind.as_str()),
             ));
@@ -528,7 +557,7 @@ fn approval_timeout(
 /// A named signal arrived for the instance; its payload becomes the wait step's output.
 pub(crate) fn apply_signal(
     template: &Template,
-    state: &InstanceState,
+    state: Cow<'_, InstanceState>,
     name: &str,
     payload: Value,
     actor: ActorRef,
@@ -548,7 +577,7 @@ pub(crate) fn apply_signal(
             name: name.to_string(),
         });
     }
-    let mut next = state.clone();
+    let mut next = state.into_owned();
     let mut effects = Vec::new();
     let mut events = vec![Event {
         actor: actor.clone(),
