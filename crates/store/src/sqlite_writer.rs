@@ -299,14 +299,10 @@ fn insert_outbox(
     for m in messages {
         stmt.execute(params![m.id, m.topic, m.key, m.payload])
             .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::AlreadyExists {
-                        what: "outbox message",
-                        id: m.id.clone(),
-                    }
-                } else {
-                    e.into()
-                }
+                on_unique(e, || StoreError::AlreadyExists {
+                    what: "outbox message",
+                    id: m.id.clone(),
+                })
             })?;
     }
     Ok(())
@@ -395,14 +391,10 @@ fn append_audits(
                 hash,
             ])
             .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Conflict {
-                        what: "audit stream",
-                        id: draft.stream.clone(),
-                    }
-                } else {
-                    e.into()
-                }
+                on_unique(e, || StoreError::Conflict {
+                    what: "audit stream",
+                    id: draft.stream.clone(),
+                })
             })?;
         heads.insert(draft.stream.as_str(), (seq, hash));
     }
@@ -430,6 +422,15 @@ fn not_found(id: &str) -> StoreError {
     StoreError::NotFound {
         what: "instance",
         id: id.to_string(),
+    }
+}
+
+/// A unique violation as `taken()` (what the key means to the caller); any other error as is.
+fn on_unique(e: rusqlite::Error, taken: impl FnOnce() -> StoreError) -> StoreError {
+    if is_unique_violation(&e) {
+        taken()
+    } else {
+        e.into()
     }
 }
 
