@@ -118,6 +118,51 @@ pub async fn run_pool(
     Ok(())
 }
 
+/// Offsets are committed at most this long after a message was handled...
+const COMMIT_AFTER: Duration = Duration::from_millis(20);
+/// ...or after this many messages, whichever comes first.
+const COMMIT_EVERY: usize = 64;
+
+/// Messages handled but not committed yet: the latest per partition (committing it commits
+/// every earlier one of the partition).
+///
+/// A commit is a round trip to the group coordinator (and a write to Kafka's offsets topic):
+/// made after every message it held each member for a round trip per step. Handled messages
+/// are instead committed together, when [`COMMIT_AFTER`] has passed since the first of them or
+/// [`COMMIT_EVERY`] accumulated, and before the member stops. A crash in between only means
+/// those messages are delivered again, and a redelivered command is recognised by its id and
+/// skipped (the engine's dedupe), as after any crash before a commit.
+#[derive(Default)]
+struct Uncommitted {
+    latest: std::collections::BTreeMap<u32, Message>,
+    count: usize,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Uncommitted {
+    fn add(&mut self, msg: Message) {
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+        self.count += 1;
+        self.latest.insert(msg.partition, msg);
+    }
+
+    /// When the held messages must be committed (`None`: nothing held).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + COMMIT_AFTER)
+    }
+
+    async fn commit(&mut self, sub: &mut dyn Subscription) {
+        for msg in std::mem::take(&mut self.latest).into_values() {
+            if let Err(e) = sub.commit(&msg).await {
+                // Lost in a rebalance, or refused: the new owner gets the messages again.
+                tracing::warn!(error = %e, offset = msg.offset, partition = msg.partition, "commit failed; messages will be redelivered");
+            }
+        }
+        self.count = 0;
+        self.since = None;
+    }
+}
+
 async fn member(
     engine: Engine,
     bus: std::sync::Arc<dyn Bus>,
@@ -125,18 +170,38 @@ async fn member(
     config: PoolConfig,
     cancel: CancellationToken,
 ) {
+    let mut held = Uncommitted::default();
     loop {
+        if held.count >= COMMIT_EVERY {
+            held.commit(sub.as_mut()).await;
+        }
+        let due = held.due();
         let msg = tokio::select! {
-            _ = cancel.cancelled() => return,
+            // Stopping (SIGTERM drains): what was handled is committed first.
+            _ = cancel.cancelled() => {
+                held.commit(sub.as_mut()).await;
+                return;
+            }
             msg = sub.next() => msg,
+            // `next` is cancel-safe: a message it was about to return stays queued.
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                held.commit(sub.as_mut()).await;
+                continue;
+            }
         };
         let msg = match msg {
             Ok(Some(msg)) => msg,
-            Ok(None) => return,
+            Ok(None) => {
+                held.commit(sub.as_mut()).await;
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "bus receive failed");
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => {
+                        held.commit(sub.as_mut()).await;
+                        return;
+                    }
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }
@@ -144,19 +209,28 @@ async fn member(
         // Cancellation between steps is fine; the uncommitted message is redelivered.
         match handle(&engine, &msg, &config, &cancel).await {
             Handled::Done => {}
-            Handled::Cancelled => return,
+            Handled::Cancelled => {
+                held.commit(sub.as_mut()).await;
+                return;
+            }
             Handled::Dead(reason) => {
                 let now = engine.clock().now().0;
                 if let Err(e) = send_to_dead_letter(bus.as_ref(), &msg, &reason, now).await {
-                    // Not committed: the message comes back rather than being lost.
+                    // Not committed: the message comes back rather than being lost. Neither
+                    // are the earlier ones of its partition held here (a commit covers them).
                     tracing::error!(error = %e, offset = msg.offset, "cannot dead-letter; leaving the message uncommitted");
+                    held.latest.remove(&msg.partition);
+                    held.commit(sub.as_mut()).await;
                     return;
                 }
+                // Committed at once: a dead letter has no command id to recognise it by, so
+                // a redelivery (a rebalance within the commit delay) would send it twice.
+                held.add(msg);
+                held.commit(sub.as_mut()).await;
+                continue;
             }
         }
-        if let Err(e) = sub.commit(&msg).await {
-            tracing::warn!(error = %e, offset = msg.offset, "commit failed; message will be redelivered");
-        }
+        held.add(msg);
     }
 }
 

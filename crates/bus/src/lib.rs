@@ -103,6 +103,9 @@ pub trait Bus: Send + Sync + 'static {
 pub trait Subscription: Send {
     /// Next message from the assigned partitions, in offset order per partition. Waits when there
     /// is none; `Ok(None)` after the bus is shut down.
+    ///
+    /// Cancel-safe: dropping the future before it completes loses no message (the pools race
+    /// it against a commit timer).
     async fn next(&mut self) -> Result<Option<Message>, BusError>;
 
     /// Mark this message (and everything before it in its partition) processed. Uncommitted

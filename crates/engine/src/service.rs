@@ -1,4 +1,8 @@
 //! The use cases that change instances: start, execute a dispatched step, cancel.
+//!
+//! An engine that is the only writer of its store (the embedded runtime) can keep the
+//! instances it committed last in memory ([`Engine::with_instance_cache`]), so a transition
+//! skips the store read and the state's JSON decoding; see [`InstanceCache`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,13 +35,171 @@ type TemplateCache = HashMap<(String, i64), Arc<Template>>;
 
 /// How often a waiting decision checks for an outcome recorded by another process.
 const DECISION_POLL: Duration = Duration::from_millis(20);
-/// The same check when this process applies decisions itself (embedded): its outcomes wake the
-/// waiter directly, so polling is only a safety net. At saturation a decision waits hundreds of
-/// milliseconds, and polling every 20 ms cost ~11 store reads per decision.
+/// The same check when outcomes wake the waiter directly: this process applies decisions
+/// itself (embedded), or a connected listener relays other processes' outcomes
+/// ([`Engine::wake_decision`]). Polling is then only a safety net (a notification lost while
+/// the listener reconnected). At saturation a decision waits hundreds of milliseconds, and
+/// polling every 20 ms cost ~9-11 store reads per decision.
 const DECISION_POLL_LOCAL: Duration = Duration::from_millis(250);
 
 /// How often a use case re-reads and retries after losing an optimistic-concurrency race.
 const MAX_ATTEMPTS: u32 = 8;
+
+/// Instances [`Engine::with_instance_cache`] keeps at most (entries with a transition in
+/// flight are never evicted, so there may briefly be more).
+pub const INSTANCE_CACHE_CAPACITY: usize = 16_384;
+
+/// The last committed record of instances this process transitioned, for an engine that is the
+/// only writer of its store.
+///
+/// Every transition loaded its instance from the store and decoded the state's JSON (about a
+/// tenth of the embedded runtime's CPU), although this process had just written it. The
+/// rules that keep an entry exactly what is committed, never older or newer:
+/// - an entry is filled only by a commit that succeeded (or a create), with that commit's
+///   version, and never replaced by a lower version (commits of one instance answered out of
+///   order are ignored);
+/// - a transition TAKES the record out of its entry (a concurrent transition of the same
+///   instance reads the store), and puts back the next one only after its commit succeeded;
+///   on a conflict or any failure nothing is put back;
+/// - an entry keeps its version while a transition of it is in flight (it is not evicted), so
+///   a late answer can always be compared.
+///
+/// The UPDATE's version check stays the judge: a transition from a cached record that loses
+/// it, or that the state machine refuses, re-reads the store before it retries or refuses.
+#[derive(Debug, Default)]
+struct InstanceCache {
+    entries: Mutex<HashMap<String, CacheEntry>>,
+}
+
+#[derive(Debug)]
+struct CacheEntry {
+    /// The highest version known to be committed.
+    version: i64,
+    /// The record at `version`, unless taken by a transition or never cached.
+    rec: Option<InstanceRecord>,
+    /// Transitions holding this entry (see [`Taken`]).
+    holders: u32,
+}
+
+impl InstanceCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CacheEntry>> {
+        // A poisoned lock only means a thread panicked while holding it; entries stay valid.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hold `id`'s entry for a transition, taking its record if there is one.
+    fn take(&self, id: &str) -> (Taken<'_>, Option<InstanceRecord>) {
+        let mut entries = self.lock();
+        let entry = entries.entry(id.to_string()).or_insert(CacheEntry {
+            version: i64::MIN,
+            rec: None,
+            holders: 0,
+        });
+        entry.holders += 1;
+        let rec = entry.rec.take();
+        drop(entries);
+        (
+            Taken {
+                cache: self,
+                id: id.to_string(),
+                held: true,
+            },
+            rec,
+        )
+    }
+
+    /// A copy of `id`'s record, if it is cached (and no transition holds it).
+    fn peek(&self, id: &str) -> Option<InstanceRecord> {
+        self.lock().get(id).and_then(|e| e.rec.clone())
+    }
+
+    /// A new instance was created (before anything could transition it).
+    fn created(&self, rec: &InstanceRecord) {
+        if rec.state.status.is_terminal() {
+            return;
+        }
+        let mut entries = self.lock();
+        if !entries.contains_key(&rec.info.id) {
+            entries.insert(
+                rec.info.id.clone(),
+                CacheEntry {
+                    version: rec.version,
+                    rec: Some(rec.clone()),
+                    holders: 0,
+                },
+            );
+            evict(&mut entries);
+        }
+    }
+}
+
+/// Bring the cache back under its capacity by dropping entries no transition holds.
+fn evict(entries: &mut HashMap<String, CacheEntry>) {
+    if entries.len() <= INSTANCE_CACHE_CAPACITY {
+        return;
+    }
+    let mut excess = entries.len() - INSTANCE_CACHE_CAPACITY * 3 / 4;
+    entries.retain(|_, e| {
+        if excess > 0 && e.holders == 0 {
+            excess -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// A transition's hold on an instance's cache entry; released (without a record) if dropped.
+struct Taken<'a> {
+    cache: &'a InstanceCache,
+    id: String,
+    held: bool,
+}
+
+impl Taken<'_> {
+    /// The transition committed `rec`: it becomes the entry's record, unless a higher version
+    /// was committed meanwhile. Terminal instances are not kept.
+    fn committed(mut self, rec: InstanceRecord) {
+        self.held = false;
+        let mut entries = self.cache.lock();
+        let Some(entry) = entries.get_mut(&self.id) else {
+            return;
+        };
+        entry.holders = entry.holders.saturating_sub(1);
+        if rec.version > entry.version {
+            entry.version = rec.version;
+            entry.rec = (!rec.state.status.is_terminal()).then_some(rec);
+        }
+        if entry.holders == 0 && entry.rec.is_none() {
+            entries.remove(&self.id);
+        }
+        evict(&mut entries);
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let mut entries = self.cache.lock();
+        if let Some(entry) = entries.get_mut(&self.id) {
+            entry.holders = entry.holders.saturating_sub(1);
+            if entry.holders == 0 && entry.rec.is_none() {
+                entries.remove(&self.id);
+            }
+        }
+    }
+}
+
+fn not_found(instance_id: &str) -> EngineError {
+    EngineError::NotFound {
+        what: "instance",
+        id: instance_id.to_string(),
+    }
+}
 
 /// The result of starting an instance.
 #[derive(Debug, Clone)]
@@ -58,11 +220,11 @@ pub struct ActionTask {
     pub max_attempts: u32,
 }
 
-fn action_task(rec: &InstanceRecord, effects: Vec<Effect>) -> Option<ActionTask> {
+fn action_task(partner_id: &str, instance_id: &str, effects: Vec<Effect>) -> Option<ActionTask> {
     effects.into_iter().find_map(|e| match e {
         Effect::PerformAction { index, input } => Some(ActionTask {
-            partner_id: rec.info.partner_id.clone(),
-            instance_id: rec.info.id.clone(),
+            partner_id: partner_id.to_string(),
+            instance_id: instance_id.to_string(),
             step_index: index,
             max_attempts: input
                 .get("max_attempts")
@@ -133,6 +295,10 @@ pub struct Engine {
     timers_changed: Arc<Notify>,
     /// Set once this process applied a decision (its approval pool runs here).
     applies_decisions: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while a listener relays outcomes recorded by other processes to `decided`.
+    decisions_signalled: Arc<std::sync::atomic::AtomicBool>,
+    /// Instances as last committed, when this engine is its store's only writer.
+    instances: Option<Arc<InstanceCache>>,
 }
 
 /// What became of a submitted approval decision.
@@ -157,7 +323,18 @@ impl Engine {
             decided: Arc::new(Mutex::new(HashMap::new())),
             timers_changed: Arc::new(Notify::new()),
             applies_decisions: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            decisions_signalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            instances: None,
         }
+    }
+
+    /// Keep the instances this engine commits in memory (see [`InstanceCache`]), so its
+    /// transitions skip the store read. Only for an engine that is the ONLY writer of its store
+    /// (the embedded runtime): another writer's commits would be invisible to it (still refused
+    /// by the version check, but each costing a conflict and a re-read).
+    pub fn with_instance_cache(mut self) -> Engine {
+        self.instances = Some(Arc::new(InstanceCache::default()));
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -201,10 +378,10 @@ impl Engine {
         command: Command,
     ) -> Result<ExecuteOutcome, EngineError> {
         match self
-            .transition_effects(partner_id, instance_id, command)
+            .transition_effects(partner_id, instance_id, command, false)
             .await
         {
-            Ok((rec, effects)) => Ok(action_task(&rec, effects)
+            Ok((_, effects)) => Ok(action_task(partner_id, instance_id, effects)
                 .map(ExecuteOutcome::Perform)
                 .unwrap_or(ExecuteOutcome::Applied)),
             Err(EngineError::Machine(MachineError::AlreadyExecuted { index })) => {
@@ -246,7 +423,8 @@ impl Engine {
             && exec.step_type == workflow_core::StepType::Action;
         Ok(match (&exec.input, in_flight) {
             (Some(input), true) => action_task(
-                &rec,
+                partner_id,
+                instance_id,
                 vec![Effect::PerformAction {
                     index,
                     input: input.clone(),
@@ -352,21 +530,34 @@ impl Engine {
         instance_id: &str,
     ) -> Result<(InstanceRecord, Arc<Template>), EngineError> {
         let current = self
-            .store
-            .get_instance(partner_id, instance_id)
+            .current(partner_id, instance_id)
             .await?
-            .ok_or_else(|| EngineError::NotFound {
-                what: "instance",
-                id: instance_id.to_string(),
-            })?;
-        let template = self
-            .template_version(
-                partner_id,
-                &current.info.template_id,
-                current.info.template_version,
-            )
-            .await?;
+            .ok_or_else(|| not_found(instance_id))?;
+        let template = self.template_of(&current).await?;
         Ok((current, template))
+    }
+
+    /// The template version `rec` runs on.
+    async fn template_of(&self, rec: &InstanceRecord) -> Result<Arc<Template>, EngineError> {
+        self.template_version(
+            &rec.info.partner_id,
+            &rec.info.template_id,
+            rec.info.template_version,
+        )
+        .await
+    }
+
+    /// The partner's instance as last committed: a copy from the instance cache when it has
+    /// one (the same as the store's, as this process is its only writer), else the store's.
+    async fn current(
+        &self,
+        partner_id: &str,
+        instance_id: &str,
+    ) -> Result<Option<InstanceRecord>, EngineError> {
+        if let Some(rec) = self.instances.as_ref().and_then(|c| c.peek(instance_id)) {
+            return Ok((rec.info.partner_id == partner_id).then_some(rec));
+        }
+        Ok(self.store.get_instance(partner_id, instance_id).await?)
     }
 
     /// Start an instance of the template's latest version. With an idempotency key, a second
@@ -432,6 +623,10 @@ impl Engine {
             .await?;
         match outcome {
             CreateOutcome::Created(instance) => {
+                // Cached before its first command can reach a pool.
+                if let Some(cache) = &self.instances {
+                    cache.created(&instance);
+                }
                 self.outbox.committed(&outbox);
                 Ok(StartOutcome {
                     instance,
@@ -532,21 +727,28 @@ impl Engine {
             key: instance_id.to_string(),
             payload: cmd.encode()?,
         }];
+        // Registered before the command can reach the pool, so no wake for it is missed (a
+        // wake before the wait below leaves a permit).
+        let waiting = DecisionWaiter::register(&self.decided, &cmd.decision_id);
         self.store.enqueue(&queued).await?;
         self.outbox.committed(&queued);
 
         let deadline = tokio::time::Instant::now() + wait;
-        let waiting = DecisionWaiter::register(&self.decided, &cmd.decision_id);
+        // When outcomes wake us, one cannot exist before a wake: skip the first read.
+        let mut check = !self.decisions_woken();
         loop {
             let woken = waiting.notify.notified();
             tokio::pin!(woken);
             // Registered before the check, so an outcome recorded in between still wakes us.
             woken.as_mut().enable();
-            if let Some(outcome) = self
-                .store
-                .get_decision_outcome(partner_id, &cmd.decision_id)
-                .await?
-            {
+            let outcome = if std::mem::replace(&mut check, true) {
+                self.store
+                    .get_decision_outcome(partner_id, &cmd.decision_id)
+                    .await?
+            } else {
+                None
+            };
+            if let Some(outcome) = outcome {
                 if !outcome.accepted {
                     return Ok(DecisionResult::Refused {
                         code: outcome.code.unwrap_or_default(),
@@ -554,8 +756,7 @@ impl Engine {
                     });
                 }
                 let rec = self
-                    .store
-                    .get_instance(partner_id, instance_id)
+                    .current(partner_id, instance_id)
                     .await?
                     .ok_or_else(|| EngineError::NotFound {
                         what: "instance",
@@ -568,11 +769,9 @@ impl Engine {
                     decision_id: cmd.decision_id,
                 });
             }
-            // Another process's outcome is not signalled here: poll as well.
-            let poll = if self
-                .applies_decisions
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
+            // Without a signal for another process's outcome, poll often; with one, the poll
+            // only catches a notification lost during a reconnect.
+            let poll = if self.decisions_woken() {
                 DECISION_POLL_LOCAL
             } else {
                 DECISION_POLL
@@ -600,7 +799,7 @@ impl Engine {
             comment: cmd.comment.clone(),
         };
         let result = self
-            .transition(&cmd.partner_id, &cmd.instance_id, command)
+            .transition_effects(&cmd.partner_id, &cmd.instance_id, command, false)
             .await;
         let (accepted, code, message) = match result {
             Ok(_) => (true, None, None),
@@ -630,16 +829,59 @@ impl Engine {
                 decided_at: self.clock.now(),
             })
             .await?;
+        self.wake_decision(&cmd.decision_id);
+        Ok(())
+    }
+
+    /// Wake the call waiting for this decision's outcome, if it waits in this process: the
+    /// outcome was recorded (here, or by another process and relayed by a listener).
+    pub fn wake_decision(&self, decision_id: &str) {
         let waiter = self
             .decided
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&cmd.decision_id)
+            .get(decision_id)
             .cloned();
         if let Some(waiter) = waiter {
-            waiter.notify_waiters();
+            // One waiter per decision; a permit covers a wake before it waits.
+            waiter.notify_one();
         }
-        Ok(())
+    }
+
+    /// Whether a listener relays outcomes recorded by other processes to
+    /// [`Engine::wake_decision`]: while it does, waiting calls poll the store only as a safety
+    /// net. Turning it on wakes every waiting call to check once, since outcomes recorded
+    /// before the listener (re)connected were not announced to it.
+    pub fn set_decisions_signalled(&self, on: bool) {
+        self.decisions_signalled
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if on {
+            let waiters: Vec<Arc<Notify>> = self
+                .decided
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .values()
+                .cloned()
+                .collect();
+            for waiter in waiters {
+                waiter.notify_one();
+            }
+        }
+    }
+
+    /// Whether outcomes of other processes are signalled (see
+    /// [`Engine::set_decisions_signalled`]).
+    pub fn decisions_signalled(&self) -> bool {
+        self.decisions_signalled
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a recorded outcome wakes its waiter here: this process applies decisions, or a
+    /// listener relays other processes' outcomes.
+    fn decisions_woken(&self) -> bool {
+        self.applies_decisions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || self.decisions_signalled()
     }
 
     async fn already_applied(&self, cmd: &DecisionCommand) -> Result<bool, EngineError> {
@@ -662,33 +904,70 @@ impl Engine {
         instance_id: &str,
         command: Command,
     ) -> Result<InstanceRecord, EngineError> {
-        Ok(self
-            .transition_effects(partner_id, instance_id, command)
+        match self
+            .transition_effects(partner_id, instance_id, command, true)
             .await?
-            .0)
+        {
+            (Some(rec), _) => Ok(rec),
+            (None, _) => Err(EngineError::NotFound {
+                what: "instance",
+                id: instance_id.to_string(),
+            }),
+        }
     }
 
-    /// [`Engine::transition`], also returning the effects the caller must carry out itself.
+    /// [`Engine::transition`], returning the effects the caller must carry out itself, and the
+    /// new record if `want_record` (else it is not copied: it moves into the instance cache).
     async fn transition_effects(
         &self,
         partner_id: &str,
         instance_id: &str,
         command: Command,
-    ) -> Result<(InstanceRecord, Vec<Effect>), EngineError> {
+        want_record: bool,
+    ) -> Result<(Option<InstanceRecord>, Vec<Effect>), EngineError> {
+        // After a lost race, or a refusal of a cached state, the next attempt reads the store.
+        let mut from_store = false;
         for _ in 0..MAX_ATTEMPTS {
-            let (current, template) = self.load(partner_id, instance_id).await?;
+            let (taken, cached) = match &self.instances {
+                Some(cache) => {
+                    let (taken, rec) = cache.take(instance_id);
+                    (Some(taken), rec.filter(|_| !from_store))
+                }
+                None => (None, None),
+            };
+            let was_cached = cached.is_some();
+            let current = match cached {
+                Some(rec) if rec.info.partner_id == partner_id => rec,
+                // Another partner's instance is not this caller's to see: as the store would.
+                Some(_) => return Err(not_found(instance_id)),
+                None => self
+                    .store
+                    .get_instance(partner_id, instance_id)
+                    .await?
+                    .ok_or_else(|| not_found(instance_id))?,
+            };
+            let template = self.template_of(&current).await?;
             let now = self.clock.now();
             // The loaded state becomes the next state (it is not needed after the transition):
             // only what the lifecycle events compare is kept of it.
             let before = Reached::of(&current.state);
-            let mut t = machine::apply_owned(
+            let applied = machine::apply_owned(
                 &template,
                 &current.info,
                 current.state,
                 command.clone(),
                 now,
                 &self.limits.expr,
-            )?;
+            );
+            let mut t = match applied {
+                Ok(t) => t,
+                // Refuse only what the stored state refuses.
+                Err(_) if was_cached => {
+                    from_store = true;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let (mut outbox, timers) =
                 self.outbox_and_timers(&template, &current.info, Some(&before), &t, now)?;
             // Notification deliveries and their messages, in the same transaction.
@@ -716,13 +995,25 @@ impl Engine {
                 .await
             {
                 Ok(()) => {
+                    // The cache first: the outbox's commands may reach a pool at once.
+                    let rec = match taken {
+                        Some(taken) => {
+                            let copy = want_record.then(|| next.clone());
+                            taken.committed(next);
+                            copy
+                        }
+                        None => want_record.then_some(next),
+                    };
                     self.outbox.committed(&outbox);
                     if !timers.is_empty() {
                         self.timers_changed.notify_one();
                     }
-                    return Ok((next, t.effects));
+                    return Ok((rec, t.effects));
                 }
-                Err(StoreError::Conflict { .. }) => continue,
+                Err(StoreError::Conflict { .. }) => {
+                    from_store = true;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

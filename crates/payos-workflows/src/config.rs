@@ -183,7 +183,10 @@ impl Settings {
             ),
             pool_members: parsed(&env, "WORKFLOWS_POOL_MEMBERS")?
                 .or(f.pools.members)
-                .unwrap_or(2)
+                // One consumer per partition of the default 8: a member handles one message at
+                // a time, and more members in flight make bigger group commits
+                // (docs/benchmarks.md, round 4).
+                .unwrap_or(8)
                 .max(1),
             payos_api_url: env("PAYOS_API_URL").or(f.payos.api_url),
             payos_api_key: env("PAYOS_API_KEY").or(f.payos.api_key),
@@ -287,7 +290,7 @@ listen = "127.0.0.1:9000"
             s.naming.topic("payos.transfers.events"),
             "transfers.events.v1"
         );
-        assert_eq!(s.pool_members, 2);
+        assert_eq!(s.pool_members, 8);
         Ok(())
     }
 

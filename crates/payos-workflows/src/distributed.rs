@@ -8,6 +8,10 @@
 //!   `transfers` pool starts instances from the transfer service's `on_transfer` events.
 //! - `scheduler`: fires due timers (row locks share them between schedulers).
 //!
+//! The `api` also listens for decision outcomes ([`run_decision_listener`]): the approval pool
+//! records them in another process, and PostgreSQL's `NOTIFY` wakes the waiting approve call
+//! instead of a 20 ms poll of the store.
+//!
 //! Every process runs an outbox relay ([`workflow_engine::relay`]): its own commits leave at
 //! once, and orphaned rows of a killed process are swept under a lock. SIGTERM (or Ctrl-C)
 //! stops taking work, lets the message in hand finish and commit, publishes what the process
@@ -27,7 +31,7 @@ use workflow_egress::{EgressClient, EgressPolicy, PayosClient, PayosConfig};
 use workflow_engine::dead_letter::DEAD_LETTER_TOPIC;
 use workflow_engine::messages::{step_topic, LIFECYCLE_TOPIC, NOTIFICATION_TOPIC};
 use workflow_engine::{relay, Clock, Engine, SystemClock, DECISION_TOPIC};
-use workflow_store::Store;
+use workflow_store::{Backend, DecisionListener, DecisionSignal, Store};
 
 use crate::config::Settings;
 
@@ -252,12 +256,30 @@ impl Node {
             .map_err(|source| DistributedError::Listen { addr, source })?;
         tracing::info!(%bound, "api listening");
         println!("api listening on http://{bound}");
+        // Approve calls wait for outcomes recorded by the approval pool's processes.
+        let signals = self.cancel.child_token();
+        let decisions = (self.engine.store().backend() == Backend::Postgres).then(|| {
+            tokio::spawn(run_decision_listener(
+                self.engine.clone(),
+                self.settings.database_url.clone(),
+                signals.clone(),
+            ))
+        });
         let router = producer_api::router(self.engine.clone(), api);
         let stop = self.cancel.clone();
-        axum::serve(listener, router)
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
-            .map_err(|source| DistributedError::Listen { addr, source })
+            .map_err(|source| DistributedError::Listen { addr, source });
+        signals.cancel();
+        if let Some(task) = decisions {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "decision outcome listener failed"),
+                Err(e) => tracing::warn!(error = %e, "decision outcome listener panicked"),
+            }
+        }
+        served
     }
 
     /// Wait for SIGTERM/Ctrl-C (or a task failing), then drain: every task finishes the work
@@ -288,6 +310,34 @@ impl Node {
         self.kafka.shutdown();
         self.engine.store().close().await;
     }
+}
+
+/// Relay decision outcomes that other processes record (PostgreSQL `NOTIFY`, see
+/// [`workflow_store::DecisionListener`]) to `engine`'s waiting calls until `token` is
+/// cancelled. While disconnected, the engine falls back to polling; the listener reconnects
+/// with back-off. Fails only if `database_url` is not a PostgreSQL URL.
+pub async fn run_decision_listener(
+    engine: Engine,
+    database_url: String,
+    token: CancellationToken,
+) -> Result<(), workflow_store::StoreError> {
+    let mut listener = DecisionListener::new(&database_url)?;
+    loop {
+        let signal = tokio::select! {
+            _ = token.cancelled() => break,
+            signal = listener.next() => signal,
+        };
+        match signal {
+            DecisionSignal::Connected => {
+                tracing::debug!("listening for decision outcomes");
+                engine.set_decisions_signalled(true);
+            }
+            DecisionSignal::Disconnected => engine.set_decisions_signalled(false),
+            DecisionSignal::Decided(id) => engine.wake_decision(&id),
+        }
+    }
+    engine.set_decisions_signalled(false);
+    Ok(())
 }
 
 /// The action pool's executor: PayOS at `PAYOS_API_URL`, generic `http` actions through the

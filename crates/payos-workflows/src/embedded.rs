@@ -59,7 +59,13 @@ impl Embedded {
         config: EmbeddedConfig,
         notifier: Option<Arc<step_workers::Notifier>>,
     ) -> Result<Embedded, RuntimeError> {
-        let engine = Engine::new(store.clone(), config.limits, config.clock);
+        let mut engine = Engine::new(store.clone(), config.limits, config.clock);
+        if store.backend() == workflow_store::Backend::Sqlite {
+            // This process is the only writer of its SQLite file, so the instances it
+            // committed last can be kept in memory: pools skip the store read and the state's
+            // decoding (the version check on commit still guards every write).
+            engine = engine.with_instance_cache();
+        }
         let bus = Arc::new(InProcessBus::new(config.partitions));
         let dyn_bus: Arc<dyn Bus> = bus.clone();
         let cancel = CancellationToken::new();

@@ -3,10 +3,28 @@
 use sqlx::Row;
 use workflow_core::Timestamp;
 
+use crate::listen::DECISION_OUTCOMES_CHANNEL;
 use crate::queries::{insert_outbox, instance_from_row, INSTANCE_COLS};
 use crate::records::{DecisionOutcome, OutboxMessage, WaitingApproval};
 use crate::sqlite_writer::Write;
-use crate::{Store, StoreError};
+use crate::{Backend, Store, StoreError};
+
+const RECORD_OUTCOME: &str = "INSERT INTO approval_decisions \
+     (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING";
+
+/// [`RECORD_OUTCOME`] that also announces the decision id on [`DECISION_OUTCOMES_CHANNEL`]
+/// (`$9`), so an API call waiting for it in another process wakes at once (see `listen.rs`).
+/// One statement: no extra round trip, and PostgreSQL delivers the notification only if the
+/// insert commits. A redelivered command whose outcome exists inserts nothing and announces
+/// nothing (its waiter already found the outcome). `::text`: `pg_notify` returns `void`, which
+/// the `Any` driver cannot decode. Ids of 8,000 bytes or more (never: the engine makes UUIDs)
+/// are not announced rather than failing the insert with "payload string too long".
+const RECORD_OUTCOME_AND_NOTIFY: &str = "WITH ins AS (INSERT INTO approval_decisions \
+     (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING \
+     RETURNING decision_id) \
+     SELECT pg_notify($9, decision_id)::text FROM ins WHERE octet_length(decision_id) < 8000";
 
 impl Store {
     /// Queue messages that change no state (e.g. a decision command), in one transaction.
@@ -17,6 +35,11 @@ impl Store {
                 .await
                 .map(|_| ());
         }
+        if messages.len() <= crate::queries::ROWS_PER_INSERT {
+            // One statement is atomic by itself: no BEGIN and COMMIT round trips around it.
+            let mut conn = self.write_pool().acquire().await?;
+            return insert_outbox(&mut conn, messages).await;
+        }
         let mut tx = self.begin_write().await?;
         insert_outbox(&mut tx, messages).await?;
         tx.commit().await?;
@@ -24,7 +47,8 @@ impl Store {
     }
 
     /// Record a decision's outcome. The first outcome recorded for a decision id stands: a
-    /// redelivered command cannot overwrite it.
+    /// redelivered command cannot overwrite it. On PostgreSQL a newly recorded outcome is also
+    /// announced to [`crate::DecisionListener`]s, on commit.
     pub async fn record_decision_outcome(&self, o: &DecisionOutcome) -> Result<(), StoreError> {
         if let Some(committer) = &self.committer {
             return committer
@@ -32,21 +56,23 @@ impl Store {
                 .await
                 .map(|_| ());
         }
-        sqlx::query(
-            "INSERT INTO approval_decisions \
-             (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING",
-        )
-        .bind(o.decision_id.as_str())
-        .bind(o.partner_id.as_str())
-        .bind(o.instance_id.as_str())
-        .bind(o.step_index)
-        .bind(i64::from(o.accepted))
-        .bind(o.code.as_deref())
-        .bind(o.message.as_deref())
-        .bind(o.decided_at.0)
-        .execute(self.write_pool())
-        .await?;
+        let sql = match self.backend() {
+            Backend::Postgres => RECORD_OUTCOME_AND_NOTIFY,
+            Backend::Sqlite => RECORD_OUTCOME,
+        };
+        let mut q = sqlx::query(sql)
+            .bind(o.decision_id.as_str())
+            .bind(o.partner_id.as_str())
+            .bind(o.instance_id.as_str())
+            .bind(o.step_index)
+            .bind(i64::from(o.accepted))
+            .bind(o.code.as_deref())
+            .bind(o.message.as_deref())
+            .bind(o.decided_at.0);
+        if self.backend() == Backend::Postgres {
+            q = q.bind(DECISION_OUTCOMES_CHANNEL);
+        }
+        q.execute(self.write_pool()).await?;
         Ok(())
     }
 

@@ -14,7 +14,9 @@
 //! One exception, for speed: on a SQLite file the hot writes (instance creates and commits,
 //! decision enqueues and outcomes, outbox deletes) run in group transactions on the committer's
 //! thread through rusqlite (`commit.rs`, `sqlite_writer.rs`), and the hot reads in place
-//! (`sqlite_readers.rs`), with the same SQL and encodings as the portable path.
+//! (`sqlite_readers.rs`), with the same SQL and encodings as the portable path. On PostgreSQL
+//! a process's instance creates and commits share group transactions with one statement per
+//! table (`pg_commit.rs`), still through sqlx.
 //!
 //! SQLite runs in WAL mode with a busy timeout, foreign keys on and `synchronous=NORMAL` (a
 //! commit survives a process crash; see `SQLITE_PRAGMAS`); write transactions run on one
@@ -37,7 +39,9 @@
 mod approvals;
 mod commit;
 mod error;
+mod listen;
 pub mod notifications;
+mod pg_commit;
 mod queries;
 pub mod records;
 mod relay;
@@ -54,6 +58,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use commit::InstanceCommit;
 pub use error::StoreError;
+pub use listen::{DecisionListener, DecisionSignal, DECISION_OUTCOMES_CHANNEL};
 pub use notifications::{
     AttemptVerdict, DeliveryAttemptRecord, DeliveryRecord, DeliveryStatus, NewDelivery,
     RedeliverOutcome, WebhookSecretRecord,
@@ -127,9 +132,11 @@ pub struct Store {
     /// same pool as reads.
     writer: AnyPool,
     backend: Backend,
-    /// The group committer of instance commits (a SQLite file only: on PostgreSQL writers run
-    /// concurrently, and `:memory:` has one connection for reads and writes).
+    /// The group committer of a SQLite file (`:memory:` has one connection for reads and
+    /// writes and keeps the plain path).
     committer: Option<commit::Committer>,
+    /// The group committer of instance commits on PostgreSQL (see `pg_commit.rs`).
+    pg_committer: Option<pg_commit::PgCommitter>,
     /// In-place reads of instances (a SQLite file only; see `sqlite_readers.rs`).
     readers: Option<std::sync::Arc<sqlite_readers::SqliteReaders>>,
 }
@@ -180,12 +187,15 @@ impl Store {
                 (pool.clone(), pool, None, None)
             }
         };
+        let pg_committer =
+            (backend == Backend::Postgres).then(|| pg_commit::PgCommitter::start(writer.clone()));
         tracing::debug!(?backend, "store connected");
         Ok(Store {
             pool,
             writer,
             backend,
             committer,
+            pg_committer,
             readers,
         })
     }

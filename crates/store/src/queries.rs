@@ -379,32 +379,27 @@ impl Store {
                 )),
             };
         }
+        if let Some(committer) = &self.pg_committer {
+            let new = crate::sqlite_writer::NewInstance {
+                rec: rec.clone(),
+                outbox: outbox.to_vec(),
+                audit: audit.to_vec(),
+            };
+            if let crate::pg_commit::Created::Written = committer.create(new).await {
+                return Ok(CreateOutcome::Created(rec.clone()));
+            }
+        }
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
         // ON CONFLICT on the idempotency key only: an id collision still raises. On PostgreSQL a
         // racing insert of the same key waits for the other transaction, then does nothing.
-        let inserted = sqlx::query(
-            "INSERT INTO workflow_instances (id, partner_id, template_id, template_version, status, \
-             current_step, idempotency_key, created_by, trigger_data, state, created_at, updated_at, version, mode) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-             ON CONFLICT (partner_id, idempotency_key) DO NOTHING",
-        )
-        .bind(info.id.as_str())
-        .bind(info.partner_id.as_str())
-        .bind(info.template_id.as_str())
-        .bind(info.template_version)
-        .bind(rec.state.status.as_str())
-        .bind(rec.state.current_step.map(|s| s as i64))
-        .bind(rec.idempotency_key.as_deref())
-        .bind(to_json(&info.created_by)?)
-        .bind(to_json(&info.trigger)?)
-        .bind(to_json(&rec.state)?)
-        .bind(info.created_at.0)
-        .bind(rec.updated_at.0)
-        .bind(rec.version)
-        .bind(info.mode.as_str())
-        .execute(&mut *tx)
-        .await;
+        let sql = format!(
+            "{INSERT_INSTANCE} VALUES {} ON CONFLICT (partner_id, idempotency_key) DO NOTHING",
+            values_placeholders(1, INSTANCE_WIDTH)
+        );
+        let inserted = bind_instance(sqlx::query(&sql), rec)?
+            .execute(&mut *tx)
+            .await;
         let inserted = match inserted {
             Ok(done) => done.rows_affected() > 0,
             Err(e) if is_unique_violation(&e) && rec.idempotency_key.is_some() => false,
@@ -422,9 +417,13 @@ impl Store {
                 }),
             };
         }
-        upsert_steps(&mut tx, rec).await?;
+        upsert_steps(&mut tx, &[rec]).await?;
         insert_outbox(&mut tx, outbox).await?;
-        append_audits(&mut tx, &info.partner_id, audit).await?;
+        let events: Vec<_> = audit
+            .iter()
+            .map(|d| (info.partner_id.as_str(), d))
+            .collect();
+        append_audits(&mut tx, &events, false).await?;
         tx.commit().await?;
         Ok(CreateOutcome::Created(rec.clone()))
     }
@@ -544,9 +543,10 @@ impl Store {
     /// [`Store::commit_instance_with_timers`], also storing the notification deliveries the
     /// transition queued, in the same transaction (their bus messages are in `outbox`).
     ///
-    /// On a SQLite file this goes through the group committer (see `commit.rs`): commits that
-    /// queue while a batch is being written share the next transaction, each still all or
-    /// nothing and each checked against its own expected version.
+    /// On a SQLite file this goes through the group committer (see `commit.rs`), on PostgreSQL
+    /// through the process's group-commit task (`pg_commit.rs`): commits that queue while a
+    /// batch is being written share the next transaction, each still all or nothing and each
+    /// checked against its own expected version.
     pub async fn commit_instance_with_deliveries(
         &self,
         rec: &InstanceRecord,
@@ -557,6 +557,12 @@ impl Store {
         deliveries: &[crate::notifications::NewDelivery],
     ) -> Result<(), StoreError> {
         if let Some(committer) = &self.committer {
+            // Encoded straight from the borrowed parts (no copy of the state on the way).
+            return committer
+                .commit(rec, expected_version, outbox, audit, timers, deliveries)
+                .await;
+        }
+        if let Some(committer) = &self.pg_committer {
             let commit = crate::commit::InstanceCommit {
                 rec: rec.clone(),
                 expected_version,
@@ -566,9 +572,10 @@ impl Store {
                 deliveries: deliveries.to_vec(),
             };
             return committer
-                .submit(crate::sqlite_writer::Write::Commit(commit))
+                .submit(vec![commit])
                 .await
-                .map(|_| ());
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::Database(sqlx::Error::PoolClosed)));
         }
         let mut tx = self.begin_write().await?;
         write_instance_commit(
@@ -763,11 +770,15 @@ pub(crate) async fn write_instance_commit(
             }));
         }
     }
-    upsert_steps(conn, rec).await?;
+    upsert_steps(conn, &[rec]).await?;
     insert_outbox(conn, outbox).await?;
     crate::timers::insert_timers(conn, timers).await?;
     crate::notifications::insert_deliveries(conn, deliveries).await?;
-    append_audits(conn, &info.partner_id, audit).await?;
+    let events: Vec<_> = audit
+        .iter()
+        .map(|d| (info.partner_id.as_str(), d))
+        .collect();
+    append_audits(conn, &events, false).await?;
     Ok(())
 }
 
@@ -791,6 +802,37 @@ async fn insert_template_version(
     .await
     .map_err(|e| unique_to(e, "template version", &format!("{}@{}", rec.id, rec.version)))?;
     Ok(())
+}
+
+/// The instance insert without its VALUES; [`bind_instance`] binds one row of it.
+pub(crate) const INSERT_INSTANCE: &str = "INSERT INTO workflow_instances (id, partner_id, \
+     template_id, template_version, status, current_step, idempotency_key, created_by, \
+     trigger_data, state, created_at, updated_at, version, mode)";
+
+/// Parameters of one row of [`INSERT_INSTANCE`].
+pub(crate) const INSTANCE_WIDTH: usize = 14;
+
+/// Bind `rec` as one row of [`INSERT_INSTANCE`].
+pub(crate) fn bind_instance<'q>(
+    query: Query<'q, Any, AnyArguments<'q>>,
+    rec: &'q InstanceRecord,
+) -> Result<Query<'q, Any, AnyArguments<'q>>, StoreError> {
+    let info = &rec.info;
+    Ok(query
+        .bind(info.id.as_str())
+        .bind(info.partner_id.as_str())
+        .bind(info.template_id.as_str())
+        .bind(info.template_version)
+        .bind(rec.state.status.as_str())
+        .bind(rec.state.current_step.map(|s| s as i64))
+        .bind(rec.idempotency_key.as_deref())
+        .bind(to_json(&info.created_by)?)
+        .bind(to_json(&info.trigger)?)
+        .bind(to_json(&rec.state)?)
+        .bind(info.created_at.0)
+        .bind(rec.updated_at.0)
+        .bind(rec.version)
+        .bind(info.mode.as_str()))
 }
 
 /// Mirror `state.steps` into `workflow_step_executions` (insert or overwrite each).
@@ -826,16 +868,23 @@ pub(crate) fn step_upsert_sql(rows: usize) -> String {
 /// One multi-row statement per [`STEPS_PER_UPSERT`] steps, not one per step: every statement
 /// is a round trip made while the write lock is held. Every commit names every step; a row whose
 /// values did not change is not updated (on PostgreSQL an update writes a new row version).
-async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<(), StoreError> {
-    // One row per step index (the last wins, as one statement per step would have it): a
-    // multi-row upsert may not touch a row twice.
-    let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
-        rec.state.steps.iter().map(|s| (s.index, s)).collect();
-    let steps: Vec<_> = unique.into_values().collect();
+/// Several instances' steps share the statements (PostgreSQL's group commit).
+pub(crate) async fn upsert_steps(
+    conn: &mut AnyConnection,
+    recs: &[&InstanceRecord],
+) -> Result<(), StoreError> {
+    // One row per (instance, step index) (the last wins, as one statement per step would have
+    // it): a multi-row upsert may not touch a row twice.
+    let mut steps = Vec::new();
+    for rec in recs {
+        let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
+            rec.state.steps.iter().map(|s| (s.index, s)).collect();
+        steps.extend(unique.into_values().map(|step| (*rec, step)));
+    }
     for chunk in steps.chunks(STEPS_PER_UPSERT) {
         let sql = step_upsert_sql(chunk.len());
         let mut query = sqlx::query(&sql);
-        for step in chunk {
+        for (rec, step) in chunk {
             query = query
                 .bind(rec.info.id.as_str())
                 .bind(step.index as i64)
@@ -856,10 +905,10 @@ async fn upsert_steps(conn: &mut AnyConnection, rec: &InstanceRecord) -> Result<
 }
 
 /// Rows per multi-row INSERT (at most 11 parameters a row: well under every backend's limit).
-const ROWS_PER_INSERT: usize = 64;
+pub(crate) const ROWS_PER_INSERT: usize = 64;
 
 /// `($1, $2, ...), ($k+1, ...)`: the VALUES of `rows` rows of `width` parameters.
-fn values_placeholders(rows: usize, width: usize) -> String {
+pub(crate) fn values_placeholders(rows: usize, width: usize) -> String {
     (0..rows)
         .map(|r| {
             let params: Vec<String> = (1..=width).map(|k| format!("${}", r * width + k)).collect();
@@ -909,28 +958,34 @@ async fn append_audit(
     Ok(())
 }
 
-/// [`append_audit`] for several events of one transaction: each stream's head is read once,
-/// the events are chained in order in memory, and written with one multi-row INSERT per
-/// [`ROWS_PER_INSERT`] events (a transition writes several; each statement is a round trip
-/// made while the write lock is held).
-async fn append_audits(
+/// [`append_audit`] for several events of one transaction, each with its partner (PostgreSQL's
+/// group commit writes several partners' instances at once): each stream's head is read once
+/// (all of them in one statement with `prefetch`, PostgreSQL only), the events are chained in
+/// order in memory, and written with one multi-row INSERT per [`ROWS_PER_INSERT`] events
+/// (a transition writes several; each statement is a round trip made while the write lock is
+/// held).
+pub(crate) async fn append_audits(
     conn: &mut AnyConnection,
-    partner_id: &str,
-    drafts: &[AuditDraft],
+    events: &[(&str, &AuditDraft)],
+    prefetch: bool,
 ) -> Result<(), StoreError> {
-    let mut heads: std::collections::HashMap<&str, (i64, String)> =
-        std::collections::HashMap::new();
-    // (draft, seq, prev_hash, hash), in order.
-    let mut rows: Vec<(&AuditDraft, i64, String, String)> = Vec::with_capacity(drafts.len());
-    for draft in drafts {
+    let mut heads: std::collections::HashMap<&str, (i64, String)> = if prefetch {
+        stream_heads(conn, events).await?
+    } else {
+        std::collections::HashMap::new()
+    };
+    // (partner, draft, seq, prev_hash, hash), in order.
+    let mut rows: Vec<(&str, &AuditDraft, i64, String, String)> = Vec::with_capacity(events.len());
+    for &(partner_id, draft) in events {
         let (prev_seq, prev_hash) = match heads.remove(draft.stream.as_str()) {
             Some(head) => head,
+            None if prefetch => (0, GENESIS.to_string()),
             None => stream_head(conn, partner_id, &draft.stream).await?,
         };
         let seq = prev_seq + 1;
         let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
         heads.insert(draft.stream.as_str(), (seq, hash.clone()));
-        rows.push((draft, seq, prev_hash, hash));
+        rows.push((partner_id, draft, seq, prev_hash, hash));
     }
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
@@ -939,11 +994,11 @@ async fn append_audits(
             values_placeholders(chunk.len(), 11)
         );
         let mut query = sqlx::query(&sql);
-        for (draft, seq, prev_hash, hash) in chunk {
+        for (partner_id, draft, seq, prev_hash, hash) in chunk {
             query = query
                 .bind(draft.stream.as_str())
                 .bind(*seq)
-                .bind(partner_id)
+                .bind(*partner_id)
                 .bind(draft.at.0)
                 .bind(to_json(&draft.actor)?)
                 .bind(draft.kind.as_str())
@@ -959,7 +1014,7 @@ async fn append_audits(
                     what: "audit stream",
                     id: chunk
                         .first()
-                        .map(|(d, ..)| d.stream.clone())
+                        .map(|(_, d, ..)| d.stream.clone())
                         .unwrap_or_default(),
                 }
             } else {
@@ -968,6 +1023,50 @@ async fn append_audits(
         })?;
     }
     Ok(())
+}
+
+/// The heads of every stream `events` name, in ONE statement (PostgreSQL: a LATERAL lookup per
+/// stream on the `(partner_id, stream, seq)` index); a stream without events is missing.
+async fn stream_heads<'a>(
+    conn: &mut AnyConnection,
+    events: &[(&str, &'a AuditDraft)],
+) -> Result<std::collections::HashMap<&'a str, (i64, String)>, StoreError> {
+    let mut streams: Vec<(&str, &'a str)> = Vec::new();
+    for &(partner_id, draft) in events {
+        if !streams.iter().any(|(_, s)| *s == draft.stream) {
+            streams.push((partner_id, draft.stream.as_str()));
+        }
+    }
+    let mut heads = std::collections::HashMap::new();
+    for chunk in streams.chunks(ROWS_PER_INSERT) {
+        let values = (0..chunk.len())
+            .map(|i| format!("(${}::text, ${}::text)", 2 * i + 1, 2 * i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT s.stream, h.seq, h.hash FROM (VALUES {values}) AS s (partner_id, stream) \
+             CROSS JOIN LATERAL (SELECT a.seq, a.hash FROM audit_events a \
+             WHERE a.partner_id = s.partner_id AND a.stream = s.stream \
+             ORDER BY a.seq DESC LIMIT 1) AS h"
+        );
+        let mut query = sqlx::query(&sql);
+        for (partner_id, stream) in chunk {
+            query = query.bind(*partner_id).bind(*stream);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let stream: String = row.try_get("stream")?;
+            if let Some((_, name)) = chunk.iter().find(|(_, s)| *s == stream) {
+                heads.insert(
+                    *name,
+                    (
+                        row.try_get::<i64, _>("seq")?,
+                        row.try_get::<String, _>("hash")?,
+                    ),
+                );
+            }
+        }
+    }
+    Ok(heads)
 }
 
 /// What an event's hash covers.

@@ -84,6 +84,12 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
+        if self.committer.is_some() {
+            // A SQLite file: with the instance writes, in the committer's next transaction.
+            // A write on another connection also makes the committer's connection drop its
+            // whole page cache (and its memory map) at its next transaction.
+            return self.delete_outbox(ids).await;
+        }
         let mut conn = self.write_pool().acquire().await?;
         delete(&mut conn, ids).await
     }

@@ -6,16 +6,25 @@
 //! and `COMMIT`) costs a dozen thread wake-ups while the database's one write lock is held.
 //! Here the statements run where the transaction is decided, prepared once and cached.
 //!
+//! Work is split so the one writer thread does as little as possible while it holds the lock:
+//! a [`Write`] is turned into an [`Encoded`] one on the caller's thread (every JSON document
+//! serialised, the step rows deduplicated, the audit hash's canonical JSON prepared around the
+//! two values only the writer knows: the stream's previous hash and the event's seq), and the
+//! writer only binds, steps and hashes. WAL checkpoints run on a thread of their own too (see
+//! `commit.rs`); this connection never checkpoints automatically.
+//!
 //! The SQL is the same as the portable statements in `queries.rs` (same columns, same
 //! encodings, same audit chaining), so a row written here reads back through sqlx exactly as
 //! one written there; the store's conformance suites run both paths.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{params, OpenFlags, OptionalExtension};
+use sha2::{Digest, Sha256};
 use workflow_core::audit::{chain_hash, GENESIS};
+use workflow_core::instance::StepExecution;
 
 use crate::commit::InstanceCommit;
 use crate::notifications::NewDelivery;
@@ -32,7 +41,7 @@ pub(crate) struct NewInstance {
     pub(crate) audit: Vec<AuditDraft>,
 }
 
-/// One write of a group.
+/// One write of a group, as the store's methods hand it to the committer.
 #[derive(Debug)]
 pub(crate) enum Write {
     Create(NewInstance),
@@ -52,6 +61,379 @@ pub(crate) enum Written {
     Committed,
 }
 
+/// A write ready for the writer thread: every document already serialised.
+#[derive(Debug)]
+pub(crate) enum Encoded {
+    Create(Box<CreateRows>),
+    Commit(Box<CommitRows>),
+    Enqueue(Vec<OutboxMessage>),
+    Decision(DecisionOutcome),
+    DeleteOutbox(Vec<String>),
+}
+
+/// What the writer did with an [`Encoded`] write. A create answers without its record: the
+/// caller still has it (see `Committer::submit`).
+#[derive(Debug)]
+pub(crate) enum Done {
+    Created,
+    /// The idempotency key was taken: nothing written, this is the instance holding it.
+    Existing(Box<InstanceRecord>),
+    Committed,
+}
+
+/// `Store::create_instance`'s rows.
+#[derive(Debug)]
+pub(crate) struct CreateRows {
+    id: String,
+    partner_id: String,
+    template_id: String,
+    template_version: i64,
+    status: &'static str,
+    current_step: Option<i64>,
+    idempotency_key: Option<String>,
+    created_by: String,
+    trigger: String,
+    state: String,
+    created_at: i64,
+    updated_at: i64,
+    version: i64,
+    mode: &'static str,
+    steps: Vec<StepRow>,
+    outbox: Vec<OutboxMessage>,
+    audit: Vec<AuditRow>,
+}
+
+/// An instance commit's rows (`write_instance_commit`'s).
+#[derive(Debug)]
+pub(crate) struct CommitRows {
+    id: String,
+    partner_id: String,
+    status: &'static str,
+    current_step: Option<i64>,
+    state: String,
+    updated_at: i64,
+    expected_version: i64,
+    steps: Vec<StepRow>,
+    outbox: Vec<OutboxMessage>,
+    timers: Vec<TimerRecord>,
+    deliveries: Vec<DeliveryRow>,
+    audit: Vec<AuditRow>,
+}
+
+/// A `workflow_step_executions` row.
+#[derive(Debug)]
+struct StepRow {
+    index: i64,
+    name: String,
+    step_type: &'static str,
+    status: String,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    actor: Option<String>,
+    input: Option<String>,
+    output: Option<String>,
+    error: Option<String>,
+}
+
+/// A `notification_deliveries` row.
+#[derive(Debug)]
+struct DeliveryRow {
+    id: String,
+    partner_id: String,
+    instance_id: String,
+    step_index: i64,
+    purpose: String,
+    channel: String,
+    target: String,
+    request: String,
+    wait: bool,
+    check_at: i64,
+    created_at: i64,
+}
+
+/// An `audit_events` row, without the chain columns the writer fills in.
+#[derive(Debug)]
+struct AuditRow {
+    stream: String,
+    at: i64,
+    actor: String,
+    kind: String,
+    before: String,
+    after: String,
+    reason: Option<String>,
+    hash: HashInput,
+}
+
+/// What the event's hash covers, but its seq.
+#[derive(Debug)]
+enum HashInput {
+    /// The canonical JSON (`workflow_core::audit`'s: keys sorted at every level, compact) of
+    /// the content is `head + after + mid + before + tail + seq + end`: `after` and `before`
+    /// are the columns' own JSON, which is canonical when serde_json's maps iterate in key
+    /// order (they do unless its `preserve_order` feature is on).
+    Prepared {
+        head: String,
+        mid: String,
+        tail: String,
+        end: String,
+    },
+    /// serde_json keeps insertion order in this build: hash from the draft itself.
+    Draft {
+        partner_id: String,
+        draft: Box<AuditDraft>,
+    },
+}
+
+impl Encoded {
+    /// Encode `write` (on the caller's thread). A create's record comes back: it is the
+    /// answer to the create once written, so it need not travel to the writer and back.
+    pub(crate) fn of(write: Write) -> Result<(Encoded, Option<InstanceRecord>), StoreError> {
+        Ok(match write {
+            Write::Create(new) => (Encoded::create(&new)?, Some(new.rec)),
+            Write::Commit(c) => (
+                Encoded::commit(
+                    &c.rec,
+                    c.expected_version,
+                    &c.outbox,
+                    &c.audit,
+                    &c.timers,
+                    &c.deliveries,
+                )?,
+                None,
+            ),
+            Write::Enqueue(messages) => (Encoded::Enqueue(messages), None),
+            Write::Decision(o) => (Encoded::Decision(o), None),
+            Write::DeleteOutbox(ids) => (Encoded::DeleteOutbox(ids), None),
+        })
+    }
+
+    fn create(new: &NewInstance) -> Result<Encoded, StoreError> {
+        let rec = &new.rec;
+        let info = &rec.info;
+        Ok(Encoded::Create(Box::new(CreateRows {
+            id: info.id.clone(),
+            partner_id: info.partner_id.clone(),
+            template_id: info.template_id.clone(),
+            template_version: info.template_version,
+            status: rec.state.status.as_str(),
+            current_step: rec.state.current_step.map(|s| s as i64),
+            idempotency_key: rec.idempotency_key.clone(),
+            created_by: to_json(&info.created_by)?,
+            trigger: to_json(&info.trigger)?,
+            state: to_json(&rec.state)?,
+            created_at: info.created_at.0,
+            updated_at: rec.updated_at.0,
+            version: rec.version,
+            mode: info.mode.as_str(),
+            steps: step_rows(&rec.state.steps)?,
+            outbox: new.outbox.clone(),
+            audit: audit_rows(&info.partner_id, &new.audit)?,
+        })))
+    }
+
+    /// An instance commit, from the caller's borrowed parts (nothing of the state is cloned:
+    /// it is serialised straight from the record).
+    pub(crate) fn commit(
+        rec: &InstanceRecord,
+        expected_version: i64,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+        deliveries: &[NewDelivery],
+    ) -> Result<Encoded, StoreError> {
+        let info = &rec.info;
+        Ok(Encoded::Commit(Box::new(CommitRows {
+            id: info.id.clone(),
+            partner_id: info.partner_id.clone(),
+            status: rec.state.status.as_str(),
+            current_step: rec.state.current_step.map(|s| s as i64),
+            state: to_json(&rec.state)?,
+            updated_at: rec.updated_at.0,
+            expected_version,
+            steps: step_rows(&rec.state.steps)?,
+            outbox: outbox.to_vec(),
+            timers: timers.to_vec(),
+            deliveries: deliveries
+                .iter()
+                .map(delivery_row)
+                .collect::<Result<_, _>>()?,
+            audit: audit_rows(&info.partner_id, audit)?,
+        })))
+    }
+}
+
+/// `state.steps` as rows; the last entry of a step index wins.
+fn step_rows(steps: &[StepExecution]) -> Result<Vec<StepRow>, StoreError> {
+    let unique: BTreeMap<usize, &StepExecution> = steps.iter().map(|s| (s.index, s)).collect();
+    unique
+        .into_values()
+        .map(|step| {
+            Ok(StepRow {
+                index: step.index as i64,
+                name: step.name.clone(),
+                step_type: step.step_type.as_str(),
+                status: enum_to_str(&step.status)?,
+                started_at: step.started_at.map(|t| t.0),
+                finished_at: step.finished_at.map(|t| t.0),
+                actor: step.actor.as_ref().map(to_json).transpose()?,
+                input: step.input.as_ref().map(to_json).transpose()?,
+                output: step.output.as_ref().map(to_json).transpose()?,
+                error: step.error.clone(),
+            })
+        })
+        .collect()
+}
+
+fn delivery_row(d: &NewDelivery) -> Result<DeliveryRow, StoreError> {
+    Ok(DeliveryRow {
+        id: d.id.clone(),
+        partner_id: d.partner_id.clone(),
+        instance_id: d.instance_id.clone(),
+        step_index: d.step_index,
+        purpose: d.purpose.clone(),
+        channel: d.channel.clone(),
+        target: d.target.clone(),
+        request: serde_json::to_string(&d.request)
+            .map_err(|e| StoreError::corrupt(format!("cannot encode a delivery: {e}")))?,
+        wait: d.wait,
+        check_at: d.check_at.0,
+        created_at: d.created_at.0,
+    })
+}
+
+fn audit_rows(partner_id: &str, drafts: &[AuditDraft]) -> Result<Vec<AuditRow>, StoreError> {
+    drafts
+        .iter()
+        .map(|draft| audit_row(partner_id, draft))
+        .collect()
+}
+
+fn audit_row(partner_id: &str, draft: &AuditDraft) -> Result<AuditRow, StoreError> {
+    let before = to_json(&draft.before)?;
+    let after = to_json(&draft.after)?;
+    let hash = if maps_iterate_sorted() {
+        // The same keys, in the same (sorted) order, as `workflow_core::audit`'s canonical
+        // document; pinned by `prepared_hash_is_the_chain_hash` below.
+        let mut head = String::with_capacity(64 + draft.actor.id.len());
+        head.push_str("{\"actor\":{\"id\":");
+        head.push_str(&to_json(&draft.actor.id)?);
+        head.push_str(",\"type\":");
+        head.push_str(&to_json(&draft.actor.actor_type)?);
+        head.push_str("},\"after\":");
+        let mid = format!(",\"at\":{},\"before\":", draft.at.0);
+        let tail = format!(
+            ",\"kind\":{},\"partner_id\":{},\"reason\":{},\"seq\":",
+            to_json(&draft.kind)?,
+            to_json(&partner_id)?,
+            to_json(&draft.reason)?
+        );
+        let end = format!(",\"stream\":{}}}", to_json(&draft.stream)?);
+        HashInput::Prepared {
+            head,
+            mid,
+            tail,
+            end,
+        }
+    } else {
+        HashInput::Draft {
+            partner_id: partner_id.to_string(),
+            draft: Box::new(draft.clone()),
+        }
+    };
+    Ok(AuditRow {
+        stream: draft.stream.clone(),
+        at: draft.at.0,
+        actor: to_json(&draft.actor)?,
+        kind: draft.kind.clone(),
+        before,
+        after,
+        reason: draft.reason.clone(),
+        hash,
+    })
+}
+
+/// Whether serde_json's maps iterate in key order (its `preserve_order` feature is off), so
+/// a document's compact JSON is its canonical JSON. Found out once, by trying.
+fn maps_iterate_sorted() -> bool {
+    static SORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SORTED.get_or_init(|| {
+        let mut map = serde_json::Map::new();
+        map.insert("b".to_string(), serde_json::Value::Null);
+        map.insert("a".to_string(), serde_json::Value::Null);
+        map.keys().map(String::as_str).eq(["a", "b"])
+    })
+}
+
+impl AuditRow {
+    /// `workflow_core::audit::chain_hash` of this event at `seq` after `prev_hash`.
+    fn chain_hash(&self, prev_hash: &str, seq: i64) -> String {
+        match &self.hash {
+            HashInput::Prepared {
+                head,
+                mid,
+                tail,
+                end,
+            } => {
+                let mut hasher = Sha256::new();
+                hasher.update(prev_hash.as_bytes());
+                hasher.update(b"\n");
+                hasher.update(head.as_bytes());
+                hasher.update(self.after.as_bytes());
+                hasher.update(mid.as_bytes());
+                hasher.update(self.before.as_bytes());
+                hasher.update(tail.as_bytes());
+                hasher.update(seq.to_string().as_bytes());
+                hasher.update(end.as_bytes());
+                to_hex(&hasher.finalize())
+            }
+            HashInput::Draft { partner_id, draft } => {
+                chain_hash(prev_hash, &audit_content(partner_id, draft, seq))
+            }
+        }
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+/// Why a write failed, and whether it had written anything before it did: a clean failure
+/// (the version check lost, a key taken by the first statement...) leaves nothing to undo.
+struct Failed {
+    error: StoreError,
+    clean: bool,
+}
+
+impl Failed {
+    fn clean(error: impl Into<StoreError>) -> Failed {
+        Failed {
+            error: error.into(),
+            clean: true,
+        }
+    }
+
+    fn dirty(error: impl Into<StoreError>) -> Failed {
+        Failed {
+            error: error.into(),
+            clean: false,
+        }
+    }
+
+    /// The same failure, after the write had already written something.
+    fn after_writing(self) -> Failed {
+        Failed {
+            error: self.error,
+            clean: false,
+        }
+    }
+}
+
 /// The write connection of a SQLite file (used from one thread at a time).
 pub(crate) struct SqliteWriter {
     conn: rusqlite::Connection,
@@ -59,6 +441,8 @@ pub(crate) struct SqliteWriter {
 
 impl SqliteWriter {
     /// Open `path` (an existing or new file, already in WAL mode) with the store's pragmas.
+    /// Its commits never checkpoint the WAL: [`SqliteWriter::checkpoint`] does, called from
+    /// another connection's thread (see `commit.rs`) or when the WAL grew too long.
     pub(crate) fn open(path: &Path) -> Result<SqliteWriter, StoreError> {
         let conn = rusqlite::Connection::open_with_flags(
             path,
@@ -71,34 +455,82 @@ impl SqliteWriter {
             // `execute_batch`: some pragmas answer with a row, which `execute` refuses.
             conn.execute_batch(pragma)?;
         }
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
         // Prepared statements of a multi-row group stay prepared between groups.
         conn.set_prepared_statement_cache_capacity(32);
         Ok(SqliteWriter { conn })
     }
 
-    /// Run `writes` in ONE transaction, in order, each inside a savepoint: a write that fails
-    /// is undone alone and answered with its error, the others go on. Each answer is the one
-    /// the write would have had in a transaction of its own; a write is answered only after
-    /// the transaction holding it committed. If `BEGIN` or `COMMIT` fails, every write is
-    /// retried in a transaction of its own.
-    pub(crate) fn write_group(&mut self, writes: &[Write]) -> Vec<Result<Written, StoreError>> {
-        match self.try_group(writes) {
+    /// A passive checkpoint: copy what it can of the WAL into the database file without
+    /// waiting for readers or the writer. Returns the WAL's frames and how many of them are
+    /// now in the database file.
+    pub(crate) fn checkpoint(&self) -> Result<(i64, i64), StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((row.get(1)?, row.get(2)?))
+            })?)
+    }
+
+    /// Run `writes` in ONE transaction, in order. Each answer is the one the write would
+    /// have had in a transaction of its own, and a write is answered only after the
+    /// transaction holding it committed.
+    ///
+    /// First without savepoints: a write that fails before writing anything (the usual
+    /// failure: a lost version check) is answered with its error and the group goes on. If
+    /// one fails after writing (a duplicate outbox id...), the transaction is rolled back and
+    /// the group runs again with each write in a savepoint, so that one is undone alone.
+    /// Savepoints cost a statement each way plus a sub-journal copy of every page a write
+    /// touches, so they are paid only when needed. If `BEGIN` or `COMMIT` fails, every write
+    /// is retried in a transaction of its own.
+    pub(crate) fn write_group(&mut self, writes: &[Encoded]) -> Vec<Result<Done, StoreError>> {
+        let results = match self.try_plain(writes) {
+            Ok(Some(results)) => Ok(results),
+            Ok(None) => self.try_savepoints(writes),
+            Err(e) => Err(e),
+        };
+        match results {
             Ok(results) => results,
             Err(_) => writes.iter().map(|w| self.write_alone(w)).collect(),
         }
     }
 
-    fn try_group(
+    /// The group without savepoints; `None` when a write failed after writing (the
+    /// transaction was rolled back).
+    #[allow(clippy::type_complexity)]
+    fn try_plain(
         &mut self,
-        writes: &[Write],
-    ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+        writes: &[Encoded],
+    ) -> Result<Option<Vec<Result<Done, StoreError>>>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(writes.len());
+        for write in writes {
+            match apply(&tx, write) {
+                Ok(done) => results.push(Ok(done)),
+                // Still in the transaction: some errors (IO, full disk) make SQLite roll the
+                // whole transaction back, and what follows would run in autocommit.
+                Err(f) if f.clean && !tx.is_autocommit() => results.push(Err(f.error)),
+                // Dropping `tx` rolls it back.
+                Err(_) => return Ok(None),
+            }
+        }
+        tx.commit()?;
+        Ok(Some(results))
+    }
+
+    fn try_savepoints(
+        &mut self,
+        writes: &[Encoded],
+    ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
         let mut tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(writes.len());
         for write in writes {
             let mut sp = tx.savepoint()?;
-            let result = apply(&sp, write);
+            let result = apply(&sp, write).map_err(|f| f.error);
             if result.is_err() {
                 sp.rollback()?;
             }
@@ -109,211 +541,238 @@ impl SqliteWriter {
         Ok(results)
     }
 
-    fn write_alone(&mut self, write: &Write) -> Result<Written, StoreError> {
+    fn write_alone(&mut self, write: &Encoded) -> Result<Done, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let written = apply(&tx, write)?;
+        let done = apply(&tx, write).map_err(|f| f.error)?;
         tx.commit()?;
-        Ok(written)
+        Ok(done)
     }
 }
 
-fn apply(conn: &rusqlite::Connection, write: &Write) -> Result<Written, StoreError> {
+fn apply(conn: &rusqlite::Connection, write: &Encoded) -> Result<Done, Failed> {
     match write {
-        Write::Create(new) => create(conn, new).map(|c| Written::Created(Box::new(c))),
-        Write::Commit(c) => {
-            commit(conn, c)?;
-            Ok(Written::Committed)
+        Encoded::Create(rows) => create(conn, rows),
+        Encoded::Commit(rows) => {
+            commit(conn, rows)?;
+            Ok(Done::Committed)
         }
-        Write::DeleteOutbox(ids) => {
-            let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            for id in ids {
-                stmt.execute(params![id])?;
+        Encoded::DeleteOutbox(ids) => {
+            let mut stmt = conn
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                .map_err(Failed::clean)?;
+            for (i, id) in ids.iter().enumerate() {
+                stmt.execute(params![id]).map_err(|e| Failed {
+                    error: e.into(),
+                    clean: i == 0,
+                })?;
             }
-            Ok(Written::Committed)
+            Ok(Done::Committed)
         }
-        Write::Enqueue(messages) => {
+        Encoded::Enqueue(messages) => {
             insert_outbox(conn, messages)?;
-            Ok(Written::Committed)
+            Ok(Done::Committed)
         }
-        Write::Decision(o) => {
+        Encoded::Decision(o) => {
+            // One statement: a failure leaves nothing written.
             conn.prepare_cached(
                 "INSERT INTO approval_decisions \
                  (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (decision_id) DO NOTHING",
-            )?
-            .execute(params![
-                o.decision_id,
-                o.partner_id,
-                o.instance_id,
-                o.step_index,
-                i64::from(o.accepted),
-                o.code,
-                o.message,
-                o.decided_at.0,
-            ])?;
-            Ok(Written::Committed)
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    o.decision_id,
+                    o.partner_id,
+                    o.instance_id,
+                    o.step_index,
+                    i64::from(o.accepted),
+                    o.code,
+                    o.message,
+                    o.decided_at.0,
+                ])
+            })
+            .map_err(Failed::clean)?;
+            Ok(Done::Committed)
         }
     }
 }
 
 /// `Store::create_instance`'s statements.
-fn create(conn: &rusqlite::Connection, new: &NewInstance) -> Result<CreateOutcome, StoreError> {
-    let rec = &new.rec;
-    let info = &rec.info;
+fn create(conn: &rusqlite::Connection, new: &CreateRows) -> Result<Done, Failed> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO workflow_instances (id, partner_id, template_id, template_version, status, \
              current_step, idempotency_key, created_by, trigger_data, state, created_at, updated_at, version, mode) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
              ON CONFLICT (partner_id, idempotency_key) DO NOTHING",
-        )?
-        .execute(params![
-            info.id,
-            info.partner_id,
-            info.template_id,
-            info.template_version,
-            rec.state.status.as_str(),
-            rec.state.current_step.map(|s| s as i64),
-            rec.idempotency_key,
-            to_json(&info.created_by)?,
-            to_json(&info.trigger)?,
-            to_json(&rec.state)?,
-            info.created_at.0,
-            rec.updated_at.0,
-            rec.version,
-            info.mode.as_str(),
-        ]);
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                new.id,
+                new.partner_id,
+                new.template_id,
+                new.template_version,
+                new.status,
+                new.current_step,
+                new.idempotency_key,
+                new.created_by,
+                new.trigger,
+                new.state,
+                new.created_at,
+                new.updated_at,
+                new.version,
+                new.mode,
+            ])
+        });
+    // Up to here nothing was written: a failed statement is undone by SQLite itself.
     let inserted = match inserted {
         Ok(rows) => rows > 0,
         // The key is handled by ON CONFLICT: a violation is on the id, unless the key's row
         // came from elsewhere in between; the lookup below tells which.
-        Err(e) if is_unique_violation(&e) && rec.idempotency_key.is_some() => false,
+        Err(e) if is_unique_violation(&e) && new.idempotency_key.is_some() => false,
         Err(e) if is_unique_violation(&e) => {
-            return Err(StoreError::AlreadyExists {
+            return Err(Failed::clean(StoreError::AlreadyExists {
                 what: "instance",
-                id: info.id.clone(),
-            })
+                id: new.id.clone(),
+            }))
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(Failed::clean(e)),
     };
     if !inserted {
-        let key = rec.idempotency_key.as_deref().unwrap_or_default();
-        return match instance_by_key(conn, &info.partner_id, key)? {
-            Some(existing) => Ok(CreateOutcome::Existing(existing)),
-            None => Err(StoreError::AlreadyExists {
+        let key = new.idempotency_key.as_deref().unwrap_or_default();
+        return match instance_by_key(conn, &new.partner_id, key).map_err(Failed::clean)? {
+            Some(existing) => Ok(Done::Existing(Box::new(existing))),
+            None => Err(Failed::clean(StoreError::AlreadyExists {
                 what: "instance",
-                id: info.id.clone(),
-            }),
+                id: new.id.clone(),
+            })),
         };
     }
-    upsert_steps(conn, rec)?;
-    insert_outbox(conn, &new.outbox)?;
-    append_audits(conn, &info.partner_id, &new.audit)?;
-    Ok(CreateOutcome::Created(rec.clone()))
+    let more = || -> Result<(), Failed> {
+        upsert_steps(conn, &new.id, &new.partner_id, &new.steps)?;
+        insert_outbox(conn, &new.outbox)?;
+        append_audits(conn, &new.partner_id, &new.audit)?;
+        Ok(())
+    };
+    more().map_err(Failed::after_writing)?;
+    Ok(Done::Created)
 }
 
 /// `write_instance_commit`'s statements (see there for why the UPDATE comes first).
-fn commit(conn: &rusqlite::Connection, c: &InstanceCommit) -> Result<(), StoreError> {
-    let rec = &c.rec;
-    let info = &rec.info;
+fn commit(conn: &rusqlite::Connection, c: &CommitRows) -> Result<(), Failed> {
     let owner: Option<String> = conn
         .prepare_cached(
             "UPDATE workflow_instances SET status = ?1, current_step = ?2, state = ?3, \
              updated_at = ?4, version = ?5 WHERE id = ?6 AND version = ?7 RETURNING partner_id",
-        )?
-        .query_row(
-            params![
-                rec.state.status.as_str(),
-                rec.state.current_step.map(|s| s as i64),
-                to_json(&rec.state)?,
-                rec.updated_at.0,
-                c.expected_version + 1,
-                info.id,
-                c.expected_version,
-            ],
-            |row| row.get(0),
         )
-        .optional()?;
+        .and_then(|mut stmt| {
+            stmt.query_row(
+                params![
+                    c.status,
+                    c.current_step,
+                    c.state,
+                    c.updated_at,
+                    c.expected_version + 1,
+                    c.id,
+                    c.expected_version,
+                ],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .map_err(Failed::clean)?;
     match owner {
-        Some(owner) if owner == info.partner_id => {}
-        Some(_) => return Err(not_found(&info.id)),
+        Some(owner) if owner == c.partner_id => {}
+        // Another partner's row: the UPDATE did change it, so this write is not clean.
+        Some(_) => return Err(Failed::dirty(not_found(&c.id))),
         None => {
+            // The version check lost (or there is no such row): nothing was written.
             let owner: Option<String> = conn
-                .prepare_cached("SELECT partner_id FROM workflow_instances WHERE id = ?1")?
-                .query_row(params![info.id], |row| row.get(0))
-                .optional()?;
-            return Err(match owner {
-                Some(owner) if owner == info.partner_id => StoreError::Conflict {
+                .prepare_cached("SELECT partner_id FROM workflow_instances WHERE id = ?1")
+                .and_then(|mut stmt| stmt.query_row(params![c.id], |row| row.get(0)).optional())
+                .map_err(Failed::clean)?;
+            return Err(Failed::clean(match owner {
+                Some(owner) if owner == c.partner_id => StoreError::Conflict {
                     what: "instance",
-                    id: info.id.clone(),
+                    id: c.id.clone(),
                 },
-                _ => not_found(&info.id),
-            });
+                _ => not_found(&c.id),
+            }));
         }
     }
-    upsert_steps(conn, rec)?;
-    insert_outbox(conn, &c.outbox)?;
-    insert_timers(conn, &c.timers)?;
-    insert_deliveries(conn, &c.deliveries)?;
-    append_audits(conn, &info.partner_id, &c.audit)?;
-    Ok(())
+    let more = || -> Result<(), Failed> {
+        upsert_steps(conn, &c.id, &c.partner_id, &c.steps)?;
+        insert_outbox(conn, &c.outbox)?;
+        insert_timers(conn, &c.timers)?;
+        insert_deliveries(conn, &c.deliveries)?;
+        append_audits(conn, &c.partner_id, &c.audit)?;
+        Ok(())
+    };
+    more().map_err(Failed::after_writing)
 }
 
-/// Mirror `state.steps` into `workflow_step_executions`; the last entry of a step index wins.
-/// A row whose values did not change is left alone (no page dirtied for it).
-fn upsert_steps(conn: &rusqlite::Connection, rec: &InstanceRecord) -> Result<(), StoreError> {
-    let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
-        rec.state.steps.iter().map(|s| (s.index, s)).collect();
+/// Mirror the instance's steps into `workflow_step_executions`. A row whose values did not
+/// change is left alone (no page dirtied for it).
+fn upsert_steps(
+    conn: &rusqlite::Connection,
+    instance_id: &str,
+    partner_id: &str,
+    steps: &[StepRow],
+) -> Result<(), Failed> {
     // SQLite numbers `$1`...`$12` by first appearance, so they bind positionally.
     static SQL: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| crate::queries::step_upsert_sql(1));
-    let mut stmt = conn.prepare_cached(&SQL)?;
-    for step in unique.into_values() {
+    let mut stmt = conn.prepare_cached(&SQL).map_err(Failed::clean)?;
+    for (i, step) in steps.iter().enumerate() {
         stmt.execute(params![
-            rec.info.id,
-            step.index as i64,
-            rec.info.partner_id,
+            instance_id,
+            step.index,
+            partner_id,
             step.name,
-            step.step_type.as_str(),
-            enum_to_str(&step.status)?,
-            step.started_at.map(|t| t.0),
-            step.finished_at.map(|t| t.0),
-            step.actor.as_ref().map(to_json).transpose()?,
-            step.input.as_ref().map(to_json).transpose()?,
-            step.output.as_ref().map(to_json).transpose()?,
+            step.step_type,
+            step.status,
+            step.started_at,
+            step.finished_at,
+            step.actor,
+            step.input,
+            step.output,
             step.error,
-        ])?;
+        ])
+        .map_err(|e| Failed {
+            error: e.into(),
+            clean: i == 0,
+        })?;
     }
     Ok(())
 }
 
-fn insert_outbox(
-    conn: &rusqlite::Connection,
-    messages: &[OutboxMessage],
-) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO outbox (id, topic, msg_key, payload) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    for m in messages {
+fn insert_outbox(conn: &rusqlite::Connection, messages: &[OutboxMessage]) -> Result<(), Failed> {
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO outbox (id, topic, msg_key, payload) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(Failed::clean)?;
+    for (i, m) in messages.iter().enumerate() {
         stmt.execute(params![m.id, m.topic, m.key, m.payload])
-            .map_err(|e| {
-                on_unique(e, || StoreError::AlreadyExists {
+            .map_err(|e| Failed {
+                error: on_unique(e, || StoreError::AlreadyExists {
                     what: "outbox message",
                     id: m.id.clone(),
-                })
+                }),
+                clean: i == 0,
             })?;
     }
     Ok(())
 }
 
-fn insert_timers(conn: &rusqlite::Connection, timers: &[TimerRecord]) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, kind, due_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-    )?;
-    for t in timers {
+fn insert_timers(conn: &rusqlite::Connection, timers: &[TimerRecord]) -> Result<(), Failed> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, kind, due_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
+        )
+        .map_err(Failed::clean)?;
+    for (i, t) in timers.iter().enumerate() {
         stmt.execute(params![
             t.id,
             t.partner_id,
@@ -322,25 +781,29 @@ fn insert_timers(conn: &rusqlite::Connection, timers: &[TimerRecord]) -> Result<
             t.step_type,
             t.kind,
             t.due_at.0
-        ])?;
+        ])
+        .map_err(|e| Failed {
+            error: e.into(),
+            clean: i == 0,
+        })?;
     }
     Ok(())
 }
 
 fn insert_deliveries(
     conn: &rusqlite::Connection,
-    deliveries: &[NewDelivery],
-) -> Result<(), StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO notification_deliveries (id, partner_id, instance_id, step_index, purpose, \
-         channel, target, request, wait, status, attempts, round_failures, next_check_at, \
-         created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', 0, 0, ?10, ?11, ?11) \
-         ON CONFLICT (id) DO NOTHING",
-    )?;
-    for d in deliveries {
-        let request = serde_json::to_string(&d.request)
-            .map_err(|e| StoreError::corrupt(format!("cannot encode a delivery: {e}")))?;
+    deliveries: &[DeliveryRow],
+) -> Result<(), Failed> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO notification_deliveries (id, partner_id, instance_id, step_index, purpose, \
+             channel, target, request, wait, status, attempts, round_failures, next_check_at, \
+             created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', 0, 0, ?10, ?11, ?11) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .map_err(Failed::clean)?;
+    for (i, d) in deliveries.iter().enumerate() {
         stmt.execute(params![
             d.id,
             d.partner_id,
@@ -349,54 +812,55 @@ fn insert_deliveries(
             d.purpose,
             d.channel,
             d.target,
-            request,
+            d.request,
             i64::from(d.wait),
-            d.check_at.0,
-            d.created_at.0,
-        ])?;
+            d.check_at,
+            d.created_at,
+        ])
+        .map_err(|e| Failed {
+            error: e.into(),
+            clean: i == 0,
+        })?;
     }
     Ok(())
 }
 
-/// Chain `drafts` onto their streams: each stream's head read once, then one INSERT per event.
+/// Chain `rows` onto their streams: each stream's head read once, then one INSERT per event.
 fn append_audits(
     conn: &rusqlite::Connection,
     partner_id: &str,
-    drafts: &[AuditDraft],
-) -> Result<(), StoreError> {
+    rows: &[AuditRow],
+) -> Result<(), Failed> {
     let mut heads: HashMap<&str, (i64, String)> = HashMap::new();
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, \
-         after_doc, reason, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?;
-    for draft in drafts {
-        let (prev_seq, prev_hash) = match heads.remove(draft.stream.as_str()) {
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, \
+             after_doc, reason, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .map_err(Failed::clean)?;
+    for (i, row) in rows.iter().enumerate() {
+        let (prev_seq, prev_hash) = match heads.remove(row.stream.as_str()) {
             Some(head) => head,
-            None => stream_head(conn, partner_id, &draft.stream)?,
+            None => stream_head(conn, partner_id, &row.stream).map_err(|error| Failed {
+                error,
+                clean: i == 0,
+            })?,
         };
         let seq = prev_seq + 1;
-        let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
+        let hash = row.chain_hash(&prev_hash, seq);
         insert
             .execute(params![
-                draft.stream,
-                seq,
-                partner_id,
-                draft.at.0,
-                to_json(&draft.actor)?,
-                draft.kind,
-                to_json(&draft.before)?,
-                to_json(&draft.after)?,
-                draft.reason,
-                prev_hash,
-                hash,
+                row.stream, seq, partner_id, row.at, row.actor, row.kind, row.before, row.after,
+                row.reason, prev_hash, hash,
             ])
-            .map_err(|e| {
-                on_unique(e, || StoreError::Conflict {
+            .map_err(|e| Failed {
+                error: on_unique(e, || StoreError::Conflict {
                     what: "audit stream",
-                    id: draft.stream.clone(),
-                })
+                    id: row.stream.clone(),
+                }),
+                clean: i == 0,
             })?;
-        heads.insert(draft.stream.as_str(), (seq, hash));
+        heads.insert(row.stream.as_str(), (seq, hash));
     }
     Ok(())
 }
@@ -441,4 +905,57 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
             if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                 || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use workflow_core::instance::{ActorRef, ActorType};
+    use workflow_core::Timestamp;
+
+    use super::*;
+
+    fn draft(
+        before: serde_json::Value,
+        after: serde_json::Value,
+        reason: Option<&str>,
+    ) -> AuditDraft {
+        AuditDraft {
+            stream: "instance:0190-\"ü\"".to_string(),
+            at: Timestamp(1_764_000_000_123),
+            actor: ActorRef {
+                id: "usr_\\a\nb".to_string(),
+                actor_type: ActorType::Agent,
+            },
+            kind: "step.completed".to_string(),
+            before,
+            after,
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    /// The prepared canonical JSON hashes exactly as `workflow_core::audit::chain_hash`.
+    #[test]
+    fn prepared_hash_is_the_chain_hash() {
+        let drafts = [
+            draft(json!(null), json!({}), None),
+            draft(
+                json!({"z": 1, "a": [true, null, 1.5, -2, {"y": "x", "b": "é\u{1F600}\t"}]}),
+                json!({"status": "running", "steps": [{"index": 0, "output": {"ok": 1e300}}]}),
+                Some("because \"quoted\""),
+            ),
+            draft(json!("text"), json!([[], {}]), Some("")),
+        ];
+        for (i, d) in drafts.iter().enumerate() {
+            let row = audit_row("prt_1", d).expect("encodes");
+            assert!(matches!(row.hash, HashInput::Prepared { .. }));
+            for (seq, prev) in [(1, GENESIS), (42, "ab12"), (i64::MAX, "")] {
+                assert_eq!(
+                    row.chain_hash(prev, seq),
+                    chain_hash(prev, &audit_content("prt_1", d, seq)),
+                    "draft {i}, seq {seq}"
+                );
+            }
+        }
+    }
 }

@@ -36,6 +36,7 @@ crate::both_backends!(
     timers_fire_once_under_concurrent_schedulers,
     decision_outcomes_keep_the_first,
     group_commit_answers_each_commit_as_alone,
+    group_commit_refuses_alone_and_chains_every_stream,
 );
 
 // ------------------------------------------------------------------------------- fixtures
@@ -641,6 +642,37 @@ async fn racing_creates_with_one_key_create_once(store: Store) -> TestResult {
             .len(),
         1
     );
+
+    // Racing creates of different keys and partners (on PostgreSQL they share group
+    // transactions): every one is written whole, with a valid chain of its own.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let partner = if i % 2 == 0 { "p1" } else { "p2" };
+            let rec = instance(partner, "t1", Some(&format!("k{i}")));
+            let outcome = store
+                .create_instance(
+                    &rec,
+                    &[message(&rec.info.id)],
+                    &[draft(&instance_stream(&rec), "instance.created", json!({}))],
+                )
+                .await?;
+            Ok::<_, StoreError>((rec, outcome))
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let (rec, outcome) = joined??;
+        assert_eq!(outcome, CreateOutcome::Created(rec.clone()));
+        let partner = rec.info.partner_id.as_str();
+        assert_eq!(
+            store.get_instance(partner, &rec.info.id).await?,
+            Some(rec.clone())
+        );
+        let trail = store.list_audit(partner, &instance_stream(&rec)).await?;
+        assert_eq!(verify_audit_chain(&trail), Ok(1));
+    }
+    assert_eq!(store.fetch_outbox(0).await?.len(), 17);
     Ok(())
 }
 
@@ -1182,6 +1214,149 @@ async fn decision_outcomes_keep_the_first(store: Store) -> TestResult {
         None,
         "tenancy"
     );
+    Ok(())
+}
+
+/// A group of distinct instances of two partners where some commits are refused before
+/// writing (a stale version, an unknown instance, another partner's instance id): those are
+/// answered alone and write nothing; every other commit is written with its steps, outbox rows
+/// and audit events, each stream's chain continuing from its own head (one stream already
+/// three events long, the others new since their create).
+async fn group_commit_refuses_alone_and_chains_every_stream(store: Store) -> TestResult {
+    let recs = [
+        instance("p1", "t1", None),
+        instance("p2", "t1", None),
+        instance("p1", "t1", None),
+        instance("p2", "t1", None),
+    ];
+    for rec in &recs {
+        created(&store, rec).await?;
+    }
+    // recs[0]'s stream gets longer first, so its head is not the create's.
+    let first = advanced(&recs[0], InstanceStatus::Waiting);
+    let events = [
+        draft(
+            &instance_stream(&recs[0]),
+            "instance.advanced",
+            json!({"n": 1}),
+        ),
+        draft(
+            &instance_stream(&recs[0]),
+            "instance.advanced",
+            json!({"n": 2}),
+        ),
+    ];
+    store
+        .commit_instance(&first, 1, &[message(&recs[0].info.id)], &events)
+        .await?;
+    let commit = |rec: &InstanceRecord, expected_version: i64| InstanceCommit {
+        rec: advanced(rec, InstanceStatus::Waiting),
+        expected_version,
+        outbox: vec![message(&rec.info.id)],
+        audit: vec![draft(&instance_stream(rec), "instance.advanced", json!({}))],
+        timers: vec![],
+        deliveries: vec![],
+    };
+    let unknown = instance("p1", "t1", None);
+    let mut foreign = advanced(&recs[3], InstanceStatus::Waiting);
+    foreign.info.partner_id = "p1".into();
+    let group = [
+        commit(&first, 2),
+        commit(&recs[1], 1),
+        // Stale: recs[2] is at version 1.
+        commit(&recs[2], 7),
+        commit(&unknown, 1),
+        InstanceCommit {
+            rec: foreign,
+            ..commit(&recs[3], 1)
+        },
+    ];
+    let results = store.commit_instances(&group).await;
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    assert!(
+        matches!(
+            results[2],
+            Err(StoreError::Conflict {
+                what: "instance",
+                ..
+            })
+        ),
+        "{:?}",
+        results[2]
+    );
+    for r in &results[3..] {
+        assert!(
+            matches!(
+                r,
+                Err(StoreError::NotFound {
+                    what: "instance",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    assert_eq!(
+        store.get_instance("p1", &recs[0].info.id).await?.unwrap(),
+        group[0].rec
+    );
+    assert_eq!(
+        store.get_instance("p2", &recs[1].info.id).await?.unwrap(),
+        group[1].rec
+    );
+    assert_eq!(
+        store.get_instance("p1", &recs[2].info.id).await?.unwrap(),
+        recs[2]
+    );
+    assert_eq!(
+        store.get_instance("p2", &recs[3].info.id).await?.unwrap(),
+        recs[3]
+    );
+    assert_eq!(store.get_instance("p1", &unknown.info.id).await?, None);
+    let mirrored = |id: String| {
+        let store = store.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM workflow_step_executions WHERE instance_id = $1",
+            )
+            .bind(id)
+            .fetch_one(store.pool())
+            .await
+        }
+    };
+    assert_eq!(
+        mirrored(recs[1].info.id.clone()).await?,
+        2,
+        "written: both steps mirrored"
+    );
+    assert_eq!(
+        mirrored(recs[2].info.id.clone()).await?,
+        1,
+        "refused: only the create's step"
+    );
+
+    let outbox: Vec<String> = store
+        .fetch_outbox(0)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    // 4 creates, the first commit, then the two written commits of the group, in order.
+    assert_eq!(outbox.len(), 7, "{outbox:?}");
+    assert_eq!(outbox[5], group[0].outbox[0].id);
+    assert_eq!(outbox[6], group[1].outbox[0].id);
+
+    for (partner, rec, events) in [
+        ("p1", &recs[0], 4),
+        ("p2", &recs[1], 2),
+        ("p1", &recs[2], 1),
+        ("p2", &recs[3], 1),
+    ] {
+        let trail = store.list_audit(partner, &instance_stream(rec)).await?;
+        assert_eq!(verify_audit_chain(&trail), Ok(events), "{}", rec.info.id);
+    }
     Ok(())
 }
 

@@ -1,0 +1,229 @@
+//! An approve call waiting in the `api` process is woken by PostgreSQL `NOTIFY` when the
+//! approval pool, in another process, records the outcome: two engines on two stores of one
+//! database, the api's with the listener the distributed `api` runs
+//! ([`payos_workflows::distributed::run_decision_listener`]), the pool's applying decisions.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+use workflow_core::instance::{ActorRef, ActorType, Verdict};
+use workflow_core::machine::Decider;
+use workflow_core::validate::Limits;
+use workflow_core::{InstanceStatus, Timestamp};
+use workflow_engine::{
+    DecisionCommand, DecisionResult, Engine, StepMessage, SystemClock, DECISION_TOPIC,
+};
+use workflow_store::records::{AuditDraft, PartnerRecord, TemplateRecord};
+use workflow_store::Store;
+
+/// The bound on "promptly": generous for a shared machine, yet well under the 250 ms safety
+/// poll a waiting call falls back to while the listener is connected.
+const PROMPT: Duration = Duration::from_millis(120);
+/// How long a step of the setup may take.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+fn actor(id: &str) -> ActorRef {
+    ActorRef {
+        id: id.into(),
+        actor_type: ActorType::Human,
+    }
+}
+
+async fn store(url: &str) -> Store {
+    let store = Store::connect(url).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Partner `p` and template `t`: one approval step for the `cfo` role.
+async fn seed(store: &Store) {
+    let now = Timestamp(1);
+    store
+        .create_partner(&PartnerRecord {
+            id: "p".into(),
+            name: "p".into(),
+            created_at: now,
+        })
+        .await
+        .expect("partner");
+    let doc = json!({
+        "name": "One approval",
+        "trigger_type": "manual",
+        "steps": [{
+            "type": "approval",
+            "name": "CFO Approval",
+            "config": {"approvers": {"type": "role", "value": "cfo"}, "timeout_hours": 48}
+        }]
+    });
+    let audit = AuditDraft {
+        stream: "template:t".into(),
+        at: now,
+        actor: actor("rita"),
+        kind: "template.created".into(),
+        before: json!(null),
+        after: json!({}),
+        reason: None,
+    };
+    let tpl = TemplateRecord {
+        id: "t".into(),
+        partner_id: "p".into(),
+        version: 1,
+        name: "One approval".into(),
+        trigger_type: "manual".into(),
+        active: true,
+        doc,
+        created_at: now,
+        created_by: "rita".into(),
+    };
+    store.insert_template(&tpl, &audit).await.expect("template");
+}
+
+/// Play the relay and the step pools: run the queued step commands on `pool`, return the
+/// decision commands queued meanwhile, and forget everything taken.
+async fn drain(pool: &Engine) -> Vec<DecisionCommand> {
+    let store = pool.store();
+    let rows = store.fetch_outbox(0).await.expect("outbox");
+    let mut decisions = Vec::new();
+    for row in &rows {
+        if row.topic == DECISION_TOPIC {
+            decisions.push(DecisionCommand::decode(&row.payload).expect("decision command"));
+        } else if row.topic.starts_with("workflow.steps.") {
+            if let StepMessage::Execute(cmd) = StepMessage::decode(&row.payload).expect("step") {
+                pool.execute_step(&cmd).await.expect("execute step");
+            }
+        }
+    }
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    store.delete_outbox(&ids).await.expect("delete outbox");
+    decisions
+}
+
+async fn listening_backends(store: &Store) -> i64 {
+    sqlx::query(
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("pg_stat_activity")
+    .try_get("n")
+    .expect("count")
+}
+
+/// Two engines on one fresh database, seeded: the api's and the approval pool's.
+async fn engines() -> (String, Engine, Engine) {
+    let url = workflow_testkit::postgres_url()
+        .await
+        .expect("PostgreSQL for tests");
+    // Separate stores, separate engines, as in separate processes.
+    let api = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock));
+    let pool = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock));
+    seed(api.store()).await;
+    (url, api, pool)
+}
+
+/// Start an instance, let the pool bring it to its approval, approve it through `api` and
+/// have `pool` apply the decision while the call waits. How long after the outcome was
+/// recorded the call returned.
+async fn approve_one(api: &Engine, pool: &Engine, round: usize) -> Duration {
+    let cfo = Decider {
+        actor: actor("carol"),
+        roles: vec!["cfo".into()],
+    };
+    let started = api
+        .start_instance(
+            "p",
+            &actor("rita"),
+            "t",
+            json!({"id": format!("tr_{round}"), "amount": 5000}),
+            None,
+            Default::default(),
+        )
+        .await
+        .expect("start");
+    let id = started.instance.info.id.clone();
+    assert!(drain(pool).await.is_empty());
+
+    let waiting = {
+        let (api, id) = (api.clone(), id.clone());
+        tokio::spawn(async move {
+            let result = api
+                .submit_decision("p", &id, 0, &cfo, Verdict::Approve, None, PATIENCE)
+                .await;
+            (result, Instant::now())
+        })
+    };
+    let cmd = loop {
+        if let Some(cmd) = drain(pool).await.pop() {
+            break cmd;
+        }
+        assert!(!waiting.is_finished(), "the call returned before queueing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Let the call settle into its wait.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered before the outcome existed"
+    );
+
+    pool.apply_decision(&cmd).await.expect("apply");
+    let recorded = Instant::now();
+    let (result, returned) = waiting.await.expect("waiting call");
+    match result.expect("submit_decision") {
+        DecisionResult::Accepted(rec) => {
+            assert_eq!(rec.info.id, id);
+            assert_eq!(rec.state.status, InstanceStatus::Completed);
+        }
+        other => panic!("round {round}: expected accepted, got {other:?}"),
+    }
+    returned.saturating_duration_since(recorded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_approval_wakes_on_another_process_outcome() {
+    let (url, api, pool) = engines().await;
+    let token = CancellationToken::new();
+    let listener = tokio::spawn(payos_workflows::distributed::run_decision_listener(
+        api.clone(),
+        url.clone(),
+        token.clone(),
+    ));
+    let deadline = Instant::now() + PATIENCE;
+    while !api.decisions_signalled() {
+        assert!(Instant::now() < deadline, "the listener did not connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(listening_backends(api.store()).await, 1);
+
+    // Several rounds: with only the 250 ms safety poll, a round could return in time by luck.
+    for round in 0..3 {
+        let took = approve_one(&api, &pool, round).await;
+        assert!(
+            took < PROMPT,
+            "round {round}: the call returned {took:?} after the outcome was recorded"
+        );
+    }
+
+    token.cancel();
+    listener.await.expect("listener task").expect("listener");
+    assert!(!api.decisions_signalled());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_signal_the_waiting_call_still_finds_the_outcome() {
+    let (_url, api, pool) = engines().await;
+    // No listener: the call polls every 20 ms.
+    let took = approve_one(&api, &pool, 0).await;
+    assert!(took < PROMPT, "without a listener: {took:?}");
+    // "Listening", but the notification never comes (lost while reconnecting): the safety
+    // poll finds the outcome.
+    api.set_decisions_signalled(true);
+    let took = approve_one(&api, &pool, 1).await;
+    assert!(took < PATIENCE, "with a lost notification: {took:?}");
+}

@@ -1,0 +1,424 @@
+//! Group commit on PostgreSQL: the instance commits of one process that queue while a group is
+//! being written share the next transaction, and its statements.
+//!
+//! A distributed pool process runs several consumer-group members, each committing one
+//! transition at a time; alone, a commit is `BEGIN`, the version-checked `UPDATE`, the step
+//! upsert, the outbox insert, the audit head read and insert, `COMMIT`: seven round trips, each
+//! a statement PostgreSQL parses, plans and runs (its per-statement cost, not the rows, was
+//! most of its CPU in the distributed bench). [`PgCommitter`] is one task per process that takes
+//! every commit queued so far and writes them with one statement per table: one `UPDATE ...
+//! FROM (VALUES ...)` checks every commit's expected version at once, one statement reads every
+//! audit stream's head, then one multi-row statement each for steps, outbox, timers,
+//! deliveries and audit events.
+//!
+//! Each commit still gets exactly the answer it would have had alone: one whose version no
+//! longer matches (or whose instance is unknown) writes nothing and is answered `Conflict`
+//! (`NotFound`) while the others commit; any other failure rolls the group back and its commits
+//! are retried one transaction each (`commit::commit_each`). A commit is answered only after
+//! the transaction holding it committed. Two commits of the same instance never share a group
+//! (a multi-row `UPDATE` cannot apply both in order): the later one goes to the next group.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::commit::{commit_each, InstanceCommit};
+use crate::queries::{
+    append_audits, bind_instance, insert_outbox, to_json, upsert_steps, values_placeholders,
+    INSERT_INSTANCE, INSTANCE_WIDTH,
+};
+use crate::sqlite_writer::NewInstance;
+use crate::{Backend, StoreError};
+
+/// Most commits in one group: bounds a statement's parameters (7 per commit in the `UPDATE`)
+/// and the work lost to one failure.
+const MAX_GROUP: usize = 128;
+
+/// Writes queued for the task, and where their answers go.
+enum Job {
+    /// Commits that must share a group.
+    Commits {
+        commits: Vec<InstanceCommit>,
+        reply: oneshot::Sender<Vec<Result<(), StoreError>>>,
+    },
+    /// A new instance.
+    Create {
+        new: Box<NewInstance>,
+        reply: oneshot::Sender<Created>,
+    },
+}
+
+/// What the group did with a create.
+#[derive(Debug)]
+pub(crate) enum Created {
+    /// Written, with its outbox messages and audit events.
+    Written,
+    /// Not written: its id or idempotency key was taken (by another instance, or by an
+    /// earlier create of the same group), or the group failed. The caller writes it alone,
+    /// which answers it exactly as without the group (`Existing`, `AlreadyExists`, the
+    /// error).
+    Alone,
+}
+
+/// The queue of the process's group-commit task. Cheap to clone; the task ends when every
+/// clone is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct PgCommitter {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Commits { commits, .. } => write!(f, "Commits({})", commits.len()),
+            Job::Create { new, .. } => write!(f, "Create({})", new.rec.info.id),
+        }
+    }
+}
+
+impl PgCommitter {
+    /// Start the task on the current tokio runtime; it writes through `pool`.
+    pub(crate) fn start(pool: AnyPool) -> PgCommitter {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, queue));
+        PgCommitter { jobs }
+    }
+
+    /// Queue commits and wait until the transaction holding them committed (or they failed);
+    /// one answer per commit, in order.
+    pub(crate) async fn submit(&self, commits: Vec<InstanceCommit>) -> Vec<Result<(), StoreError>> {
+        let count = commits.len();
+        let (reply, answer) = oneshot::channel();
+        if self.jobs.send(Job::Commits { commits, reply }).is_err() {
+            return (0..count).map(|_| Err(closed())).collect();
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| (0..count).map(|_| Err(closed())).collect())
+    }
+
+    /// Queue a create and wait until the transaction holding it committed (or the group
+    /// failed, or the task is gone: [`Created::Alone`]).
+    pub(crate) async fn create(&self, new: NewInstance) -> Created {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .jobs
+            .send(Job::Create {
+                new: Box::new(new),
+                reply,
+            })
+            .is_err()
+        {
+            return Created::Alone;
+        }
+        answer.await.unwrap_or(Created::Alone)
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Database(sqlx::Error::PoolClosed)
+}
+
+async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = queue.recv().await {
+        let mut jobs = vec![first];
+        let mut size = 1;
+        while size < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => {
+                    size += match &job {
+                        Job::Commits { commits, .. } => commits.len(),
+                        Job::Create { .. } => 1,
+                    };
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        // Creates and commits are never of the same instance (a commit needs its create
+        // answered first), so writing the creates first keeps every answer as it was.
+        let mut creates = Vec::new();
+        let mut commits = Vec::new();
+        let mut replies = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Create { new, reply } => creates.push((*new, reply)),
+                Job::Commits { commits: c, reply } => {
+                    replies.push((reply, c.len()));
+                    commits.extend(c);
+                }
+            }
+        }
+        if !creates.is_empty() {
+            let (news, reply_to): (Vec<_>, Vec<_>) = creates.into_iter().unzip();
+            let answers = write_creates(&pool, &news).await;
+            for (reply, answer) in reply_to.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+        let mut results = Vec::with_capacity(commits.len());
+        for batch in batches(&commits) {
+            results.extend(write_batch(&pool, batch).await);
+        }
+        let mut results = results.into_iter();
+        for (reply, count) in replies {
+            // The caller may have gone away (its request was dropped): nothing to tell.
+            let _ = reply.send(results.by_ref().take(count).collect());
+        }
+    }
+}
+
+/// Write `news` in one transaction: one multi-row insert that skips any whose id or
+/// idempotency key is taken, then the written ones' steps, outbox rows and audit events. Any
+/// failure writes nothing and sends every create back to be written alone.
+async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
+    let written = async {
+        let mut conn = pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let inserted = insert_instances(&mut tx, news).await?;
+        let new: Vec<&NewInstance> = news
+            .iter()
+            .filter(|n| inserted.contains(n.rec.info.id.as_str()))
+            .collect();
+        let recs: Vec<_> = new.iter().map(|n| &n.rec).collect();
+        upsert_steps(&mut tx, &recs).await?;
+        let outbox: Vec<_> = new.iter().flat_map(|n| n.outbox.clone()).collect();
+        insert_outbox(&mut tx, &outbox).await?;
+        let events: Vec<_> = new
+            .iter()
+            .flat_map(|n| n.audit.iter().map(|d| (n.rec.info.partner_id.as_str(), d)))
+            .collect();
+        append_audits(&mut tx, &events, true).await?;
+        tx.commit().await?;
+        Ok::<_, StoreError>(inserted)
+    }
+    .await
+    .unwrap_or_default();
+    news.iter()
+        .map(|n| {
+            if written.contains(n.rec.info.id.as_str()) {
+                Created::Written
+            } else {
+                Created::Alone
+            }
+        })
+        .collect()
+}
+
+/// Insert every instance of `news` whose id and idempotency key are free, in ONE statement;
+/// returns the ids inserted.
+async fn insert_instances(
+    conn: &mut AnyConnection,
+    news: &[NewInstance],
+) -> Result<HashSet<String>, StoreError> {
+    let sql = format!(
+        "{INSERT_INSTANCE} VALUES {} ON CONFLICT DO NOTHING RETURNING id",
+        values_placeholders(news.len(), INSTANCE_WIDTH)
+    );
+    let mut query = sqlx::query(&sql);
+    for n in news {
+        query = bind_instance(query, &n.rec)?;
+    }
+    let mut inserted = HashSet::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        inserted.insert(row.try_get::<String, _>("id")?);
+    }
+    Ok(inserted)
+}
+
+/// Consecutive runs of `commits` in which no instance appears twice, in order.
+fn batches(commits: &[InstanceCommit]) -> Vec<&[InstanceCommit]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < commits.len() {
+        let mut seen = HashSet::new();
+        let mut end = start;
+        while end < commits.len() && seen.insert(commits[end].rec.info.id.as_str()) {
+            end += 1;
+        }
+        out.push(&commits[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// Write one batch (distinct instances) in one transaction; see the module docs.
+async fn write_batch(pool: &AnyPool, commits: &[InstanceCommit]) -> Vec<Result<(), StoreError>> {
+    if commits.len() == 1 {
+        // Alone, the plain path is as many statements and keeps its exact behaviour.
+        return commit_each(pool, Backend::Postgres, commits).await;
+    }
+    let Ok(mut conn) = pool.acquire().await else {
+        return commit_each(pool, Backend::Postgres, commits).await;
+    };
+    let written = match conn.begin().await {
+        Ok(mut tx) => match write_many(&mut tx, commits).await {
+            Ok(refused) => match tx.commit().await {
+                Ok(()) => Some(refused),
+                Err(_) => None,
+            },
+            Err(_) => {
+                let _ = tx.rollback().await;
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    match written {
+        Some(refused) => refused
+            .into_iter()
+            .map(|r| match r {
+                Some(e) => Err(e),
+                None => Ok(()),
+            })
+            .collect(),
+        // Something failed after writing started: each commit gets its own transaction and
+        // answer (a duplicate outbox id, an audit race, a lost connection...).
+        None => {
+            drop(conn);
+            commit_each(pool, Backend::Postgres, commits).await
+        }
+    }
+}
+
+/// The statements of a batch inside `conn`'s transaction. `Ok` holds, per commit, why it was
+/// refused before writing anything (`None`: written); `Err` means the transaction must be
+/// rolled back.
+async fn write_many(
+    conn: &mut AnyConnection,
+    commits: &[InstanceCommit],
+) -> Result<Vec<Option<StoreError>>, StoreError> {
+    let updated = update_instances(conn, commits).await?;
+    let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(commits.len());
+    let mut missing = Vec::new();
+    for c in commits {
+        let info = &c.rec.info;
+        if updated.contains(info.id.as_str()) {
+            refused.push(None);
+        } else {
+            // Stale (`Conflict`), or unknown or another partner's (`NotFound`): read below.
+            missing.push(info.id.as_str());
+            refused.push(Some(not_found(&info.id)));
+        }
+    }
+    if !missing.is_empty() {
+        let existing = owners_of(conn, &missing).await?;
+        for (c, r) in commits.iter().zip(refused.iter_mut()) {
+            let info = &c.rec.info;
+            if r.is_some() && existing.get(info.id.as_str()) == Some(&info.partner_id) {
+                *r = Some(StoreError::Conflict {
+                    what: "instance",
+                    id: info.id.clone(),
+                });
+            }
+        }
+    }
+    let written: Vec<&InstanceCommit> = commits
+        .iter()
+        .zip(&refused)
+        .filter(|(_, r)| r.is_none())
+        .map(|(c, _)| c)
+        .collect();
+    if written.is_empty() {
+        return Ok(refused);
+    }
+    let recs: Vec<_> = written.iter().map(|c| &c.rec).collect();
+    upsert_steps(conn, &recs).await?;
+    let outbox: Vec<_> = written.iter().flat_map(|c| c.outbox.clone()).collect();
+    insert_outbox(conn, &outbox).await?;
+    let timers: Vec<_> = written.iter().flat_map(|c| c.timers.clone()).collect();
+    crate::timers::insert_timers(conn, &timers).await?;
+    let deliveries: Vec<_> = written.iter().flat_map(|c| c.deliveries.clone()).collect();
+    crate::notifications::insert_deliveries(conn, &deliveries).await?;
+    let events: Vec<_> = written
+        .iter()
+        .flat_map(|c| c.audit.iter().map(|d| (c.rec.info.partner_id.as_str(), d)))
+        .collect();
+    append_audits(conn, &events, true).await?;
+    Ok(refused)
+}
+
+/// Parameters of one commit in the `UPDATE`'s VALUES.
+const UPDATE_WIDTH: usize = 7;
+
+/// Apply every commit's new state whose instance is its partner's and whose expected version
+/// still matches, in ONE statement (the row locks are taken here, as the single-commit path's
+/// `UPDATE` takes its one; the join goes by primary key and the partner is a filter on the
+/// row); returns the ids updated.
+async fn update_instances(
+    conn: &mut AnyConnection,
+    commits: &[InstanceCommit],
+) -> Result<HashSet<String>, StoreError> {
+    let values = (0..commits.len())
+        .map(|r| {
+            let p = |k: usize| r * UPDATE_WIDTH + k;
+            format!(
+                "(${}::text, ${}::text, ${}::text, ${}::bigint, ${}::text, ${}::bigint, ${}::bigint)",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "UPDATE workflow_instances AS w SET status = v.status, current_step = v.current_step, \
+         state = v.state, updated_at = v.updated_at, version = v.expected + 1 \
+         FROM (VALUES {values}) AS v (id, partner_id, status, current_step, state, updated_at, expected) \
+         WHERE w.id = v.id AND w.partner_id = v.partner_id AND w.version = v.expected \
+         RETURNING w.id"
+    );
+    let mut query = sqlx::query(&sql);
+    for c in commits {
+        let rec = &c.rec;
+        query = query
+            .bind(rec.info.id.as_str())
+            .bind(rec.info.partner_id.as_str())
+            .bind(rec.state.status.as_str())
+            .bind(rec.state.current_step.map(|s| s as i64))
+            .bind(to_json(&rec.state)?)
+            .bind(rec.updated_at.0)
+            .bind(c.expected_version);
+    }
+    let mut updated = HashSet::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        updated.insert(row.try_get::<String, _>("id")?);
+    }
+    Ok(updated)
+}
+
+/// The owner of each of `ids` that exists.
+async fn owners_of(
+    conn: &mut AnyConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, String>, StoreError> {
+    let params = (1..=ids.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("SELECT id, partner_id FROM workflow_instances WHERE id IN ({params})");
+    let mut query = sqlx::query(&sql);
+    for id in ids {
+        query = query.bind(*id);
+    }
+    let mut owners = HashMap::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        owners.insert(
+            row.try_get::<String, _>("id")?,
+            row.try_get::<String, _>("partner_id")?,
+        );
+    }
+    Ok(owners)
+}
+
+fn not_found(id: &str) -> StoreError {
+    StoreError::NotFound {
+        what: "instance",
+        id: id.to_string(),
+    }
+}
