@@ -73,7 +73,8 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
     };
     Router::new()
         .route("/openapi.json", get(openapi::serve))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(routes::health::live))
+        .route("/readyz", get(routes::health::ready))
         .route("/v1/admin/partners", post(routes::admin::create_partner))
         .route("/v1/admin/api-keys", post(routes::admin::create_api_key))
         .route(

@@ -844,26 +844,31 @@ const STEPS_PER_UPSERT: usize = 64;
 /// row version on PostgreSQL.
 pub(crate) fn step_upsert_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, name, step_type, \
-         status, started_at, finished_at, actor, input, output, error) \
-         VALUES {} \
-         ON CONFLICT (instance_id, step_index) DO UPDATE SET name = excluded.name, \
-         step_type = excluded.step_type, status = excluded.status, \
-         started_at = excluded.started_at, finished_at = excluded.finished_at, \
-         actor = excluded.actor, input = excluded.input, output = excluded.output, \
-         error = excluded.error \
-         WHERE workflow_step_executions.status IS DISTINCT FROM excluded.status \
-         OR workflow_step_executions.name IS DISTINCT FROM excluded.name \
-         OR workflow_step_executions.step_type IS DISTINCT FROM excluded.step_type \
-         OR workflow_step_executions.started_at IS DISTINCT FROM excluded.started_at \
-         OR workflow_step_executions.finished_at IS DISTINCT FROM excluded.finished_at \
-         OR workflow_step_executions.actor IS DISTINCT FROM excluded.actor \
-         OR workflow_step_executions.input IS DISTINCT FROM excluded.input \
-         OR workflow_step_executions.output IS DISTINCT FROM excluded.output \
-         OR workflow_step_executions.error IS DISTINCT FROM excluded.error",
+        "{INSERT_STEPS} VALUES {} {STEP_CONFLICT}",
         values_placeholders(rows, 12)
     )
 }
+
+/// The step mirror's insert without its rows.
+pub(crate) const INSERT_STEPS: &str = "INSERT INTO workflow_step_executions (instance_id, \
+     step_index, partner_id, name, step_type, status, started_at, finished_at, actor, input, \
+     output, error)";
+
+/// What a step row that exists becomes: the new values, only if one of them changed.
+pub(crate) const STEP_CONFLICT: &str = "ON CONFLICT (instance_id, step_index) DO UPDATE SET \
+     name = excluded.name, step_type = excluded.step_type, status = excluded.status, \
+     started_at = excluded.started_at, finished_at = excluded.finished_at, \
+     actor = excluded.actor, input = excluded.input, output = excluded.output, \
+     error = excluded.error \
+     WHERE workflow_step_executions.status IS DISTINCT FROM excluded.status \
+     OR workflow_step_executions.name IS DISTINCT FROM excluded.name \
+     OR workflow_step_executions.step_type IS DISTINCT FROM excluded.step_type \
+     OR workflow_step_executions.started_at IS DISTINCT FROM excluded.started_at \
+     OR workflow_step_executions.finished_at IS DISTINCT FROM excluded.finished_at \
+     OR workflow_step_executions.actor IS DISTINCT FROM excluded.actor \
+     OR workflow_step_executions.input IS DISTINCT FROM excluded.input \
+     OR workflow_step_executions.output IS DISTINCT FROM excluded.output \
+     OR workflow_step_executions.error IS DISTINCT FROM excluded.error";
 
 /// One multi-row statement per [`STEPS_PER_UPSERT`] steps, not one per step: every statement
 /// is a round trip made while the write lock is held. Every commit names every step; a row whose
@@ -969,24 +974,19 @@ pub(crate) async fn append_audits(
     events: &[(&str, &AuditDraft)],
     prefetch: bool,
 ) -> Result<(), StoreError> {
-    let mut heads: std::collections::HashMap<&str, (i64, String)> = if prefetch {
+    let heads = if prefetch {
         stream_heads(conn, events).await?
     } else {
-        std::collections::HashMap::new()
+        let mut heads = std::collections::HashMap::new();
+        for &(partner_id, draft) in events {
+            if !heads.contains_key(draft.stream.as_str()) {
+                let head = stream_head(conn, partner_id, &draft.stream).await?;
+                heads.insert(draft.stream.as_str(), head);
+            }
+        }
+        heads
     };
-    // (partner, draft, seq, prev_hash, hash), in order.
-    let mut rows: Vec<(&str, &AuditDraft, i64, String, String)> = Vec::with_capacity(events.len());
-    for &(partner_id, draft) in events {
-        let (prev_seq, prev_hash) = match heads.remove(draft.stream.as_str()) {
-            Some(head) => head,
-            None if prefetch => (0, GENESIS.to_string()),
-            None => stream_head(conn, partner_id, &draft.stream).await?,
-        };
-        let seq = prev_seq + 1;
-        let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
-        heads.insert(draft.stream.as_str(), (seq, hash.clone()));
-        rows.push((partner_id, draft, seq, prev_hash, hash));
-    }
+    let rows = chain_audits(events, heads);
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, \
@@ -1025,9 +1025,30 @@ pub(crate) async fn append_audits(
     Ok(())
 }
 
+/// An audit event chained onto its stream: (partner, draft, seq, prev_hash, hash).
+pub(crate) type Chained<'a> = (&'a str, &'a AuditDraft, i64, String, String);
+
+/// Chain `events` in order onto their streams' `heads` (a stream missing from `heads` is new).
+pub(crate) fn chain_audits<'a>(
+    events: &[(&'a str, &'a AuditDraft)],
+    mut heads: std::collections::HashMap<&'a str, (i64, String)>,
+) -> Vec<Chained<'a>> {
+    let mut rows = Vec::with_capacity(events.len());
+    for &(partner_id, draft) in events {
+        let (prev_seq, prev_hash) = heads
+            .remove(draft.stream.as_str())
+            .unwrap_or_else(|| (0, GENESIS.to_string()));
+        let seq = prev_seq + 1;
+        let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
+        heads.insert(draft.stream.as_str(), (seq, hash.clone()));
+        rows.push((partner_id, draft, seq, prev_hash, hash));
+    }
+    rows
+}
+
 /// The heads of every stream `events` name, in ONE statement (PostgreSQL: a LATERAL lookup per
 /// stream on the `(partner_id, stream, seq)` index); a stream without events is missing.
-async fn stream_heads<'a>(
+pub(crate) async fn stream_heads<'a>(
     conn: &mut AnyConnection,
     events: &[(&str, &'a AuditDraft)],
 ) -> Result<std::collections::HashMap<&'a str, (i64, String)>, StoreError> {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod approvals;
+pub mod health;
 pub mod instances;
 pub mod templates;
 pub mod webhooks;

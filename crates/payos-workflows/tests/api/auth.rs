@@ -135,7 +135,29 @@ async fn unknown_routes_and_openapi(backend: Backend) {
     assert!(doc["components"]["schemas"]["InstanceView"].is_object());
 }
 
+/// Liveness needs only the process; readiness needs the database, and says so when it is gone.
+async fn probes_follow_the_store(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (s, b) = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["status"], "ready");
+    let (s, _) = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, 200);
+
+    // The store's connections gone (closing them is what a lost database looks like here).
+    app.store.close().await;
+    let (s, b) = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(s, 503, "{b}");
+    assert_error(&b, "not_ready");
+    let (s, _) = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(
+        s, 200,
+        "alive all the same: a restart would not bring the database back"
+    );
+}
+
 crate::on_both_stores!(
     keys_and_admin_token_are_required,
-    unknown_routes_and_openapi
+    unknown_routes_and_openapi,
+    probes_follow_the_store
 );
