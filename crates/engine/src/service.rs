@@ -66,9 +66,16 @@ pub const INSTANCE_CACHE_CAPACITY: usize = 16_384;
 ///
 /// The UPDATE's version check stays the judge: a transition from a cached record that loses
 /// it, or that the state machine refuses, re-reads the store before it retries or refuses.
+///
+/// Where other processes write the same instances (the distributed runtime), an entry may be
+/// stale: it is then only a hint for transitions (a stale one costs a refused commit and a
+/// re-read), never an answer to a read (`authoritative` is false).
 #[derive(Debug, Default)]
 struct InstanceCache {
     entries: Mutex<HashMap<String, CacheEntry>>,
+    /// This process is its store's only writer: entries are what is committed, and reads may
+    /// answer from them.
+    authoritative: bool,
 }
 
 #[derive(Debug)]
@@ -333,6 +340,22 @@ impl Engine {
     /// (the embedded runtime): another writer's commits would be invisible to it (still refused
     /// by the version check, but each costing a conflict and a re-read).
     pub fn with_instance_cache(mut self) -> Engine {
+        self.instances = Some(Arc::new(InstanceCache {
+            authoritative: true,
+            ..InstanceCache::default()
+        }));
+        self
+    }
+
+    /// Keep the instances this engine commits in memory as hints for its next transitions of
+    /// them, where other processes write the same store (a distributed pool process): each
+    /// transition starts from the record this process committed last, if any, instead of
+    /// reading the store, and the commit's version check refuses one that is stale (then the
+    /// store is read). Worth it where one process usually makes consecutive transitions of an
+    /// instance: the approval pool (a step starts waiting, then its decision is applied, then
+    /// the next approval step starts) and the action pool (the call, then its result). Reads
+    /// (`submit_decision`'s checks, views) never answer from these entries.
+    pub fn with_transition_hints(mut self) -> Engine {
         self.instances = Some(Arc::new(InstanceCache::default()));
         self
     }
@@ -554,7 +577,8 @@ impl Engine {
         partner_id: &str,
         instance_id: &str,
     ) -> Result<Option<InstanceRecord>, EngineError> {
-        if let Some(rec) = self.instances.as_ref().and_then(|c| c.peek(instance_id)) {
+        let authoritative = self.instances.as_ref().filter(|c| c.authoritative);
+        if let Some(rec) = authoritative.and_then(|c| c.peek(instance_id)) {
             return Ok((rec.info.partner_id == partner_id).then_some(rec));
         }
         Ok(self.store.get_instance(partner_id, instance_id).await?)

@@ -125,6 +125,8 @@ pub struct Node {
     pub bus: Arc<dyn Bus>,
     pub settings: Settings,
     kafka: KafkaBus,
+    /// The engine of this process's pools, with transition hints (`Engine::with_transition_hints`).
+    pools_engine: Option<Engine>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -156,6 +158,7 @@ impl Node {
             bus,
             settings,
             kafka,
+            pools_engine: None,
             cancel,
             tasks,
         })
@@ -182,6 +185,12 @@ impl Node {
 
     /// Start the consumers of `pool`.
     pub fn start_pool(&mut self, pool: WorkerPool) -> Result<(), DistributedError> {
+        // One for every pool of this process (the approval pool's steps and decisions share
+        // their hints); the api and the scheduler keep the plain engine.
+        let pools_engine = self
+            .pools_engine
+            .get_or_insert_with(|| self.engine.clone().with_transition_hints())
+            .clone();
         match pool {
             WorkerPool::Steps(step_type) => {
                 let actions = if step_type == StepType::Action {
@@ -203,7 +212,7 @@ impl Node {
                     config.actions.clone_from(&actions);
                     config.notifier.clone_from(&notifier);
                     let (engine, bus, token) = (
-                        self.engine.clone(),
+                        pools_engine.clone(),
                         self.bus.clone(),
                         self.cancel.child_token(),
                     );
@@ -218,11 +227,8 @@ impl Node {
                     members: self.settings.pool_members,
                     ..step_workers::TransferTriggerConfig::default()
                 };
-                let (engine, bus, token) = (
-                    self.engine.clone(),
-                    self.bus.clone(),
-                    self.cancel.child_token(),
-                );
+                let (engine, bus, token) =
+                    (pools_engine, self.bus.clone(), self.cancel.child_token());
                 self.spawn("transfer triggers", async move {
                     step_workers::run_transfer_triggers(engine, bus, config, token).await
                 });

@@ -115,14 +115,16 @@ async fn listening_backends(store: &Store) -> i64 {
     .expect("count")
 }
 
-/// Two engines on one fresh database, seeded: the api's and the approval pool's.
+/// Two engines on one fresh database, seeded: the api's and the approval pool's (with the
+/// transition hints a distributed pool process keeps).
 async fn engines() -> (String, Engine, Engine) {
     let url = workflow_testkit::postgres_url()
         .await
         .expect("PostgreSQL for tests");
     // Separate stores, separate engines, as in separate processes.
     let api = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock));
-    let pool = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock));
+    let pool = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock))
+        .with_transition_hints();
     seed(api.store()).await;
     (url, api, pool)
 }
@@ -226,4 +228,70 @@ async fn without_a_signal_the_waiting_call_still_finds_the_outcome() {
     api.set_decisions_signalled(true);
     let took = approve_one(&api, &pool, 1).await;
     assert!(took < PATIENCE, "with a lost notification: {took:?}");
+}
+
+/// The pool's hint for an instance (the record it committed last) goes stale when another
+/// process changes the instance: here the api cancels it while a decision is queued. Applying
+/// the decision from the stale hint is refused by the commit's version check; the pool then
+/// reads the store and refuses the decision as the stored (cancelled) state does. Nothing is
+/// written from the stale record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_transition_hint_loses_to_the_stored_state() {
+    let (_url, api, pool) = engines().await;
+    let cfo = Decider {
+        actor: actor("carol"),
+        roles: vec!["cfo".into()],
+    };
+    let started = api
+        .start_instance(
+            "p",
+            &actor("rita"),
+            "t",
+            json!({"id": "tr_stale", "amount": 5000}),
+            None,
+            Default::default(),
+        )
+        .await
+        .expect("start");
+    let id = started.instance.info.id.clone();
+    // The pool starts the approval (and keeps the record it committed).
+    assert!(drain(&pool).await.is_empty());
+    // Queued while the step waits; nobody applies it yet.
+    let queued = api
+        .submit_decision("p", &id, 0, &cfo, Verdict::Approve, None, Duration::ZERO)
+        .await
+        .expect("submit");
+    assert!(
+        matches!(queued, DecisionResult::Pending { .. }),
+        "{queued:?}"
+    );
+    let cancelled = api
+        .cancel("p", &id, &actor("rita"), Some("changed my mind".into()))
+        .await
+        .expect("cancel");
+    assert_eq!(cancelled.state.status, InstanceStatus::Cancelled);
+
+    let cmd = drain(&pool).await.pop().expect("the queued decision");
+    pool.apply_decision(&cmd).await.expect("apply");
+    let stored = api
+        .store()
+        .get_instance("p", &id)
+        .await
+        .expect("read")
+        .expect("instance");
+    assert_eq!(stored.state.status, InstanceStatus::Cancelled);
+    assert_eq!(
+        stored.version, cancelled.version,
+        "nothing written after the cancel"
+    );
+    let outcome = api
+        .store()
+        .get_decision_outcome("p", &cmd.decision_id)
+        .await
+        .expect("outcome read")
+        .expect("an outcome");
+    assert!(
+        !outcome.accepted,
+        "refused as the stored state refuses: {outcome:?}"
+    );
 }
