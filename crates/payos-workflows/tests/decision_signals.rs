@@ -129,26 +129,35 @@ async fn engines() -> (String, Engine, Engine) {
     (url, api, pool)
 }
 
-/// Start an instance, let the pool bring it to its approval, approve it through `api` and
-/// have `pool` apply the decision while the call waits. How long after the outcome was
-/// recorded the call returned.
-async fn approve_one(api: &Engine, pool: &Engine, round: usize) -> Duration {
-    let cfo = Decider {
+fn cfo() -> Decider {
+    Decider {
         actor: actor("carol"),
         roles: vec!["cfo".into()],
-    };
+    }
+}
+
+/// Start an instance of `t` for 5,000 (over the approval threshold); its id.
+async fn start(api: &Engine, transfer: &str) -> String {
     let started = api
         .start_instance(
             "p",
             &actor("rita"),
             "t",
-            json!({"id": format!("tr_{round}"), "amount": 5000}),
+            json!({"id": transfer, "amount": 5000}),
             None,
             Default::default(),
         )
         .await
         .expect("start");
-    let id = started.instance.info.id.clone();
+    started.instance.info.id
+}
+
+/// Start an instance, let the pool bring it to its approval, approve it through `api` and
+/// have `pool` apply the decision while the call waits. How long after the outcome was
+/// recorded the call returned.
+async fn approve_one(api: &Engine, pool: &Engine, round: usize) -> Duration {
+    let cfo = cfo();
+    let id = start(api, &format!("tr_{round}")).await;
     assert!(drain(pool).await.is_empty());
 
     let waiting = {
@@ -238,22 +247,8 @@ async fn without_a_signal_the_waiting_call_still_finds_the_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_transition_hint_loses_to_the_stored_state() {
     let (_url, api, pool) = engines().await;
-    let cfo = Decider {
-        actor: actor("carol"),
-        roles: vec!["cfo".into()],
-    };
-    let started = api
-        .start_instance(
-            "p",
-            &actor("rita"),
-            "t",
-            json!({"id": "tr_stale", "amount": 5000}),
-            None,
-            Default::default(),
-        )
-        .await
-        .expect("start");
-    let id = started.instance.info.id.clone();
+    let cfo = cfo();
+    let id = start(&api, "tr_stale").await;
     // The pool starts the approval (and keeps the record it committed).
     assert!(drain(&pool).await.is_empty());
     // Queued while the step waits; nobody applies it yet.
