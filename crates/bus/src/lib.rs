@@ -39,7 +39,7 @@ mod sync;
 
 pub use bytes::Bytes;
 pub use error::BusError;
-pub use in_process::{InProcessBus, DEFAULT_PARTITIONS};
+pub use in_process::{InProcessBus, DEFAULT_PARTITIONS, DEFAULT_UNCLAIMED_LIMIT};
 pub use naming::{NamedBus, Naming};
 pub use partitioner::{murmur2, partition_for};
 

@@ -89,6 +89,45 @@ async fn memory_is_reclaimed_once_every_group_committed() -> Result<()> {
     Ok(())
 }
 
+/// A topic nobody subscribed to keeps only its newest messages (else lifecycle events nobody
+/// consumes would grow for as long as the process runs); once a group subscribes, nothing
+/// it has not committed is dropped, however many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_without_groups_keeps_only_its_newest_messages() -> Result<()> {
+    let bus = InProcessBus::with_unclaimed_limit(1, 8);
+    for i in 0..20 {
+        bus.publish(
+            "events",
+            "instance-1",
+            format!("instance-1:{i}").into_bytes(),
+        )
+        .await?;
+    }
+    ensure!(bus.retained() == 8, "retained {}", bus.retained());
+    let mut sub = bus.subscribe("events", "late").await?;
+    let first = next(&mut sub).await?;
+    ensure!(first.offset == 12 && seq(&first)? == 12, "got {first:?}");
+
+    // Claimed now: the limit no longer applies.
+    for i in 20..40 {
+        bus.publish(
+            "events",
+            "instance-1",
+            format!("instance-1:{i}").into_bytes(),
+        )
+        .await?;
+    }
+    ensure!(bus.retained() == 28, "retained {}", bus.retained());
+    let mut last = first;
+    for _ in 13..40 {
+        last = next(&mut sub).await?;
+    }
+    ensure!(seq(&last)? == 39, "got {last:?}");
+    sub.commit(&last).await?;
+    ensure!(bus.retained() == 0, "retained {}", bus.retained());
+    Ok(())
+}
+
 /// Range assignment over the members in join order: the member that joins second takes the
 /// upper half of the partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

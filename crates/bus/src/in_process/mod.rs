@@ -32,6 +32,11 @@ use crate::{partition_for, Bus, BusError, Subscription};
 /// of one machine while keeping per-key order.
 pub const DEFAULT_PARTITIONS: u32 = 16;
 
+/// Messages a partition keeps while no consumer group has subscribed to its topic, by
+/// default: the newest ones; older ones are dropped (Kafka's retention, in miniature). A group
+/// that subscribes later reads from the oldest one kept.
+pub const DEFAULT_UNCLAIMED_LIMIT: usize = 10_000;
+
 /// An in-memory, partitioned bus with consumer groups, for the embedded mode and for tests.
 ///
 /// Cloning it is cheap and shares the same topics. Messages live in memory until every consumer
@@ -44,6 +49,7 @@ pub struct InProcessBus {
 
 struct Inner {
     partitions: u32,
+    unclaimed_limit: usize,
     closed: AtomicBool,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
 }
@@ -57,9 +63,16 @@ pub(crate) struct Topic {
 impl InProcessBus {
     /// A bus whose topics have `partitions` partitions each (at least 1).
     pub fn new(partitions: u32) -> Self {
+        Self::with_unclaimed_limit(partitions, DEFAULT_UNCLAIMED_LIMIT)
+    }
+
+    /// [`InProcessBus::new`], keeping at most `limit` messages (at least 1) per partition of a
+    /// topic no group has subscribed to yet.
+    pub fn with_unclaimed_limit(partitions: u32, limit: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 partitions: partitions.max(1),
+                unclaimed_limit: limit.max(1),
                 closed: AtomicBool::new(false),
                 topics: RwLock::new(HashMap::new()),
             }),
@@ -92,7 +105,7 @@ impl InProcessBus {
     }
 
     /// Messages held in memory over all topics and partitions: those some subscribed group has
-    /// not committed yet, and those of topics no group subscribed to yet.
+    /// not committed yet, and the newest of topics no group subscribed to yet.
     pub fn retained(&self) -> usize {
         let topics: Vec<Arc<Topic>> = read(&self.inner.topics).values().cloned().collect();
         topics
@@ -134,7 +147,7 @@ impl Inner {
             Arc::new(Topic {
                 name: name.to_owned(),
                 partitions: (0..self.partitions)
-                    .map(|_| Mutex::new(PartitionLog::new()))
+                    .map(|_| Mutex::new(PartitionLog::new(self.unclaimed_limit)))
                     .collect(),
                 groups: Mutex::new(Vec::new()),
             })

@@ -63,6 +63,8 @@ pub(crate) enum CommitRefused {
 pub(crate) struct PartitionLog {
     /// Offset of `entries[0]`.
     base: u64,
+    /// Most messages kept while no group has subscribed to the topic (see [`PartitionLog::append`]).
+    unclaimed_limit: usize,
     entries: VecDeque<Entry>,
     /// Indexed by the group's slot in its topic; every partition of a topic has one cursor per
     /// group that ever subscribed to the topic.
@@ -70,9 +72,10 @@ pub(crate) struct PartitionLog {
 }
 
 impl PartitionLog {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(unclaimed_limit: usize) -> Self {
         Self {
             base: 0,
+            unclaimed_limit: unclaimed_limit.max(1),
             entries: VecDeque::new(),
             cursors: Vec::new(),
         }
@@ -94,6 +97,13 @@ impl PartitionLog {
             key: key.to_owned(),
             payload,
         });
+        // A topic nobody subscribed to (lifecycle events in a process without a consumer for
+        // them) keeps its newest messages only, as Kafka's retention would: else it grows for
+        // as long as the process runs.
+        if self.cursors.is_empty() && self.entries.len() > self.unclaimed_limit {
+            self.entries.pop_front();
+            self.base += 1;
+        }
         for cursor in &self.cursors {
             if let Some(owner) = &cursor.owner {
                 // Stores a permit if the owner is not waiting right now: no wake-up is lost.
@@ -205,7 +215,7 @@ impl PartitionLog {
     }
 
     /// Drop messages below the smallest committed offset of all groups of the topic. A topic no
-    /// group subscribed to yet keeps everything, for the first group to come.
+    /// group subscribed to yet keeps its newest `unclaimed_limit`, for the first group to come.
     fn truncate(&mut self) {
         let Some(floor) = self.cursors.iter().map(|c| c.committed).min() else {
             return;
