@@ -216,6 +216,14 @@ impl ClientContext for LogContext {
     }
 }
 
+/// A consumer group as the cluster reports it ([`KafkaBus::consumer_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    /// `Stable` once every member has its partitions.
+    pub state: String,
+    pub members: usize,
+}
+
 /// The [`Bus`] on an Apache Kafka cluster. Cheap to clone: clones share the producer.
 #[derive(Clone)]
 pub struct KafkaBus {
@@ -354,6 +362,35 @@ impl KafkaBus {
             .filter(|t| t.error().is_none())
             .map(|t| (t.name().to_owned(), t.partitions().len() as u32))
             .collect())
+    }
+
+    /// Every consumer group the cluster knows, with its state (`Stable`, `PreparingRebalance`,
+    /// `CompletingRebalance`, `Empty`, `Dead`) and member count: how a deployment tells that
+    /// its pools have settled (a group rebalancing holds its partitions back from everyone).
+    pub async fn consumer_groups(&self) -> Result<BTreeMap<String, GroupState>, BusError> {
+        let producer = self.inner.producer.clone();
+        let wait = self.inner.config.timeout;
+        // The group list is a C object that cannot leave the blocking thread: read it there.
+        let groups = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_group_list(None, wait).map(|list| {
+                list.groups()
+                    .iter()
+                    .map(|g| {
+                        let state = GroupState {
+                            state: g.state().to_owned(),
+                            members: g.members().len(),
+                        };
+                        (g.name().to_owned(), state)
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            })
+        })
+        .await
+        .map_err(|e| BusError::Backend {
+            reason: format!("group list task failed: {e}"),
+        })?
+        .map_err(|e| error::from_kafka(&e, "listing the cluster's consumer groups"))?;
+        Ok(groups)
     }
 
     /// The number of partitions `topic` has, from the cluster's metadata. Retries while the

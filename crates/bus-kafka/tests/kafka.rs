@@ -154,6 +154,21 @@ async fn the_assignment_shows_each_members_share_after_a_join() -> Result<()> {
     })
     .await?;
     ensure!(a_assigned.rebalances() > a_before && b_assigned.rebalances() > 0);
+
+    // The cluster reports the settled group as `Stable` with both members (how the bench
+    // waits for a deployment's pools before measuring).
+    let started = Instant::now();
+    loop {
+        let groups = bus.consumer_groups().await?;
+        match groups.get(&group) {
+            Some(g) if g.state == "Stable" && g.members == 2 => break,
+            other => ensure!(
+                started.elapsed() < DEADLINE,
+                "group {group} still {other:?} after {DEADLINE:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 

@@ -11,6 +11,11 @@ use serde::Deserialize;
 use workflow_bus::Naming;
 use workflow_bus_kafka::KafkaConfig;
 
+/// Members per pool process (`WORKFLOWS_POOL_MEMBERS`): one consumer per partition of the
+/// default 8. A member handles one message at a time, and more members in flight make bigger
+/// group commits (docs/benchmarks.md, round 4).
+pub const DEFAULT_POOL_MEMBERS: usize = 8;
+
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -183,10 +188,7 @@ impl Settings {
             ),
             pool_members: parsed(&env, "WORKFLOWS_POOL_MEMBERS")?
                 .or(f.pools.members)
-                // One consumer per partition of the default 8: a member handles one message at
-                // a time, and more members in flight make bigger group commits
-                // (docs/benchmarks.md, round 4).
-                .unwrap_or(8)
+                .unwrap_or(DEFAULT_POOL_MEMBERS)
                 .max(1),
             payos_api_url: env("PAYOS_API_URL").or(f.payos.api_url),
             payos_api_key: env("PAYOS_API_KEY").or(f.payos.api_key),

@@ -115,7 +115,9 @@ async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
                     (args.database_url.clone(), args.kafka.clone())
                 else {
                     return Err(BenchError::Usage(
-                        "--runtime distributed deploys the api, the pools and the scheduler as                          processes: give DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS (or --url for an                          engine already running)"
+                        "--runtime distributed deploys the api, the pools and the scheduler as \
+                         processes: give DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS (or --url for an \
+                         engine already running)"
                             .into(),
                     ));
                 };

@@ -21,6 +21,19 @@ const PROCESSES: [&[&str]; 6] = [
     &["scheduler"],
 ];
 
+/// The consumer groups of the pools above; each of their processes runs
+/// `WORKFLOWS_POOL_MEMBERS` members.
+const POOL_GROUPS: [&str; 5] = [
+    "pool-condition",
+    "pool-approval",
+    "pool-approval-decisions",
+    "pool-action",
+    "pool-wait",
+];
+
+/// How long the processes may take to answer and their consumer groups to settle.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(90);
+
 /// A running deployment.
 pub struct Deployment {
     pub base_url: String,
@@ -42,6 +55,12 @@ impl Deployment {
             .local_addr()?
             .port();
         let run = uuid::Uuid::now_v7().simple().to_string();
+        let prefix = format!("bench-{run}.");
+        let members = std::env::var("WORKFLOWS_POOL_MEMBERS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(crate::config::DEFAULT_POOL_MEMBERS)
+            .max(1);
         let admin_token = format!("adm_{run}");
         let mut children = Vec::new();
         for args in PROCESSES {
@@ -49,7 +68,8 @@ impl Deployment {
                 .args(args)
                 .env("DATABASE_URL", database_url)
                 .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-                .env("WORKFLOWS_TOPIC_PREFIX", format!("bench-{run}."))
+                .env("WORKFLOWS_TOPIC_PREFIX", &prefix)
+                .env("WORKFLOWS_POOL_MEMBERS", members.to_string())
                 .env("WORKFLOWS_ADMIN_TOKEN", &admin_token)
                 .env("WORKFLOWS_LISTEN", format!("127.0.0.1:{port}"))
                 .env("PAYOS_API_URL", format!("http://{sandbox_addr}"))
@@ -67,6 +87,7 @@ impl Deployment {
             children,
         };
         deployment.wait_for_api().await?;
+        wait_for_groups(bootstrap, &prefix, members).await?;
         Ok(deployment)
     }
 
@@ -113,5 +134,44 @@ impl Deployment {
                 let _ = child.kill().await;
             }
         }
+    }
+}
+
+/// Wait until every pool's consumer group is `Stable` with all its members. Members join one
+/// after another and each join is a rebalance, during which the group's partitions are held
+/// back: a run started before that settled measured up to 1.5 s of it as step latency.
+async fn wait_for_groups(bootstrap: &str, prefix: &str, members: usize) -> Result<(), BenchError> {
+    let bus = workflow_bus_kafka::KafkaBus::new(workflow_bus_kafka::KafkaConfig::new(bootstrap))
+        .map_err(|e| BenchError::Wrong(format!("cannot reach Kafka: {e}")))?;
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let groups = bus
+            .consumer_groups()
+            .await
+            .map_err(|e| BenchError::Wrong(format!("cannot list consumer groups: {e}")))?;
+        let unsettled: Vec<String> = POOL_GROUPS
+            .iter()
+            .filter_map(|name| {
+                let name = format!("{prefix}{name}");
+                match groups.get(&name) {
+                    Some(g) if g.state == "Stable" && g.members == members => None,
+                    Some(g) => Some(format!("{name}: {} with {} members", g.state, g.members)),
+                    None => Some(format!("{name}: not formed")),
+                }
+            })
+            .collect();
+        if unsettled.is_empty() {
+            bus.shutdown();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bus.shutdown();
+            return Err(BenchError::Wrong(format!(
+                "the pools' consumer groups did not settle within {} s ({members} members each): {}",
+                SETTLE_DEADLINE.as_secs(),
+                unsettled.join("; ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
