@@ -364,6 +364,48 @@ impl KafkaBus {
             .collect())
     }
 
+    /// Delete `topics` and the consumer `groups` (those of a finished run: a broker slows
+    /// down with every partition it keeps). Names that do not exist are not an error.
+    pub async fn delete(&self, topics: &[&str], groups: &[&str]) -> Result<(), BusError> {
+        let config = &self.inner.config;
+        let options = AdminOptions::new()
+            .request_timeout(Some(config.timeout))
+            .operation_timeout(Some(config.timeout));
+        if !topics.is_empty() {
+            let results = self
+                .inner
+                .admin
+                .delete_topics(topics, &options)
+                .await
+                .map_err(|e| error::from_kafka(&e, &format!("deleting topics {topics:?}")))?;
+            for result in results {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                    Err((name, code)) => {
+                        return Err(error::from_code(code, &format!("deleting topic {name}")))
+                    }
+                }
+            }
+        }
+        if !groups.is_empty() {
+            let results = self
+                .inner
+                .admin
+                .delete_groups(groups, &options)
+                .await
+                .map_err(|e| error::from_kafka(&e, &format!("deleting groups {groups:?}")))?;
+            for result in results {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                    Err((name, code)) => {
+                        return Err(error::from_code(code, &format!("deleting group {name}")))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every consumer group the cluster knows, with its state (`Stable`, `PreparingRebalance`,
     /// `CompletingRebalance`, `Empty`, `Dead`) and member count: how a deployment tells that
     /// its pools have settled (a group rebalancing holds its partitions back from everyone).

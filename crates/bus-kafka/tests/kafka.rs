@@ -202,6 +202,24 @@ async fn ensure_topics_is_idempotent_and_routing_follows_the_real_partition_coun
         let msg = next(&mut sub).await?;
         ensure!(msg.partition == partition_for(&msg.key, 5), "{msg:?}");
     }
+
+    // Deleting removes them from the cluster; names already gone are not an error.
+    drop(sub);
+    bus.delete(&[&t1, &t2], &[]).await?;
+    let started = Instant::now();
+    loop {
+        let existing = bus.existing_topics().await?;
+        if !existing.contains_key(&t1) && !existing.contains_key(&t2) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "topics still listed after {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bus.delete(&[&t1], &[&unique_topic("no-such-group")])
+        .await?;
     Ok(())
 }
 
