@@ -401,7 +401,7 @@ impl Engine {
         command: Command,
     ) -> Result<ExecuteOutcome, EngineError> {
         match self
-            .transition_effects(partner_id, instance_id, command, false)
+            .transition_effects(partner_id, instance_id, command, false, None)
             .await
         {
             Ok((_, effects)) => Ok(action_task(partner_id, instance_id, effects)
@@ -823,19 +823,24 @@ impl Engine {
             comment: cmd.comment.clone(),
         };
         let result = self
-            .transition_effects(&cmd.partner_id, &cmd.instance_id, command, false)
+            .transition_effects(&cmd.partner_id, &cmd.instance_id, command, false, Some(cmd))
             .await;
-        let (accepted, code, message) = match result {
-            Ok(_) => (true, None, None),
+        let (code, message) = match result {
+            // Recorded with the transition.
+            Ok(_) => {
+                self.wake_decision(&cmd.decision_id);
+                return Ok(());
+            }
             Err(EngineError::Machine(e)) => {
                 if self.already_applied(cmd).await? {
-                    (true, None, None)
+                    // A redelivery: its outcome was recorded with the transition (if this
+                    // insert finds one, the first stands).
+                    (None, None)
                 } else {
-                    (false, Some(e.code().to_string()), Some(e.to_string()))
+                    (Some(e.code().to_string()), Some(e.to_string()))
                 }
             }
             Err(EngineError::NotFound { what, id }) => (
-                false,
                 Some("not_found".to_string()),
                 Some(format!("{what} `{id}` not found")),
             ),
@@ -847,7 +852,7 @@ impl Engine {
                 partner_id: cmd.partner_id.clone(),
                 instance_id: cmd.instance_id.clone(),
                 step_index: cmd.step_index as i64,
-                accepted,
+                accepted: code.is_none(),
                 code,
                 message,
                 decided_at: self.clock.now(),
@@ -929,7 +934,7 @@ impl Engine {
         command: Command,
     ) -> Result<InstanceRecord, EngineError> {
         match self
-            .transition_effects(partner_id, instance_id, command, true)
+            .transition_effects(partner_id, instance_id, command, true, None)
             .await?
         {
             (Some(rec), _) => Ok(rec),
@@ -942,12 +947,15 @@ impl Engine {
 
     /// [`Engine::transition`], returning the effects the caller must carry out itself, and the
     /// new record if `want_record` (else it is not copied: it moves into the instance cache).
+    /// With `decision`, the transition applies that approval decision, and its accepted outcome
+    /// is recorded in the same commit.
     async fn transition_effects(
         &self,
         partner_id: &str,
         instance_id: &str,
         command: Command,
         want_record: bool,
+        decision: Option<&DecisionCommand>,
     ) -> Result<(Option<InstanceRecord>, Vec<Effect>), EngineError> {
         // After a lost race, or a refusal of a cached state, the next attempt reads the store.
         let mut from_store = false;
@@ -1006,15 +1014,26 @@ impl Engine {
                 updated_at: now,
                 version: current.version + 1,
             };
+            let outcome = decision.map(|cmd| DecisionOutcome {
+                decision_id: cmd.decision_id.clone(),
+                partner_id: cmd.partner_id.clone(),
+                instance_id: cmd.instance_id.clone(),
+                step_index: cmd.step_index as i64,
+                accepted: true,
+                code: None,
+                message: None,
+                decided_at: now,
+            });
             match self
                 .store
-                .commit_instance_with_deliveries(
+                .commit_transition(
                     &next,
                     current.version,
                     &outbox,
                     &audit,
                     &timers,
                     &deliveries,
+                    outcome.as_ref(),
                 )
                 .await
             {

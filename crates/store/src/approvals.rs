@@ -56,24 +56,8 @@ impl Store {
                 .await
                 .map(|_| ());
         }
-        let sql = match self.backend() {
-            Backend::Postgres => RECORD_OUTCOME_AND_NOTIFY,
-            Backend::Sqlite => RECORD_OUTCOME,
-        };
-        let mut q = sqlx::query(sql)
-            .bind(o.decision_id.as_str())
-            .bind(o.partner_id.as_str())
-            .bind(o.instance_id.as_str())
-            .bind(o.step_index)
-            .bind(i64::from(o.accepted))
-            .bind(o.code.as_deref())
-            .bind(o.message.as_deref())
-            .bind(o.decided_at.0);
-        if self.backend() == Backend::Postgres {
-            q = q.bind(DECISION_OUTCOMES_CHANNEL);
-        }
-        q.execute(self.write_pool()).await?;
-        Ok(())
+        let mut conn = self.write_pool().acquire().await?;
+        insert_outcome(&mut conn, o).await
     }
 
     pub async fn get_decision_outcome(
@@ -156,4 +140,32 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Insert a decision outcome (the first one for a decision id stands), announcing it on
+/// PostgreSQL (see [`RECORD_OUTCOME_AND_NOTIFY`]; in a transaction, on its commit).
+pub(crate) async fn insert_outcome(
+    conn: &mut sqlx::AnyConnection,
+    o: &DecisionOutcome,
+) -> Result<(), StoreError> {
+    let postgres = Backend::from_connection(conn) == Backend::Postgres;
+    let sql = if postgres {
+        RECORD_OUTCOME_AND_NOTIFY
+    } else {
+        RECORD_OUTCOME
+    };
+    let mut q = sqlx::query(sql)
+        .bind(o.decision_id.as_str())
+        .bind(o.partner_id.as_str())
+        .bind(o.instance_id.as_str())
+        .bind(o.step_index)
+        .bind(i64::from(o.accepted))
+        .bind(o.code.as_deref())
+        .bind(o.message.as_deref())
+        .bind(o.decided_at.0);
+    if postgres {
+        q = q.bind(DECISION_OUTCOMES_CHANNEL);
+    }
+    q.execute(&mut *conn).await?;
+    Ok(())
 }

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::notifications::NewDelivery;
 use crate::queries::write_instance_commit;
-use crate::records::{AuditDraft, InstanceRecord, OutboxMessage, TimerRecord};
+use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::sqlite_writer::{Done, Encoded, SqliteWriter, Write, Written};
 use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 
@@ -60,6 +60,8 @@ pub struct InstanceCommit {
     pub audit: Vec<AuditDraft>,
     pub timers: Vec<TimerRecord>,
     pub deliveries: Vec<NewDelivery>,
+    /// The outcome of the approval decision this transition applied, recorded with it.
+    pub decision: Option<DecisionOutcome>,
 }
 
 /// Writes that must share one transaction, and where their answers go.
@@ -149,8 +151,9 @@ impl Committer {
             .collect()
     }
 
-    /// Commit one instance transition (see [`Store::commit_instance_with_deliveries`]),
-    /// encoded from the caller's borrowed parts.
+    /// Commit one instance transition (see [`Store::commit_transition`]), encoded from the
+    /// caller's borrowed parts.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn commit(
         &self,
         rec: &InstanceRecord,
@@ -159,8 +162,17 @@ impl Committer {
         audit: &[AuditDraft],
         timers: &[TimerRecord],
         deliveries: &[NewDelivery],
+        decision: Option<&DecisionOutcome>,
     ) -> Result<(), StoreError> {
-        let write = Encoded::commit(rec, expected_version, outbox, audit, timers, deliveries)?;
+        let write = Encoded::commit(
+            rec,
+            expected_version,
+            outbox,
+            audit,
+            timers,
+            deliveries,
+            decision,
+        )?;
         match self.send(vec![write]).await.pop() {
             Some(result) => result.map(|_| ()),
             None => Err(closed()),
@@ -346,16 +358,7 @@ async fn write(
     conn: &mut sqlx::AnyConnection,
     c: &InstanceCommit,
 ) -> Result<(), crate::queries::CommitFailure> {
-    write_instance_commit(
-        conn,
-        &c.rec,
-        c.expected_version,
-        &c.outbox,
-        &c.audit,
-        &c.timers,
-        &c.deliveries,
-    )
-    .await
+    write_instance_commit(conn, c).await
 }
 
 impl Store {

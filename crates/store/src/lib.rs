@@ -91,6 +91,15 @@ impl Backend {
             None
         }
     }
+
+    /// The backend of an open connection.
+    pub(crate) fn from_connection(conn: &sqlx::AnyConnection) -> Backend {
+        if conn.backend_name().eq_ignore_ascii_case("postgresql") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
 }
 
 /// What [`Store::create_instance`] did.

@@ -336,6 +336,11 @@ async fn write_many(
         .flat_map(|c| c.audit.iter().map(|d| (c.rec.info.partner_id.as_str(), d)))
         .collect();
     append_audits(conn, &events, true).await?;
+    // Decision outcomes are one or two per approval instance, far fewer than commits: one
+    // statement each (with its announcement) rather than a multi-row insert.
+    for decision in written.iter().filter_map(|c| c.decision.as_ref()) {
+        crate::approvals::insert_outcome(conn, decision).await?;
+    }
     Ok(refused)
 }
 

@@ -556,21 +556,58 @@ impl Store {
         timers: &[TimerRecord],
         deliveries: &[crate::notifications::NewDelivery],
     ) -> Result<(), StoreError> {
+        self.commit_transition(
+            rec,
+            expected_version,
+            outbox,
+            audit,
+            timers,
+            deliveries,
+            None,
+        )
+        .await
+    }
+
+    /// [`Store::commit_instance_with_deliveries`], also recording `decision`, the outcome of
+    /// the approval decision the transition applied, in the same transaction: the outcome
+    /// exists exactly when the state change does, and costs no transaction of its own. If the
+    /// version check loses, neither is written. On PostgreSQL the outcome is announced to
+    /// [`crate::DecisionListener`]s when the transaction commits.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn commit_transition(
+        &self,
+        rec: &InstanceRecord,
+        expected_version: i64,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+        deliveries: &[crate::notifications::NewDelivery],
+        decision: Option<&DecisionOutcome>,
+    ) -> Result<(), StoreError> {
         if let Some(committer) = &self.committer {
             // Encoded straight from the borrowed parts (no copy of the state on the way).
             return committer
-                .commit(rec, expected_version, outbox, audit, timers, deliveries)
+                .commit(
+                    rec,
+                    expected_version,
+                    outbox,
+                    audit,
+                    timers,
+                    deliveries,
+                    decision,
+                )
                 .await;
         }
+        let commit = crate::commit::InstanceCommit {
+            rec: rec.clone(),
+            expected_version,
+            outbox: outbox.to_vec(),
+            audit: audit.to_vec(),
+            timers: timers.to_vec(),
+            deliveries: deliveries.to_vec(),
+            decision: decision.cloned(),
+        };
         if let Some(committer) = &self.pg_committer {
-            let commit = crate::commit::InstanceCommit {
-                rec: rec.clone(),
-                expected_version,
-                outbox: outbox.to_vec(),
-                audit: audit.to_vec(),
-                timers: timers.to_vec(),
-                deliveries: deliveries.to_vec(),
-            };
             return committer
                 .submit(vec![commit])
                 .await
@@ -578,17 +615,9 @@ impl Store {
                 .unwrap_or_else(|| Err(StoreError::Database(sqlx::Error::PoolClosed)));
         }
         let mut tx = self.begin_write().await?;
-        write_instance_commit(
-            &mut tx,
-            rec,
-            expected_version,
-            outbox,
-            audit,
-            timers,
-            deliveries,
-        )
-        .await
-        .map_err(|e| e.error)?;
+        write_instance_commit(&mut tx, &commit)
+            .await
+            .map_err(|e| e.error)?;
         tx.commit().await?;
         Ok(())
     }
@@ -722,13 +751,18 @@ impl From<sqlx::Error> for CommitFailure {
 /// The statements of one instance commit, inside a write transaction the caller owns.
 pub(crate) async fn write_instance_commit(
     conn: &mut AnyConnection,
-    rec: &InstanceRecord,
-    expected_version: i64,
-    outbox: &[OutboxMessage],
-    audit: &[AuditDraft],
-    timers: &[TimerRecord],
-    deliveries: &[crate::notifications::NewDelivery],
+    commit: &crate::commit::InstanceCommit,
 ) -> Result<(), CommitFailure> {
+    let crate::commit::InstanceCommit {
+        rec,
+        expected_version,
+        outbox,
+        audit,
+        timers,
+        deliveries,
+        decision,
+    } = commit;
+    let expected_version = *expected_version;
     let info = &rec.info;
     let refused = |error| CommitFailure { error, clean: true };
     // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,
@@ -779,6 +813,9 @@ pub(crate) async fn write_instance_commit(
         .map(|d| (info.partner_id.as_str(), d))
         .collect();
     append_audits(conn, &events, false).await?;
+    if let Some(decision) = decision {
+        crate::approvals::insert_outcome(conn, decision).await?;
+    }
     Ok(())
 }
 

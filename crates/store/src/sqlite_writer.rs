@@ -118,6 +118,8 @@ pub(crate) struct CommitRows {
     timers: Vec<TimerRecord>,
     deliveries: Vec<DeliveryRow>,
     audit: Vec<AuditRow>,
+    /// The outcome of the approval decision the transition applied.
+    decision: Option<DecisionOutcome>,
 }
 
 /// A `workflow_step_executions` row.
@@ -198,6 +200,7 @@ impl Encoded {
                     &c.audit,
                     &c.timers,
                     &c.deliveries,
+                    c.decision.as_ref(),
                 )?,
                 None,
             ),
@@ -233,6 +236,7 @@ impl Encoded {
 
     /// An instance commit, from the caller's borrowed parts (nothing of the state is cloned:
     /// it is serialised straight from the record).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn commit(
         rec: &InstanceRecord,
         expected_version: i64,
@@ -240,6 +244,7 @@ impl Encoded {
         audit: &[AuditDraft],
         timers: &[TimerRecord],
         deliveries: &[NewDelivery],
+        decision: Option<&DecisionOutcome>,
     ) -> Result<Encoded, StoreError> {
         let info = &rec.info;
         Ok(Encoded::Commit(Box::new(CommitRows {
@@ -258,6 +263,7 @@ impl Encoded {
                 .map(delivery_row)
                 .collect::<Result<_, _>>()?,
             audit: audit_rows(&info.partner_id, audit)?,
+            decision: decision.cloned(),
         })))
     }
 }
@@ -576,27 +582,30 @@ fn apply(conn: &rusqlite::Connection, write: &Encoded) -> Result<Done, Failed> {
         }
         Encoded::Decision(o) => {
             // One statement: a failure leaves nothing written.
-            conn.prepare_cached(
-                "INSERT INTO approval_decisions \
-                 (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (decision_id) DO NOTHING",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    o.decision_id,
-                    o.partner_id,
-                    o.instance_id,
-                    o.step_index,
-                    i64::from(o.accepted),
-                    o.code,
-                    o.message,
-                    o.decided_at.0,
-                ])
-            })
-            .map_err(Failed::clean)?;
+            insert_decision(conn, o).map_err(Failed::clean)?;
             Ok(Done::Committed)
         }
     }
+}
+
+/// Record a decision outcome; the first one recorded for a decision id stands.
+fn insert_decision(conn: &rusqlite::Connection, o: &DecisionOutcome) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO approval_decisions \
+         (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (decision_id) DO NOTHING",
+    )?
+    .execute(params![
+        o.decision_id,
+        o.partner_id,
+        o.instance_id,
+        o.step_index,
+        i64::from(o.accepted),
+        o.code,
+        o.message,
+        o.decided_at.0,
+    ])?;
+    Ok(())
 }
 
 /// `Store::create_instance`'s statements.
@@ -708,6 +717,9 @@ fn commit(conn: &rusqlite::Connection, c: &CommitRows) -> Result<(), Failed> {
         insert_timers(conn, &c.timers)?;
         insert_deliveries(conn, &c.deliveries)?;
         append_audits(conn, &c.partner_id, &c.audit)?;
+        if let Some(decision) = &c.decision {
+            insert_decision(conn, decision).map_err(Failed::dirty)?;
+        }
         Ok(())
     };
     more().map_err(Failed::after_writing)

@@ -35,6 +35,7 @@ crate::both_backends!(
     concurrent_commits_exactly_one_wins,
     timers_fire_once_under_concurrent_schedulers,
     decision_outcomes_keep_the_first,
+    a_decision_outcome_commits_with_its_transition,
     group_commit_answers_each_commit_as_alone,
     group_commit_refuses_alone_and_chains_every_stream,
 );
@@ -1217,6 +1218,55 @@ async fn decision_outcomes_keep_the_first(store: Store) -> TestResult {
     Ok(())
 }
 
+/// The accepted outcome of a decision applied to `rec` (its id derived from the instance's).
+fn applied_decision(rec: &InstanceRecord) -> DecisionOutcome {
+    DecisionOutcome {
+        decision_id: format!("decision-{}", rec.info.id),
+        partner_id: rec.info.partner_id.clone(),
+        instance_id: rec.info.id.clone(),
+        step_index: 1,
+        accepted: true,
+        code: None,
+        message: None,
+        decided_at: Timestamp(9),
+    }
+}
+
+/// A transition commit records the decision it applied in the same transaction; a commit
+/// that loses its version check records neither.
+async fn a_decision_outcome_commits_with_its_transition(store: Store) -> TestResult {
+    let rec = instance("p1", "t1", None);
+    created(&store, &rec).await?;
+    let next = advanced(&rec, InstanceStatus::Waiting);
+    let decision = applied_decision(&rec);
+    let stale = DecisionOutcome {
+        decision_id: "decision-stale".into(),
+        ..decision.clone()
+    };
+    let refused = store
+        .commit_transition(&next, 5, &[], &[], &[], &[], Some(&stale))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.get_decision_outcome("p1", "decision-stale").await?,
+        None
+    );
+    store
+        .commit_transition(&next, 1, &[], &[], &[], &[], Some(&decision))
+        .await?;
+    assert_eq!(
+        store
+            .get_decision_outcome("p1", &decision.decision_id)
+            .await?,
+        Some(decision)
+    );
+    assert_eq!(store.get_instance("p1", &rec.info.id).await?, Some(next));
+    Ok(())
+}
+
 /// A group of distinct instances of two partners where some commits are refused before
 /// writing (a stale version, an unknown instance, another partner's instance id): those are
 /// answered alone and write nothing; every other commit is written with its steps, outbox rows
@@ -1256,6 +1306,7 @@ async fn group_commit_refuses_alone_and_chains_every_stream(store: Store) -> Tes
         audit: vec![draft(&instance_stream(rec), "instance.advanced", json!({}))],
         timers: vec![],
         deliveries: vec![],
+        decision: Some(applied_decision(rec)),
     };
     let unknown = instance("p1", "t1", None);
     let mut foreign = advanced(&recs[3], InstanceStatus::Waiting);
@@ -1315,6 +1366,21 @@ async fn group_commit_refuses_alone_and_chains_every_stream(store: Store) -> Tes
         recs[3]
     );
     assert_eq!(store.get_instance("p1", &unknown.info.id).await?, None);
+    // A decision outcome rides with its commit: recorded for those written, not for the
+    // refused.
+    for (rec, written) in [
+        (&recs[0], true),
+        (&recs[1], true),
+        (&recs[2], false),
+        (&unknown, false),
+        (&recs[3], false),
+    ] {
+        let outcome = applied_decision(rec);
+        let got = store
+            .get_decision_outcome(&rec.info.partner_id, &outcome.decision_id)
+            .await?;
+        assert_eq!(got, written.then_some(outcome), "{}", rec.info.id);
+    }
     let mirrored = |id: String| {
         let store = store.clone();
         async move {
@@ -1380,6 +1446,7 @@ async fn group_commit_answers_each_commit_as_alone(store: Store) -> TestResult {
         audit: vec![draft(&instance_stream(rec), "instance.advanced", json!({}))],
         timers: vec![],
         deliveries: vec![],
+        decision: None,
     };
     let dup = message(&c.info.id);
     let group = [
