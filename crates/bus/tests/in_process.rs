@@ -95,28 +95,24 @@ async fn memory_is_reclaimed_once_every_group_committed() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_without_groups_keeps_only_its_newest_messages() -> Result<()> {
     let bus = InProcessBus::with_unclaimed_limit(1, 8);
-    for i in 0..20 {
-        bus.publish(
-            "events",
-            "instance-1",
-            format!("instance-1:{i}").into_bytes(),
-        )
-        .await?;
-    }
+    let publish = |range: std::ops::Range<u32>| {
+        let bus = bus.clone();
+        async move {
+            for i in range {
+                let payload = format!("instance-1:{i}").into_bytes();
+                bus.publish("events", "instance-1", payload).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    publish(0..20).await?;
     ensure!(bus.retained() == 8, "retained {}", bus.retained());
     let mut sub = bus.subscribe("events", "late").await?;
     let first = next(&mut sub).await?;
     ensure!(first.offset == 12 && seq(&first)? == 12, "got {first:?}");
 
     // Claimed now: the limit no longer applies.
-    for i in 20..40 {
-        bus.publish(
-            "events",
-            "instance-1",
-            format!("instance-1:{i}").into_bytes(),
-        )
-        .await?;
-    }
+    publish(20..40).await?;
     ensure!(bus.retained() == 28, "retained {}", bus.retained());
     let mut last = first;
     for _ in 13..40 {
