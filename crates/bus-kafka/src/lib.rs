@@ -216,6 +216,25 @@ impl ClientContext for LogContext {
     }
 }
 
+/// The per-name results of an admin request: a name failing with `already` (created before,
+/// deleted before) counts as done; any other failure is an error naming `action` and the name.
+/// The names the request changed.
+fn changed(
+    results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
+    already: RDKafkaErrorCode,
+    action: &str,
+) -> Result<Vec<String>, BusError> {
+    let mut done = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => done.push(name),
+            Err((_, code)) if code == already => {}
+            Err((name, code)) => return Err(error::from_code(code, &format!("{action} {name}"))),
+        }
+    }
+    Ok(done)
+}
+
 /// A consumer group as the cluster reports it ([`KafkaBus::consumer_groups`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupState {
@@ -320,28 +339,31 @@ impl KafkaBus {
                 )
             })
             .collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(config.timeout))
-            .operation_timeout(Some(config.timeout));
         let results = self
             .inner
             .admin
-            .create_topics(&new, &options)
+            .create_topics(&new, &self.admin_options())
             .await
             .map_err(|e| error::from_kafka(&e, &format!("creating topics {names:?}")))?;
-        for result in results {
-            match result {
-                Ok(name) => tracing::info!(
-                    topic = %name, partitions = config.partitions,
-                    replication = config.replication, "created topic"
-                ),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(error::from_code(code, &format!("creating topic {name}")))
-                }
-            }
+        for name in changed(
+            results,
+            RDKafkaErrorCode::TopicAlreadyExists,
+            "creating topic",
+        )? {
+            tracing::info!(
+                topic = %name, partitions = config.partitions,
+                replication = config.replication, "created topic"
+            );
         }
         Ok(())
+    }
+
+    /// Options of an admin request: the configured timeout, for the request and the operation.
+    fn admin_options(&self) -> AdminOptions {
+        let timeout = self.inner.config.timeout;
+        AdminOptions::new()
+            .request_timeout(Some(timeout))
+            .operation_timeout(Some(timeout))
     }
 
     /// Every topic the cluster has, with its partition count. Reads metadata only: unlike a
@@ -367,10 +389,7 @@ impl KafkaBus {
     /// Delete `topics` and the consumer `groups` (those of a finished run: a broker slows
     /// down with every partition it keeps). Names that do not exist are not an error.
     pub async fn delete(&self, topics: &[&str], groups: &[&str]) -> Result<(), BusError> {
-        let config = &self.inner.config;
-        let options = AdminOptions::new()
-            .request_timeout(Some(config.timeout))
-            .operation_timeout(Some(config.timeout));
+        let options = self.admin_options();
         if !topics.is_empty() {
             let results = self
                 .inner
@@ -378,14 +397,11 @@ impl KafkaBus {
                 .delete_topics(topics, &options)
                 .await
                 .map_err(|e| error::from_kafka(&e, &format!("deleting topics {topics:?}")))?;
-            for result in results {
-                match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-                    Err((name, code)) => {
-                        return Err(error::from_code(code, &format!("deleting topic {name}")))
-                    }
-                }
-            }
+            changed(
+                results,
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+                "deleting topic",
+            )?;
         }
         if !groups.is_empty() {
             let results = self
@@ -394,14 +410,7 @@ impl KafkaBus {
                 .delete_groups(groups, &options)
                 .await
                 .map_err(|e| error::from_kafka(&e, &format!("deleting groups {groups:?}")))?;
-            for result in results {
-                match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
-                    Err((name, code)) => {
-                        return Err(error::from_code(code, &format!("deleting group {name}")))
-                    }
-                }
-            }
+            changed(results, RDKafkaErrorCode::GroupIdNotFound, "deleting group")?;
         }
         Ok(())
     }
