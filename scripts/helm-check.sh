@@ -363,6 +363,9 @@ def check_toml(doc, struct, where):
             check(re.search(r"Option<(u|i)(8|16|32|64|size)>", ty), f"{where}.{key}: an integer, but config.rs has {ty}")
         elif isinstance(value, str):
             check(re.search(r"Option<(String|SocketAddr)>", ty), f"{where}.{key}: a string, but config.rs has {ty}")
+        elif isinstance(value, list):
+            check(ty == "Option<Vec<String>>", f"{where}.{key}: a list, but config.rs has {ty}")
+            check(all(isinstance(v, str) for v in value), f"{where}.{key}: items must be strings")
 
 # The subcommands and flags the chart uses.
 for variant in ["Api", "Worker", "Scheduler", "Topics", "Migrate"]:
@@ -420,6 +423,7 @@ for case in cases:
     for key in ["partitions", "replication", "timeout_ms"]:
         check(toml["kafka"].get(key) == v["config"]["kafka"][key], f"{where} kafka.{key}")
     check(toml["pools"].get("members") == v["config"]["pools"]["members"], f"{where} pools.members")
+    check(toml["engine"].get("inline_steps") == v["config"]["engine"]["inline_steps"], f"{where} engine.inline_steps")
     check("database_url" not in toml and "admin_token" not in toml["api"] and "api_key" not in toml["payos"],
           f"{where} a secret is in the config file")
 
@@ -592,6 +596,7 @@ done <<'CASES'
 --set|config.kafka.properties.session\.timeout\.ms=6000|librdkafka properties are strings
 --set|config.kafka.timeout_ms=50|the binary refuses a Kafka timeout below 100 ms
 --set|config.pools.members=0|at least one consumer per process
+--set|config.engine.inline_steps={action}|actions always go through their pool
 --set|setupJob.topics=maybe|create, check or skip
 --set|terminationGracePeriodSeconds=5|shorter than the 20 s drain
 --set|workers.action.terminationGracePeriodSeconds=10|shorter than the 20 s drain

@@ -221,6 +221,50 @@ pub fn start(template: &Template, info: &InstanceInfo, now: Timestamp) -> Transi
     }
 }
 
+/// Execute, within transition `t`, each step it dispatched whose type is in `inline`, as the
+/// step's pool would on receiving its command, and so on for the steps those dispatch: one
+/// transition (one commit) instead of a command, a hop and a commit per step. Meant for steps
+/// that only change the state and ask for what the same commit records (timers, deliveries):
+/// a condition, an approval starting to wait, a wait, a notification. Actions stay with their
+/// pool, which makes the call.
+///
+/// A step just dispatched is always executable, so the error (the checks of
+/// [`Command::ExecuteStep`]) is not expected; it refuses the whole transition.
+pub fn execute_inline(
+    template: &Template,
+    info: &InstanceInfo,
+    mut t: Transition,
+    inline: &[StepType],
+    now: Timestamp,
+    limits: &ExprLimits,
+) -> Result<Transition, MachineError> {
+    // A step executes at most once, so this ends; the bound only guards that invariant.
+    for _ in 0..=template.steps.len() {
+        let next = t.effects.iter().enumerate().find_map(|(pos, e)| match e {
+            Effect::Dispatch { index, step_type } if inline.contains(step_type) => {
+                Some((pos, *index))
+            }
+            _ => None,
+        });
+        let Some((pos, index)) = next else { break };
+        let mut step = execute_step(template, info, Cow::Owned(t.state), index, now, limits)?;
+        // The audit trail says how the step ran (and latency figures leave it out: no
+        // command travelled).
+        for event in &mut step.events {
+            if event.kind == "step.started" {
+                if let Value::Object(after) = &mut event.after {
+                    after.insert("inline".to_string(), Value::Bool(true));
+                }
+            }
+        }
+        t.effects.remove(pos);
+        t.effects.extend(step.effects);
+        t.events.extend(step.events);
+        t.state = step.state;
+    }
+    Ok(t)
+}
+
 /// Apply one command. On error the caller's state is untouched.
 pub fn apply(
     template: &Template,

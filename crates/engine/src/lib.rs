@@ -20,4 +20,4 @@ pub use messages::{
     DecisionCommand, StepCommand, StepMessage, TimerFired, DECISION_TOPIC, STEP_TOPIC_PREFIX,
 };
 pub use service::DecisionResult;
-pub use service::{ActionTask, Engine, ExecuteOutcome, StartOutcome};
+pub use service::{ActionTask, Engine, ExecuteOutcome, StartOutcome, DEFAULT_INLINE_STEPS};

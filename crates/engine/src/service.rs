@@ -15,8 +15,8 @@ use workflow_core::machine::{
     self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
 };
 use workflow_core::validate::{parse_template, Limits};
-use workflow_core::StepStatus;
 use workflow_core::Template;
+use workflow_core::{StepStatus, StepType};
 use workflow_store::records::{
     AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord, TimerRecord,
 };
@@ -41,6 +41,15 @@ const DECISION_POLL: Duration = Duration::from_millis(20);
 /// the listener reconnected). At saturation a decision waits hundreds of milliseconds, and
 /// polling every 20 ms cost ~9-11 store reads per decision.
 const DECISION_POLL_LOCAL: Duration = Duration::from_millis(250);
+
+/// The step types both runtimes execute inline by default ([`Engine::with_inline_steps`]):
+/// every type but actions, whose pool makes the call.
+pub const DEFAULT_INLINE_STEPS: [StepType; 4] = [
+    StepType::Condition,
+    StepType::Approval,
+    StepType::Wait,
+    StepType::Notification,
+];
 
 /// How often a use case re-reads and retries after losing an optimistic-concurrency race.
 const MAX_ATTEMPTS: u32 = 8;
@@ -306,6 +315,9 @@ pub struct Engine {
     decisions_signalled: Arc<std::sync::atomic::AtomicBool>,
     /// Instances as last committed, when this engine is its store's only writer.
     instances: Option<Arc<InstanceCache>>,
+    /// Step types executed within the transition that dispatches them
+    /// ([`Engine::with_inline_steps`]).
+    inline_steps: Arc<[StepType]>,
 }
 
 /// What became of a submitted approval decision.
@@ -332,7 +344,24 @@ impl Engine {
             applies_decisions: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             decisions_signalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             instances: None,
+            inline_steps: Arc::from([]),
         }
+    }
+
+    /// Execute steps of these types within the transition that dispatches them, instead of
+    /// sending each a command for its pool (see [`machine::execute_inline`]): a condition that
+    /// follows a decision is evaluated in the decision's commit, an approval starts waiting in
+    /// the commit that reached it. Fewer commits, messages and hops per instance; the pools of
+    /// these types then only see commands of older dispatches and resumes. Actions never run
+    /// inline (their pool makes the call).
+    pub fn with_inline_steps(mut self, steps: &[StepType]) -> Engine {
+        let steps: Vec<StepType> = steps
+            .iter()
+            .copied()
+            .filter(|t| *t != StepType::Action)
+            .collect();
+        self.inline_steps = Arc::from(steps);
+        self
     }
 
     /// Keep the instances this engine commits in memory (see [`InstanceCache`]), so its
@@ -626,8 +655,18 @@ impl Engine {
             mode,
         };
         let t = machine::start(&template, &info, now);
-        // The first transition only dispatches step 0: it never asks for timers.
-        let (outbox, _) = self.outbox_and_timers(&template, &info, None, &t, now)?;
+        let t = machine::execute_inline(
+            &template,
+            &info,
+            t,
+            &self.inline_steps,
+            now,
+            &self.limits.expr,
+        )?;
+        // Steps that ran inline may have asked for timers (an approval's deadline) and
+        // deliveries (its notices): they are written with the instance.
+        let (mut outbox, timers) = self.outbox_and_timers(&template, &info, None, &t, now)?;
+        let deliveries = crate::notify::queue(&info, &t, now, &mut outbox)?;
         let Transition {
             state,
             effects: _,
@@ -643,7 +682,7 @@ impl Engine {
         };
         let outcome = self
             .store
-            .create_instance(&instance, &outbox, &audit)
+            .create_instance_with(&instance, &outbox, &audit, &timers, &deliveries)
             .await?;
         match outcome {
             CreateOutcome::Created(instance) => {
@@ -652,6 +691,9 @@ impl Engine {
                     cache.created(&instance);
                 }
                 self.outbox.committed(&outbox);
+                if !timers.is_empty() {
+                    self.timers_changed.notify_one();
+                }
                 Ok(StartOutcome {
                     instance,
                     created: true,
@@ -709,6 +751,11 @@ impl Engine {
     /// Queue an approval decision on the instance's ordered stream and wait (up to `wait`) for
     /// the approval pool's outcome. Refusals that the current state already shows (not an
     /// approver, four-eyes rules, step not waiting...) are returned at once, changing nothing.
+    ///
+    /// An engine that is its store's only writer (embedded, [`Engine::with_instance_cache`])
+    /// applies the decision in place instead: the same transition the pool would commit, with
+    /// the same version check and refusals, without the queued command's commit, relay hop
+    /// and wake-up (see docs/decisions.md).
     #[allow(clippy::too_many_arguments)]
     pub async fn submit_decision(
         &self,
@@ -720,6 +767,17 @@ impl Engine {
         comment: Option<String>,
         wait: Duration,
     ) -> Result<DecisionResult, EngineError> {
+        if self.instances.as_ref().is_some_and(|c| c.authoritative) {
+            let command = Command::Decide {
+                decision_id: uuid::Uuid::now_v7().to_string(),
+                index,
+                decider: decider.clone(),
+                verdict,
+                comment,
+            };
+            let rec = self.transition(partner_id, instance_id, command).await?;
+            return Ok(DecisionResult::Accepted(Box::new(rec)));
+        }
         let (current, template) = self.load(partner_id, instance_id).await?;
         let proposal = Proposal {
             index,
@@ -957,8 +1015,9 @@ impl Engine {
         want_record: bool,
         decision: Option<&DecisionCommand>,
     ) -> Result<(Option<InstanceRecord>, Vec<Effect>), EngineError> {
-        // After a lost race, or a refusal of a cached state, the next attempt reads the store.
+        // After a lost race, or a refusal of a cached hint, the next attempt reads the store.
         let mut from_store = false;
+        let authoritative = self.instances.as_ref().is_some_and(|c| c.authoritative);
         for _ in 0..MAX_ATTEMPTS {
             let (taken, cached) = match &self.instances {
                 Some(cache) => {
@@ -990,11 +1049,23 @@ impl Engine {
                 command.clone(),
                 now,
                 &self.limits.expr,
-            );
+            )
+            .and_then(|t| {
+                machine::execute_inline(
+                    &template,
+                    &current.info,
+                    t,
+                    &self.inline_steps,
+                    now,
+                    &self.limits.expr,
+                )
+            });
             let mut t = match applied {
                 Ok(t) => t,
-                // Refuse only what the stored state refuses.
-                Err(_) if was_cached => {
+                // Refuse only what the stored state refuses: a hint may be stale, an
+                // authoritative entry is what is stored (an agent's early approve, refused
+                // with `step_not_waiting`, then costs no store read).
+                Err(_) if was_cached && !authoritative => {
                     from_store = true;
                     continue;
                 }

@@ -77,6 +77,8 @@ pub enum BenchError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("HTTP: {0}")]
     Http(String),
     #[error("cannot reach PayOS: {0}")]
@@ -154,6 +156,7 @@ pub async fn timers(store: Store, n: usize, window: Duration) -> Result<TimerRep
         partitions: 8,
         clock: clock.clone(),
         actions: None,
+        inline_steps: workflow_engine::DEFAULT_INLINE_STEPS.to_vec(),
     };
     let runtime = Embedded::start(store.clone(), config).await?;
     let engine = runtime.engine.clone();

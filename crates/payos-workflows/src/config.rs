@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use workflow_bus::Naming;
 use workflow_bus_kafka::KafkaConfig;
+use workflow_core::StepType;
+use workflow_engine::DEFAULT_INLINE_STEPS;
 
 /// Members per pool process (`WORKFLOWS_POOL_MEMBERS`): one consumer per partition of the
 /// default 8. A member handles one message at a time, and more members in flight make bigger
@@ -47,6 +49,14 @@ struct FileConfig {
     api: ApiFile,
     pools: PoolsFile,
     payos: PayosFile,
+    engine: EngineFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct EngineFile {
+    /// Step type names, e.g. `["condition", "approval"]`; `[]` for none.
+    inline_steps: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +121,8 @@ pub struct Settings {
     pub pool_members: usize,
     pub payos_api_url: Option<String>,
     pub payos_api_key: Option<String>,
+    /// Step types executed in the transition that dispatches them (`Engine::with_inline_steps`).
+    pub inline_steps: Vec<StepType>,
 }
 
 impl Settings {
@@ -192,8 +204,64 @@ impl Settings {
                 .max(1),
             payos_api_url: env("PAYOS_API_URL").or(f.payos.api_url),
             payos_api_key: env("PAYOS_API_KEY").or(f.payos.api_key),
+            inline_steps: match env(INLINE_STEPS_ENV) {
+                Some(value) => inline_steps_env(&value)?,
+                None => match f.engine.inline_steps {
+                    Some(names) => {
+                        parse_inline_steps(&names).map_err(|message| ConfigError::Parse {
+                            path: file.map(|p| p.display().to_string()).unwrap_or_default(),
+                            message: format!("engine.inline_steps: {message}"),
+                        })?
+                    }
+                    None => DEFAULT_INLINE_STEPS.to_vec(),
+                },
+            },
         })
     }
+}
+
+/// The environment variable naming the inline step types: a comma-separated list, or `none`.
+pub const INLINE_STEPS_ENV: &str = "WORKFLOWS_INLINE_STEPS";
+
+/// The inline step types the environment asks for (for the embedded runtime, which has no
+/// config file), else the default.
+pub fn inline_steps_from_env() -> Result<Vec<StepType>, ConfigError> {
+    match std::env::var(INLINE_STEPS_ENV) {
+        Ok(value) if !value.trim().is_empty() => inline_steps_env(&value),
+        _ => Ok(DEFAULT_INLINE_STEPS.to_vec()),
+    }
+}
+
+fn inline_steps_env(value: &str) -> Result<Vec<StepType>, ConfigError> {
+    let names: Vec<String> = match value.trim() {
+        "none" => Vec::new(),
+        list => list.split(',').map(|n| n.trim().to_string()).collect(),
+    };
+    parse_inline_steps(&names).map_err(|reason| ConfigError::Env {
+        name: INLINE_STEPS_ENV,
+        value: value.to_string(),
+        reason,
+    })
+}
+
+/// Step type names to step types; actions cannot run inline (their pool makes the call).
+fn parse_inline_steps(names: &[String]) -> Result<Vec<StepType>, String> {
+    let mut steps = Vec::new();
+    for name in names {
+        match StepType::parse(name) {
+            Some(StepType::Action) => {
+                return Err("`action` cannot run inline: its pool makes the call".to_string())
+            }
+            Some(t) if !steps.contains(&t) => steps.push(t),
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "unknown step type `{name}` (condition, approval, wait, notification)"
+                ))
+            }
+        }
+    }
+    Ok(steps)
 }
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -293,6 +361,55 @@ listen = "127.0.0.1:9000"
             "transfers.events.v1"
         );
         assert_eq!(s.pool_members, 8);
+        assert_eq!(s.inline_steps, DEFAULT_INLINE_STEPS.to_vec());
+        Ok(())
+    }
+
+    #[test]
+    fn inline_steps_from_file_and_environment() -> Result<(), Box<dyn std::error::Error>> {
+        let base = [
+            ("DATABASE_URL", "postgres://x"),
+            ("KAFKA_BOOTSTRAP_SERVERS", "k:1"),
+        ];
+        let with = |value: &str| {
+            let mut pairs = base.to_vec();
+            pairs.push((INLINE_STEPS_ENV, value));
+            Settings::resolve(None, &env_of(&pairs))
+        };
+        let s = Settings::resolve(None, &env_of(&base))?;
+        assert_eq!(s.inline_steps, DEFAULT_INLINE_STEPS.to_vec());
+        assert_eq!(with("none")?.inline_steps, Vec::<StepType>::new());
+        assert_eq!(
+            with(" approval, condition,approval ")?.inline_steps,
+            vec![StepType::Approval, StepType::Condition]
+        );
+        for (bad, says) in [
+            ("action", "cannot run inline"),
+            ("conditon", "unknown step type"),
+        ] {
+            let err = with(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                err.contains(INLINE_STEPS_ENV) && err.contains(says),
+                "{err}"
+            );
+        }
+
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[engine]\ninline_steps = []\n")?;
+        let s = Settings::resolve(Some(&path), &env_of(&base))?;
+        assert!(s.inline_steps.is_empty());
+        // The environment overrides the file.
+        let mut pairs = base.to_vec();
+        pairs.push((INLINE_STEPS_ENV, "wait"));
+        let s = Settings::resolve(Some(&path), &env_of(&pairs))?;
+        assert_eq!(s.inline_steps, vec![StepType::Wait]);
+        std::fs::write(&path, "[engine]\ninline_steps = [\"action\"]\n")?;
+        let err = Settings::resolve(Some(&path), &env_of(&base))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("engine.inline_steps"), "{err}");
         Ok(())
     }
 

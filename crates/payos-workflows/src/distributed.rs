@@ -144,7 +144,8 @@ impl Node {
             settings.naming.clone(),
         ));
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let engine = Engine::new(store.clone(), limits, clock);
+        let engine =
+            Engine::new(store.clone(), limits, clock).with_inline_steps(&settings.inline_steps);
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(relay::run(

@@ -41,6 +41,8 @@ pub struct EmbeddedConfig {
     pub clock: Arc<dyn Clock>,
     /// Makes action steps' calls; without one they stay in flight, visibly.
     pub actions: Option<Arc<step_workers::ActionExecutor>>,
+    /// Step types executed in the transition that dispatches them (`Engine::with_inline_steps`).
+    pub inline_steps: Vec<StepType>,
 }
 
 impl Embedded {
@@ -66,6 +68,7 @@ impl Embedded {
             // decoding (the version check on commit still guards every write).
             engine = engine.with_instance_cache();
         }
+        engine = engine.with_inline_steps(&config.inline_steps);
         let bus = Arc::new(InProcessBus::new(config.partitions));
         let dyn_bus: Arc<dyn Bus> = bus.clone();
         let cancel = CancellationToken::new();

@@ -325,6 +325,7 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
         partitions: 8,
         clock,
         actions: Some(Arc::new(executor)),
+        inline_steps: payos_workflows::config::inline_steps_from_env()?,
     };
     // Notifications: webhooks through the same egress policy, email through WORKFLOWS_SMTP_URL.
     let notifier = step_workers::Notifier::from_env(EgressClient::new(

@@ -170,7 +170,8 @@ async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
 }
 
 /// Write `news` in one transaction: one multi-row insert that skips any whose id or
-/// idempotency key is taken, then the written ones' steps, outbox rows and audit events. Any
+/// idempotency key is taken, then the written ones' steps, outbox rows, timers, deliveries and
+/// audit events. Any
 /// failure writes nothing and sends every create back to be written alone.
 async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
     let written = async {
@@ -185,6 +186,10 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
         upsert_steps(&mut tx, &recs).await?;
         let outbox: Vec<_> = new.iter().flat_map(|n| n.outbox.clone()).collect();
         insert_outbox(&mut tx, &outbox).await?;
+        let timers: Vec<_> = new.iter().flat_map(|n| n.timers.clone()).collect();
+        crate::timers::insert_timers(&mut tx, &timers).await?;
+        let deliveries: Vec<_> = new.iter().flat_map(|n| n.deliveries.clone()).collect();
+        crate::notifications::insert_deliveries(&mut tx, &deliveries).await?;
         let events: Vec<_> = new
             .iter()
             .flat_map(|n| n.audit.iter().map(|d| (n.rec.info.partner_id.as_str(), d)))

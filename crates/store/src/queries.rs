@@ -363,14 +363,31 @@ impl Store {
         outbox: &[OutboxMessage],
         audit: &[AuditDraft],
     ) -> Result<CreateOutcome, StoreError> {
+        self.create_instance_with(rec, outbox, audit, &[], &[])
+            .await
+    }
+
+    /// [`Store::create_instance`], with the timers and notification deliveries the creation
+    /// asks for (a first step that ran inline, e.g. an approval with a deadline), in the same
+    /// transaction.
+    pub async fn create_instance_with(
+        &self,
+        rec: &InstanceRecord,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+        deliveries: &[crate::NewDelivery],
+    ) -> Result<CreateOutcome, StoreError> {
+        let new = || crate::sqlite_writer::NewInstance {
+            rec: rec.clone(),
+            outbox: outbox.to_vec(),
+            audit: audit.to_vec(),
+            timers: timers.to_vec(),
+            deliveries: deliveries.to_vec(),
+        };
         if let Some(committer) = &self.committer {
-            let new = crate::sqlite_writer::NewInstance {
-                rec: rec.clone(),
-                outbox: outbox.to_vec(),
-                audit: audit.to_vec(),
-            };
             return match committer
-                .submit(crate::sqlite_writer::Write::Create(new))
+                .submit(crate::sqlite_writer::Write::Create(new()))
                 .await?
             {
                 crate::sqlite_writer::Written::Created(outcome) => Ok(*outcome),
@@ -380,12 +397,7 @@ impl Store {
             };
         }
         if let Some(committer) = &self.pg_committer {
-            let new = crate::sqlite_writer::NewInstance {
-                rec: rec.clone(),
-                outbox: outbox.to_vec(),
-                audit: audit.to_vec(),
-            };
-            if let crate::pg_commit::Created::Written = committer.create(new).await {
+            if let crate::pg_commit::Created::Written = committer.create(new()).await {
                 return Ok(CreateOutcome::Created(rec.clone()));
             }
         }
@@ -419,6 +431,8 @@ impl Store {
         }
         upsert_steps(&mut tx, &[rec]).await?;
         insert_outbox(&mut tx, outbox).await?;
+        crate::timers::insert_timers(&mut tx, timers).await?;
+        crate::notifications::insert_deliveries(&mut tx, deliveries).await?;
         let events: Vec<_> = audit
             .iter()
             .map(|d| (info.partner_id.as_str(), d))

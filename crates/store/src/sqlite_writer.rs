@@ -33,12 +33,15 @@ use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage,
 use crate::sqlite_readers::instance_by_key;
 use crate::{CreateOutcome, StoreError, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS};
 
-/// A new instance with the outbox messages and audit events of its creation.
+/// A new instance with the outbox messages, audit events, timers and notification deliveries
+/// of its creation.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NewInstance {
     pub(crate) rec: InstanceRecord,
     pub(crate) outbox: Vec<OutboxMessage>,
     pub(crate) audit: Vec<AuditDraft>,
+    pub(crate) timers: Vec<TimerRecord>,
+    pub(crate) deliveries: Vec<NewDelivery>,
 }
 
 /// One write of a group, as the store's methods hand it to the committer.
@@ -100,6 +103,8 @@ pub(crate) struct CreateRows {
     mode: &'static str,
     steps: Vec<StepRow>,
     outbox: Vec<OutboxMessage>,
+    timers: Vec<TimerRecord>,
+    deliveries: Vec<DeliveryRow>,
     audit: Vec<AuditRow>,
 }
 
@@ -230,6 +235,12 @@ impl Encoded {
             mode: info.mode.as_str(),
             steps: step_rows(&rec.state.steps)?,
             outbox: new.outbox.clone(),
+            timers: new.timers.clone(),
+            deliveries: new
+                .deliveries
+                .iter()
+                .map(delivery_row)
+                .collect::<Result<_, _>>()?,
             audit: audit_rows(&info.partner_id, &new.audit)?,
         })))
     }
@@ -662,6 +673,8 @@ fn create(conn: &rusqlite::Connection, new: &CreateRows) -> Result<Done, Failed>
     let more = || -> Result<(), Failed> {
         upsert_steps(conn, &new.id, &new.partner_id, &new.steps)?;
         insert_outbox(conn, &new.outbox)?;
+        insert_timers(conn, &new.timers)?;
+        insert_deliveries(conn, &new.deliveries)?;
         append_audits(conn, &new.partner_id, &new.audit)?;
         Ok(())
     };

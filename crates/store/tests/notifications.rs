@@ -14,6 +14,7 @@ mod common;
 use common::TestResult;
 
 crate::both_backends!(
+    a_create_writes_its_timers_and_deliveries_or_nothing,
     deliveries_commit_with_the_instance_or_not_at_all,
     a_delivery_is_claimed_once_and_every_attempt_is_logged,
     due_deliveries_are_requeued_with_their_message,
@@ -115,6 +116,50 @@ async fn commit(
     store
         .commit_instance_with_deliveries(&next, expected, &messages, &[], &[], d)
         .await
+}
+
+/// A create whose first steps ran inline (an approval with a deadline and notices) writes
+/// their timer, delivery and message with the instance; a create answered by an existing
+/// instance (its idempotency key taken) writes none of them.
+async fn a_create_writes_its_timers_and_deliveries_or_nothing(store: Store) -> TestResult {
+    let template = instance(&store, "acme").await;
+    let fresh = |key: &str| {
+        let mut rec = template.clone();
+        rec.info.id = new_id();
+        rec.idempotency_key = Some(key.to_string());
+        rec
+    };
+    let timer = |rec: &InstanceRecord| TimerRecord {
+        id: format!("{}:1:approval_timeout:0", rec.info.id),
+        partner_id: "acme".into(),
+        instance_id: rec.info.id.clone(),
+        step_index: 1,
+        step_type: "approval".into(),
+        kind: "approval_timeout".into(),
+        due_at: Timestamp(50_000),
+    };
+    let first = fresh("order-1");
+    let d = delivery(&first, "dlv_create", false);
+    let created = store
+        .create_instance_with(&first, &[outbox(&d.id)], &[], &[timer(&first)], &[d])
+        .await?;
+    assert!(created.is_created());
+    assert!(store.get_delivery("acme", "dlv_create").await?.is_some());
+    assert_eq!(store.list_timers("acme", &first.info.id).await?.len(), 1);
+    assert_eq!(store.next_timer_due().await?, Some(Timestamp(50_000)));
+    assert_eq!(store.fetch_outbox(0).await?.len(), 1);
+
+    // The same key again: the first instance answers, and nothing of this one is written.
+    let again = fresh("order-1");
+    let d = delivery(&again, "dlv_again", false);
+    let outcome = store
+        .create_instance_with(&again, &[outbox(&d.id)], &[], &[timer(&again)], &[d])
+        .await?;
+    assert!(!outcome.is_created());
+    assert!(store.get_delivery("acme", "dlv_again").await?.is_none());
+    assert!(store.list_timers("acme", &again.info.id).await?.is_empty());
+    assert_eq!(store.fetch_outbox(0).await?.len(), 1);
+    Ok(())
 }
 
 async fn deliveries_commit_with_the_instance_or_not_at_all(store: Store) -> TestResult {

@@ -190,6 +190,11 @@ decision_wait_ms = {{ .decision_wait_ms | int64 }}
 members = {{ $c.pools.members | int64 }}
 {{- end }}
 
+[engine]
+{{- if and $c.engine (not (kindIs "invalid" $c.engine.inline_steps)) }}
+inline_steps = [{{ range $i, $s := $c.engine.inline_steps }}{{ if $i }}, {{ end }}{{ include "payos-workflows.tomlString" $s }}{{ end }}]
+{{- end }}
+
 [payos]
 {{- if $c.payos.api_url }}
 api_url = {{ include "payos-workflows.tomlString" $c.payos.api_url }}

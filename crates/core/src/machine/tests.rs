@@ -1989,3 +1989,158 @@ mod notifications {
         assert!(late.is_err(), "terminal instances refuse everything");
     }
 }
+
+// ---- steps executed inline ----
+
+mod inline {
+    use super::*;
+
+    const PURE: [StepType; 4] = [
+        StepType::Condition,
+        StepType::Approval,
+        StepType::Wait,
+        StepType::Notification,
+    ];
+
+    /// The pools' way: execute each dispatch of an `inline` type as its own transition, in
+    /// order, all at `now`; other effects are kept, in the order they were asked for.
+    fn pooled(
+        tpl: &Template,
+        info: &InstanceInfo,
+        t: Transition,
+        inline: &[StepType],
+        now: Timestamp,
+    ) -> Transition {
+        let Transition {
+            mut state,
+            effects,
+            mut events,
+        } = t;
+        let mut kept = Vec::new();
+        let mut queue: std::collections::VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Dispatch { index, step_type } if inline.contains(&step_type) => {
+                    let next = apply(
+                        tpl,
+                        info,
+                        &state,
+                        Command::ExecuteStep { index },
+                        now,
+                        &limits(),
+                    )
+                    .unwrap_or_else(|e| panic!("execute {index}: {e}"));
+                    state = next.state;
+                    events.extend(next.events);
+                    queue.extend(next.effects);
+                }
+                other => kept.push(other),
+            }
+        }
+        Transition {
+            state,
+            effects: kept,
+            events,
+        }
+    }
+
+    /// The events without the inline marker.
+    fn unmarked(events: &[Event]) -> Vec<Event> {
+        events
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                if let Value::Object(after) = &mut e.after {
+                    after.remove("inline");
+                }
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_procurement_waits_for_the_cfo_right_after_its_start() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 5000}));
+        let now = Timestamp(1);
+        let t = start(&tpl, &info, now);
+        let t =
+            execute_inline(&tpl, &info, t, &PURE, now, &limits()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.status, InstanceStatus::Waiting);
+        assert_eq!(t.state.current_step, Some(1));
+        assert!(!t
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Dispatch { .. })));
+        // The approval's deadline is asked for in the same transition.
+        assert!(t
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::ScheduleTimer(_))));
+        let started: Vec<&Event> = t
+            .events
+            .iter()
+            .filter(|e| e.kind == "step.started")
+            .collect();
+        assert_eq!(started.len(), 2);
+        assert!(started.iter().all(|e| e.after["inline"] == json!(true)));
+    }
+
+    #[test]
+    fn an_action_is_left_to_its_pool() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 10}));
+        let now = Timestamp(1);
+        let t = start(&tpl, &info, now);
+        let t =
+            execute_inline(&tpl, &info, t, &PURE, now, &limits()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.effects,
+            vec![Effect::Dispatch {
+                index: 3,
+                step_type: StepType::Action
+            }]
+        );
+        assert_eq!(t.state.current_step, Some(3));
+        assert_eq!(
+            t.state.execution(3).map(|e| e.status),
+            Some(StepStatus::Pending)
+        );
+    }
+
+    #[test]
+    fn nothing_inline_changes_nothing() {
+        let tpl = procurement();
+        let info = info(json!({"id": "tr", "amount": 10}));
+        let t = start(&tpl, &info, Timestamp(1));
+        let same = execute_inline(&tpl, &info, t.clone(), &[], Timestamp(1), &limits())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(same, t);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Inline execution ends where the pools' one-step-per-command execution ends: same
+        /// state, same remaining effects, same events (but for the inline marker).
+        #[test]
+        fn inline_execution_matches_pooled_execution(
+            steps in prop::collection::vec(gen_step(), 1..8),
+            amount in 0i64..2000,
+            conditions_only in any::<bool>(),
+        ) {
+            let tpl = build(&steps);
+            let info = info(json!({"id": "tr", "amount": amount}));
+            let inline: &[StepType] = if conditions_only { &[StepType::Condition] } else { &PURE };
+            let now = Timestamp(1);
+            let t = start(&tpl, &info, now);
+            let expected = pooled(&tpl, &info, t.clone(), inline, now);
+            let got = execute_inline(&tpl, &info, t, inline, now, &limits())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&got.state, &expected.state);
+            prop_assert_eq!(&got.effects, &expected.effects);
+            prop_assert_eq!(unmarked(&got.events), expected.events);
+            check_invariants(&got.state)?;
+        }
+    }
+}

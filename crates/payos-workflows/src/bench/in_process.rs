@@ -66,6 +66,7 @@ async fn run_in(dir: &Path, opts: &SeedOptions) -> Result<SeedReport, BenchError
             .unwrap_or(DEFAULT_PARTITIONS),
         clock,
         actions: Some(Arc::new(executor)),
+        inline_steps: crate::config::inline_steps_from_env()?,
     };
     let runtime = Embedded::start(store.clone(), config).await?;
     let router = runtime

@@ -791,19 +791,25 @@ pub async fn read_latencies(
     .fetch_all(store.pool())
     .await
     .map_err(db)?;
-    // (stream, step index) -> (dispatched at, started at)
+    // (stream, step index) -> (dispatched at, started at). A step executed inline, in the
+    // transition that dispatched it, had no command in flight: it is no sample.
     let mut pairs: HashMap<(String, u64), (Option<i64>, Option<i64>)> = HashMap::new();
+    let mut inline: HashSet<(String, u64)> = HashSet::new();
     for r in &rows {
         let stream: String = r.try_get("stream").map_err(db)?;
         let at: i64 = r.try_get("at").map_err(db)?;
         let kind: String = r.try_get("kind").map_err(db)?;
         let after: String = r.try_get("after_doc").map_err(db)?;
-        let Some(index) = serde_json::from_str::<Value>(&after)
-            .ok()
-            .and_then(|v| v.get("index").and_then(Value::as_u64))
-        else {
+        let Ok(after) = serde_json::from_str::<Value>(&after) else {
             continue;
         };
+        let Some(index) = after.get("index").and_then(Value::as_u64) else {
+            continue;
+        };
+        if after.get("inline") == Some(&Value::Bool(true)) {
+            inline.insert((stream, index));
+            continue;
+        }
         let entry = pairs.entry((stream, index)).or_default();
         if kind == "step.dispatched" {
             entry.0 = Some(at);
@@ -812,8 +818,9 @@ pub async fn read_latencies(
         }
     }
     let steps = pairs
-        .values()
-        .filter_map(|(d, s)| Some(s.as_ref()? - d.as_ref()?))
+        .iter()
+        .filter(|(key, _)| !inline.contains(*key))
+        .filter_map(|(_, (d, s))| Some(s.as_ref()? - d.as_ref()?))
         .collect();
     store.close().await;
     Ok((steps, e2e))

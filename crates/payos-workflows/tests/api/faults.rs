@@ -224,14 +224,15 @@ async fn rows_orphaned_by_a_dead_process_are_swept_and_sigterm_drains() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(counts.executions, 1);
 
-    // SIGTERM: the condition pool finishes what it holds, commits and exits 0.
+    // SIGTERM: the action pool (every other step of the seed runs inline, in the transition
+    // that reaches it) finishes what it holds, commits and exits 0.
     let mut app = app;
     let status = cluster(&mut app)
-        .terminate("condition", Duration::from_secs(30))
+        .terminate("action", Duration::from_secs(30))
         .await;
     assert!(status.success(), "drained exit: {status:?}");
     let waiting = start_many(&app, &p, &tid, "t", 3).await;
-    // Nobody consumes conditions now; a new member picks the commands up where it left off.
+    // Nobody consumes actions now; a new member picks the commands up where it left off.
     let (s, b) = app
         .get(
             &format!("/v1/workflows/instances/{}", waiting[0]),
@@ -240,7 +241,7 @@ async fn rows_orphaned_by_a_dead_process_are_swept_and_sigterm_drains() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_ne!(b["status"], "completed", "{b}");
-    cluster(&mut app).spawn("condition");
+    cluster(&mut app).spawn("action");
     all_complete_once(&app, &p, &waiting, "t").await;
 }
 

@@ -26,6 +26,29 @@ pub enum Backend {
     /// The distributed runtime: api, pools and scheduler as OS processes on PostgreSQL and
     /// Kafka (see cluster.rs).
     Distributed,
+    /// The embedded runtime on SQLite, every step through its pool's command (no step
+    /// executed inline: `Engine::with_inline_steps`).
+    SqliteStepwise,
+    /// The distributed runtime, every step through its pool's command.
+    DistributedStepwise,
+}
+
+impl Backend {
+    /// The step types the runtime executes inline.
+    pub fn inline_steps(self) -> Vec<workflow_core::StepType> {
+        match self {
+            Backend::SqliteStepwise | Backend::DistributedStepwise => Vec::new(),
+            _ => workflow_engine::DEFAULT_INLINE_STEPS.to_vec(),
+        }
+    }
+
+    /// What the distributed runtime's processes need in their environment for this backend.
+    pub fn process_env(self) -> Vec<(&'static str, String)> {
+        match self {
+            Backend::DistributedStepwise => vec![("WORKFLOWS_INLINE_STEPS", "none".to_string())],
+            _ => Vec::new(),
+        }
+    }
 }
 
 pub struct TestApp {
@@ -53,8 +76,10 @@ pub struct Partner {
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
     match backend {
-        Backend::Distributed => TestApp::distributed().await,
-        Backend::Sqlite | Backend::Postgres => {
+        Backend::Distributed | Backend::DistributedStepwise => {
+            TestApp::distributed_with_env(&backend.process_env()).await
+        }
+        Backend::Sqlite | Backend::Postgres | Backend::SqliteStepwise => {
             spawn_app_with_clock(backend, Arc::new(SystemClock)).await
         }
     }
@@ -74,10 +99,12 @@ pub async fn spawn_app_with_notifier(
 ) -> TestApp {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let url = match backend {
-        Backend::Distributed => {
+        Backend::Distributed | Backend::DistributedStepwise => {
             panic!("the distributed runtime's processes run on the system clock")
         }
-        Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()),
+        Backend::Sqlite | Backend::SqliteStepwise => {
+            format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display())
+        }
         Backend::Postgres => workflow_testkit::postgres_url()
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL for tests: {e}")),
@@ -122,6 +149,7 @@ pub async fn spawn_app_with_notifier(
         partitions: 4,
         clock,
         actions: Some(Arc::new(executor)),
+        inline_steps: backend.inline_steps(),
     };
     let runtime = Embedded::start_with_notifier(store.clone(), config, notifier)
         .await
@@ -371,6 +399,30 @@ macro_rules! on_both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// Also run scenarios with every step through its pool's command, as the runtimes do with
+/// `inline_steps` empty: embedded on SQLite, and distributed.
+#[macro_export]
+macro_rules! stepwise {
+    (embedded: [$($e:ident),* $(,)?], distributed: [$($d:ident),* $(,)?] $(,)?) => {
+        mod sqlite_stepwise {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $e() {
+                    super::$e($crate::helpers::Backend::SqliteStepwise).await
+                }
+            )*
+        }
+        mod distributed_stepwise {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $d() {
+                    super::$d($crate::helpers::Backend::DistributedStepwise).await
                 }
             )*
         }

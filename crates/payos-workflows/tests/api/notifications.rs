@@ -143,20 +143,19 @@ async fn env(backend: Backend) -> Env {
     let notifier = Arc::new(step_workers::Notifier::new(http, Some(mailer)));
     let app = match backend {
         // The processes' notifier comes from their environment; their clock is the system's.
-        Backend::Distributed => {
-            TestApp::distributed_with_env(&[
-                (
-                    "WORKFLOWS_SMTP_URL",
-                    format!("smtp://127.0.0.1:{}", sink.addr.port()),
-                ),
-                (
-                    "WORKFLOWS_SMTP_FROM",
-                    "Workflows <wf@example.com>".to_string(),
-                ),
-            ])
-            .await
+        Backend::Distributed | Backend::DistributedStepwise => {
+            let mut env = backend.process_env();
+            env.push((
+                "WORKFLOWS_SMTP_URL",
+                format!("smtp://127.0.0.1:{}", sink.addr.port()),
+            ));
+            env.push((
+                "WORKFLOWS_SMTP_FROM",
+                "Workflows <wf@example.com>".to_string(),
+            ));
+            TestApp::distributed_with_env(&env).await
         }
-        Backend::Sqlite | Backend::Postgres => {
+        Backend::Sqlite | Backend::Postgres | Backend::SqliteStepwise => {
             spawn_app_with_notifier(backend, clock.clone(), Some(notifier)).await
         }
     };
@@ -864,6 +863,14 @@ crate::on_both_stores!(
 );
 
 // Scenarios that do not move the clock also run on the distributed runtime's processes.
+crate::stepwise!(
+    embedded: [
+        wait_for_delivery_holds_the_step_until_delivered_or_dead_lettered,
+        approvals_notify_remind_and_report_overdue,
+    ],
+    distributed: [approval_notifications_on_the_real_clock],
+);
+
 crate::on_distributed!(
     a_webhook_is_delivered_signed_and_logged,
     an_email_arrives_at_the_smtp_sink,

@@ -170,6 +170,24 @@ async fn audit_trail_is_hash_chained_and_verifies(backend: Backend) {
         .unwrap_or_default();
     assert_eq!(last["actor"]["id"], "carol");
     assert_eq!(last["reason"], "not needed");
+    // The condition and the CFO approval started inline, in the create's transition (the
+    // approval's deadline timer written with it), or each through its pool's command, as the
+    // runtime is configured; the audit trail says which.
+    let started: Vec<(u64, bool)> = ev["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "step.started")
+        .map(|e| {
+            let after = &e["after"];
+            (
+                after["index"].as_u64().unwrap_or(u64::MAX),
+                after["inline"] == true,
+            )
+        })
+        .collect();
+    let inline = !backend.inline_steps().is_empty();
+    assert_eq!(started, vec![(0, inline), (1, inline)], "{ev:#}");
     for pair in ev["data"]
         .as_array()
         .map(|a| {
@@ -187,6 +205,15 @@ crate::on_both_stores!(
     seed_template_routes_small_and_large_procurements,
     evaluation_error_fails_the_step_with_a_stored_error,
     audit_trail_is_hash_chained_and_verifies,
+);
+
+crate::stepwise!(
+    embedded: [
+        seed_template_routes_small_and_large_procurements,
+        evaluation_error_fails_the_step_with_a_stored_error,
+        audit_trail_is_hash_chained_and_verifies,
+    ],
+    distributed: [seed_template_routes_small_and_large_procurements],
 );
 
 crate::on_distributed!(

@@ -17,11 +17,15 @@ use crate::helpers::{Backend, ADMIN, PROCUREMENT};
 
 async fn store(backend: Backend, dir: &tempfile::TempDir) -> Store {
     let url = match backend {
-        Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display()),
+        Backend::Sqlite | Backend::SqliteStepwise => {
+            format!("sqlite://{}?mode=rwc", dir.path().join("r.db").display())
+        }
         Backend::Postgres => workflow_testkit::postgres_url()
             .await
             .unwrap_or_else(|e| panic!("{e}")),
-        Backend::Distributed => panic!("restarting the embedded runtime is embedded-only"),
+        Backend::Distributed | Backend::DistributedStepwise => {
+            panic!("restarting the embedded runtime is embedded-only")
+        }
     };
     let store = Store::connect(&url).await.unwrap_or_else(|e| panic!("{e}"));
     store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
@@ -112,6 +116,7 @@ async fn resume_after_a_restart_that_lost_the_bus(backend: Backend) {
         partitions: 4,
         clock: Arc::new(SystemClock),
         actions: None,
+        inline_steps: backend.inline_steps(),
     };
     let runtime = Embedded::start(store.clone(), config)
         .await

@@ -63,11 +63,15 @@ async fn get(url: &str) -> (StatusCode, Value) {
 async fn a_transfer_replayed_after_a_restart_executes_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let url = match backend {
-        Backend::Sqlite => format!("sqlite://{}", dir.path().join("sandbox.db").display()),
+        Backend::Sqlite | Backend::SqliteStepwise => {
+            format!("sqlite://{}", dir.path().join("sandbox.db").display())
+        }
         Backend::Postgres => workflow_testkit::postgres_url()
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL for tests: {e}")),
-        Backend::Distributed => panic!("the sandbox's ledger is tested on the stores"),
+        Backend::Distributed | Backend::DistributedStepwise => {
+            panic!("the sandbox's ledger is tested on the stores")
+        }
     };
     let key = idempotency_key("inst_1", 3, "execute_transfer");
     let params = json!({"amount": 500, "currency": "USD"});

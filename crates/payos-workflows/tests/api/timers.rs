@@ -230,6 +230,7 @@ async fn timers_survive_a_restart(backend: Backend) {
         partitions: 4,
         clock: clock.clone(),
         actions: None,
+        inline_steps: backend.inline_steps(),
     };
     let runtime = payos_workflows::embedded::Embedded::start(store.clone(), config)
         .await
@@ -262,3 +263,13 @@ crate::on_both_stores!(
 );
 
 crate::on_distributed!(signals_and_real_clock_waits,);
+
+crate::stepwise!(
+    embedded: [
+        escalation_after_a_deadline_on_an_injected_clock,
+        seed_deadline_rejects_and_a_late_decision_is_refused,
+        signals_and_real_clock_waits,
+        timers_survive_a_restart,
+    ],
+    distributed: [signals_and_real_clock_waits],
+);
