@@ -415,6 +415,32 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// Delete every topic and consumer group whose name starts with `prefix` (a finished run's
+    /// or test's). Topics go first: a group whose members died is only deletable once the
+    /// broker has timed them out, and its error then leaves the topics deleted all the same.
+    pub async fn delete_prefixed(&self, prefix: &str) -> Result<(), BusError> {
+        self.delete_topics_prefixed(prefix).await?;
+        let groups = self.consumer_groups().await?;
+        let groups: Vec<&str> = groups
+            .keys()
+            .filter(|g| g.starts_with(prefix))
+            .map(String::as_str)
+            .collect();
+        self.delete(&[], &groups).await
+    }
+
+    /// Delete every topic whose name starts with `prefix` (the partitions are what a broker
+    /// pays for; see [`KafkaBus::delete_prefixed`] for the groups too).
+    pub async fn delete_topics_prefixed(&self, prefix: &str) -> Result<(), BusError> {
+        let topics = self.existing_topics().await?;
+        let topics: Vec<&str> = topics
+            .keys()
+            .filter(|t| t.starts_with(prefix))
+            .map(String::as_str)
+            .collect();
+        self.delete(&topics, &[]).await
+    }
+
     /// Every consumer group the cluster knows, with its state (`Stable`, `PreparingRebalance`,
     /// `CompletingRebalance`, `Empty`, `Dead`) and member count: how a deployment tells that
     /// its pools have settled (a group rebalancing holds its partitions back from everyone).

@@ -220,6 +220,44 @@ async fn ensure_topics_is_idempotent_and_routing_follows_the_real_partition_coun
     }
     bus.delete(&[&t1], &[&unique_topic("no-such-group")])
         .await?;
+
+    // By prefix: a run's topics and groups go, another run's stay.
+    let (run, other_run) = (unique_topic("run"), unique_topic("run"));
+    let (mine, theirs) = (format!("{run}.steps"), format!("{other_run}.steps"));
+    bus.ensure_topics(&[&mine, &theirs]).await?;
+    let group = format!("{run}.pool");
+    let mut sub = bus.subscribe_member(&mine, &group).await?;
+    bus.publish(&mine, "k", b"m".to_vec()).await?;
+    let msg = next(&mut sub).await?;
+    sub.commit(&msg).await?;
+    drop(sub);
+    let started = Instant::now();
+    loop {
+        // The group is deletable once its member has left.
+        match bus.delete_prefixed(&run).await {
+            Ok(()) => break,
+            Err(e) => ensure!(started.elapsed() < DEADLINE, "still not deleted: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let existing = bus.existing_topics().await?;
+        let groups = bus.consumer_groups().await?;
+        ensure!(
+            existing.contains_key(&theirs),
+            "another prefix's topic was deleted"
+        );
+        if !existing.contains_key(&mine) && !groups.contains_key(&group) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "{mine} or {group} still listed after {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bus.delete(&[&theirs], &[]).await?;
     Ok(())
 }
 

@@ -19,9 +19,10 @@
 //! - It is started once, by whichever test process gets there first (a file lock serialises the
 //!   start), in its own process group so it outlives the test binary, and is left running for
 //!   the rest of the run and later runs. Stop it with `kill $(cat <tmp>/payos-testkit-kafka-59092/kafka.pid)`.
-//! - Settings for tests: 512 MiB heap, 8 partitions per auto-created topic, replication factor 1
+//! - Settings for tests: 512 MiB heap, 8 partitions per topic by default, replication factor 1
 //!   for everything (internal topics included), no initial rebalance delay, a group session
-//!   timeout as low as 500 ms accepted, automatic topic creation on.
+//!   timeout as low as 500 ms accepted, automatic topic creation OFF (as on a production cluster:
+//!   a client asking for a deleted topic must not bring it back, and nothing may rely on it).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -364,7 +365,7 @@ fn server_properties(root: &Path, port: u16) -> String {
          num.partitions=8\n\
          default.replication.factor=1\n\
          min.insync.replicas=1\n\
-         auto.create.topics.enable=true\n\
+         auto.create.topics.enable=false\n\
          delete.topic.enable=true\n\
          offsets.topic.replication.factor=1\n\
          offsets.topic.num.partitions=8\n\

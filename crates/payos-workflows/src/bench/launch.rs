@@ -151,19 +151,7 @@ impl Deployment {
 /// Delete the topics and consumer groups whose names start with `prefix`.
 async fn delete_run(bootstrap: &str, prefix: &str) -> Result<(), workflow_bus::BusError> {
     let bus = workflow_bus_kafka::KafkaBus::new(workflow_bus_kafka::KafkaConfig::new(bootstrap))?;
-    let topics = bus.existing_topics().await?;
-    let groups = bus.consumer_groups().await?;
-    let topics: Vec<&str> = topics
-        .keys()
-        .filter(|t| t.starts_with(prefix))
-        .map(String::as_str)
-        .collect();
-    let groups: Vec<&str> = groups
-        .keys()
-        .filter(|g| g.starts_with(prefix))
-        .map(String::as_str)
-        .collect();
-    let deleted = bus.delete(&topics, &groups).await;
+    let deleted = bus.delete_prefixed(prefix).await;
     bus.shutdown();
     deleted
 }

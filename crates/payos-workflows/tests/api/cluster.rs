@@ -46,6 +46,57 @@ pub struct Cluster {
     _slot: tokio::sync::SemaphorePermit<'static>,
 }
 
+impl Drop for Cluster {
+    /// The processes go, then the test's topics: a broker slows down with every partition it
+    /// keeps, and each test makes its own. (Its consumer groups stay: killed members keep a
+    /// group non-empty until the broker times them out, and a group costs little.)
+    fn drop(&mut self) {
+        for child in self.procs.values_mut() {
+            let _ = child.start_kill();
+        }
+        let mut procs = std::mem::take(&mut self.procs);
+        let (bootstrap, prefix) = (self.bootstrap.clone(), self.prefix.clone());
+        // Drop cannot await: a thread with a runtime of its own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                for child in procs.values_mut() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                }
+                let config = workflow_bus_kafka::KafkaConfig::new(&bootstrap);
+                let Ok(bus) = workflow_bus_kafka::KafkaBus::new(config) else {
+                    return;
+                };
+                // A topic a process asked for just before it was killed may appear a moment
+                // later: look again until two looks in a row find none.
+                let mut clean_looks = 0;
+                for _ in 0..10 {
+                    let left = match bus.existing_topics().await {
+                        Ok(topics) => topics.keys().filter(|t| t.starts_with(&prefix)).count(),
+                        Err(_) => break,
+                    };
+                    if left == 0 {
+                        clean_looks += 1;
+                        if clean_looks == 2 {
+                            break;
+                        }
+                    } else if let Err(e) = bus.delete_topics_prefixed(&prefix).await {
+                        eprintln!("cleaning up {prefix}*: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                bus.shutdown();
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 impl Cluster {
     /// Start every process of [`ALL`], with `extra` environment variables, and wait until the
     /// API answers.
