@@ -216,6 +216,14 @@ impl ClientContext for LogContext {
     }
 }
 
+/// The names in `map` that start with `prefix`.
+fn named<'a, V>(map: &'a BTreeMap<String, V>, prefix: &str) -> Vec<&'a str> {
+    map.keys()
+        .filter(|name| name.starts_with(prefix))
+        .map(String::as_str)
+        .collect()
+}
+
 /// The per-name results of an admin request: a name failing with `already` (created before,
 /// deleted before) counts as done; any other failure is an error naming `action` and the name.
 /// The names the request changed.
@@ -421,24 +429,14 @@ impl KafkaBus {
     pub async fn delete_prefixed(&self, prefix: &str) -> Result<(), BusError> {
         self.delete_topics_prefixed(prefix).await?;
         let groups = self.consumer_groups().await?;
-        let groups: Vec<&str> = groups
-            .keys()
-            .filter(|g| g.starts_with(prefix))
-            .map(String::as_str)
-            .collect();
-        self.delete(&[], &groups).await
+        self.delete(&[], &named(&groups, prefix)).await
     }
 
     /// Delete every topic whose name starts with `prefix` (the partitions are what a broker
     /// pays for; see [`KafkaBus::delete_prefixed`] for the groups too).
     pub async fn delete_topics_prefixed(&self, prefix: &str) -> Result<(), BusError> {
         let topics = self.existing_topics().await?;
-        let topics: Vec<&str> = topics
-            .keys()
-            .filter(|t| t.starts_with(prefix))
-            .map(String::as_str)
-            .collect();
-        self.delete(&topics, &[]).await
+        self.delete(&named(&topics, prefix), &[]).await
     }
 
     /// Every consumer group the cluster knows, with its state (`Stable`, `PreparingRebalance`,
