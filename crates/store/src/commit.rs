@@ -64,6 +64,49 @@ pub struct InstanceCommit {
     pub decision: Option<DecisionOutcome>,
 }
 
+/// One instance commit's parts, borrowed from the caller: what [`InstanceCommit`] owns. The
+/// committer encodes straight from them, so nothing of the state is copied on its way.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitParts<'a> {
+    pub(crate) rec: &'a InstanceRecord,
+    pub(crate) expected_version: i64,
+    pub(crate) outbox: &'a [OutboxMessage],
+    pub(crate) audit: &'a [AuditDraft],
+    pub(crate) timers: &'a [TimerRecord],
+    pub(crate) deliveries: &'a [NewDelivery],
+    pub(crate) decision: Option<&'a DecisionOutcome>,
+}
+
+impl CommitParts<'_> {
+    /// The owned commit, for the PostgreSQL group commit, which queues it for its task.
+    pub(crate) fn owned(self) -> InstanceCommit {
+        InstanceCommit {
+            rec: self.rec.clone(),
+            expected_version: self.expected_version,
+            outbox: self.outbox.to_vec(),
+            audit: self.audit.to_vec(),
+            timers: self.timers.to_vec(),
+            deliveries: self.deliveries.to_vec(),
+            decision: self.decision.cloned(),
+        }
+    }
+}
+
+impl InstanceCommit {
+    /// This commit's parts, borrowed.
+    pub(crate) fn parts(&self) -> CommitParts<'_> {
+        CommitParts {
+            rec: &self.rec,
+            expected_version: self.expected_version,
+            outbox: &self.outbox,
+            audit: &self.audit,
+            timers: &self.timers,
+            deliveries: &self.deliveries,
+            decision: self.decision.as_ref(),
+        }
+    }
+}
+
 /// Writes that must share one transaction, and where their answers go.
 struct Job {
     writes: Vec<Encoded>,
@@ -153,26 +196,8 @@ impl Committer {
 
     /// Commit one instance transition (see [`Store::commit_transition`]), encoded from the
     /// caller's borrowed parts.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn commit(
-        &self,
-        rec: &InstanceRecord,
-        expected_version: i64,
-        outbox: &[OutboxMessage],
-        audit: &[AuditDraft],
-        timers: &[TimerRecord],
-        deliveries: &[NewDelivery],
-        decision: Option<&DecisionOutcome>,
-    ) -> Result<(), StoreError> {
-        let write = Encoded::commit(
-            rec,
-            expected_version,
-            outbox,
-            audit,
-            timers,
-            deliveries,
-            decision,
-        )?;
+    pub(crate) async fn commit(&self, parts: CommitParts<'_>) -> Result<(), StoreError> {
+        let write = Encoded::commit(parts)?;
         match self.send(vec![write]).await.pop() {
             Some(result) => result.map(|_| ()),
             None => Err(closed()),
@@ -358,7 +383,7 @@ async fn write(
     conn: &mut sqlx::AnyConnection,
     c: &InstanceCommit,
 ) -> Result<(), crate::queries::CommitFailure> {
-    write_instance_commit(conn, c).await
+    write_instance_commit(conn, c.parts()).await
 }
 
 impl Store {

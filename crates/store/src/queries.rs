@@ -598,38 +598,28 @@ impl Store {
         deliveries: &[crate::notifications::NewDelivery],
         decision: Option<&DecisionOutcome>,
     ) -> Result<(), StoreError> {
+        let parts = crate::commit::CommitParts {
+            rec,
+            expected_version,
+            outbox,
+            audit,
+            timers,
+            deliveries,
+            decision,
+        };
         if let Some(committer) = &self.committer {
             // Encoded straight from the borrowed parts (no copy of the state on the way).
-            return committer
-                .commit(
-                    rec,
-                    expected_version,
-                    outbox,
-                    audit,
-                    timers,
-                    deliveries,
-                    decision,
-                )
-                .await;
+            return committer.commit(parts).await;
         }
-        let commit = crate::commit::InstanceCommit {
-            rec: rec.clone(),
-            expected_version,
-            outbox: outbox.to_vec(),
-            audit: audit.to_vec(),
-            timers: timers.to_vec(),
-            deliveries: deliveries.to_vec(),
-            decision: decision.cloned(),
-        };
         if let Some(committer) = &self.pg_committer {
             return committer
-                .submit(vec![commit])
+                .submit(vec![parts.owned()])
                 .await
                 .pop()
                 .unwrap_or_else(|| Err(StoreError::Database(sqlx::Error::PoolClosed)));
         }
         let mut tx = self.begin_write().await?;
-        write_instance_commit(&mut tx, &commit)
+        write_instance_commit(&mut tx, parts)
             .await
             .map_err(|e| e.error)?;
         tx.commit().await?;
@@ -765,9 +755,9 @@ impl From<sqlx::Error> for CommitFailure {
 /// The statements of one instance commit, inside a write transaction the caller owns.
 pub(crate) async fn write_instance_commit(
     conn: &mut AnyConnection,
-    commit: &crate::commit::InstanceCommit,
+    commit: crate::commit::CommitParts<'_>,
 ) -> Result<(), CommitFailure> {
-    let crate::commit::InstanceCommit {
+    let crate::commit::CommitParts {
         rec,
         expected_version,
         outbox,
@@ -776,7 +766,6 @@ pub(crate) async fn write_instance_commit(
         deliveries,
         decision,
     } = commit;
-    let expected_version = *expected_version;
     let info = &rec.info;
     let refused = |error| CommitFailure { error, clean: true };
     // The UPDATE comes first: on PostgreSQL it takes the row lock, so a racing commit waits,

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use workflow_core::audit::{chain_hash, GENESIS};
 use workflow_core::instance::StepExecution;
 
-use crate::commit::InstanceCommit;
+use crate::commit::{CommitParts, InstanceCommit};
 use crate::notifications::NewDelivery;
 use crate::queries::{audit_content, enum_to_str, to_json};
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
@@ -197,18 +197,7 @@ impl Encoded {
     pub(crate) fn of(write: Write) -> Result<(Encoded, Option<InstanceRecord>), StoreError> {
         Ok(match write {
             Write::Create(new) => (Encoded::create(&new)?, Some(new.rec)),
-            Write::Commit(c) => (
-                Encoded::commit(
-                    &c.rec,
-                    c.expected_version,
-                    &c.outbox,
-                    &c.audit,
-                    &c.timers,
-                    &c.deliveries,
-                    c.decision.as_ref(),
-                )?,
-                None,
-            ),
+            Write::Commit(c) => (Encoded::commit(c.parts())?, None),
             Write::Enqueue(messages) => (Encoded::Enqueue(messages), None),
             Write::Decision(o) => (Encoded::Decision(o), None),
             Write::DeleteOutbox(ids) => (Encoded::DeleteOutbox(ids), None),
@@ -247,16 +236,16 @@ impl Encoded {
 
     /// An instance commit, from the caller's borrowed parts (nothing of the state is cloned:
     /// it is serialised straight from the record).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn commit(
-        rec: &InstanceRecord,
-        expected_version: i64,
-        outbox: &[OutboxMessage],
-        audit: &[AuditDraft],
-        timers: &[TimerRecord],
-        deliveries: &[NewDelivery],
-        decision: Option<&DecisionOutcome>,
-    ) -> Result<Encoded, StoreError> {
+    pub(crate) fn commit(parts: CommitParts<'_>) -> Result<Encoded, StoreError> {
+        let CommitParts {
+            rec,
+            expected_version,
+            outbox,
+            audit,
+            timers,
+            deliveries,
+            decision,
+        } = parts;
         let info = &rec.info;
         Ok(Encoded::Commit(Box::new(CommitRows {
             id: info.id.clone(),
