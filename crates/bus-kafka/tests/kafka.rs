@@ -55,9 +55,19 @@ async fn bus_with(partitions: u32, assignor: &str) -> Result<KafkaBus> {
 }
 
 /// A fresh `KafkaBus` per test, its topics and groups under a unique prefix on the shared
-/// cluster.
+/// cluster; deleted when the test ends.
 struct Kafka {
     assignor: &'static str,
+    namespaces: std::sync::Mutex<Vec<String>>,
+}
+
+impl Kafka {
+    fn new(assignor: &'static str) -> Kafka {
+        Kafka {
+            assignor,
+            namespaces: std::sync::Mutex::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -66,23 +76,47 @@ impl Harness for Kafka {
         let bus = bus_with(partitions, self.assignor).await?;
         let stop = bus.clone();
         let namespace = format!("{}.", unique_topic("conformance"));
+        self.namespaces
+            .lock()
+            .map_err(|_| anyhow::anyhow!("namespaces lock poisoned"))?
+            .push(namespace.clone());
         Ok(Fixture::new(Arc::new(bus), partitions, namespace, move || {
             stop.shutdown()
         })
         .timing(DEADLINE, QUIET))
     }
+
+    async fn teardown(&self) {
+        let namespaces = match self.namespaces.lock() {
+            Ok(mut n) => std::mem::take(&mut *n),
+            Err(_) => return,
+        };
+        for namespace in namespaces {
+            delete_run(&namespace).await;
+        }
+    }
+}
+
+/// Delete the topics and groups under `prefix` (a test's own), on a bus of its own: the
+/// test's may be shut down. Best effort: a leftover costs the broker, not the result.
+async fn delete_run(prefix: &str) {
+    let Ok(bus) = bus_with(1, DEFAULT_ASSIGNOR).await else {
+        return;
+    };
+    if let Err(e) = bus.delete_prefixed(prefix).await {
+        tracing::warn!(error = %e, prefix, "cannot delete the test's topics");
+    }
+    bus.shutdown();
 }
 
 mod conformance {
-    workflow_bus::bus_conformance_tests!(super::Kafka {
-        assignor: super::FAST_ASSIGNOR
-    });
+    workflow_bus::bus_conformance_tests!(super::Kafka::new(super::FAST_ASSIGNOR));
 }
 
 /// The tests that rebalance, with the adapter's default (incremental) assignor.
 mod cooperative_sticky {
     workflow_bus::bus_conformance_tests!(
-        super::Kafka { assignor: super::DEFAULT_ASSIGNOR };
+        super::Kafka::new(super::DEFAULT_ASSIGNOR);
         members_of_a_group_share_partitions_and_keep_per_key_order,
         uncommitted_messages_go_to_the_remaining_member_when_one_drops,
         a_join_and_a_leave_move_partitions_cleanly,
@@ -169,6 +203,8 @@ async fn the_assignment_shows_each_members_share_after_a_join() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop((a, b));
+    delete_run(&topic).await;
     Ok(())
 }
 

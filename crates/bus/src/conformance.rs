@@ -103,7 +103,10 @@ macro_rules! bus_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             $(#[$attr])*
             async fn $test() -> $crate::conformance::Result<()> {
-                $crate::conformance::$test(&$harness).await
+                let harness = $harness;
+                let result = $crate::conformance::$test(&harness).await;
+                $crate::conformance::Harness::teardown(&harness).await;
+                result
             }
         )+
     };
@@ -115,6 +118,10 @@ pub trait Harness: Send + Sync {
     /// A bus (or namespace on a shared cluster) no other test uses, whose new topics get
     /// `partitions` partitions.
     async fn fixture(&self, partitions: u32) -> Result<Fixture>;
+
+    /// Called once the test ended, passed or failed: remove what its fixtures left on a
+    /// shared cluster (topics and groups are what a broker keeps paying for).
+    async fn teardown(&self) {}
 }
 
 /// One test's bus, its namespace and its timings.
