@@ -615,6 +615,11 @@ impl Engine {
 
     /// Start an instance of the template's latest version. With an idempotency key, a second
     /// call returns the first instance (`created: false`) and writes nothing.
+    ///
+    /// The key is not looked up first: the create itself refuses a taken key atomically and
+    /// answers with the instance holding it, so a first call (nearly every call) costs no
+    /// lookup. Only a create that fails before writing looks the key up, so that a replay still
+    /// answers with its instance after the template was changed or deactivated.
     pub async fn start_instance(
         &self,
         partner_id: &str,
@@ -624,11 +629,46 @@ impl Engine {
         idempotency_key: Option<String>,
         mode: RunMode,
     ) -> Result<StartOutcome, EngineError> {
-        if let Some(key) = &idempotency_key {
-            if let Some(existing) = self.find_by_key(partner_id, key).await? {
-                return check_same_request(existing, template_id, &trigger, mode, key);
+        let Some(key) = idempotency_key.clone() else {
+            return self
+                .create_instance(partner_id, actor, template_id, trigger, None, mode)
+                .await;
+        };
+        let replayed = trigger.clone();
+        match self
+            .create_instance(
+                partner_id,
+                actor,
+                template_id,
+                trigger,
+                Some(key.clone()),
+                mode,
+            )
+            .await
+        {
+            Err(e) if !matches!(e, EngineError::IdempotencyMismatch { .. }) => {
+                match self.find_by_key(partner_id, &key).await {
+                    Ok(Some(existing)) => {
+                        check_same_request(existing, template_id, &replayed, mode, &key)
+                    }
+                    // Nothing holds the key (or it cannot be looked up): the create's error.
+                    Ok(None) | Err(_) => Err(e),
+                }
             }
+            answered => answered,
         }
+    }
+
+    /// [`Engine::start_instance`] without the lookup of a taken key before a failure.
+    async fn create_instance(
+        &self,
+        partner_id: &str,
+        actor: &ActorRef,
+        template_id: &str,
+        trigger: Value,
+        idempotency_key: Option<String>,
+        mode: RunMode,
+    ) -> Result<StartOutcome, EngineError> {
         let rec = self
             .store
             .get_template(partner_id, template_id)

@@ -56,6 +56,44 @@ async fn idempotency_key_returns_the_same_instance(backend: Backend) {
     }
     assert_eq!(ids.len(), 1);
     assert_eq!(created, 1);
+
+    // A replay answers with its instance even once the template was deactivated (the create
+    // fails, then finds the key taken); a new key gets the create's error.
+    let (s, b) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!(
+                "/v1/workflows/templates/{}",
+                tid.as_str().unwrap_or_default()
+            ),
+            Some(&p.requester),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = app
+        .post("/v1/workflows/instances", &p.requester, body)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["id"], b1["id"]);
+    let (s, b) = app
+        .post(
+            "/v1/workflows/instances",
+            &p.requester,
+            json!({"template_id": tid, "trigger": {"id": "tr", "amount": 99}, "idempotency_key": "order-1"}),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert_error(&b, "idempotency_key_reused");
+    let (s, b) = app
+        .post(
+            "/v1/workflows/instances",
+            &p.requester,
+            json!({"template_id": tid, "trigger": {"id": "tr", "amount": 10}, "idempotency_key": "order-2"}),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert_error(&b, "template_inactive");
 }
 
 async fn list_filters_and_cursor(backend: Backend) {
