@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -241,13 +242,14 @@ impl Api {
         })
     }
 
+    /// One request; the answer's status and body, undecoded.
     async fn call(
         &self,
         method: Method,
         path: &str,
         key: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Value), BenchError> {
+    ) -> Result<(StatusCode, Bytes), BenchError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
             .client
@@ -265,13 +267,10 @@ impl Api {
             .bytes()
             .await
             .map_err(|e| BenchError::Http(format!("{method} {path}: {e}")))?;
-        Ok((
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        ))
+        Ok((status, bytes))
     }
 
-    /// A call that must answer `want`; returns the body.
+    /// A call that must answer `want`; returns the body, undecoded.
     async fn expect(
         &self,
         method: Method,
@@ -279,15 +278,59 @@ impl Api {
         key: &str,
         body: Option<Vec<u8>>,
         want: StatusCode,
-    ) -> Result<Value, BenchError> {
-        let (status, value) = self.call(method.clone(), path, key, body).await?;
+    ) -> Result<Bytes, BenchError> {
+        let (status, bytes) = self.call(method.clone(), path, key, body).await?;
         if status != want {
             return Err(BenchError::Http(format!(
-                "{method} {path}: expected {want}, got {status}: {value}"
+                "{method} {path}: expected {want}, got {status}: {}",
+                String::from_utf8_lossy(&bytes)
             )));
         }
-        Ok(value)
+        Ok(bytes)
     }
+}
+
+/// The two fields the hot path reads of an answer. Decoding only them skips the rest of the
+/// instance view without building it: the driver shares the machine with the engine it
+/// measures, so its parsing is kept small.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Brief {
+    id: Option<String>,
+    waiting_on: Option<BriefWaiting>,
+    error: Option<BriefError>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BriefWaiting {
+    step_index: usize,
+    kind: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BriefError {
+    code: String,
+}
+
+impl Brief {
+    /// The instance view says it waits for an approval of `step`.
+    fn waits_for_approval(&self, step: usize) -> bool {
+        self.waiting_on
+            .as_ref()
+            .is_some_and(|w| w.step_index == step && w.kind == "approval")
+    }
+}
+
+/// An instance handed to the next agent, as a webhook would: `waiting` when the answer that
+/// handed it over already showed the instance waiting for that agent's approval.
+#[derive(Debug)]
+struct Handoff {
+    id: String,
+    waiting: bool,
+}
+
+/// `bytes` as JSON of type `T`; `T::default()` when they are not.
+fn decode<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> T {
+    serde_json::from_slice(bytes).unwrap_or_default()
 }
 
 fn to_body(v: &Value) -> Option<Vec<u8>> {
@@ -317,15 +360,16 @@ async fn setup(api: &Api, admin: &str) -> Result<Setup, BenchError> {
         let (api, partner_id) = (api.clone(), partner_id.clone());
         async move {
             let body = json!({"partner_id": partner_id, "actor": {"id": id, "type": kind, "roles": [role]}});
-            let v = api
-                .expect(
+            let v: Value = decode(
+                &api.expect(
                     Method::POST,
                     "/v1/admin/api-keys",
                     admin,
                     to_body(&body),
                     StatusCode::CREATED,
                 )
-                .await?;
+                .await?,
+            );
             v.get("key")
                 .and_then(Value::as_str)
                 .map(str::to_string)
@@ -335,15 +379,16 @@ async fn setup(api: &Api, admin: &str) -> Result<Setup, BenchError> {
     let requester = key("bench-requester", "human", "requester").await?;
     let cfo = key("bench-cfo-agent", "agent", "cfo").await?;
     let manager = key("bench-manager-agent", "agent", "finance_manager").await?;
-    let tpl = api
-        .expect(
+    let tpl: Value = decode(
+        &api.expect(
             Method::POST,
             "/v1/workflows/templates",
             &requester,
             Some(SEED_TEMPLATE.as_bytes().to_vec()),
             StatusCode::CREATED,
         )
-        .await?;
+        .await?,
+    );
     let template_id = tpl
         .get("id")
         .and_then(Value::as_str)
@@ -379,7 +424,7 @@ async fn create_all(
     setup: &Setup,
     opts: &SeedOptions,
     started: Instant,
-    large: Option<mpsc::UnboundedSender<String>>,
+    large: Option<mpsc::UnboundedSender<Handoff>>,
 ) -> Result<(), BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
     let run = uuid::Uuid::now_v7().simple().to_string();
@@ -413,11 +458,16 @@ async fn create_all(
                     )
                     .await?;
                 if let (Some(large), true) = (&large, i % 2 == 1) {
-                    let id = created.get("id").and_then(Value::as_str).ok_or_else(|| {
-                        BenchError::Http(format!("no id in the instance answer: {created}"))
-                    })?;
+                    let brief: Brief = decode(&created);
+                    let Some(id) = brief.id.clone() else {
+                        return Err(BenchError::Http(format!(
+                            "no id in the instance answer: {}",
+                            String::from_utf8_lossy(&created)
+                        )));
+                    };
+                    let waiting = brief.waits_for_approval(CFO_STEP);
                     // The agent is gone only if the run is failing already.
-                    let _ = large.send(id.to_string());
+                    let _ = large.send(Handoff { id, waiting });
                 }
             }
         });
@@ -476,9 +526,10 @@ async fn agent(
             }
             continue;
         }
-        let page = api
-            .expect(Method::GET, &path, &key, None, StatusCode::OK)
-            .await?;
+        let page: Value = decode(
+            &api.expect(Method::GET, &path, &key, None, StatusCode::OK)
+                .await?,
+        );
         let mut fresh = 0;
         for item in page
             .get("data")
@@ -507,7 +558,8 @@ async fn agent(
                     StatusCode::OK | StatusCode::ACCEPTED => Ok((id, true)),
                     StatusCode::CONFLICT => Ok((id, false)),
                     other => Err(BenchError::Http(format!(
-                        "POST {path}: expected 200, got {other}: {body}"
+                        "POST {path}: expected 200, got {other}: {}",
+                        String::from_utf8_lossy(&body)
                     ))),
                 }
             });
@@ -536,14 +588,14 @@ async fn agent(
 }
 
 /// One agent told which instances to approve: approve `step` of each id received, retrying
-/// while the step is not waiting yet, then pass the id on to `next`. Returns how many it
-/// approved.
+/// while the step is not waiting yet, then hand the id on to `next` (the next agent and the
+/// step it approves). Returns how many it approved.
 async fn agent_direct(
     api: Api,
     key: String,
     step: usize,
-    mut ids: mpsc::UnboundedReceiver<String>,
-    next: Option<mpsc::UnboundedSender<String>>,
+    mut ids: mpsc::UnboundedReceiver<Handoff>,
+    next: Option<(mpsc::UnboundedSender<Handoff>, usize)>,
     concurrency: usize,
 ) -> Result<usize, BenchError> {
     let mut inflight: JoinSet<Result<(), BenchError>> = JoinSet::new();
@@ -553,15 +605,16 @@ async fn agent_direct(
     while open || !inflight.is_empty() {
         tokio::select! {
             id = ids.recv(), if open && inflight.len() < concurrency => {
-                let Some(id) = id else {
+                let Some(handoff) = id else {
                     open = false;
                     continue;
                 };
                 let (api, key, next, wait) = (api.clone(), key.clone(), next.clone(), wait.clone());
                 inflight.spawn(async move {
-                    approve_when_waiting(&api, &key, &id, step, &wait).await?;
-                    if let Some(next) = next {
-                        let _ = next.send(id);
+                    let answer = approve_when_waiting(&api, &key, &handoff, step, &wait).await?;
+                    if let Some((next, next_step)) = next {
+                        let waiting = answer.waits_for_approval(next_step);
+                        let _ = next.send(Handoff { id: handoff.id, waiting });
                     }
                     Ok(())
                 });
@@ -583,7 +636,9 @@ async fn agent_direct(
 /// seconds, those retries were 2–4 requests per instance, each served by the engine (auth,
 /// load, eligibility check): load the driver added, not load of the workload. A webhook-driven
 /// agent is told when the step waits; this agent approximates that by first waiting about as
-/// long as the step usually takes.
+/// long as the step usually takes. When the answer that handed the instance over already shows
+/// the step waiting (a create or an approval answered in place), it is told, as by the webhook,
+/// and attempts at once.
 #[derive(Debug, Default)]
 struct TypicalWait(AtomicU64);
 
@@ -608,41 +663,54 @@ impl TypicalWait {
     }
 }
 
+/// Approve `step` of the handed-over instance; the accepted answer, decoded (empty for a
+/// `202`, whose body is not an instance view).
 async fn approve_when_waiting(
     api: &Api,
     key: &str,
-    id: &str,
+    handoff: &Handoff,
     step: usize,
     typical: &TypicalWait,
-) -> Result<(), BenchError> {
-    let path = format!("/v1/workflows/instances/{id}/steps/{step}/approve");
+) -> Result<Brief, BenchError> {
+    let path = format!(
+        "/v1/workflows/instances/{}/steps/{step}/approve",
+        handoff.id
+    );
     let handed_over = Instant::now();
-    tokio::time::sleep(typical.first_attempt()).await;
+    if !handoff.waiting {
+        tokio::time::sleep(typical.first_attempt()).await;
+    }
     // Each retry is a request the engine serves (auth, load, eligibility check): back off so
     // the driver's polling does not become the load it measures.
     let mut delay = Duration::from_millis(5);
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
         let (status, body) = api.call(Method::POST, &path, key, None).await?;
-        let code = body
-            .get("error")
-            .and_then(|e| e.get("code"))
-            .and_then(Value::as_str);
         match status {
             // 202: queued on the instance's decision stream; it will be applied, in order.
             StatusCode::OK | StatusCode::ACCEPTED => {
-                typical.observe(handed_over.elapsed());
-                return Ok(());
+                // Only waits that were guessed teach the guess.
+                if !handoff.waiting {
+                    typical.observe(handed_over.elapsed());
+                }
+                return Ok(if status == StatusCode::OK {
+                    decode(&body)
+                } else {
+                    Brief::default()
+                });
             }
             StatusCode::CONFLICT
-                if code == Some("step_not_waiting") && Instant::now() < give_up =>
+                if decode::<Brief>(&body).error.map(|e| e.code).as_deref()
+                    == Some("step_not_waiting")
+                    && Instant::now() < give_up =>
             {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(100));
             }
             other => {
                 return Err(BenchError::Http(format!(
-                    "POST {path}: expected 200, got {other}: {body}"
+                    "POST {path}: expected 200, got {other}: {}",
+                    String::from_utf8_lossy(&body)
                 )))
             }
         }
@@ -700,7 +768,12 @@ pub async fn drive(target: &Target, opts: &SeedOptions) -> Result<DriveOutcome, 
             let (to_cfo, for_cfo) = mpsc::unbounded_channel();
             let (to_manager, for_manager) = mpsc::unbounded_channel();
             let agents = [
-                (setup.cfo.clone(), CFO_STEP, for_cfo, Some(to_manager)),
+                (
+                    setup.cfo.clone(),
+                    CFO_STEP,
+                    for_cfo,
+                    Some((to_manager, MANAGER_STEP)),
+                ),
                 (setup.manager.clone(), MANAGER_STEP, for_manager, None),
             ];
             for (key, step, ids, next) in agents {
