@@ -265,22 +265,38 @@ pub enum ExecuteOutcome {
 
 /// A call waiting for the outcome of one decision; unregisters itself when dropped.
 struct DecisionWaiter<'a> {
-    map: &'a Mutex<HashMap<String, Arc<Notify>>>,
+    map: &'a Mutex<HashMap<String, Arc<Wake>>>,
     id: String,
-    notify: Arc<Notify>,
+    wake: Arc<Wake>,
+}
+
+/// How a recorded outcome wakes the call waiting for it.
+#[derive(Debug, Default)]
+struct Wake {
+    notify: Notify,
+    /// Set (before the wake) when the signal said the decision was accepted: the call then
+    /// answers without reading the outcome back.
+    accepted: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> DecisionWaiter<'a> {
-    fn register(map: &'a Mutex<HashMap<String, Arc<Notify>>>, id: &str) -> DecisionWaiter<'a> {
-        let notify = Arc::new(Notify::new());
+    fn register(map: &'a Mutex<HashMap<String, Arc<Wake>>>, id: &str) -> DecisionWaiter<'a> {
+        let wake = Arc::new(Wake::default());
         map.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.to_string(), notify.clone());
+            .insert(id.to_string(), wake.clone());
         DecisionWaiter {
             map,
             id: id.to_string(),
-            notify,
+            wake,
         }
+    }
+
+    /// A signal said the decision was accepted.
+    fn accepted(&self) -> bool {
+        self.wake
+            .accepted
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -306,7 +322,7 @@ pub struct Engine {
     /// Woken whenever a decision outcome is recorded, so waiting API calls answer at once.
     /// Keyed by decision id, so recording one outcome wakes only the call waiting for it (a
     /// broadcast made every waiting call re-read the store on every outcome).
-    decided: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    decided: Arc<Mutex<HashMap<String, Arc<Wake>>>>,
     /// Woken when a commit stored timers, so an in-process scheduler re-reads the next due time.
     timers_changed: Arc<Notify>,
     /// Set once this process applied a decision (its approval pool runs here).
@@ -859,24 +875,32 @@ impl Engine {
         // When outcomes wake us, one cannot exist before a wake: skip the first read.
         let mut check = !self.decisions_woken();
         loop {
-            let woken = waiting.notify.notified();
+            let woken = waiting.wake.notify.notified();
             tokio::pin!(woken);
             // Registered before the check, so an outcome recorded in between still wakes us.
             woken.as_mut().enable();
-            let outcome = if std::mem::replace(&mut check, true) {
-                self.store
+            // Accepted, as its signal said (not read back) or as the outcome read says.
+            let accepted = if waiting.accepted() {
+                true
+            } else if std::mem::replace(&mut check, true) {
+                match self
+                    .store
                     .get_decision_outcome(partner_id, &cmd.decision_id)
                     .await?
-            } else {
-                None
-            };
-            if let Some(outcome) = outcome {
-                if !outcome.accepted {
-                    return Ok(DecisionResult::Refused {
-                        code: outcome.code.unwrap_or_default(),
-                        message: outcome.message.unwrap_or_default(),
-                    });
+                {
+                    Some(outcome) if !outcome.accepted => {
+                        return Ok(DecisionResult::Refused {
+                            code: outcome.code.unwrap_or_default(),
+                            message: outcome.message.unwrap_or_default(),
+                        });
+                    }
+                    Some(_) => true,
+                    None => false,
                 }
+            } else {
+                false
+            };
+            if accepted {
                 let rec = self
                     .current(partner_id, instance_id)
                     .await?
@@ -926,7 +950,7 @@ impl Engine {
         let (code, message) = match result {
             // Recorded with the transition.
             Ok(_) => {
-                self.wake_decision(&cmd.decision_id);
+                self.wake_decision(&cmd.decision_id, Some(true));
                 return Ok(());
             }
             Err(EngineError::Machine(e)) => {
@@ -944,25 +968,27 @@ impl Engine {
             ),
             Err(e) => return Err(e),
         };
+        let accepted = code.is_none();
         self.store
             .record_decision_outcome(&DecisionOutcome {
                 decision_id: cmd.decision_id.clone(),
                 partner_id: cmd.partner_id.clone(),
                 instance_id: cmd.instance_id.clone(),
                 step_index: cmd.step_index as i64,
-                accepted: code.is_none(),
+                accepted,
                 code,
                 message,
                 decided_at: self.clock.now(),
             })
             .await?;
-        self.wake_decision(&cmd.decision_id);
+        self.wake_decision(&cmd.decision_id, Some(accepted));
         Ok(())
     }
 
     /// Wake the call waiting for this decision's outcome, if it waits in this process: the
     /// outcome was recorded (here, or by another process and relayed by a listener).
-    pub fn wake_decision(&self, decision_id: &str) {
+    /// `accepted`: what the outcome was, if the signal said; an accepted one is not read back.
+    pub fn wake_decision(&self, decision_id: &str, accepted: Option<bool>) {
         let waiter = self
             .decided
             .lock()
@@ -970,8 +996,13 @@ impl Engine {
             .get(decision_id)
             .cloned();
         if let Some(waiter) = waiter {
+            if accepted == Some(true) {
+                waiter
+                    .accepted
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             // One waiter per decision; a permit covers a wake before it waits.
-            waiter.notify_one();
+            waiter.notify.notify_one();
         }
     }
 
@@ -983,7 +1014,7 @@ impl Engine {
         self.decisions_signalled
             .store(on, std::sync::atomic::Ordering::Relaxed);
         if on {
-            let waiters: Vec<Arc<Notify>> = self
+            let waiters: Vec<Arc<Wake>> = self
                 .decided
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -991,7 +1022,7 @@ impl Engine {
                 .cloned()
                 .collect();
             for waiter in waiters {
-                waiter.notify_one();
+                waiter.notify.notify_one();
             }
         }
     }

@@ -340,7 +340,10 @@ pub async fn run_decision_listener(
                 engine.set_decisions_signalled(true);
             }
             DecisionSignal::Disconnected => engine.set_decisions_signalled(false),
-            DecisionSignal::Decided(id) => engine.wake_decision(&id),
+            DecisionSignal::Decided {
+                decision_id,
+                accepted,
+            } => engine.wake_decision(&decision_id, accepted),
         }
     }
     engine.set_decisions_signalled(false);

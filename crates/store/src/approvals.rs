@@ -13,18 +13,21 @@ const RECORD_OUTCOME: &str = "INSERT INTO approval_decisions \
      (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING";
 
-/// [`RECORD_OUTCOME`] that also announces the decision id on [`DECISION_OUTCOMES_CHANNEL`]
-/// (`$9`), so an API call waiting for it in another process wakes at once (see `listen.rs`).
-/// One statement: no extra round trip, and PostgreSQL delivers the notification only if the
+/// [`RECORD_OUTCOME`] that also announces the outcome on [`DECISION_OUTCOMES_CHANNEL`] (`$9`),
+/// so an API call waiting for it in another process wakes at once (see `listen.rs`). The
+/// payload is the decision id and whether it was accepted (`<id> accepted` / `<id> refused`):
+/// a call woken for an accepted decision answers without reading the outcome back. One
+/// statement: no extra round trip, and PostgreSQL delivers the notification only if the
 /// insert commits. A redelivered command whose outcome exists inserts nothing and announces
 /// nothing (its waiter already found the outcome). `::text`: `pg_notify` returns `void`, which
-/// the `Any` driver cannot decode. Ids of 8,000 bytes or more (never: the engine makes UUIDs)
+/// the `Any` driver cannot decode. Ids too long for a payload (never: the engine makes UUIDs)
 /// are not announced rather than failing the insert with "payload string too long".
 const RECORD_OUTCOME_AND_NOTIFY: &str = "WITH ins AS (INSERT INTO approval_decisions \
      (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING \
-     RETURNING decision_id) \
-     SELECT pg_notify($9, decision_id)::text FROM ins WHERE octet_length(decision_id) < 8000";
+     RETURNING decision_id, accepted) \
+     SELECT pg_notify($9, decision_id || CASE WHEN accepted = 1 THEN ' accepted' ELSE ' refused' END)::text \
+     FROM ins WHERE octet_length(decision_id) < 7990";
 
 impl Store {
     /// Queue messages that change no state (e.g. a decision command), in one transaction.

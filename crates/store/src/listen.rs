@@ -2,9 +2,9 @@
 //!
 //! In the distributed runtime the approval pool records a decision's outcome in one process and
 //! the API call waiting for it sits in another. [`Store::record_decision_outcome`] sends a
-//! `NOTIFY` on [`DECISION_OUTCOMES_CHANNEL`] with the decision id, in the statement that inserts
-//! the outcome, so PostgreSQL delivers it only once the outcome is committed.
-//! [`DecisionListener`] `LISTEN`s on its own connection and yields those ids.
+//! `NOTIFY` on [`DECISION_OUTCOMES_CHANNEL`] with the decision id and whether it was accepted,
+//! in the statement that inserts the outcome, so PostgreSQL delivers it only once the outcome is
+//! committed. [`DecisionListener`] `LISTEN`s on its own connection and yields them.
 //!
 //! Notifications are transient: one sent while the listener is disconnected is lost. Callers
 //! therefore keep a (slow) poll of the store as a safety net, and on [`DecisionSignal::Connected`]
@@ -18,7 +18,8 @@ use sqlx::postgres::PgListener;
 
 use crate::{Backend, StoreError};
 
-/// The channel recorded decision outcomes are announced on; the payload is the decision id.
+/// The channel recorded decision outcomes are announced on; the payload is the decision id,
+/// a space and `accepted` or `refused`.
 pub const DECISION_OUTCOMES_CHANNEL: &str = "payos_decision_outcomes";
 
 /// First wait before reconnecting after a failure; doubled per failure up to [`BACKOFF_MAX`].
@@ -35,8 +36,27 @@ pub enum DecisionSignal {
     Connected,
     /// The connection dropped; it is re-established on the next calls, with back-off.
     Disconnected,
-    /// The outcome of this decision id was committed.
-    Decided(String),
+    /// The outcome of this decision was committed.
+    Decided {
+        decision_id: String,
+        /// Whether it was accepted; `None` for a payload of the id alone (an older engine's).
+        accepted: Option<bool>,
+    },
+}
+
+impl DecisionSignal {
+    /// The signal a notification's payload carries (see [`DECISION_OUTCOMES_CHANNEL`]).
+    pub fn decided(payload: &str) -> DecisionSignal {
+        let (id, accepted) = match payload.rsplit_once(' ') {
+            Some((id, "accepted")) => (id, Some(true)),
+            Some((id, "refused")) => (id, Some(false)),
+            _ => (payload, None),
+        };
+        DecisionSignal::Decided {
+            decision_id: id.to_string(),
+            accepted,
+        }
+    }
 }
 
 /// A `LISTEN` on [`DECISION_OUTCOMES_CHANNEL`] that reconnects by itself.
@@ -105,7 +125,7 @@ impl DecisionListener {
             };
             match listener.try_recv().await {
                 Ok(Some(n)) if n.channel() == DECISION_OUTCOMES_CHANNEL => {
-                    return DecisionSignal::Decided(n.payload().to_string());
+                    return DecisionSignal::decided(n.payload());
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) => tracing::warn!("decision outcome listener lost its connection"),
@@ -136,4 +156,34 @@ async fn connect(url: &str) -> Result<PgListener, sqlx::Error> {
     listener.eager_reconnect(false);
     listener.listen(DECISION_OUTCOMES_CHANNEL).await?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DecisionSignal;
+
+    fn decided(id: &str, accepted: Option<bool>) -> DecisionSignal {
+        DecisionSignal::Decided {
+            decision_id: id.into(),
+            accepted,
+        }
+    }
+
+    #[test]
+    fn payloads_carry_the_id_and_the_verdict_of_the_outcome() {
+        assert_eq!(
+            DecisionSignal::decided("d1 accepted"),
+            decided("d1", Some(true))
+        );
+        assert_eq!(
+            DecisionSignal::decided("d1 refused"),
+            decided("d1", Some(false))
+        );
+        // An older engine's payload is the id alone: the waiter reads the outcome.
+        assert_eq!(DecisionSignal::decided("d1"), decided("d1", None));
+        assert_eq!(
+            DecisionSignal::decided("d1 other"),
+            decided("d1 other", None)
+        );
+    }
 }

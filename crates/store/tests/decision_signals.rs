@@ -31,6 +31,14 @@ fn outcome(id: &str) -> DecisionOutcome {
     }
 }
 
+/// The signal of an outcome recorded for decision `id`.
+fn decided(id: &str, accepted: bool) -> DecisionSignal {
+    DecisionSignal::Decided {
+        decision_id: id.into(),
+        accepted: Some(accepted),
+    }
+}
+
 async fn next(listener: &mut DecisionListener) -> DecisionSignal {
     tokio::time::timeout(PATIENCE, listener.next())
         .await
@@ -49,15 +57,18 @@ async fn a_recorded_outcome_reaches_the_listener() -> TestResult {
     let db = common::postgres_db().await?;
     let mut listener = connected(&db.url).await?;
     db.store.record_decision_outcome(&outcome("d1")).await?;
-    assert_eq!(
-        next(&mut listener).await,
-        DecisionSignal::Decided("d1".into())
-    );
+    assert_eq!(next(&mut listener).await, decided("d1", true));
     // Recorded as before: the announcement changes nothing about the row.
     assert_eq!(
         db.store.get_decision_outcome("p1", "d1").await?,
         Some(outcome("d1"))
     );
+    // A refusal says so: its waiter reads the outcome for the code and message.
+    let mut refused = outcome("d2");
+    refused.accepted = false;
+    refused.code = Some("not_eligible".into());
+    db.store.record_decision_outcome(&refused).await?;
+    assert_eq!(next(&mut listener).await, decided("d2", false));
     Ok(())
 }
 
@@ -79,10 +90,7 @@ async fn only_committed_new_outcomes_are_announced() -> TestResult {
     let mut listener = connected(&db.url).await?;
 
     store.record_decision_outcome(&outcome("d1")).await?;
-    assert_eq!(
-        next(&mut listener).await,
-        DecisionSignal::Decided("d1".into())
-    );
+    assert_eq!(next(&mut listener).await, decided("d1", true));
 
     // A redelivered command: nothing new is recorded, nothing is announced.
     let mut again = outcome("d1");
@@ -102,10 +110,7 @@ async fn only_committed_new_outcomes_are_announced() -> TestResult {
     // Notifications arrive in commit order: had any of the above announced something, it
     // would come before this one.
     store.record_decision_outcome(&outcome("d2")).await?;
-    assert_eq!(
-        next(&mut listener).await,
-        DecisionSignal::Decided("d2".into())
-    );
+    assert_eq!(next(&mut listener).await, decided("d2", true));
     let quiet = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
     assert!(quiet.is_err(), "unexpected signal: {quiet:?}");
     Ok(())
@@ -129,10 +134,7 @@ async fn the_listener_reconnects_after_losing_its_connection() -> TestResult {
     assert_eq!(next(&mut listener).await, DecisionSignal::Connected);
 
     db.store.record_decision_outcome(&outcome("d3")).await?;
-    assert_eq!(
-        next(&mut listener).await,
-        DecisionSignal::Decided("d3".into())
-    );
+    assert_eq!(next(&mut listener).await, decided("d3", true));
     Ok(())
 }
 
