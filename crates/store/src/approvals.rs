@@ -4,7 +4,9 @@ use sqlx::Row;
 use workflow_core::Timestamp;
 
 use crate::listen::DECISION_OUTCOMES_CHANNEL;
-use crate::queries::{insert_outbox, instance_from_row, INSTANCE_COLS};
+use crate::queries::{
+    insert_outbox, instance_from_row, values_placeholders, INSTANCE_COLS, ROWS_PER_INSERT,
+};
 use crate::records::{DecisionOutcome, OutboxMessage, WaitingApproval};
 use crate::sqlite_writer::Write;
 use crate::{Backend, Store, StoreError};
@@ -13,21 +15,30 @@ const RECORD_OUTCOME: &str = "INSERT INTO approval_decisions \
      (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING";
 
-/// [`RECORD_OUTCOME`] that also announces the outcome on [`DECISION_OUTCOMES_CHANNEL`] (`$9`),
-/// so an API call waiting for it in another process wakes at once (see `listen.rs`). The
-/// payload is the decision id and whether it was accepted (`<id> accepted` / `<id> refused`):
-/// a call woken for an accepted decision answers without reading the outcome back. One
-/// statement: no extra round trip, and PostgreSQL delivers the notification only if the
-/// insert commits. A redelivered command whose outcome exists inserts nothing and announces
-/// nothing (its waiter already found the outcome). `::text`: `pg_notify` returns `void`, which
-/// the `Any` driver cannot decode. Ids too long for a payload (never: the engine makes UUIDs)
-/// are not announced rather than failing the insert with "payload string too long".
-const RECORD_OUTCOME_AND_NOTIFY: &str = "WITH ins AS (INSERT INTO approval_decisions \
-     (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (decision_id) DO NOTHING \
-     RETURNING decision_id, accepted) \
-     SELECT pg_notify($9, decision_id || CASE WHEN accepted = 1 THEN ' accepted' ELSE ' refused' END)::text \
-     FROM ins WHERE octet_length(decision_id) < 7990";
+/// [`RECORD_OUTCOME`] for `rows` outcomes (`$1`...: eight per outcome, then the channel) that
+/// also announces each one inserted on [`DECISION_OUTCOMES_CHANNEL`], so an API call waiting
+/// for it in another process wakes at once (see `listen.rs`). The payload is the decision id
+/// and whether it was accepted (`<id> accepted` / `<id> refused`): a call woken for an accepted
+/// decision answers without reading the outcome back. One statement: no extra round trip, and
+/// PostgreSQL delivers the notifications only if the insert commits. A redelivered command
+/// whose outcome exists inserts nothing and announces nothing (its waiter already found the
+/// outcome). `::text`: `pg_notify` returns `void`, which the `Any` driver cannot decode. Ids
+/// too long for a payload (never: the engine makes UUIDs) are not announced rather than failing
+/// the insert with "payload string too long".
+fn record_outcomes_and_notify_sql(rows: usize) -> String {
+    format!(
+        "WITH ins AS (INSERT INTO approval_decisions \
+         (decision_id, partner_id, instance_id, step_index, accepted, code, message, decided_at) \
+         VALUES {} ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id, accepted) \
+         SELECT pg_notify(${}, decision_id || CASE WHEN accepted = 1 THEN ' accepted' ELSE ' refused' END)::text \
+         FROM ins WHERE octet_length(decision_id) < 7990",
+        values_placeholders(rows, OUTCOME_WIDTH),
+        rows * OUTCOME_WIDTH + 1
+    )
+}
+
+/// Parameters of one outcome in [`RECORD_OUTCOME`]'s VALUES.
+const OUTCOME_WIDTH: usize = 8;
 
 impl Store {
     /// Queue messages that change no state (e.g. a decision command), in one transaction.
@@ -146,29 +157,52 @@ impl Store {
 }
 
 /// Insert a decision outcome (the first one for a decision id stands), announcing it on
-/// PostgreSQL (see [`RECORD_OUTCOME_AND_NOTIFY`]; in a transaction, on its commit).
+/// PostgreSQL (see [`record_outcomes_and_notify_sql`]; in a transaction, on its commit).
 pub(crate) async fn insert_outcome(
     conn: &mut sqlx::AnyConnection,
     o: &DecisionOutcome,
 ) -> Result<(), StoreError> {
-    let postgres = Backend::from_connection(conn) == Backend::Postgres;
-    let sql = if postgres {
-        RECORD_OUTCOME_AND_NOTIFY
-    } else {
-        RECORD_OUTCOME
-    };
-    let mut q = sqlx::query(sql)
-        .bind(o.decision_id.as_str())
+    insert_outcomes(conn, &[o]).await
+}
+
+/// [`insert_outcome`] for several: on PostgreSQL one statement per [`ROWS_PER_INSERT`]
+/// outcomes (a group commit's decisions: in the approval pool nearly every commit carries
+/// one), on SQLite one statement each.
+pub(crate) async fn insert_outcomes(
+    conn: &mut sqlx::AnyConnection,
+    outcomes: &[&DecisionOutcome],
+) -> Result<(), StoreError> {
+    if Backend::from_connection(conn) != Backend::Postgres {
+        for o in outcomes {
+            bind_outcome(sqlx::query(RECORD_OUTCOME), o)
+                .execute(&mut *conn)
+                .await?;
+        }
+        return Ok(());
+    }
+    for chunk in outcomes.chunks(ROWS_PER_INSERT) {
+        let sql = record_outcomes_and_notify_sql(chunk.len());
+        let mut q = sqlx::query(&sql);
+        for o in chunk {
+            q = bind_outcome(q, o);
+        }
+        q.bind(DECISION_OUTCOMES_CHANNEL)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// `o`'s eight parameters, in [`RECORD_OUTCOME`]'s order.
+fn bind_outcome<'q>(q: AnyQuery<'q>, o: &'q DecisionOutcome) -> AnyQuery<'q> {
+    q.bind(o.decision_id.as_str())
         .bind(o.partner_id.as_str())
         .bind(o.instance_id.as_str())
         .bind(o.step_index)
         .bind(i64::from(o.accepted))
         .bind(o.code.as_deref())
         .bind(o.message.as_deref())
-        .bind(o.decided_at.0);
-    if postgres {
-        q = q.bind(DECISION_OUTCOMES_CHANNEL);
-    }
-    q.execute(&mut *conn).await?;
-    Ok(())
+        .bind(o.decided_at.0)
 }

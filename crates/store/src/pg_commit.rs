@@ -341,11 +341,10 @@ async fn write_many(
         .flat_map(|c| c.audit.iter().map(|d| (c.rec.info.partner_id.as_str(), d)))
         .collect();
     append_audits(conn, &events, true).await?;
-    // Decision outcomes are one or two per approval instance, far fewer than commits: one
-    // statement each (with its announcement) rather than a multi-row insert.
-    for decision in written.iter().filter_map(|c| c.decision.as_ref()) {
-        crate::approvals::insert_outcome(conn, decision).await?;
-    }
+    // In the approval pool's process nearly every commit applies a decision: one statement
+    // records (and announces) all of the group's.
+    let decisions: Vec<_> = written.iter().filter_map(|c| c.decision.as_ref()).collect();
+    crate::approvals::insert_outcomes(conn, &decisions).await?;
     Ok(refused)
 }
 

@@ -36,6 +36,7 @@ crate::both_backends!(
     timers_fire_once_under_concurrent_schedulers,
     decision_outcomes_keep_the_first,
     a_decision_outcome_commits_with_its_transition,
+    a_group_commit_records_each_decision_it_applied,
     group_commit_answers_each_commit_as_alone,
     group_commit_refuses_alone_and_chains_every_stream,
 );
@@ -1264,6 +1265,47 @@ async fn a_decision_outcome_commits_with_its_transition(store: Store) -> TestRes
         Some(decision)
     );
     assert_eq!(store.get_instance("p1", &rec.info.id).await?, Some(next));
+    Ok(())
+}
+
+/// A group of commits that each applied a decision (the approval pool's usual group) records
+/// every written commit's outcome (PostgreSQL: in one statement) and none of a refused one's.
+async fn a_group_commit_records_each_decision_it_applied(store: Store) -> TestResult {
+    let recs = [
+        instance("p1", "t1", None),
+        instance("p1", "t1", None),
+        instance("p1", "t1", None),
+    ];
+    for rec in &recs {
+        created(&store, rec).await?;
+    }
+    let commits: Vec<InstanceCommit> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, rec)| InstanceCommit {
+            rec: advanced(rec, InstanceStatus::Waiting),
+            // The last one is stale: refused, its decision not recorded.
+            expected_version: if i == 2 { 7 } else { 1 },
+            outbox: vec![],
+            audit: vec![],
+            timers: vec![],
+            deliveries: vec![],
+            decision: Some(applied_decision(rec)),
+        })
+        .collect();
+    let results = store.commit_instances(&commits).await;
+    assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+    assert!(
+        matches!(results[2], Err(StoreError::Conflict { .. })),
+        "{results:?}"
+    );
+    for (i, rec) in recs.iter().enumerate() {
+        let decision = applied_decision(rec);
+        let recorded = store
+            .get_decision_outcome("p1", &decision.decision_id)
+            .await?;
+        assert_eq!(recorded, (i < 2).then_some(decision), "decision {i}");
+    }
     Ok(())
 }
 
