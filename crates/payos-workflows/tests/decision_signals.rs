@@ -221,6 +221,37 @@ async fn a_waiting_approval_wakes_on_another_process_outcome() {
         );
     }
 
+    // A decision the pool refuses (the instance was cancelled while it was queued): the
+    // signal says refused, and the call answers with the outcome's code, read back.
+    let id = start(&api, "tr_refused").await;
+    assert!(drain(&pool).await.is_empty());
+    let waiting = {
+        let (api, id) = (api.clone(), id.clone());
+        tokio::spawn(async move {
+            api.submit_decision("p", &id, 0, &cfo(), Verdict::Approve, None, PATIENCE)
+                .await
+        })
+    };
+    let cmd = loop {
+        if let Some(cmd) = drain(&pool).await.pop() {
+            break cmd;
+        }
+        assert!(!waiting.is_finished(), "the call returned before queueing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    api.cancel("p", &id, &actor("rita"), None)
+        .await
+        .expect("cancel");
+    pool.apply_decision(&cmd).await.expect("apply");
+    match waiting
+        .await
+        .expect("waiting call")
+        .expect("submit_decision")
+    {
+        DecisionResult::Refused { code, .. } => assert!(!code.is_empty(), "a code"),
+        other => panic!("expected refused, got {other:?}"),
+    }
+
     token.cancel();
     listener.await.expect("listener task").expect("listener");
     assert!(!api.decisions_signalled());
