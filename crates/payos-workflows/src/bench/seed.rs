@@ -290,7 +290,7 @@ impl Api {
     }
 }
 
-/// The two fields the hot path reads of an answer. Decoding only them skips the rest of the
+/// The fields the hot path reads of an answer. Decoding only them skips the rest of the
 /// instance view without building it: the driver shares the machine with the engine it
 /// measures, so its parsing is kept small.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -970,6 +970,26 @@ pub fn check(outcome: &DriveOutcome) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_brief_reads_the_id_the_wait_and_the_error_code_of_an_answer() {
+        let view = br#"{"id":"i1","status":"waiting","steps":[{"index":0,"output":{"x":[1,2]}}],
+            "waiting_on":{"step_index":1,"kind":"approval","description":"cfo","detail":{}}}"#;
+        let brief: Brief = decode(view);
+        assert_eq!(brief.id.as_deref(), Some("i1"));
+        assert!(brief.waits_for_approval(1));
+        assert!(!brief.waits_for_approval(2));
+        let signal: Brief = decode(br#"{"id":"i1","waiting_on":{"step_index":1,"kind":"signal"}}"#);
+        assert!(!signal.waits_for_approval(1));
+        let refused: Brief = decode(br#"{"error":{"code":"step_not_waiting","message":"m"}}"#);
+        assert_eq!(
+            refused.error.map(|e| e.code).as_deref(),
+            Some("step_not_waiting")
+        );
+        // Not JSON (a 202's empty body, say): nothing known.
+        let empty: Brief = decode(b"");
+        assert!(empty.id.is_none() && !empty.waits_for_approval(1));
+    }
 
     #[test]
     fn half_the_triggers_need_approval() {
