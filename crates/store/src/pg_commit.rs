@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::commit::{commit_each, InstanceCommit};
 use crate::queries::{
-    append_audits, bind_instance, insert_outbox, to_json, upsert_steps, values_placeholders,
-    INSERT_INSTANCE, INSTANCE_WIDTH,
+    bind_instance, insert_chained, insert_outbox, stream_heads, to_json, upsert_steps,
+    values_placeholders, INSERT_INSTANCE, INSTANCE_WIDTH,
 };
 use crate::sqlite_writer::NewInstance;
 use crate::{Backend, StoreError};
@@ -194,7 +194,9 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
             .iter()
             .flat_map(|n| n.audit.iter().map(|d| (n.rec.info.partner_id.as_str(), d)))
             .collect();
-        append_audits(&mut tx, &events, true).await?;
+        // A new instance's events start their stream: no head to read. Were one there, the
+        // insert would fail on the stream's key and the creates be written alone.
+        insert_chained(&mut tx, &events, HashMap::new()).await?;
         tx.commit().await?;
         Ok::<_, StoreError>(inserted)
     }
@@ -294,7 +296,7 @@ async fn write_many(
     conn: &mut AnyConnection,
     commits: &[InstanceCommit],
 ) -> Result<Vec<Option<StoreError>>, StoreError> {
-    let updated = update_instances(conn, commits).await?;
+    let (updated, heads) = update_instances(conn, commits).await?;
     let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(commits.len());
     let mut missing = Vec::new();
     for c in commits {
@@ -340,7 +342,25 @@ async fn write_many(
         .iter()
         .flat_map(|c| c.audit.iter().map(|d| (c.rec.info.partner_id.as_str(), d)))
         .collect();
-    append_audits(conn, &events, true).await?;
+    // The `UPDATE` read each commit's own stream's head (keyed here by the drafts' own
+    // strings, as `chain_audits` wants them); any other stream an event names (none the engine
+    // writes today) is read now.
+    let mut found: HashMap<&str, (i64, String)> = events
+        .iter()
+        .filter_map(|(_, d)| {
+            let head = heads.found.get(d.stream.as_str())?;
+            Some((d.stream.as_str(), head.clone()))
+        })
+        .collect();
+    let unread: Vec<_> = events
+        .iter()
+        .copied()
+        .filter(|(_, d)| !heads.read.contains(d.stream.as_str()))
+        .collect();
+    if !unread.is_empty() {
+        found.extend(stream_heads(conn, &unread).await?);
+    }
+    insert_chained(conn, &events, found).await?;
     // In the approval pool's process nearly every commit applies a decision: one statement
     // records (and announces) all of the group's.
     let decisions: Vec<_> = written.iter().filter_map(|c| c.decision.as_ref()).collect();
@@ -349,28 +369,41 @@ async fn write_many(
 }
 
 /// Parameters of one commit in the `UPDATE`'s VALUES.
-const UPDATE_WIDTH: usize = 7;
+const UPDATE_WIDTH: usize = 8;
+
+/// Audit stream heads the group read: the streams looked up (`read`) and, of those with
+/// events, the latest `(seq, hash)` (`found`; a stream read but not found is new).
+#[derive(Debug, Default)]
+struct Heads {
+    read: HashSet<String>,
+    found: HashMap<String, (i64, String)>,
+}
 
 /// Apply every commit's new state whose instance is its partner's and whose expected version
 /// still matches, in ONE statement (the row locks are taken here, as the single-commit path's
 /// `UPDATE` takes its one; the join goes by primary key and the partner is a filter on the
-/// row); returns the ids updated.
+/// row); returns the ids updated. The same statement reads the head of each updated commit's
+/// audit stream (the stream of its first event; the engine writes a transition's events to
+/// its instance's stream), a lookup that had been a statement of its own: once the row is
+/// locked no other commit of the instance can append to it, and a head that is stale anyway
+/// (an event appended without a commit) fails the insert on the stream's key, never forks it.
 async fn update_instances(
     conn: &mut AnyConnection,
     commits: &[InstanceCommit],
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<(HashSet<String>, Heads), StoreError> {
     let values = (0..commits.len())
         .map(|r| {
             let p = |k: usize| r * UPDATE_WIDTH + k;
             format!(
-                "(${}::text, ${}::text, ${}::text, ${}::bigint, ${}::text, ${}::bigint, ${}::bigint)",
+                "(${}::text, ${}::text, ${}::text, ${}::bigint, ${}::text, ${}::bigint, ${}::bigint, ${}::text)",
                 p(1),
                 p(2),
                 p(3),
                 p(4),
                 p(5),
                 p(6),
-                p(7)
+                p(7),
+                p(8)
             )
         })
         .collect::<Vec<_>>()
@@ -378,9 +411,12 @@ async fn update_instances(
     let sql = format!(
         "UPDATE workflow_instances AS w SET status = v.status, current_step = v.current_step, \
          state = v.state, updated_at = v.updated_at, version = v.expected + 1 \
-         FROM (VALUES {values}) AS v (id, partner_id, status, current_step, state, updated_at, expected) \
+         FROM (VALUES {values}) AS v (id, partner_id, status, current_step, state, updated_at, expected, stream) \
+         LEFT JOIN LATERAL (SELECT a.seq, a.hash FROM audit_events a \
+         WHERE a.partner_id = v.partner_id AND a.stream = v.stream \
+         ORDER BY a.seq DESC LIMIT 1) AS h ON true \
          WHERE w.id = v.id AND w.partner_id = v.partner_id AND w.version = v.expected \
-         RETURNING w.id"
+         RETURNING w.id, v.stream, h.seq AS head_seq, h.hash AS head_hash"
     );
     let mut query = sqlx::query(&sql);
     for c in commits {
@@ -392,13 +428,24 @@ async fn update_instances(
             .bind(rec.state.current_step.map(|s| s as i64))
             .bind(to_json(&rec.state)?)
             .bind(rec.updated_at.0)
-            .bind(c.expected_version);
+            .bind(c.expected_version)
+            .bind(c.audit.first().map(|d| d.stream.as_str()));
     }
     let mut updated = HashSet::new();
+    let mut heads = Heads::default();
     for row in query.fetch_all(&mut *conn).await? {
         updated.insert(row.try_get::<String, _>("id")?);
+        let Some(stream) = row.try_get::<Option<String>, _>("stream")? else {
+            continue;
+        };
+        let seq = row.try_get::<Option<i64>, _>("head_seq")?;
+        let hash = row.try_get::<Option<String>, _>("head_hash")?;
+        if let (Some(seq), Some(hash)) = (seq, hash) {
+            heads.found.insert(stream.clone(), (seq, hash));
+        }
+        heads.read.insert(stream);
     }
-    Ok(updated)
+    Ok((updated, heads))
 }
 
 /// The owner of each of `ids` that exists.
@@ -429,5 +476,108 @@ fn not_found(id: &str) -> StoreError {
     StoreError::NotFound {
         what: "instance",
         id: id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The group's own statements, called directly: through `Store::commit_instances` a
+    //! failure of theirs would be masked by the fallback (each commit alone gives the same
+    //! answers), so this is where the heads read by the `UPDATE` are shown to chain.
+
+    use serde_json::json;
+    use workflow_core::instance::{ActorRef, ActorType, InstanceInfo, InstanceState};
+    use workflow_core::{InstanceStatus, Timestamp};
+
+    use super::*;
+    use crate::records::{verify_audit_chain, AuditDraft, InstanceRecord};
+    use crate::{CreateOutcome, Store};
+
+    fn event(stream: &str, n: u64) -> AuditDraft {
+        AuditDraft {
+            stream: stream.into(),
+            at: Timestamp(3_000),
+            actor: ActorRef {
+                id: "u".into(),
+                actor_type: ActorType::Human,
+            },
+            kind: "instance.advanced".into(),
+            before: serde_json::Value::Null,
+            after: json!({ "n": n }),
+            reason: None,
+        }
+    }
+
+    fn instance() -> InstanceRecord {
+        InstanceRecord {
+            info: InstanceInfo {
+                id: uuid::Uuid::now_v7().to_string(),
+                partner_id: "p1".into(),
+                template_id: "t1".into(),
+                template_version: 1,
+                created_at: Timestamp(1_000),
+                created_by: ActorRef {
+                    id: "u".into(),
+                    actor_type: ActorType::Human,
+                },
+                trigger: json!({}),
+                mode: Default::default(),
+            },
+            idempotency_key: None,
+            state: InstanceState {
+                status: InstanceStatus::Running,
+                current_step: None,
+                waiting_on: None,
+                steps: vec![],
+                error: None,
+                finished_at: None,
+            },
+            updated_at: Timestamp(1_000),
+            version: 1,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_chains_each_stream_onto_the_head_its_update_read(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        // One stream with events already (its create's), one new (created without events).
+        let (old, new) = (instance(), instance());
+        let (old_stream, new_stream) = (
+            format!("instance:{}", old.info.id),
+            format!("instance:{}", new.info.id),
+        );
+        let first = [event(&old_stream, 1), event(&old_stream, 2)];
+        for (rec, audit) in [(&old, &first[..]), (&new, &[][..])] {
+            let created = store.create_instance(rec, &[], audit).await?;
+            assert!(matches!(created, CreateOutcome::Created(_)));
+        }
+        let commit = |rec: &InstanceRecord, stream: &str| {
+            let mut next = rec.clone();
+            next.version += 1;
+            InstanceCommit {
+                rec: next,
+                expected_version: rec.version,
+                outbox: vec![],
+                audit: vec![event(stream, 3), event(stream, 4)],
+                timers: vec![],
+                deliveries: vec![],
+                decision: None,
+            }
+        };
+        let commits = [commit(&old, &old_stream), commit(&new, &new_stream)];
+
+        let mut conn = store.write_pool().acquire().await?;
+        let mut tx = conn.begin().await?;
+        let refused = write_many(&mut tx, &commits).await?;
+        assert!(refused.iter().all(Option::is_none), "{refused:?}");
+        tx.commit().await?;
+
+        for (stream, events) in [(&old_stream, 4), (&new_stream, 2)] {
+            let trail = store.list_audit("p1", stream).await?;
+            assert_eq!(verify_audit_chain(&trail), Ok(events), "{stream}");
+        }
+        Ok(())
     }
 }

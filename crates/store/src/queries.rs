@@ -437,7 +437,7 @@ impl Store {
             .iter()
             .map(|d| (info.partner_id.as_str(), d))
             .collect();
-        append_audits(&mut tx, &events, false).await?;
+        append_audits(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(CreateOutcome::Created(rec.clone()))
     }
@@ -815,7 +815,7 @@ pub(crate) async fn write_instance_commit(
         .iter()
         .map(|d| (info.partner_id.as_str(), d))
         .collect();
-    append_audits(conn, &events, false).await?;
+    append_audits(conn, &events).await?;
     if let Some(decision) = decision {
         crate::approvals::insert_outcome(conn, decision).await?;
     }
@@ -1003,29 +1003,33 @@ async fn append_audit(
     Ok(())
 }
 
-/// [`append_audit`] for several events of one transaction, each with its partner (PostgreSQL's
-/// group commit writes several partners' instances at once): each stream's head is read once
-/// (all of them in one statement with `prefetch`, PostgreSQL only), the events are chained in
-/// order in memory, and written with one multi-row INSERT per [`ROWS_PER_INSERT`] events
-/// (a transition writes several; each statement is a round trip made while the write lock is
-/// held).
+/// [`append_audit`] for several events of one transaction, each with its partner: each
+/// stream's head is read once, the events are chained in order in memory, and written with one
+/// multi-row INSERT per [`ROWS_PER_INSERT`] events (a transition writes several; each statement
+/// is a round trip made while the write lock is held). PostgreSQL's group commit reads its
+/// heads with its `UPDATE` instead (`pg_commit.rs`).
 pub(crate) async fn append_audits(
     conn: &mut AnyConnection,
     events: &[(&str, &AuditDraft)],
-    prefetch: bool,
 ) -> Result<(), StoreError> {
-    let heads = if prefetch {
-        stream_heads(conn, events).await?
-    } else {
-        let mut heads = std::collections::HashMap::new();
-        for &(partner_id, draft) in events {
-            if !heads.contains_key(draft.stream.as_str()) {
-                let head = stream_head(conn, partner_id, &draft.stream).await?;
-                heads.insert(draft.stream.as_str(), head);
-            }
+    let mut heads = std::collections::HashMap::new();
+    for &(partner_id, draft) in events {
+        if !heads.contains_key(draft.stream.as_str()) {
+            let head = stream_head(conn, partner_id, &draft.stream).await?;
+            heads.insert(draft.stream.as_str(), head);
         }
-        heads
-    };
+    }
+    insert_chained(conn, events, heads).await
+}
+
+/// Chain `events` onto their streams' `heads` (see [`chain_audits`]) and insert them: one
+/// multi-row statement per [`ROWS_PER_INSERT`] events. A head that is not the stream's latest
+/// makes the insert fail on the stream's `(stream, seq)` key: a lost race, never a fork.
+pub(crate) async fn insert_chained<'a>(
+    conn: &mut AnyConnection,
+    events: &[(&'a str, &'a AuditDraft)],
+    heads: std::collections::HashMap<&'a str, (i64, String)>,
+) -> Result<(), StoreError> {
     let rows = chain_audits(events, heads);
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let sql = format!(
@@ -1086,8 +1090,8 @@ pub(crate) fn chain_audits<'a>(
     rows
 }
 
-/// The heads of every stream `events` name, in ONE statement (PostgreSQL: a LATERAL lookup per
-/// stream on the `(partner_id, stream, seq)` index); a stream without events is missing.
+/// The heads of every stream `events` name, in ONE statement (PostgreSQL only: a LATERAL lookup
+/// per stream on the `(partner_id, stream, seq)` index); a stream without events is missing.
 pub(crate) async fn stream_heads<'a>(
     conn: &mut AnyConnection,
     events: &[(&str, &'a AuditDraft)],
