@@ -6,10 +6,10 @@
 //! upsert, the outbox insert, the audit head read and insert, `COMMIT`: seven round trips, each
 //! a statement PostgreSQL parses, plans and runs (its per-statement cost, not the rows, was
 //! most of its CPU in the distributed bench). [`PgCommitter`] is one task per process that takes
-//! every commit queued so far and writes them with one statement per table: one `UPDATE ...
-//! FROM (VALUES ...)` checks every commit's expected version at once, one statement reads every
-//! audit stream's head, then one multi-row statement each for steps, outbox, timers,
-//! deliveries and audit events.
+//! every commit queued so far (a lone one too) and writes them with one statement per table:
+//! one `UPDATE ... FROM (VALUES ...)` checks every commit's expected version at once and reads
+//! each one's audit stream head, then one multi-row statement each for steps, outbox, timers,
+//! deliveries, audit events and decision outcomes.
 //!
 //! Each commit still gets exactly the answer it would have had alone: one whose version no
 //! longer matches (or whose instance is unknown) writes nothing and is answered `Conflict`
@@ -252,10 +252,8 @@ fn batches(commits: &[InstanceCommit]) -> Vec<&[InstanceCommit]> {
 
 /// Write one batch (distinct instances) in one transaction; see the module docs.
 async fn write_batch(pool: &AnyPool, commits: &[InstanceCommit]) -> Vec<Result<(), StoreError>> {
-    if commits.len() == 1 {
-        // Alone, the plain path is as many statements and keeps its exact behaviour.
-        return commit_each(pool, Backend::Postgres, commits).await;
-    }
+    // A lone commit too: its stream head comes with the `UPDATE`, a statement less than the
+    // plain path, which answers the same (and remains the fallback).
     let Ok(mut conn) = pool.acquire().await else {
         return commit_each(pool, Backend::Postgres, commits).await;
     };
