@@ -131,6 +131,31 @@ impl InstanceCache {
         self.lock().get(id).and_then(|e| e.rec.clone())
     }
 
+    /// `rec` was read from the store: keep it unless the entry knows a version as high, or a
+    /// transition holds the entry.
+    fn observed(&self, rec: &InstanceRecord) {
+        let mut entries = self.lock();
+        match entries.get_mut(&rec.info.id) {
+            Some(e) if e.holders > 0 || e.version >= rec.version => {}
+            Some(e) => {
+                e.version = rec.version;
+                e.rec = (!rec.state.status.is_terminal()).then(|| rec.clone());
+            }
+            None if rec.state.status.is_terminal() => {}
+            None => {
+                entries.insert(
+                    rec.info.id.clone(),
+                    CacheEntry {
+                        version: rec.version,
+                        rec: Some(rec.clone()),
+                        holders: 0,
+                    },
+                );
+                evict(&mut entries);
+            }
+        }
+    }
+
     /// A new instance was created (before anything could transition it).
     fn created(&self, rec: &InstanceRecord) {
         if rec.state.status.is_terminal() {
@@ -834,20 +859,48 @@ impl Engine {
             let rec = self.transition(partner_id, instance_id, command).await?;
             return Ok(DecisionResult::Accepted(Box::new(rec)));
         }
-        let (current, template) = self.load(partner_id, instance_id).await?;
         let proposal = Proposal {
             index,
             decider,
             verdict,
             comment: comment.as_deref(),
         };
-        machine::check_decision(
-            &template,
-            &current.info,
-            &current.state,
-            &proposal,
-            &self.limits.expr,
-        )?;
+        // A hint (the record this process created or last read) may let the check pass without
+        // a store read. Only the stored state refuses: a refusal by the hint reads the store.
+        // One the hint passes but the stored state would refuse (another process changed the
+        // instance meanwhile) is refused by the approval pool instead, with the same code.
+        let hint = self
+            .instances
+            .as_ref()
+            .and_then(|c| c.peek(instance_id))
+            .filter(|rec| rec.info.partner_id == partner_id);
+        let passed_on_hint = match &hint {
+            Some(rec) => {
+                let template = self.template_of(rec).await?;
+                machine::check_decision(
+                    &template,
+                    &rec.info,
+                    &rec.state,
+                    &proposal,
+                    &self.limits.expr,
+                )
+                .is_ok()
+            }
+            None => false,
+        };
+        if !passed_on_hint {
+            let (current, template) = self.load(partner_id, instance_id).await?;
+            if let Some(cache) = &self.instances {
+                cache.observed(&current);
+            }
+            machine::check_decision(
+                &template,
+                &current.info,
+                &current.state,
+                &proposal,
+                &self.limits.expr,
+            )?;
+        }
         let cmd = DecisionCommand {
             decision_id: uuid::Uuid::now_v7().to_string(),
             partner_id: partner_id.to_string(),
@@ -908,6 +961,10 @@ impl Engine {
                         what: "instance",
                         id: instance_id.to_string(),
                     })?;
+                // The next decision's check (the next approval step) can start from it.
+                if let Some(cache) = &self.instances {
+                    cache.observed(&rec);
+                }
                 return Ok(DecisionResult::Accepted(Box::new(rec)));
             }
             if tokio::time::Instant::now() >= deadline {

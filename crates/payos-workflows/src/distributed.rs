@@ -187,7 +187,7 @@ impl Node {
     /// Start the consumers of `pool`.
     pub fn start_pool(&mut self, pool: WorkerPool) -> Result<(), DistributedError> {
         // One for every pool of this process (the approval pool's steps and decisions share
-        // their hints); the api and the scheduler keep the plain engine.
+        // their hints); the api has hints of its own, the scheduler the plain engine.
         let pools_engine = self
             .pools_engine
             .get_or_insert_with(|| self.engine.clone().with_transition_hints())
@@ -272,7 +272,9 @@ impl Node {
                 signals.clone(),
             ))
         });
-        let router = producer_api::router(self.engine.clone(), api);
+        // Hints let an approval's check start from the record this process created or last
+        // read (`Engine::submit_decision`); reads never answer from them.
+        let router = producer_api::router(self.engine.clone().with_transition_hints(), api);
         let stop = self.cancel.clone();
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })

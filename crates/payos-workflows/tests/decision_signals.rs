@@ -115,14 +115,15 @@ async fn listening_backends(store: &Store) -> i64 {
     .expect("count")
 }
 
-/// Two engines on one fresh database, seeded: the api's and the approval pool's (with the
-/// transition hints a distributed pool process keeps).
+/// Two engines on one fresh database, seeded: the api's and the approval pool's, each with the
+/// transition hints its distributed process keeps.
 async fn engines() -> (String, Engine, Engine) {
     let url = workflow_testkit::postgres_url()
         .await
         .expect("PostgreSQL for tests");
     // Separate stores, separate engines, as in separate processes.
-    let api = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock));
+    let api = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock))
+        .with_transition_hints();
     let pool = Engine::new(store(&url).await, Limits::default(), Arc::new(SystemClock))
         .with_transition_hints();
     seed(api.store()).await;
@@ -320,4 +321,67 @@ async fn a_stale_transition_hint_loses_to_the_stored_state() {
         !outcome.accepted,
         "refused as the stored state refuses: {outcome:?}"
     );
+}
+
+/// The api checks a decision against its hint of the instance (the record it created or last
+/// read): a refusal by the hint reads the store first (the create's hint still shows the step
+/// pending), and a hint gone stale (another process cancelled the instance) lets the decision
+/// through to the approval pool, which refuses it as the stored state does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_checks_decisions_against_its_hints_and_the_pool_has_the_last_word() {
+    let (_url, api, pool) = engines().await;
+    let id = start(&api, "tr_hint").await;
+    // The pool starts the approval: the api's hint (its create) still shows it pending.
+    assert!(drain(&pool).await.is_empty());
+    // Refused by the hint, then by the store (it waits, but not for an intern); the api now
+    // holds the waiting record.
+    let intern = Decider {
+        actor: actor("ivan"),
+        roles: vec!["intern".into()],
+    };
+    let refused = api
+        .submit_decision("p", &id, 0, &intern, Verdict::Approve, None, PATIENCE)
+        .await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("not an eligible")),
+        "{refused:?}"
+    );
+    // Another process cancels it; the api's hint still shows the step waiting.
+    pool.cancel("p", &id, &actor("rita"), None)
+        .await
+        .expect("cancel");
+    let waiting = {
+        let (api, id) = (api.clone(), id.clone());
+        tokio::spawn(async move {
+            api.submit_decision("p", &id, 0, &cfo(), Verdict::Approve, None, PATIENCE)
+                .await
+        })
+    };
+    let cmd = loop {
+        if let Some(cmd) = drain(&pool).await.pop() {
+            break cmd;
+        }
+        assert!(
+            !waiting.is_finished(),
+            "answered without queueing: {:?}",
+            waiting.await
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    pool.apply_decision(&cmd).await.expect("apply");
+    match waiting
+        .await
+        .expect("waiting call")
+        .expect("submit_decision")
+    {
+        DecisionResult::Refused { code, .. } => assert!(!code.is_empty()),
+        other => panic!("a cancelled instance accepted a decision: {other:?}"),
+    }
+    let stored = api
+        .store()
+        .get_instance("p", &id)
+        .await
+        .expect("read")
+        .expect("instance");
+    assert_eq!(stored.state.status, InstanceStatus::Cancelled);
 }
