@@ -131,8 +131,8 @@ impl InstanceCache {
         self.lock().get(id).and_then(|e| e.rec.clone())
     }
 
-    /// `rec` was read from the store: keep it unless the entry knows a version as high, or a
-    /// transition holds the entry.
+    /// `rec` was created (before anything could transition it) or read from the store: keep
+    /// it, unless the entry knows a version as high or a transition holds the entry.
     fn observed(&self, rec: &InstanceRecord) {
         let mut entries = self.lock();
         match entries.get_mut(&rec.info.id) {
@@ -153,25 +153,6 @@ impl InstanceCache {
                 );
                 evict(&mut entries);
             }
-        }
-    }
-
-    /// A new instance was created (before anything could transition it).
-    fn created(&self, rec: &InstanceRecord) {
-        if rec.state.status.is_terminal() {
-            return;
-        }
-        let mut entries = self.lock();
-        if !entries.contains_key(&rec.info.id) {
-            entries.insert(
-                rec.info.id.clone(),
-                CacheEntry {
-                    version: rec.version,
-                    rec: Some(rec.clone()),
-                    holders: 0,
-                },
-            );
-            evict(&mut entries);
         }
     }
 }
@@ -769,7 +750,7 @@ impl Engine {
             CreateOutcome::Created(instance) => {
                 // Cached before its first command can reach a pool.
                 if let Some(cache) = &self.instances {
-                    cache.created(&instance);
+                    cache.observed(&instance);
                 }
                 self.outbox.committed(&outbox);
                 if !timers.is_empty() {

@@ -103,6 +103,30 @@ async fn drain(pool: &Engine) -> Vec<DecisionCommand> {
     decisions
 }
 
+/// The decision command the call `waiting` queued, taken as the relay would hand it to the
+/// pool.
+async fn queued<T>(pool: &Engine, waiting: &tokio::task::JoinHandle<T>) -> DecisionCommand {
+    loop {
+        if let Some(cmd) = drain(pool).await.pop() {
+            return cmd;
+        }
+        assert!(!waiting.is_finished(), "the call returned before queueing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The CFO approving step 0 of `id` through `api`, in a task of its own.
+fn cfo_approves(
+    api: &Engine,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<DecisionResult, workflow_engine::EngineError>> {
+    let (api, id) = (api.clone(), id.to_string());
+    tokio::spawn(async move {
+        api.submit_decision("p", &id, 0, &cfo(), Verdict::Approve, None, PATIENCE)
+            .await
+    })
+}
+
 async fn listening_backends(store: &Store) -> i64 {
     sqlx::query(
         "SELECT count(*) AS n FROM pg_stat_activity \
@@ -170,13 +194,7 @@ async fn approve_one(api: &Engine, pool: &Engine, round: usize) -> Duration {
             (result, Instant::now())
         })
     };
-    let cmd = loop {
-        if let Some(cmd) = drain(pool).await.pop() {
-            break cmd;
-        }
-        assert!(!waiting.is_finished(), "the call returned before queueing");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let cmd = queued(pool, &waiting).await;
     // Let the call settle into its wait.
     tokio::time::sleep(Duration::from_millis(30)).await;
     assert!(
@@ -226,20 +244,8 @@ async fn a_waiting_approval_wakes_on_another_process_outcome() {
     // signal says refused, and the call answers with the outcome's code, read back.
     let id = start(&api, "tr_refused").await;
     assert!(drain(&pool).await.is_empty());
-    let waiting = {
-        let (api, id) = (api.clone(), id.clone());
-        tokio::spawn(async move {
-            api.submit_decision("p", &id, 0, &cfo(), Verdict::Approve, None, PATIENCE)
-                .await
-        })
-    };
-    let cmd = loop {
-        if let Some(cmd) = drain(&pool).await.pop() {
-            break cmd;
-        }
-        assert!(!waiting.is_finished(), "the call returned before queueing");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let waiting = cfo_approves(&api, &id);
+    let cmd = queued(&pool, &waiting).await;
     api.cancel("p", &id, &actor("rita"), None)
         .await
         .expect("cancel");
@@ -350,24 +356,9 @@ async fn the_api_checks_decisions_against_its_hints_and_the_pool_has_the_last_wo
     pool.cancel("p", &id, &actor("rita"), None)
         .await
         .expect("cancel");
-    let waiting = {
-        let (api, id) = (api.clone(), id.clone());
-        tokio::spawn(async move {
-            api.submit_decision("p", &id, 0, &cfo(), Verdict::Approve, None, PATIENCE)
-                .await
-        })
-    };
-    let cmd = loop {
-        if let Some(cmd) = drain(&pool).await.pop() {
-            break cmd;
-        }
-        assert!(
-            !waiting.is_finished(),
-            "answered without queueing: {:?}",
-            waiting.await
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    // Not answered from the hint: queued for the pool.
+    let waiting = cfo_approves(&api, &id);
+    let cmd = queued(&pool, &waiting).await;
     pool.apply_decision(&cmd).await.expect("apply");
     match waiting
         .await
