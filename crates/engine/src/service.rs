@@ -651,33 +651,33 @@ impl Engine {
         idempotency_key: Option<String>,
         mode: RunMode,
     ) -> Result<StartOutcome, EngineError> {
-        let Some(key) = idempotency_key.clone() else {
-            return self
-                .create_instance(partner_id, actor, template_id, trigger, None, mode)
-                .await;
-        };
-        let replayed = trigger.clone();
-        match self
+        // Kept for looking the key's holder up and comparing with it, should the create fail.
+        let replay = idempotency_key
+            .as_ref()
+            .map(|key| (key.clone(), trigger.clone()));
+        let created = self
             .create_instance(
                 partner_id,
                 actor,
                 template_id,
                 trigger,
-                Some(key.clone()),
+                idempotency_key,
                 mode,
             )
-            .await
-        {
-            Err(e) if !matches!(e, EngineError::IdempotencyMismatch { .. }) => {
+            .await;
+        match (created, replay) {
+            (Err(e), Some((key, trigger)))
+                if !matches!(e, EngineError::IdempotencyMismatch { .. }) =>
+            {
                 match self.find_by_key(partner_id, &key).await {
                     Ok(Some(existing)) => {
-                        check_same_request(existing, template_id, &replayed, mode, &key)
+                        check_same_request(existing, template_id, &trigger, mode, &key)
                     }
                     // Nothing holds the key (or it cannot be looked up): the create's error.
                     Ok(None) | Err(_) => Err(e),
                 }
             }
-            answered => answered,
+            (answered, _) => answered,
         }
     }
 
