@@ -174,6 +174,12 @@ impl From<StoreError> for ApiError {
                 "conflict",
                 format!("{what} `{id}` was changed concurrently; retry"),
             ),
+            // The engine re-reads the template on this; it reaches a caller only if the
+            // template kept changing under every attempt.
+            StoreError::TemplateChanged { id } => ApiError::conflict(
+                "conflict",
+                format!("template `{id}` was changed concurrently; retry"),
+            ),
             e if e.is_retryable() => {
                 tracing::warn!(error = %e, request_id = %request_id::current(), "store busy");
                 ApiError::unavailable()

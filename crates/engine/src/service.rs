@@ -33,6 +33,13 @@ use crate::relay::Outbox;
 /// Parsed templates by (id, version).
 type TemplateCache = HashMap<(String, i64), Arc<Template>>;
 
+/// The latest version of templates by (partner, id), as last read: what
+/// [`Engine::with_template_heads`] creates from without a store read.
+type TemplateHeads = HashMap<(String, String), (i64, Arc<Template>)>;
+
+/// Template heads [`Engine::with_template_heads`] keeps at most (then it starts over).
+const TEMPLATE_HEADS_CAPACITY: usize = 4_096;
+
 /// How often a waiting decision checks for an outcome recorded by another process.
 const DECISION_POLL: Duration = Duration::from_millis(20);
 /// The same check when outcomes wake the waiter directly: this process applies decisions
@@ -223,6 +230,26 @@ fn not_found(instance_id: &str) -> EngineError {
     }
 }
 
+/// Why [`Engine::create_from`] started nothing.
+enum Refused {
+    /// The template's head moved since it was remembered: nothing was written. The trigger,
+    /// handed back for the next attempt.
+    HeadMoved(Value),
+    Error(EngineError),
+}
+
+impl From<EngineError> for Refused {
+    fn from(e: EngineError) -> Refused {
+        Refused::Error(e)
+    }
+}
+
+impl From<MachineError> for Refused {
+    fn from(e: MachineError) -> Refused {
+        Refused::Error(e.into())
+    }
+}
+
 /// The result of starting an instance.
 #[derive(Debug, Clone)]
 pub struct StartOutcome {
@@ -323,6 +350,8 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     /// Template versions are immutable, so parsed ones are cached forever.
     templates: Arc<Mutex<TemplateCache>>,
+    /// Each template's latest version as last read ([`Engine::with_template_heads`]).
+    heads: Option<Arc<Mutex<TemplateHeads>>>,
     /// Rows this process committed, handed to its relay to publish at once.
     outbox: Arc<Outbox>,
     /// Woken whenever a decision outcome is recorded, so waiting API calls answer at once.
@@ -360,6 +389,7 @@ impl Engine {
             limits: Arc::new(limits),
             clock,
             templates: Arc::new(Mutex::new(HashMap::new())),
+            heads: None,
             outbox: Arc::new(Outbox::default()),
             decided: Arc::new(Mutex::new(HashMap::new())),
             timers_changed: Arc::new(Notify::new()),
@@ -408,6 +438,17 @@ impl Engine {
     /// (`submit_decision`'s checks, views) never answer from these entries.
     pub fn with_transition_hints(mut self) -> Engine {
         self.instances = Some(Arc::new(InstanceCache::default()));
+        self
+    }
+
+    /// Start instances from the template version this engine read last, without reading
+    /// the template again: the create itself checks, in its transaction, that the version is
+    /// still the latest and active ([`Store::create_instance_at_head`]); if not, nothing is
+    /// written and the template is read again. For a store whose creates check that cheaply:
+    /// a SQLite file (embedded). Another writer's template changes are seen at the next
+    /// create.
+    pub fn with_template_heads(mut self) -> Engine {
+        self.heads = Some(Arc::new(Mutex::new(HashMap::new())));
         self
     }
 
@@ -691,6 +732,49 @@ impl Engine {
         idempotency_key: Option<String>,
         mode: RunMode,
     ) -> Result<StartOutcome, EngineError> {
+        // A remembered head the create finds moved is forgotten, and the template read.
+        let mut trigger = trigger;
+        for _ in 0..MAX_ATTEMPTS {
+            let (version, template, at_head) = match self.remembered_head(partner_id, template_id) {
+                Some((version, template)) => (version, template, true),
+                None => {
+                    let (version, template) = self.read_head(partner_id, template_id).await?;
+                    (version, template, self.heads.is_some())
+                }
+            };
+            let created = self
+                .create_from(
+                    partner_id,
+                    actor,
+                    (template_id, version, &template),
+                    trigger,
+                    &idempotency_key,
+                    mode,
+                    at_head,
+                )
+                .await;
+            match created {
+                Ok(started) => return Ok(started),
+                Err(Refused::HeadMoved(returned)) => {
+                    self.forget_head(partner_id, template_id);
+                    trigger = returned;
+                }
+                Err(Refused::Error(e)) => return Err(e),
+            }
+        }
+        Err(EngineError::Contended {
+            id: template_id.to_string(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// A template's latest version, read from the store (and remembered, with
+    /// [`Engine::with_template_heads`]); an inactive one starts nothing.
+    async fn read_head(
+        &self,
+        partner_id: &str,
+        template_id: &str,
+    ) -> Result<(i64, Arc<Template>), EngineError> {
         let rec = self
             .store
             .get_template(partner_id, template_id)
@@ -705,20 +789,61 @@ impl Engine {
             });
         }
         let template = self.parsed(&rec)?;
+        if let Some(heads) = &self.heads {
+            let mut heads = heads.lock().unwrap_or_else(|p| p.into_inner());
+            if heads.len() >= TEMPLATE_HEADS_CAPACITY {
+                heads.clear();
+            }
+            heads.insert(
+                (partner_id.to_string(), template_id.to_string()),
+                (rec.version, template.clone()),
+            );
+        }
+        Ok((rec.version, template))
+    }
+
+    fn remembered_head(&self, partner_id: &str, template_id: &str) -> Option<(i64, Arc<Template>)> {
+        let heads = self.heads.as_ref()?;
+        let heads = heads.lock().unwrap_or_else(|p| p.into_inner());
+        heads
+            .get(&(partner_id.to_string(), template_id.to_string()))
+            .cloned()
+    }
+
+    fn forget_head(&self, partner_id: &str, template_id: &str) {
+        if let Some(heads) = &self.heads {
+            let mut heads = heads.lock().unwrap_or_else(|p| p.into_inner());
+            heads.remove(&(partner_id.to_string(), template_id.to_string()));
+        }
+    }
+
+    /// Start an instance of `template` (id, version, parsed); `at_head`: only if that version
+    /// is still the template's latest and active when the create commits.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_from(
+        &self,
+        partner_id: &str,
+        actor: &ActorRef,
+        (template_id, version, template): (&str, i64, &Template),
+        trigger: Value,
+        idempotency_key: &Option<String>,
+        mode: RunMode,
+        at_head: bool,
+    ) -> Result<StartOutcome, Refused> {
         let now = self.clock.now();
         let info = InstanceInfo {
             id: uuid::Uuid::now_v7().to_string(),
             partner_id: partner_id.to_string(),
-            template_id: rec.id.clone(),
-            template_version: rec.version,
+            template_id: template_id.to_string(),
+            template_version: version,
             created_at: now,
             created_by: actor.clone(),
             trigger,
             mode,
         };
-        let t = machine::start(&template, &info, now);
+        let t = machine::start(template, &info, now);
         let t = machine::execute_inline(
-            &template,
+            template,
             &info,
             t,
             &self.inline_steps,
@@ -727,7 +852,7 @@ impl Engine {
         )?;
         // Steps that ran inline may have asked for timers (an approval's deadline) and
         // deliveries (its notices): they are written with the instance.
-        let (mut outbox, timers) = self.outbox_and_timers(&template, &info, None, &t, now)?;
+        let (mut outbox, timers) = self.outbox_and_timers(template, &info, None, &t, now)?;
         let deliveries = crate::notify::queue(&info, &t, now, &mut outbox)?;
         let Transition {
             state,
@@ -742,10 +867,22 @@ impl Engine {
             updated_at: now,
             version: 1,
         };
-        let outcome = self
-            .store
-            .create_instance_with(&instance, &outbox, &audit, &timers, &deliveries)
-            .await?;
+        let outcome = if at_head {
+            self.store
+                .create_instance_at_head(&instance, &outbox, &audit, &timers, &deliveries)
+                .await
+        } else {
+            self.store
+                .create_instance_with(&instance, &outbox, &audit, &timers, &deliveries)
+                .await
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(StoreError::TemplateChanged { .. }) => {
+                return Err(Refused::HeadMoved(instance.info.trigger))
+            }
+            Err(e) => return Err(Refused::Error(e.into())),
+        };
         match outcome {
             CreateOutcome::Created(instance) => {
                 // Cached before its first command can reach a pool.
@@ -762,9 +899,10 @@ impl Engine {
                 })
             }
             // Lost a race with an identical request: answer as the idempotent replay it is.
-            CreateOutcome::Existing(existing) => match &idempotency_key {
+            CreateOutcome::Existing(existing) => match idempotency_key {
                 Some(key) => {
                     check_same_request(existing, template_id, &instance.info.trigger, mode, key)
+                        .map_err(Refused::Error)
                 }
                 None => Ok(StartOutcome {
                     instance: existing,

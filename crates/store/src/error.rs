@@ -17,6 +17,11 @@ pub enum StoreError {
     /// Re-read and try again.
     #[error("{what} {id} was changed concurrently")]
     Conflict { what: &'static str, id: String },
+    /// A create made from a template's head (`Store::create_instance_at_head`) found that
+    /// head moved: a newer version, deactivated, or gone. Nothing was written; read the
+    /// template again.
+    #[error("template {id} changed since it was read")]
+    TemplateChanged { id: String },
     /// A stored document does not decode: the database was changed outside this crate.
     #[error("corrupt stored data: {message}")]
     Corrupt { message: String },
@@ -40,6 +45,7 @@ impl StoreError {
             StoreError::Sqlite(e) => is_transient_sqlite(e),
             StoreError::NotFound { .. }
             | StoreError::AlreadyExists { .. }
+            | StoreError::TemplateChanged { .. }
             | StoreError::Corrupt { .. }
             | StoreError::Migrate(_) => false,
         }

@@ -17,7 +17,7 @@ use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 
 use crate::error::{is_foreign_key_violation, is_unique_violation};
 use crate::records::*;
-use crate::{CreateOutcome, Store, StoreError};
+use crate::{Backend, CreateOutcome, Store, StoreError};
 
 /// Most ids one `DELETE ... IN (...)` names; keeps well under every backend's parameter limit.
 const DELETE_CHUNK: usize = 500;
@@ -378,12 +378,48 @@ impl Store {
         timers: &[TimerRecord],
         deliveries: &[crate::NewDelivery],
     ) -> Result<CreateOutcome, StoreError> {
+        self.create(rec, outbox, audit, timers, deliveries, false)
+            .await
+    }
+
+    /// [`Store::create_instance_with`] for a caller that did not read the template in this
+    /// create (it remembered the template's head): the instance is written only if its
+    /// template's latest version is still `rec`'s and active, checked in the create's
+    /// transaction; else nothing is written and the answer is
+    /// [`StoreError::TemplateChanged`]. An idempotency key already taken still answers
+    /// `Existing` when the head has not moved.
+    ///
+    /// The SQLite file's committer checks with one indexed lookup on its own thread; on
+    /// PostgreSQL the check makes the create leave the group commit (one more statement), so
+    /// the distributed runtime does not use it.
+    pub async fn create_instance_at_head(
+        &self,
+        rec: &InstanceRecord,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+        deliveries: &[crate::NewDelivery],
+    ) -> Result<CreateOutcome, StoreError> {
+        self.create(rec, outbox, audit, timers, deliveries, true)
+            .await
+    }
+
+    async fn create(
+        &self,
+        rec: &InstanceRecord,
+        outbox: &[OutboxMessage],
+        audit: &[AuditDraft],
+        timers: &[TimerRecord],
+        deliveries: &[crate::NewDelivery],
+        at_head: bool,
+    ) -> Result<CreateOutcome, StoreError> {
         let new = || crate::sqlite_writer::NewInstance {
             rec: rec.clone(),
             outbox: outbox.to_vec(),
             audit: audit.to_vec(),
             timers: timers.to_vec(),
             deliveries: deliveries.to_vec(),
+            at_head,
         };
         if let Some(committer) = &self.committer {
             return match committer
@@ -396,13 +432,39 @@ impl Store {
                 )),
             };
         }
-        if let Some(committer) = &self.pg_committer {
+        if let Some(committer) = self.pg_committer.as_ref().filter(|_| !at_head) {
             if let crate::pg_commit::Created::Written = committer.create(new()).await {
                 return Ok(CreateOutcome::Created(rec.clone()));
             }
         }
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
+        if at_head {
+            // FOR SHARE where it exists: a concurrent new version or deactivation waits for
+            // this create (or this create for it), so the check holds until the commit.
+            let lock = match self.backend {
+                Backend::Postgres => " FOR SHARE",
+                Backend::Sqlite => "",
+            };
+            let head = sqlx::query(&format!(
+                "SELECT latest_version, active FROM workflow_template_heads \
+                 WHERE partner_id = $1 AND id = $2{lock}"
+            ))
+            .bind(info.partner_id.as_str())
+            .bind(info.template_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| -> Result<(i64, i64), StoreError> {
+                Ok((row.try_get("latest_version")?, row.try_get("active")?))
+            })
+            .transpose()?;
+            if head != Some((info.template_version, 1)) {
+                tx.rollback().await?;
+                return Err(StoreError::TemplateChanged {
+                    id: info.template_id.clone(),
+                });
+            }
+        }
         // ON CONFLICT on the idempotency key only: an id collision still raises. On PostgreSQL a
         // racing insert of the same key waits for the other transaction, then does nothing.
         let sql = format!(

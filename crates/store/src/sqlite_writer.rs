@@ -42,6 +42,8 @@ pub(crate) struct NewInstance {
     pub(crate) audit: Vec<AuditDraft>,
     pub(crate) timers: Vec<TimerRecord>,
     pub(crate) deliveries: Vec<NewDelivery>,
+    /// Write only if the template's head is still `rec`'s version, and active.
+    pub(crate) at_head: bool,
 }
 
 /// One write of a group, as the store's methods hand it to the committer.
@@ -101,6 +103,7 @@ pub(crate) struct CreateRows {
     updated_at: i64,
     version: i64,
     mode: &'static str,
+    at_head: bool,
     steps: Vec<StepRow>,
     outbox: Vec<OutboxMessage>,
     timers: Vec<TimerRecord>,
@@ -222,6 +225,7 @@ impl Encoded {
             updated_at: rec.updated_at.0,
             version: rec.version,
             mode: info.mode.as_str(),
+            at_head: new.at_head,
             steps: step_rows(&rec.state.steps)?,
             outbox: new.outbox.clone(),
             timers: new.timers.clone(),
@@ -610,6 +614,25 @@ fn insert_decision(conn: &rusqlite::Connection, o: &DecisionOutcome) -> rusqlite
 
 /// `Store::create_instance`'s statements.
 fn create(conn: &rusqlite::Connection, new: &CreateRows) -> Result<Done, Failed> {
+    if new.at_head {
+        let head: Option<(i64, i64)> = conn
+            .prepare_cached(
+                "SELECT latest_version, active FROM workflow_template_heads \
+                 WHERE partner_id = ?1 AND id = ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![new.partner_id, new.template_id], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(Failed::clean)?;
+        if head != Some((new.template_version, 1)) {
+            return Err(Failed::clean(StoreError::TemplateChanged {
+                id: new.template_id.clone(),
+            }));
+        }
+    }
     let inserted = conn
         .prepare_cached(
             "INSERT INTO workflow_instances (id, partner_id, template_id, template_version, status, \

@@ -25,6 +25,7 @@ crate::both_backends!(
     templates_versions_lists_and_activation,
     tenancy_is_enforced,
     create_instance_is_idempotent,
+    a_create_at_the_template_head_writes_only_while_it_is_the_head,
     racing_creates_with_one_key_create_once,
     commit_instance_uses_optimistic_concurrency,
     a_failed_transaction_writes_nothing,
@@ -607,6 +608,92 @@ async fn create_instance_is_idempotent(store: Store) -> TestResult {
         store.get_instance_by_key("p1", "idem-1").await?,
         Some(first)
     );
+    Ok(())
+}
+
+async fn a_create_at_the_template_head_writes_only_while_it_is_the_head(
+    store: Store,
+) -> TestResult {
+    let id = new_id();
+    store
+        .insert_template(
+            &template("p1", &id, "manual"),
+            &draft(&format!("template:{id}"), "template.created", json!({})),
+        )
+        .await?;
+    let at_head = |rec: InstanceRecord| {
+        let store = store.clone();
+        async move {
+            let audit = [draft(&instance_stream(&rec), "instance.created", json!({}))];
+            let outbox = [message(&rec.info.id)];
+            store
+                .create_instance_at_head(&rec, &outbox, &audit, &[], &[])
+                .await
+        }
+    };
+    let refused = |result: Result<CreateOutcome, StoreError>| match result {
+        Err(StoreError::TemplateChanged { .. }) => {}
+        other => panic!("expected TemplateChanged, got {other:?}"),
+    };
+
+    // Version 1 is the active head: written, and a replay of its key answers it.
+    let first = instance("p1", &id, Some("k-1"));
+    assert!(at_head(first.clone()).await?.is_created());
+    let replay = instance("p1", &id, Some("k-1"));
+    assert_eq!(
+        at_head(replay).await?,
+        CreateOutcome::Existing(first.clone())
+    );
+
+    // A new version moves the head: a create of version 1 writes nothing at all.
+    store
+        .add_template_version(
+            "p1",
+            &id,
+            "t",
+            "manual",
+            &json!({"name": "t", "steps": []}),
+            "user-2",
+            Timestamp(9_000),
+            &draft(&format!("template:{id}"), "template.versioned", json!({})),
+        )
+        .await?;
+    let stale = instance("p1", &id, Some("k-2"));
+    refused(at_head(stale.clone()).await);
+    assert_eq!(store.get_instance("p1", &stale.info.id).await?, None);
+    assert_eq!(store.get_instance_by_key("p1", "k-2").await?, None);
+    assert!(store
+        .list_audit("p1", &instance_stream(&stale))
+        .await?
+        .is_empty());
+    assert_eq!(
+        store.fetch_outbox(0).await?.len(),
+        1,
+        "only the first's message"
+    );
+    let mut current = instance("p1", &id, None);
+    current.info.template_version = 2;
+    assert!(at_head(current.clone()).await?.is_created());
+
+    // A deactivated template, another partner's and a missing one have no head to create at.
+    let deactivated = draft(&format!("template:{id}"), "template.deactivated", json!({}));
+    store
+        .set_template_active("p1", &id, false, &deactivated)
+        .await?;
+    let mut later = current.clone();
+    later.info.id = new_id();
+    refused(at_head(later).await);
+    let mut elsewhere = current.clone();
+    elsewhere.info.id = new_id();
+    elsewhere.info.partner_id = "p2".into();
+    refused(at_head(elsewhere).await);
+    refused(at_head(instance("p1", &new_id(), None)).await);
+
+    // Without the check (`create_instance_with`) the head is not consulted.
+    assert!(store
+        .create_instance_with(&instance("p1", &id, None), &[], &[], &[], &[])
+        .await?
+        .is_created());
     Ok(())
 }
 
