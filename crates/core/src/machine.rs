@@ -223,10 +223,14 @@ pub fn start(template: &Template, info: &InstanceInfo, now: Timestamp) -> Transi
 
 /// Execute, within transition `t`, each step it dispatched whose type is in `inline`, as the
 /// step's pool would on receiving its command, and so on for the steps those dispatch: one
-/// transition (one commit) instead of a command, a hop and a commit per step. Meant for steps
-/// that only change the state and ask for what the same commit records (timers, deliveries):
-/// a condition, an approval starting to wait, a wait, a notification. Actions stay with their
-/// pool, which makes the call.
+/// transition (one commit) instead of a command, a hop and a commit per step. For steps that
+/// only change the state and ask for what the same commit records (timers, deliveries): a
+/// condition, an approval starting to wait, a wait, a notification.
+///
+/// An action only STARTS here: it is marked running with its rendered input (the intent its
+/// call needs recorded first), and its command is still sent, as [`Effect::Dispatch`] (not
+/// [`Effect::PerformAction`]): the action pool, finding the step running, makes the call and
+/// reports it (see `action.rs`). That saves the pool's own commit of the start.
 ///
 /// A step just dispatched is always executable, so the error (the checks of
 /// [`Command::ExecuteStep`]) is not expected; it refuses the whole transition.
@@ -238,18 +242,22 @@ pub fn execute_inline(
     now: Timestamp,
     limits: &ExprLimits,
 ) -> Result<Transition, MachineError> {
+    // Actions started here: their commands stay in the effects, for the pool.
+    let mut started = Vec::new();
     // A step executes at most once, so this ends; the bound only guards that invariant.
     for _ in 0..=template.steps.len() {
         let next = t.effects.iter().enumerate().find_map(|(pos, e)| match e {
-            Effect::Dispatch { index, step_type } if inline.contains(step_type) => {
+            Effect::Dispatch { index, step_type }
+                if inline.contains(step_type) && !started.contains(index) =>
+            {
                 Some((pos, *index))
             }
             _ => None,
         });
         let Some((pos, index)) = next else { break };
         let mut step = execute_step(template, info, Cow::Owned(t.state), index, now, limits)?;
-        // The audit trail says how the step ran (and latency figures leave it out: no
-        // command travelled).
+        // The audit trail says how the step ran (and latency figures pair it differently:
+        // no command travelled to start it).
         for event in &mut step.events {
             if event.kind == "step.started" {
                 if let Value::Object(after) = &mut event.after {
@@ -258,7 +266,18 @@ pub fn execute_inline(
             }
         }
         t.effects.remove(pos);
-        t.effects.extend(step.effects);
+        for effect in step.effects {
+            match effect {
+                Effect::PerformAction { index, .. } => {
+                    started.push(index);
+                    t.effects.push(Effect::Dispatch {
+                        index,
+                        step_type: StepType::Action,
+                    });
+                }
+                other => t.effects.push(other),
+            }
+        }
         t.events.extend(step.events);
         t.state = step.state;
     }

@@ -50,12 +50,13 @@ const DECISION_POLL: Duration = Duration::from_millis(20);
 const DECISION_POLL_LOCAL: Duration = Duration::from_millis(250);
 
 /// The step types both runtimes execute inline by default ([`Engine::with_inline_steps`]):
-/// every type but actions, whose pool makes the call.
-pub const DEFAULT_INLINE_STEPS: [StepType; 4] = [
+/// all of them (an action only starts inline; its pool makes the call).
+pub const DEFAULT_INLINE_STEPS: [StepType; 5] = [
     StepType::Condition,
     StepType::Approval,
     StepType::Wait,
     StepType::Notification,
+    StepType::Action,
 ];
 
 /// How often a use case re-reads and retries after losing an optimistic-concurrency race.
@@ -136,6 +137,11 @@ impl InstanceCache {
     /// A copy of `id`'s record, if it is cached (and no transition holds it).
     fn peek(&self, id: &str) -> Option<InstanceRecord> {
         self.lock().get(id).and_then(|e| e.rec.clone())
+    }
+
+    /// `f` of `id`'s record, if it is cached (and no transition holds it), without a copy.
+    fn with_record<T>(&self, id: &str, f: impl FnOnce(&InstanceRecord) -> T) -> Option<T> {
+        self.lock().get(id).and_then(|e| e.rec.as_ref()).map(f)
     }
 
     /// `rec` was created (before anything could transition it) or read from the store: keep
@@ -267,6 +273,23 @@ pub struct ActionTask {
     /// The step's rendered config: `action`, `params`, ...
     pub input: Value,
     pub max_attempts: u32,
+}
+
+/// The call step `index` of `rec` waits for, if it is an action in flight (running).
+fn action_in_flight(rec: &InstanceRecord, index: usize) -> Option<ActionTask> {
+    let exec = rec.state.execution(index)?;
+    let in_flight = rec.state.current_step == Some(index)
+        && exec.status == StepStatus::Running
+        && exec.step_type == StepType::Action;
+    let input = exec.input.as_ref().filter(|_| in_flight)?;
+    action_task(
+        &rec.info.partner_id,
+        &rec.info.id,
+        vec![Effect::PerformAction {
+            index,
+            input: input.clone(),
+        }],
+    )
 }
 
 fn action_task(partner_id: &str, instance_id: &str, effects: Vec<Effect>) -> Option<ActionTask> {
@@ -404,14 +427,10 @@ impl Engine {
     /// sending each a command for its pool (see [`machine::execute_inline`]): a condition that
     /// follows a decision is evaluated in the decision's commit, an approval starts waiting in
     /// the commit that reached it. Fewer commits, messages and hops per instance; the pools of
-    /// these types then only see commands of older dispatches and resumes. Actions never run
-    /// inline (their pool makes the call).
+    /// these types then only see commands of older dispatches and resumes. An action only
+    /// starts inline (marked running with its input, in the dispatching commit); its command
+    /// still goes to its pool, which makes the call ([`Engine::execute_step`]).
     pub fn with_inline_steps(mut self, steps: &[StepType]) -> Engine {
-        let steps: Vec<StepType> = steps
-            .iter()
-            .copied()
-            .filter(|t| *t != StepType::Action)
-            .collect();
         self.inline_steps = Arc::from(steps);
         self
     }
@@ -520,33 +539,35 @@ impl Engine {
         }
     }
 
-    /// The action task of step `index` if it is an action still in flight (running).
+    /// The action task of step `index` if it is an action still in flight (running): started
+    /// by the transition that dispatched it, or by an earlier delivery of its command.
+    ///
+    /// An engine that is its store's only writer answers from the instance it keeps. Elsewhere
+    /// the store is read (a hint may be stale, and a stale `running` would repeat the call),
+    /// and the record kept as the hint the report's transition starts from.
     async fn in_flight_action(
         &self,
         partner_id: &str,
         instance_id: &str,
         index: usize,
     ) -> Result<Option<ActionTask>, EngineError> {
+        if let Some(cache) = self.instances.as_ref().filter(|c| c.authoritative) {
+            let kept = cache.with_record(instance_id, |rec| {
+                (rec.info.partner_id == partner_id)
+                    .then(|| action_in_flight(rec, index))
+                    .flatten()
+            });
+            if let Some(task) = kept {
+                return Ok(task);
+            }
+        }
         let Some(rec) = self.store.get_instance(partner_id, instance_id).await? else {
             return Ok(None);
         };
-        let Some(exec) = rec.state.execution(index) else {
-            return Ok(None);
-        };
-        let in_flight = rec.state.current_step == Some(index)
-            && exec.status == StepStatus::Running
-            && exec.step_type == workflow_core::StepType::Action;
-        Ok(match (&exec.input, in_flight) {
-            (Some(input), true) => action_task(
-                partner_id,
-                instance_id,
-                vec![Effect::PerformAction {
-                    index,
-                    input: input.clone(),
-                }],
-            ),
-            _ => None,
-        })
+        if let Some(cache) = &self.instances {
+            cache.observed(&rec);
+        }
+        Ok(action_in_flight(&rec, index))
     }
 
     /// Record how an action call went; a repeated report changes nothing. The report of a call
@@ -921,7 +942,17 @@ impl Engine {
     }
 
     /// Execute a dispatched step. Redeliveries and stale commands are recognised and skipped.
+    /// An action that the dispatching transition already started (see
+    /// [`machine::execute_inline`]) is handed back to be performed, with no transition.
     pub async fn execute_step(&self, cmd: &StepCommand) -> Result<ExecuteOutcome, EngineError> {
+        if cmd.step_type == StepType::Action {
+            let started = self
+                .in_flight_action(&cmd.partner_id, &cmd.instance_id, cmd.step_index)
+                .await?;
+            if let Some(task) = started {
+                return Ok(ExecuteOutcome::Perform(task));
+            }
+        }
         let command = Command::ExecuteStep {
             index: cmd.step_index,
         };

@@ -244,19 +244,16 @@ fn inline_steps_env(value: &str) -> Result<Vec<StepType>, ConfigError> {
     })
 }
 
-/// Step type names to step types; actions cannot run inline (their pool makes the call).
+/// Step type names to step types (an action only starts inline: its pool makes the call).
 fn parse_inline_steps(names: &[String]) -> Result<Vec<StepType>, String> {
     let mut steps = Vec::new();
     for name in names {
         match StepType::parse(name) {
-            Some(StepType::Action) => {
-                return Err("`action` cannot run inline: its pool makes the call".to_string())
-            }
             Some(t) if !steps.contains(&t) => steps.push(t),
             Some(_) => {}
             None => {
                 return Err(format!(
-                    "unknown step type `{name}` (condition, approval, wait, notification)"
+                    "unknown step type `{name}` (condition, approval, wait, notification, action)"
                 ))
             }
         }
@@ -383,16 +380,18 @@ listen = "127.0.0.1:9000"
             with(" approval, condition,approval ")?.inline_steps,
             vec![StepType::Approval, StepType::Condition]
         );
-        for (bad, says) in [
-            ("action", "cannot run inline"),
-            ("conditon", "unknown step type"),
-        ] {
-            let err = with(bad).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(
-                err.contains(INLINE_STEPS_ENV) && err.contains(says),
-                "{err}"
-            );
-        }
+        assert_eq!(
+            with("action,condition")?.inline_steps,
+            vec![StepType::Action, StepType::Condition]
+        );
+        let err = with("conditon")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains(INLINE_STEPS_ENV) && err.contains("unknown step type"),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("c.toml");
@@ -404,7 +403,7 @@ listen = "127.0.0.1:9000"
         pairs.push((INLINE_STEPS_ENV, "wait"));
         let s = Settings::resolve(Some(&path), &env_of(&pairs))?;
         assert_eq!(s.inline_steps, vec![StepType::Wait]);
-        std::fs::write(&path, "[engine]\ninline_steps = [\"action\"]\n")?;
+        std::fs::write(&path, "[engine]\ninline_steps = [\"actoin\"]\n")?;
         let err = Settings::resolve(Some(&path), &env_of(&base))
             .err()
             .map(|e| e.to_string())

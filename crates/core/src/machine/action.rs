@@ -7,6 +7,10 @@
 //! finds the step still `running` and the pool calls again with the same key: the receiver
 //! answers with its first result, so the operation happens once.
 //!
+//! Usually the transition that reaches the action starts it (`execute_inline`): the step is
+//! committed `running` with its input in that transition, and its command only tells the pool
+//! to make the call, exactly as a redelivered command would.
+//!
 //! [`Effect::PerformAction`]: super::Effect::PerformAction
 //! [`Command::ActionResult`]: super::Command::ActionResult
 

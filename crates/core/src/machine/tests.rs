@@ -2002,8 +2002,18 @@ mod inline {
         StepType::Notification,
     ];
 
+    /// Every type: an action too starts inline.
+    const ALL: [StepType; 5] = [
+        StepType::Condition,
+        StepType::Approval,
+        StepType::Wait,
+        StepType::Notification,
+        StepType::Action,
+    ];
+
     /// The pools' way: execute each dispatch of an `inline` type as its own transition, in
-    /// order, all at `now`; other effects are kept, in the order they were asked for.
+    /// order, all at `now`; other effects are kept, in the order they were asked for. An
+    /// action's execution (its start) asks for the call: its command goes on to the pool.
     fn pooled(
         tpl: &Template,
         info: &InstanceInfo,
@@ -2017,10 +2027,13 @@ mod inline {
             mut events,
         } = t;
         let mut kept = Vec::new();
+        let mut started = Vec::new();
         let mut queue: std::collections::VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
             match effect {
-                Effect::Dispatch { index, step_type } if inline.contains(&step_type) => {
+                Effect::Dispatch { index, step_type }
+                    if inline.contains(&step_type) && !started.contains(&index) =>
+                {
                     let next = apply(
                         tpl,
                         info,
@@ -2032,7 +2045,18 @@ mod inline {
                     .unwrap_or_else(|e| panic!("execute {index}: {e}"));
                     state = next.state;
                     events.extend(next.events);
-                    queue.extend(next.effects);
+                    for effect in next.effects {
+                        match effect {
+                            Effect::PerformAction { index, .. } => {
+                                started.push(index);
+                                queue.push_back(Effect::Dispatch {
+                                    index,
+                                    step_type: StepType::Action,
+                                });
+                            }
+                            other => queue.push_back(other),
+                        }
+                    }
                 }
                 other => kept.push(other),
             }
@@ -2087,25 +2111,44 @@ mod inline {
     }
 
     #[test]
-    fn an_action_is_left_to_its_pool() {
+    fn an_action_only_starts_inline_and_its_command_still_goes_to_the_pool() {
         let tpl = procurement();
         let info = info(json!({"id": "tr", "amount": 10}));
         let now = Timestamp(1);
-        let t = start(&tpl, &info, now);
-        let t =
-            execute_inline(&tpl, &info, t, &PURE, now, &limits()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            t.effects,
-            vec![Effect::Dispatch {
-                index: 3,
-                step_type: StepType::Action
-            }]
-        );
+        let dispatched = vec![Effect::Dispatch {
+            index: 3,
+            step_type: StepType::Action,
+        }];
+
+        // Not inline: the action waits for its pool, which starts it.
+        let t = execute_inline(&tpl, &info, start(&tpl, &info, now), &PURE, now, &limits())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.effects, dispatched);
         assert_eq!(t.state.current_step, Some(3));
         assert_eq!(
             t.state.execution(3).map(|e| e.status),
             Some(StepStatus::Pending)
         );
+
+        // Inline: started (running, its input rendered) in this transition; the pool is
+        // still sent the command, to make the call, and is not asked to perform it here.
+        let t = execute_inline(&tpl, &info, start(&tpl, &info, now), &ALL, now, &limits())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.effects, dispatched);
+        let exec = t.state.execution(3);
+        assert_eq!(exec.map(|e| e.status), Some(StepStatus::Running));
+        assert_eq!(
+            exec.and_then(|e| e.input.as_ref())
+                .map(|i| i["action"].clone()),
+            Some(json!("execute_transfer"))
+        );
+        let started: Vec<&Event> = t
+            .events
+            .iter()
+            .filter(|e| e.kind == "step.started" && e.after["index"] == json!(3))
+            .collect();
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].after["inline"], json!(true));
     }
 
     #[test]
@@ -2127,11 +2170,15 @@ mod inline {
         fn inline_execution_matches_pooled_execution(
             steps in prop::collection::vec(gen_step(), 1..8),
             amount in 0i64..2000,
-            conditions_only in any::<bool>(),
+            types in 0usize..3,
         ) {
             let tpl = build(&steps);
             let info = info(json!({"id": "tr", "amount": amount}));
-            let inline: &[StepType] = if conditions_only { &[StepType::Condition] } else { &PURE };
+            let inline: &[StepType] = match types {
+                0 => &[StepType::Condition],
+                1 => &PURE,
+                _ => &ALL,
+            };
             let now = Timestamp(1);
             let t = start(&tpl, &info, now);
             let expected = pooled(&tpl, &info, t.clone(), inline, now);

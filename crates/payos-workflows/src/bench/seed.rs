@@ -857,17 +857,14 @@ pub async fn read_latencies(
         e2e.push(updated - created);
     }
     let rows = sqlx::query(
-        "SELECT stream, at, kind, after_doc FROM audit_events \
-         WHERE partner_id = $1 AND kind IN ('step.dispatched', 'step.started')",
+        "SELECT stream, at, kind, after_doc FROM audit_events WHERE partner_id = $1 \
+         AND kind IN ('step.dispatched', 'step.started', 'action.succeeded', 'action.failed')",
     )
     .bind(partner_id)
     .fetch_all(store.pool())
     .await
     .map_err(db)?;
-    // (stream, step index) -> (dispatched at, started at). A step executed inline, in the
-    // transition that dispatched it, had no command in flight: it is no sample.
-    let mut pairs: HashMap<(String, u64), (Option<i64>, Option<i64>)> = HashMap::new();
-    let mut inline: HashSet<(String, u64)> = HashSet::new();
+    let mut steps: HashMap<(String, u64), StepTimes> = HashMap::new();
     for r in &rows {
         let stream: String = r.try_get("stream").map_err(db)?;
         let at: i64 = r.try_get("at").map_err(db)?;
@@ -879,24 +876,45 @@ pub async fn read_latencies(
         let Some(index) = after.get("index").and_then(Value::as_u64) else {
             continue;
         };
-        if after.get("inline") == Some(&Value::Bool(true)) {
-            inline.insert((stream, index));
-            continue;
-        }
-        let entry = pairs.entry((stream, index)).or_default();
-        if kind == "step.dispatched" {
-            entry.0 = Some(at);
-        } else {
-            entry.1 = Some(at);
+        let times = steps.entry((stream, index)).or_default();
+        match kind.as_str() {
+            "step.dispatched" => times.dispatched = Some(at),
+            "step.started" if after.get("inline") == Some(&Value::Bool(true)) => {
+                times.inline = true;
+            }
+            "step.started" => times.started = Some(at),
+            _ => times.outcome = times.outcome.or(Some(at)),
         }
     }
-    let steps = pairs
-        .iter()
-        .filter(|(key, _)| !inline.contains(*key))
-        .filter_map(|(_, (d, s))| Some(s.as_ref()? - d.as_ref()?))
-        .collect();
+    let steps = steps.values().filter_map(StepTimes::latency).collect();
     store.close().await;
     Ok((steps, e2e))
+}
+
+/// When a step's command was emitted and when its pool recorded it, from the audit trail.
+#[derive(Debug, Default)]
+struct StepTimes {
+    dispatched: Option<i64>,
+    /// Started by its pool (`step.started` without the inline marker).
+    started: Option<i64>,
+    /// Started inline, in the transition that dispatched it.
+    inline: bool,
+    /// An action's outcome (`action.succeeded` / `action.failed`), the first recorded.
+    outcome: Option<i64>,
+}
+
+impl StepTimes {
+    /// From the command's emission to the step's record by its pool: its start, or for an
+    /// action started inline (whose command only asks for the call) the call's outcome. A
+    /// step run wholly inline had no command in flight: no sample.
+    fn latency(&self) -> Option<i64> {
+        let recorded = if self.inline {
+            self.outcome?
+        } else {
+            self.started?
+        };
+        Some(recorded - self.dispatched?)
+    }
 }
 
 /// Turn what was driven and measured into the report.
@@ -989,6 +1007,24 @@ mod tests {
         // Not JSON (a 202's empty body, say): nothing known.
         let empty: Brief = decode(b"");
         assert!(empty.id.is_none() && !empty.waits_for_approval(1));
+    }
+
+    #[test]
+    fn a_step_sample_runs_from_its_command_to_its_pools_record() {
+        let times = |dispatched, started, inline, outcome| StepTimes {
+            dispatched,
+            started,
+            inline,
+            outcome,
+        };
+        // Started by its pool.
+        assert_eq!(times(Some(10), Some(13), false, None).latency(), Some(3));
+        // An action started inline: its command is answered by the call's outcome.
+        assert_eq!(times(Some(10), None, true, Some(17)).latency(), Some(7));
+        // Run wholly inline (no command travelled), or not recorded yet: no sample.
+        assert_eq!(times(Some(10), None, true, None).latency(), None);
+        assert_eq!(times(Some(10), None, false, Some(17)).latency(), None);
+        assert_eq!(times(None, Some(13), false, None).latency(), None);
     }
 
     #[test]

@@ -177,84 +177,139 @@ async fn a_worker_dying_between_call_and_record_executes_once(backend: Backend) 
         {"type": "wait", "name": "Hold", "config": {"signal": "go"}},
         {"type": "action", "name": "Pay", "config": {"action": "execute_transfer", "params": {"transfer_id": "{{trigger.id}}"}}}
     ]});
-    let iid = run(&app, &p.requester, doc, "tr_crash").await;
-    app.wait_for(&p.requester, &iid, "held", |b| b["status"] == "waiting")
-        .await;
-
+    // One instance per way the engine can start the action: in the action pool's own
+    // transition; inline, in the signal's commit (the default), then read back from the store
+    // (as a distributed pool does), or answered from the instance cache (embedded).
+    let ways = ["pool start", "inline start", "inline start, cached"];
+    let mut held = Vec::new();
+    for (n, way) in ways.into_iter().enumerate() {
+        let transfer = format!("tr_crash_{n}");
+        let iid = run(&app, &p.requester, doc.clone(), &transfer).await;
+        app.wait_for(&p.requester, &iid, "held", |b| b["status"] == "waiting")
+            .await;
+        held.push((way, iid, transfer));
+    }
     let store = app.store.clone();
-    let engine = workflow_engine::Engine::new(
-        store.clone(),
-        workflow_core::validate::Limits::default(),
-        Arc::new(workflow_engine::SystemClock),
-    );
     // Stop the app's own pools so that only we act on step 1.
     let mut app = app;
     let sandbox = app.sandbox.clone();
     app.stop().await;
+    let executor = executor_for(&app_sandbox_url(&sandbox).await);
+    for (way, iid, transfer) in held {
+        let mut engine = workflow_engine::Engine::new(
+            store.clone(),
+            workflow_core::validate::Limits::default(),
+            Arc::new(workflow_engine::SystemClock),
+        );
+        if way != "pool start" {
+            engine = engine.with_inline_steps(&workflow_engine::DEFAULT_INLINE_STEPS);
+        }
+        if way == "inline start, cached" {
+            engine = engine.with_instance_cache();
+        }
+        die_between_call_and_record(&engine, &store, &sandbox, &executor, &iid, &transfer, way)
+            .await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn die_between_call_and_record(
+    engine: &workflow_engine::Engine,
+    store: &workflow_store::Store,
+    sandbox: &workflow_egress::payos_sandbox::SandboxState,
+    executor: &step_workers::ActionExecutor,
+    iid: &str,
+    transfer: &str,
+    way: &str,
+) {
     let actor = workflow_core::instance::ActorRef {
         id: "ops".into(),
         actor_type: workflow_core::instance::ActorType::Human,
     };
-    engine
-        .signal("acme", &iid, "go", json!({}), &actor)
+    let signalled = engine
+        .signal("acme", iid, "go", json!({}), &actor)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{way}: {e}"));
+    let pay = signalled.state.execution(1).map(|e| e.status);
+    let expected = if way == "pool start" {
+        workflow_core::StepStatus::Pending
+    } else {
+        // Started in the signal's commit: the intent is recorded before the pool calls.
+        workflow_core::StepStatus::Running
+    };
+    assert_eq!(pay, Some(expected), "{way}");
     let cmd = workflow_engine::StepCommand {
         command_id: "c1".into(),
         partner_id: "acme".into(),
-        instance_id: iid.clone(),
+        instance_id: iid.to_string(),
         step_index: 1,
         step_type: workflow_core::StepType::Action,
         issued_at: 0,
     };
     let task = match engine.execute_step(&cmd).await {
         Ok(workflow_engine::ExecuteOutcome::Perform(task)) => task,
-        other => panic!("expected an action to perform, got {other:?}"),
+        other => panic!("{way}: expected an action to perform, got {other:?}"),
     };
-    let executor = executor_for(&app_sandbox_url(&sandbox).await);
     let cancel = tokio_util::sync::CancellationToken::new();
     // First life: the call goes through, then the worker dies before recording it.
     let first = executor.perform(&task, &cancel).await;
-    assert!(matches!(
-        first,
-        Some(workflow_core::machine::ActionOutcome::Succeeded { .. })
-    ));
+    assert!(
+        matches!(
+            first,
+            Some(workflow_core::machine::ActionOutcome::Succeeded { .. })
+        ),
+        "{way}"
+    );
     assert_eq!(
-        sandbox.counts("tr_crash").await.map(|c| c.executions).ok(),
-        Some(1)
+        sandbox.counts(transfer).await.map(|c| c.executions).ok(),
+        Some(1),
+        "{way}"
     );
     // Second life: the command is redelivered; the step is still in flight, so it calls again
     // with the same idempotency key, and the sandbox answers with its first result.
+    let replays = sandbox.replays();
     let task = match engine.execute_step(&cmd).await {
         Ok(workflow_engine::ExecuteOutcome::Perform(task)) => task,
-        other => panic!("expected the in-flight action again, got {other:?}"),
+        other => panic!("{way}: expected the in-flight action again, got {other:?}"),
     };
     let second = executor
         .perform(&task, &cancel)
         .await
-        .unwrap_or_else(|| panic!("cancelled"));
+        .unwrap_or_else(|| panic!("{way}: cancelled"));
     engine
         .record_action(&task, second)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{way}: {e}"));
     assert_eq!(
-        sandbox.counts("tr_crash").await.map(|c| c.executions).ok(),
+        sandbox.counts(transfer).await.map(|c| c.executions).ok(),
         Some(1),
-        "executed exactly once"
+        "{way}: executed exactly once"
     );
-    assert!(sandbox.replays() >= 1);
+    assert!(sandbox.replays() > replays, "{way}");
     let rec = store
-        .get_instance("acme", &iid)
+        .get_instance("acme", iid)
         .await
         .ok()
         .flatten()
-        .unwrap_or_else(|| panic!("gone"));
-    assert_eq!(rec.state.status, workflow_core::InstanceStatus::Completed);
-    // A third delivery finds the step done and skips it.
-    assert!(matches!(
-        engine.execute_step(&cmd).await,
-        Ok(workflow_engine::ExecuteOutcome::Skipped(_))
-    ));
+        .unwrap_or_else(|| panic!("{way}: gone"));
+    assert_eq!(
+        rec.state.status,
+        workflow_core::InstanceStatus::Completed,
+        "{way}"
+    );
+    // A third delivery finds the step done and skips it, calling nothing.
+    assert!(
+        matches!(
+            engine.execute_step(&cmd).await,
+            Ok(workflow_engine::ExecuteOutcome::Skipped(_))
+        ),
+        "{way}"
+    );
+    assert_eq!(
+        sandbox.counts(transfer).await.map(|c| c.executions).ok(),
+        Some(1),
+        "{way}"
+    );
 }
 
 /// Serve this sandbox state on a port of its own (the app's was stopped with it).
