@@ -596,7 +596,7 @@ done <<'CASES'
 --set|config.kafka.properties.session\.timeout\.ms=6000|librdkafka properties are strings
 --set|config.kafka.timeout_ms=50|the binary refuses a Kafka timeout below 100 ms
 --set|config.pools.members=0|at least one consumer per process
---set|config.engine.inline_steps={action}|actions always go through their pool
+--set|config.engine.inline_steps={actoin}|not a step type
 --set|setupJob.topics=maybe|create, check or skip
 --set|terminationGracePeriodSeconds=5|shorter than the 20 s drain
 --set|workers.action.terminationGracePeriodSeconds=10|shorter than the 20 s drain
