@@ -463,9 +463,8 @@ impl Engine {
     /// Start instances from the template version this engine read last, without reading
     /// the template again: the create itself checks, in its transaction, that the version is
     /// still the latest and active ([`Store::create_instance_at_head`]); if not, nothing is
-    /// written and the template is read again. For a store whose creates check that cheaply:
-    /// a SQLite file (embedded). Another writer's template changes are seen at the next
-    /// create.
+    /// written and the template is read again, so another process's new version or
+    /// deactivation is seen by the next create.
     pub fn with_template_heads(mut self) -> Engine {
         self.heads = Some(Arc::new(Mutex::new(HashMap::new())));
         self

@@ -144,8 +144,11 @@ impl Node {
             settings.naming.clone(),
         ));
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let engine =
-            Engine::new(store.clone(), limits, clock).with_inline_steps(&settings.inline_steps);
+        // Every engine of the process (api, pools) shares the template heads: a start reads
+        // no template while its head holds (`Engine::with_template_heads`).
+        let engine = Engine::new(store.clone(), limits, clock)
+            .with_inline_steps(&settings.inline_steps)
+            .with_template_heads();
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(relay::run(

@@ -67,11 +67,11 @@ impl Embedded {
             // committed last can be kept in memory: pools skip the store read and the state's
             // decoding (the version check on commit still guards every write).
             engine = engine.with_instance_cache();
-            // Creates check the template's head in their transaction, on the committer's
-            // thread: no template read per start.
-            engine = engine.with_template_heads();
         }
-        engine = engine.with_inline_steps(&config.inline_steps);
+        // Creates check the template's head in their transaction: no template read per start.
+        engine = engine
+            .with_inline_steps(&config.inline_steps)
+            .with_template_heads();
         let bus = Arc::new(InProcessBus::new(config.partitions));
         let dyn_bus: Arc<dyn Bus> = bus.clone();
         let cancel = CancellationToken::new();

@@ -177,9 +177,21 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
     let written = async {
         let mut conn = pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        let inserted = insert_instances(&mut tx, news).await?;
+        // Creates made at a template's head only while it is the head: the others of the
+        // group are not written here (answered alone, where the head is checked again and
+        // the create refused).
+        let at_heads = heads_held(&mut tx, news).await?;
+        let news: Vec<&NewInstance> = news
+            .iter()
+            .filter(|n| !n.at_head || at_heads.contains(&head_of(n)))
+            .collect();
+        if news.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let inserted = insert_instances(&mut tx, &news).await?;
         let new: Vec<&NewInstance> = news
             .iter()
+            .copied()
             .filter(|n| inserted.contains(n.rec.info.id.as_str()))
             .collect();
         let recs: Vec<_> = new.iter().map(|n| &n.rec).collect();
@@ -213,11 +225,59 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
         .collect()
 }
 
+/// (partner, template, version) of a create.
+fn head_of(n: &NewInstance) -> (String, String, i64) {
+    let info = &n.rec.info;
+    (
+        info.partner_id.clone(),
+        info.template_id.clone(),
+        info.template_version,
+    )
+}
+
+/// Of the heads the group's `at_head` creates were made at, those that are still their
+/// template's latest version, active; held (`FOR SHARE`) until the transaction ends, so no new
+/// version or deactivation commits in between. One statement, none without such creates.
+async fn heads_held(
+    conn: &mut AnyConnection,
+    news: &[NewInstance],
+) -> Result<HashSet<(String, String, i64)>, StoreError> {
+    let wanted: Vec<(String, String, i64)> = news
+        .iter()
+        .filter(|n| n.at_head)
+        .map(head_of)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if wanted.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT h.partner_id, h.id, h.latest_version FROM workflow_template_heads h \
+         JOIN (VALUES {}) AS w (partner_id, id) ON h.partner_id = w.partner_id AND h.id = w.id \
+         WHERE h.active = 1 FOR SHARE OF h",
+        values_placeholders(wanted.len(), 2)
+    );
+    let mut query = sqlx::query(&sql);
+    for (partner_id, id, _) in &wanted {
+        query = query.bind(partner_id.as_str()).bind(id.as_str());
+    }
+    let mut held = HashSet::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        held.insert((
+            row.try_get::<String, _>("partner_id")?,
+            row.try_get::<String, _>("id")?,
+            row.try_get::<i64, _>("latest_version")?,
+        ));
+    }
+    Ok(held)
+}
+
 /// Insert every instance of `news` whose id and idempotency key are free, in ONE statement;
 /// returns the ids inserted.
 async fn insert_instances(
     conn: &mut AnyConnection,
-    news: &[NewInstance],
+    news: &[&NewInstance],
 ) -> Result<HashSet<String>, StoreError> {
     let sql = format!(
         "{INSERT_INSTANCE} VALUES {} ON CONFLICT DO NOTHING RETURNING id",
@@ -577,5 +637,79 @@ mod tests {
             assert_eq!(verify_audit_chain(&trail), Ok(events), "{stream}");
         }
         Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_writes_only_the_creates_whose_template_head_held(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        let draft = event("template:t", 0);
+        let template = |id: &str| crate::records::TemplateRecord {
+            id: id.into(),
+            partner_id: "p1".into(),
+            version: 1,
+            name: "t".into(),
+            trigger_type: "manual".into(),
+            active: true,
+            doc: json!({"name": "t", "steps": []}),
+            created_at: Timestamp(1),
+            created_by: "u".into(),
+        };
+        let (kept, moved, inactive) = (new_id(), new_id(), new_id());
+        for id in [&kept, &moved, &inactive] {
+            store.insert_template(&template(id), &draft).await?;
+        }
+        store
+            .add_template_version(
+                "p1",
+                &moved,
+                "t",
+                "manual",
+                &json!({}),
+                "u",
+                Timestamp(2),
+                &draft,
+            )
+            .await?;
+        store
+            .set_template_active("p1", &inactive, false, &draft)
+            .await?;
+        let at = |template_id: &str, version: i64, at_head: bool| {
+            let mut rec = instance();
+            rec.info.template_id = template_id.into();
+            rec.info.template_version = version;
+            NewInstance {
+                rec,
+                outbox: vec![],
+                audit: vec![],
+                timers: vec![],
+                deliveries: vec![],
+                at_head,
+            }
+        };
+        let news = [
+            at(&kept, 1, true),
+            at(&moved, 1, true),
+            at(&moved, 2, true),
+            at(&inactive, 1, true),
+            // Without the check, the head is not consulted.
+            at(&moved, 1, false),
+        ];
+        let created = write_creates(store.write_pool(), &news).await;
+        let written: Vec<bool> = created
+            .iter()
+            .map(|c| matches!(c, Created::Written))
+            .collect();
+        assert_eq!(written, [true, false, true, false, true]);
+        for (n, was) in news.iter().zip(&written) {
+            let found = store.get_instance("p1", &n.rec.info.id).await?;
+            assert_eq!(found.is_some(), *was, "{:?}", n.rec.info.template_id);
+        }
+        Ok(())
+    }
+
+    fn new_id() -> String {
+        uuid::Uuid::now_v7().to_string()
     }
 }

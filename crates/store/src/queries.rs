@@ -390,8 +390,8 @@ impl Store {
     /// `Existing` when the head has not moved.
     ///
     /// The SQLite file's committer checks with one indexed lookup on its own thread; on
-    /// PostgreSQL the check makes the create leave the group commit (one more statement), so
-    /// the distributed runtime does not use it.
+    /// PostgreSQL a group of creates checks every head its creates were made at in one
+    /// statement, and holds them (`FOR SHARE`) until it commits.
     pub async fn create_instance_at_head(
         &self,
         rec: &InstanceRecord,
@@ -432,7 +432,7 @@ impl Store {
                 )),
             };
         }
-        if let Some(committer) = self.pg_committer.as_ref().filter(|_| !at_head) {
+        if let Some(committer) = &self.pg_committer {
             if let crate::pg_commit::Created::Written = committer.create(new()).await {
                 return Ok(CreateOutcome::Created(rec.clone()));
             }

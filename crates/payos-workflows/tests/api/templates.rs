@@ -190,3 +190,7 @@ crate::on_both_stores!(
     versions_filters_pagination_and_deactivation,
     bad_list_parameters_are_clear_errors,
 );
+
+// The api process remembers template heads: a new version and a deactivation must still be
+// seen by the next start.
+crate::on_distributed!(versions_filters_pagination_and_deactivation);
