@@ -17,7 +17,7 @@ use workflow_store::*;
 
 mod common;
 
-use common::{sqlite_db, TestResult};
+use common::{postgres_db, sqlite_db, TestResult};
 
 crate::both_backends!(
     migrate_is_idempotent,
@@ -1195,6 +1195,54 @@ async fn corrupt_documents_are_reported() -> TestResult {
 async fn unsupported_urls_are_refused() {
     let err = Store::connect("mysql://localhost/db").await.unwrap_err();
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+}
+
+/// Pooled PostgreSQL connections are not pinged before every use (a round trip each): one that
+/// died while idle for a while is found by the ping it then gets and replaced; one that died
+/// in the middle of use fails its next statement with a retryable error, and is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_that_died_are_replaced() -> TestResult {
+    let db = postgres_db().await?;
+    let store = Store::connect_with(&db.url, 1).await?;
+    store.create_partner(&partner("p1")).await?;
+    // The one pooled connection's backend is ended from another connection, and gone.
+    let terminate = || async {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await?;
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(db.store.pool())
+            .await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_one(db.store.pool())
+                    .await?;
+            if left == 0 {
+                return Ok::<(), Box<dyn std::error::Error + Send + Sync>>(());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backend {pid} still there"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+
+    // Died while busy (used again at once): its next statement fails, retryably.
+    terminate().await?;
+    let err = store.create_partner(&partner("p2")).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    store.create_partner(&partner("p2")).await?;
+
+    // Died while idle (for longer than the ping threshold): nothing fails.
+    terminate().await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    store.create_partner(&partner("p3")).await?;
+    Ok(())
 }
 
 #[tokio::test]
