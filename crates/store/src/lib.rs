@@ -345,6 +345,9 @@ async fn connect_sqlite(url: &str) -> Result<(AnyPool, AnyPool, bool), StoreErro
                 })
             })
             .acquire_timeout(Duration::from_secs(30))
+            // A file's connection has no peer that could hang up: a ping per acquire (a hop to
+            // its worker thread and back) would find nothing.
+            .test_before_acquire(false)
     };
     if memory {
         // Each connection to `:memory:` is its own database: keep exactly one, forever.
