@@ -9,7 +9,9 @@
 //! every commit queued so far (a lone one too) and writes them with one statement per table:
 //! one `UPDATE ... FROM (VALUES ...)` checks every commit's expected version at once and reads
 //! each one's audit stream head, then one multi-row statement each for steps, outbox, timers,
-//! deliveries, audit events and decision outcomes.
+//! deliveries, audit events and decision outcomes. Creates share groups the same way (one
+//! multi-row insert); those made at a template's head (`Store::create_instance_at_head`) are
+//! written only if one `SELECT ... FOR SHARE` of the group's heads finds theirs unmoved.
 //!
 //! Each commit still gets exactly the answer it would have had alone: one whose version no
 //! longer matches (or whose instance is unknown) writes nothing and is answered `Conflict`
