@@ -241,6 +241,10 @@ impl From<EngineError> for ApiError {
                 tracing::warn!(error = %e, "contended instance");
                 ApiError::unavailable()
             }
+            EngineError::Bus(_) => {
+                tracing::warn!(error = %e, "command not published");
+                ApiError::unavailable()
+            }
             EngineError::CorruptTemplate { .. } => {
                 tracing::error!(error = %e, request_id = %request_id::current(), "corrupt template");
                 ApiError::internal()

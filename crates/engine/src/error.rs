@@ -26,6 +26,10 @@ pub enum EngineError {
     /// A message the transition causes could not be encoded (a value beyond its schema).
     #[error(transparent)]
     Message(#[from] crate::messages::MessageError),
+    /// A command published straight onto the bus ([`crate::Engine::with_command_bus`]) was not
+    /// delivered: nothing was accepted.
+    #[error(transparent)]
+    Bus(#[from] workflow_bus::BusError),
 }
 
 impl EngineError {
@@ -34,6 +38,7 @@ impl EngineError {
         match self {
             EngineError::Store(e) => e.is_retryable(),
             EngineError::Contended { .. } => true,
+            EngineError::Bus(e) => e.is_retryable(),
             EngineError::NotFound { .. }
             | EngineError::TemplateInactive { .. }
             | EngineError::IdempotencyMismatch { .. }

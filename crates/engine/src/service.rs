@@ -15,6 +15,7 @@ use workflow_core::machine::{
     self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
 };
 use workflow_core::validate::{parse_template, Limits};
+use workflow_bus::Bus;
 use workflow_core::Template;
 use workflow_core::{StepStatus, StepType};
 use workflow_store::records::{
@@ -392,6 +393,8 @@ pub struct Engine {
     /// Step types executed within the transition that dispatches them
     /// ([`Engine::with_inline_steps`]).
     inline_steps: Arc<[StepType]>,
+    /// Where approval decisions are published straight away ([`Engine::with_command_bus`]).
+    commands: Option<Arc<dyn Bus>>,
 }
 
 /// What became of a submitted approval decision.
@@ -420,6 +423,7 @@ impl Engine {
             decisions_signalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             instances: None,
             inline_steps: Arc::from([]),
+            commands: None,
         }
     }
 
@@ -467,6 +471,17 @@ impl Engine {
     /// deactivation is seen by the next create.
     pub fn with_template_heads(mut self) -> Engine {
         self.heads = Some(Arc::new(Mutex::new(HashMap::new())));
+        self
+    }
+
+    /// Publish approval decision commands onto `bus` directly (waiting for the bus to
+    /// acknowledge them) instead of writing them to the outbox for the relay: a decision
+    /// changes no state when it is submitted, so there is nothing for it to commit with, and
+    /// its row cost an insert and a delete. The caller is answered only after the bus has the
+    /// command, so an accepted (or pending) decision is never lost; one the bus refuses is
+    /// answered with a retryable error and nothing is queued. For the distributed API.
+    pub fn with_command_bus(mut self, bus: Arc<dyn Bus>) -> Engine {
+        self.commands = Some(bus);
         self
     }
 
@@ -1061,17 +1076,23 @@ impl Engine {
             comment,
             issued_at: self.clock.now().0,
         };
-        let queued = [OutboxMessage {
-            id: cmd.decision_id.clone(),
-            topic: DECISION_TOPIC.to_string(),
-            key: instance_id.to_string(),
-            payload: cmd.encode()?,
-        }];
+        let payload = cmd.encode()?;
         // Registered before the command can reach the pool, so no wake for it is missed (a
         // wake before the wait below leaves a permit).
         let waiting = DecisionWaiter::register(&self.decided, &cmd.decision_id);
-        self.store.enqueue(&queued).await?;
-        self.outbox.committed(&queued);
+        match &self.commands {
+            Some(bus) => bus.publish(DECISION_TOPIC, instance_id, payload).await?,
+            None => {
+                let queued = [OutboxMessage {
+                    id: cmd.decision_id.clone(),
+                    topic: DECISION_TOPIC.to_string(),
+                    key: instance_id.to_string(),
+                    payload,
+                }];
+                self.store.enqueue(&queued).await?;
+                self.outbox.committed(&queued);
+            }
+        }
 
         let deadline = tokio::time::Instant::now() + wait;
         // When outcomes wake us, one cannot exist before a wake: skip the first read.

@@ -1,8 +1,8 @@
 //! The distributed runtime: the same engine as the embedded one, split into processes that
 //! share PostgreSQL and Kafka.
 //!
-//! - `api`: the HTTP API. Starts instances and queues decisions (state and messages in one
-//!   transaction).
+//! - `api`: the HTTP API. Starts instances (state and messages in one transaction) and
+//!   publishes approval decisions onto their topic.
 //! - `worker --pool <type>`: one consumer group per step type (`pool-<type>`), several processes
 //!   per pool share its partitions; the approval pool also applies decisions in order; the
 //!   `transfers` pool starts instances from the transfer service's `on_transfer` events.
@@ -276,8 +276,14 @@ impl Node {
             ))
         });
         // Hints let an approval's check start from the record this process created or last
-        // read (`Engine::submit_decision`); reads never answer from them.
-        let router = producer_api::router(self.engine.clone().with_transition_hints(), api);
+        // read (`Engine::submit_decision`); reads never answer from them. Decisions go onto
+        // the bus directly: they commit no state when submitted (`Engine::with_command_bus`).
+        let engine = self
+            .engine
+            .clone()
+            .with_transition_hints()
+            .with_command_bus(self.bus.clone());
+        let router = producer_api::router(engine, api);
         let stop = self.cancel.clone();
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
