@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
+use workflow_bus::Bus;
 use workflow_core::instance::{ActorRef, InstanceInfo, RunMode, Verdict};
 use workflow_core::machine::{
     self, ActionOutcome, Command, Decider, Effect, Event, MachineError, Proposal, Transition,
 };
 use workflow_core::validate::{parse_template, Limits};
-use workflow_bus::Bus;
 use workflow_core::Template;
 use workflow_core::{StepStatus, StepType};
 use workflow_store::records::{

@@ -42,6 +42,7 @@ mod error;
 mod listen;
 pub mod notifications;
 mod pg_commit;
+mod pg_rows;
 mod queries;
 pub mod records;
 mod relay;

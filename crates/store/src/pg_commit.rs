@@ -6,30 +6,40 @@
 //! upsert, the outbox insert, the audit head read and insert, `COMMIT`: seven round trips, each
 //! a statement PostgreSQL parses, plans and runs (its per-statement cost, not the rows, was
 //! most of its CPU in the distributed bench). [`PgCommitter`] is one task per process that takes
-//! every commit queued so far (a lone one too) and writes them with one statement per table:
-//! one `UPDATE ... FROM (VALUES ...)` checks every commit's expected version at once and reads
-//! each one's audit stream head, then one multi-row statement each for steps, outbox, timers,
-//! deliveries, audit events and decision outcomes. Creates share groups the same way (one
-//! multi-row insert); those made at a template's head (`Store::create_instance_at_head`) are
-//! written only if one `SELECT ... FOR SHARE` of the group's heads finds theirs unmoved.
+//! every commit queued so far (a lone one too) and writes them together:
+//! - **Heads known** (the usual case): each instance's audit stream head at the version the
+//!   commit was made from is remembered from the read that loaded it (`Store::get_instance`)
+//!   or from this process's last write of it ([`KnownHeads`]). The whole group is then ONE
+//!   statement outside any transaction (`pg_rows::write_commits`): a version-checked `UPDATE`
+//!   of every instance, and each table's rows for the instances it updated.
+//! - **Otherwise**: a transaction of one `UPDATE ... FROM (VALUES ...)` that checks every
+//!   commit's expected version at once and reads each one's audit stream head, then one
+//!   statement for every table's rows (`pg_rows::write_rows`).
+//!
+//! Creates share groups the same way (one multi-row insert, then `write_rows`); those made at
+//! a template's head (`Store::create_instance_at_head`) are written only if one
+//! `SELECT ... FOR SHARE` of the group's heads finds theirs unmoved.
 //!
 //! Each commit still gets exactly the answer it would have had alone: one whose version no
 //! longer matches (or whose instance is unknown) writes nothing and is answered `Conflict`
-//! (`NotFound`) while the others commit; any other failure rolls the group back and its commits
-//! are retried one transaction each (`commit::commit_each`). A commit is answered only after
-//! the transaction holding it committed. Two commits of the same instance never share a group
+//! (`NotFound`) while the others commit; any other failure writes nothing of the group (the
+//! one statement, or the transaction, fails whole) and its commits are retried, without known
+//! heads, then one transaction each (`commit::commit_each`). A commit is answered only after
+//! the statement or transaction holding it committed. Two commits of the same instance never share a group
 //! (a multi-row `UPDATE` cannot apply both in order): the later one goes to the next group.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::commit::{commit_each, InstanceCommit};
+use crate::pg_rows::{write_commits, write_rows, GroupRows};
 use crate::queries::{
-    bind_instance, insert_chained, insert_outbox, stream_heads, to_json, upsert_steps,
-    values_placeholders, INSERT_INSTANCE, INSTANCE_WIDTH,
+    bind_instance, stream_heads, to_json, values_placeholders, INSERT_INSTANCE, INSTANCE_WIDTH,
 };
+use crate::records::AuditDraft;
 use crate::sqlite_writer::NewInstance;
 use crate::{Backend, StoreError};
 
@@ -68,6 +78,103 @@ pub(crate) enum Created {
 #[derive(Debug, Clone)]
 pub(crate) struct PgCommitter {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Audit heads of instances this process read or wrote last, shared with the task.
+    known: Arc<KnownHeads>,
+}
+
+/// The prefix of an instance's audit stream (`workflow_engine::instance_stream`): the stream
+/// whose head an instance read comes with.
+pub(crate) const INSTANCE_STREAM_PREFIX: &str = "instance:";
+
+/// Most instances whose audit head a process remembers; past it the map starts over.
+const KNOWN_HEADS_MAX: usize = 65_536;
+
+/// An instance's audit stream head as of one of its versions.
+#[derive(Debug, Clone)]
+struct KnownHead {
+    version: i64,
+    stream: String,
+    /// `None`: the stream has no events.
+    head: Option<(i64, String)>,
+}
+
+/// The audit stream head of each instance at the version this process last read (with its
+/// head, [`PgCommitter::observed`]) or wrote. A commit made at that version finds its head
+/// here: no audit event of the instance's stream is written without a new version of it, so
+/// while the version check holds the head does too, and the group's whole commit is one
+/// statement ([`write_commits`]). Were it stale anyway, the audit insert would fail on the
+/// stream's key and the group fall back (never a forked chain).
+#[derive(Debug, Default)]
+struct KnownHeads {
+    map: std::sync::Mutex<HashMap<String, KnownHead>>,
+}
+
+impl KnownHeads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownHead>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remember(&self, id: &str, head: KnownHead) {
+        let mut map = self.lock();
+        if map.len() >= KNOWN_HEADS_MAX && !map.contains_key(id) {
+            map.clear();
+        }
+        map.insert(id.to_string(), head);
+    }
+
+    /// The head of `c`'s instance, if known at the version `c` was made at and every event of
+    /// `c` is on that stream.
+    fn of(&self, c: &InstanceCommit) -> Option<(String, Option<(i64, String)>)> {
+        let map = self.lock();
+        let known = map.get(c.rec.info.id.as_str())?;
+        (known.version == c.expected_version && c.audit.iter().all(|d| d.stream == known.stream))
+            .then(|| (known.stream.clone(), known.head.clone()))
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// After `c` was written: its instance at its new version, with the head `after` gives its
+    /// stream (unchanged if it wrote no event).
+    fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>) {
+        self.moved(&c.rec.info.id, c.expected_version, &c.audit, after);
+    }
+
+    /// Instance `id`, at `from`, was written to `from + 1` with the events `audit`.
+    fn moved(
+        &self,
+        id: &str,
+        from: i64,
+        audit: &[AuditDraft],
+        after: &HashMap<&str, (i64, String)>,
+    ) {
+        let Some(stream) = audit.first().map(|d| d.stream.clone()) else {
+            // No event: the head stays, the version moves.
+            let mut map = self.lock();
+            if let Some(known) = map.get_mut(id) {
+                if known.version == from {
+                    known.version += 1;
+                    return;
+                }
+            }
+            map.remove(id);
+            return;
+        };
+        match after.get(stream.as_str()) {
+            Some(head) if audit.iter().all(|d| d.stream == stream) => self.remember(
+                id,
+                KnownHead {
+                    version: from + 1,
+                    stream,
+                    head: Some(head.clone()),
+                },
+            ),
+            _ => self.forget(id),
+        }
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -83,8 +190,21 @@ impl PgCommitter {
     /// Start the task on the current tokio runtime; it writes through `pool`.
     pub(crate) fn start(pool: AnyPool) -> PgCommitter {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, queue));
-        PgCommitter { jobs }
+        let known = Arc::new(KnownHeads::default());
+        tokio::spawn(run(pool, queue, known.clone()));
+        PgCommitter { jobs, known }
+    }
+
+    /// An instance as read, at `version`, with its own stream's head (`None`: no events).
+    pub(crate) fn observed(&self, id: &str, version: i64, head: Option<(i64, String)>) {
+        self.known.remember(
+            id,
+            KnownHead {
+                version,
+                stream: format!("{INSTANCE_STREAM_PREFIX}{id}"),
+                head,
+            },
+        );
     }
 
     /// Queue commits and wait until the transaction holding them committed (or they failed);
@@ -122,7 +242,7 @@ fn closed() -> StoreError {
     StoreError::Database(sqlx::Error::PoolClosed)
 }
 
-async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
+async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>, known: Arc<KnownHeads>) {
     while let Some(first) = queue.recv().await {
         let mut jobs = vec![first];
         let mut size = 1;
@@ -154,14 +274,14 @@ async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
         }
         if !creates.is_empty() {
             let (news, reply_to): (Vec<_>, Vec<_>) = creates.into_iter().unzip();
-            let answers = write_creates(&pool, &news).await;
+            let answers = write_creates(&pool, &news, &known).await;
             for (reply, answer) in reply_to.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
         }
         let mut results = Vec::with_capacity(commits.len());
         for batch in batches(&commits) {
-            results.extend(write_batch(&pool, batch).await);
+            results.extend(write_batch(&pool, batch, &known).await);
         }
         let mut results = results.into_iter();
         for (reply, count) in replies {
@@ -175,7 +295,7 @@ async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>) {
 /// idempotency key is taken, then the written ones' steps, outbox rows, timers, deliveries and
 /// audit events. Any
 /// failure writes nothing and sends every create back to be written alone.
-async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
+async fn write_creates(pool: &AnyPool, news: &[NewInstance], known: &KnownHeads) -> Vec<Created> {
     let written = async {
         let mut conn = pool.acquire().await?;
         let mut tx = conn.begin().await?;
@@ -196,22 +316,17 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance]) -> Vec<Created> {
             .copied()
             .filter(|n| inserted.contains(n.rec.info.id.as_str()))
             .collect();
-        let recs: Vec<_> = new.iter().map(|n| &n.rec).collect();
-        upsert_steps(&mut tx, &recs).await?;
-        let outbox: Vec<_> = new.iter().flat_map(|n| n.outbox.clone()).collect();
-        insert_outbox(&mut tx, &outbox).await?;
-        let timers: Vec<_> = new.iter().flat_map(|n| n.timers.clone()).collect();
-        crate::timers::insert_timers(&mut tx, &timers).await?;
-        let deliveries: Vec<_> = new.iter().flat_map(|n| n.deliveries.clone()).collect();
-        crate::notifications::insert_deliveries(&mut tx, &deliveries).await?;
-        let events: Vec<_> = new
-            .iter()
-            .flat_map(|n| n.audit.iter().map(|d| (n.rec.info.partner_id.as_str(), d)))
-            .collect();
+        let mut rows = GroupRows::default();
+        for n in &new {
+            rows.add(&n.rec, &n.outbox, &n.audit, &n.timers, &n.deliveries, None);
+        }
         // A new instance's events start their stream: no head to read. Were one there, the
         // insert would fail on the stream's key and the creates be written alone.
-        insert_chained(&mut tx, &events, HashMap::new()).await?;
+        let after = write_rows(&mut tx, &rows, HashMap::new()).await?;
         tx.commit().await?;
+        for n in &new {
+            known.moved(&n.rec.info.id, n.rec.version - 1, &n.audit, &after);
+        }
         Ok::<_, StoreError>(inserted)
     }
     .await
@@ -313,14 +428,26 @@ fn batches(commits: &[InstanceCommit]) -> Vec<&[InstanceCommit]> {
 }
 
 /// Write one batch (distinct instances) in one transaction; see the module docs.
-async fn write_batch(pool: &AnyPool, commits: &[InstanceCommit]) -> Vec<Result<(), StoreError>> {
+async fn write_batch(
+    pool: &AnyPool,
+    commits: &[InstanceCommit],
+    known: &KnownHeads,
+) -> Vec<Result<(), StoreError>> {
     // A lone commit too: its stream head comes with the `UPDATE`, a statement less than the
     // plain path, which answers the same (and remains the fallback).
     let Ok(mut conn) = pool.acquire().await else {
         return commit_each(pool, Backend::Postgres, commits).await;
     };
+    // Every head known: the whole group is one statement, no transaction around it.
+    let heads: Option<Vec<_>> = commits.iter().map(|c| known.of(c)).collect();
+    if let Some(heads) = heads {
+        if let Ok(answers) = write_known(&mut conn, commits, heads, known).await {
+            return answers;
+        }
+        // Nothing was written (one statement): the transaction below tries again.
+    }
     let written = match conn.begin().await {
-        Ok(mut tx) => match write_many(&mut tx, commits).await {
+        Ok(mut tx) => match write_many(&mut tx, commits, known).await {
             Ok(refused) => match tx.commit().await {
                 Ok(()) => Some(refused),
                 Err(_) => None,
@@ -355,6 +482,7 @@ async fn write_batch(pool: &AnyPool, commits: &[InstanceCommit]) -> Vec<Result<(
 async fn write_many(
     conn: &mut AnyConnection,
     commits: &[InstanceCommit],
+    known: &KnownHeads,
 ) -> Result<Vec<Option<StoreError>>, StoreError> {
     let (updated, heads) = update_instances(conn, commits).await?;
     let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(commits.len());
@@ -390,18 +518,8 @@ async fn write_many(
     if written.is_empty() {
         return Ok(refused);
     }
-    let recs: Vec<_> = written.iter().map(|c| &c.rec).collect();
-    upsert_steps(conn, &recs).await?;
-    let outbox: Vec<_> = written.iter().flat_map(|c| c.outbox.clone()).collect();
-    insert_outbox(conn, &outbox).await?;
-    let timers: Vec<_> = written.iter().flat_map(|c| c.timers.clone()).collect();
-    crate::timers::insert_timers(conn, &timers).await?;
-    let deliveries: Vec<_> = written.iter().flat_map(|c| c.deliveries.clone()).collect();
-    crate::notifications::insert_deliveries(conn, &deliveries).await?;
-    let events: Vec<_> = written
-        .iter()
-        .flat_map(|c| c.audit.iter().map(|d| (c.rec.info.partner_id.as_str(), d)))
-        .collect();
+    let rows = GroupRows::of_commits(&written);
+    let events = rows.drafts();
     // The `UPDATE` read each commit's own stream's head (keyed here by the drafts' own
     // strings, as `chain_audits` wants them); any other stream an event names (none the engine
     // writes today) is read now.
@@ -420,12 +538,66 @@ async fn write_many(
     if !unread.is_empty() {
         found.extend(stream_heads(conn, &unread).await?);
     }
-    insert_chained(conn, &events, found).await?;
-    // In the approval pool's process nearly every commit applies a decision: one statement
-    // records (and announces) all of the group's.
-    let decisions: Vec<_> = written.iter().filter_map(|c| c.decision.as_ref()).collect();
-    crate::approvals::insert_outcomes(conn, &decisions).await?;
+    // Steps, outbox, audit events, timers, deliveries and decision outcomes (announced to
+    // waiting API calls): one statement.
+    let after = write_rows(conn, &rows, found).await?;
+    // Remembered before the transaction commits: were it not to, the next commit of these
+    // instances is refused by its version check anyway.
+    for c in &written {
+        known.written(c, &after);
+    }
+    for (c, r) in commits.iter().zip(&refused) {
+        if r.is_some() {
+            known.forget(&c.rec.info.id);
+        }
+    }
     Ok(refused)
+}
+
+/// [`write_batch`] when every commit's audit head is known: one statement. `Err`: nothing was
+/// written.
+async fn write_known(
+    conn: &mut AnyConnection,
+    commits: &[InstanceCommit],
+    heads: Vec<(String, Option<(i64, String)>)>,
+    known: &KnownHeads,
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let heads: HashMap<&str, (i64, String)> = heads
+        .iter()
+        .filter_map(|(stream, head)| Some((stream.as_str(), head.clone()?)))
+        .collect();
+    let all: Vec<&InstanceCommit> = commits.iter().collect();
+    let (written, after) = write_commits(conn, &all, heads).await?;
+    let refused: Vec<&str> = commits
+        .iter()
+        .map(|c| c.rec.info.id.as_str())
+        .filter(|id| !written.contains(*id))
+        .collect();
+    // Stale (`Conflict`), or unknown or another partner's (`NotFound`).
+    let owners = if refused.is_empty() {
+        HashMap::new()
+    } else {
+        owners_of(conn, &refused).await.unwrap_or_default()
+    };
+    Ok(commits
+        .iter()
+        .map(|c| {
+            let info = &c.rec.info;
+            if written.contains(info.id.as_str()) {
+                known.written(c, &after);
+                return Ok(());
+            }
+            known.forget(&info.id);
+            if owners.get(info.id.as_str()) == Some(&info.partner_id) {
+                Err(StoreError::Conflict {
+                    what: "instance",
+                    id: info.id.clone(),
+                })
+            } else {
+                Err(not_found(&info.id))
+            }
+        })
+        .collect())
 }
 
 /// Parameters of one commit in the `UPDATE`'s VALUES.
@@ -550,7 +722,7 @@ mod tests {
     use workflow_core::{InstanceStatus, Timestamp};
 
     use super::*;
-    use crate::records::{verify_audit_chain, AuditDraft, InstanceRecord};
+    use crate::records::{verify_audit_chain, AuditDraft, InstanceRecord, OutboxMessage};
     use crate::{CreateOutcome, Store};
 
     fn event(stream: &str, n: u64) -> AuditDraft {
@@ -630,7 +802,7 @@ mod tests {
 
         let mut conn = store.write_pool().acquire().await?;
         let mut tx = conn.begin().await?;
-        let refused = write_many(&mut tx, &commits).await?;
+        let refused = write_many(&mut tx, &commits, &KnownHeads::default()).await?;
         assert!(refused.iter().all(Option::is_none), "{refused:?}");
         tx.commit().await?;
 
@@ -638,6 +810,123 @@ mod tests {
             let trail = store.list_audit("p1", stream).await?;
             assert_eq!(verify_audit_chain(&trail), Ok(events), "{stream}");
         }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_whose_heads_are_known_is_one_statement_that_writes_only_current_commits(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        // `a` has events, `b` none; `stale` moves on after its head was remembered; `other` is
+        // another partner's.
+        let (a, b, stale, mut other) = (instance(), instance(), instance(), instance());
+        other.info.partner_id = "p2".into();
+        let stream = |rec: &InstanceRecord| format!("{INSTANCE_STREAM_PREFIX}{}", rec.info.id);
+        for rec in [&a, &b, &stale] {
+            let audit = if rec.info.id == b.info.id {
+                vec![]
+            } else {
+                vec![event(&stream(rec), 1), event(&stream(rec), 2)]
+            };
+            let created = store.create_instance(rec, &[], &audit).await?;
+            assert!(matches!(created, CreateOutcome::Created(_)));
+        }
+        let head = |rec: &InstanceRecord| {
+            let stream = stream(rec);
+            let store = store.clone();
+            async move {
+                let trail = store.list_audit("p1", &stream).await?;
+                Ok::<_, StoreError>(trail.last().map(|e| (e.seq, e.hash.clone())))
+            }
+        };
+        let known = KnownHeads::default();
+        for rec in [&a, &b, &stale, &other] {
+            known.remember(
+                &rec.info.id,
+                KnownHead {
+                    version: 1,
+                    stream: stream(rec),
+                    head: head(rec).await?,
+                },
+            );
+        }
+        let commit = |rec: &InstanceRecord, from: i64| {
+            let mut next = rec.clone();
+            next.version = from + 1;
+            next.state.current_step = Some(from as usize);
+            InstanceCommit {
+                rec: next,
+                expected_version: from,
+                outbox: vec![OutboxMessage {
+                    id: new_id(),
+                    topic: "t".into(),
+                    key: rec.info.id.clone(),
+                    payload: vec![0, 1, 2, 255],
+                }],
+                audit: vec![event(&stream(rec), 10), event(&stream(rec), 11)],
+                timers: vec![],
+                deliveries: vec![],
+                decision: None,
+            }
+        };
+        for answer in store.commit_instances(&[commit(&stale, 1)]).await {
+            answer?;
+        }
+
+        let group = [
+            commit(&a, 1),
+            commit(&b, 1),
+            commit(&stale, 1),
+            commit(&other, 1),
+        ];
+        let heads: Option<Vec<_>> = group.iter().map(|c| known.of(c)).collect();
+        let heads = heads.ok_or("every head is known")?;
+        let mut conn = store.write_pool().acquire().await?;
+        let answers = write_known(&mut conn, &group, heads, &known).await?;
+        assert!(answers[0].is_ok() && answers[1].is_ok(), "{answers:?}");
+        assert!(
+            matches!(answers[2], Err(StoreError::Conflict { .. })),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[3], Err(StoreError::NotFound { .. })),
+            "{answers:?}"
+        );
+        // Written whole: state, events chained on the known heads, outbox rows.
+        for (rec, events) in [(&a, 4), (&b, 2)] {
+            let stored = store
+                .get_instance("p1", &rec.info.id)
+                .await?
+                .ok_or("stored")?;
+            assert_eq!((stored.version, stored.state.current_step), (2, Some(1)));
+            let trail = store.list_audit("p1", &stream(rec)).await?;
+            assert_eq!(verify_audit_chain(&trail), Ok(events));
+        }
+        // The stale one: nothing of the group's commit (its own commit's events only).
+        let trail = store.list_audit("p1", &stream(&stale)).await?;
+        assert_eq!(verify_audit_chain(&trail), Ok(4));
+        let outbox: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE msg_key = $1 OR msg_key = $2")
+                .bind(a.info.id.as_str())
+                .bind(stale.info.id.as_str())
+                .fetch_one(store.pool())
+                .await?;
+        assert_eq!(outbox, 2, "a's message and the stale one's own");
+        // The written ones' next commits know their heads; the refused ones' do not.
+        let next = commit(&a, 2);
+        assert_eq!(known.of(&next).and_then(|(_, h)| h).map(|h| h.0), Some(4));
+        assert!(known.of(&commit(&stale, 2)).is_none());
+        let answers = write_known(
+            &mut conn,
+            std::slice::from_ref(&next),
+            vec![known.of(&next).ok_or("known")?],
+            &known,
+        )
+        .await?;
+        assert!(answers[0].is_ok(), "{answers:?}");
+        let trail = store.list_audit("p1", &stream(&a)).await?;
+        assert_eq!(verify_audit_chain(&trail), Ok(6));
         Ok(())
     }
 
@@ -698,7 +987,7 @@ mod tests {
             // Without the check, the head is not consulted.
             at(&moved, 1, false),
         ];
-        let created = write_creates(store.write_pool(), &news).await;
+        let created = write_creates(store.write_pool(), &news, &KnownHeads::default()).await;
         let written: Vec<bool> = created
             .iter()
             .map(|c| matches!(c, Created::Written))

@@ -1,0 +1,456 @@
+//! The rows a PostgreSQL group writes after its instances, in ONE statement.
+//!
+//! A group commit's steps, outbox messages, audit events, timers, notification deliveries and
+//! decision outcomes each had a multi-row statement of their own: up to six round trips inside
+//! the transaction, and as many statement texts as there are row counts (sqlx's per-connection
+//! cache of prepared statements kept missing them, re-parsing each). Here every table's rows
+//! travel as one JSON array parameter, unpacked by `json_to_recordset`, and each table's insert
+//! is a data-modifying CTE of a single statement whose text never changes: one round trip, one
+//! prepared statement per connection. The statement is atomic like the ones it replaces, and it
+//! runs inside the group's transaction (after the version-checked `UPDATE` or the instances'
+//! insert, which decide what is written), so a failure still rolls the whole group back.
+
+use serde::Serialize;
+use sqlx::AnyConnection;
+
+use crate::commit::InstanceCommit;
+use crate::listen::DECISION_OUTCOMES_CHANNEL;
+use crate::notifications::NewDelivery;
+use crate::queries::{chain_audits, enum_to_str, to_json, STEP_CONFLICT};
+use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
+use crate::StoreError;
+
+/// What one group writes besides its instances' rows.
+#[derive(Debug, Default)]
+pub(crate) struct GroupRows<'a> {
+    pub(crate) recs: Vec<&'a InstanceRecord>,
+    /// (instance, message), in commit order.
+    pub(crate) outbox: Vec<(&'a str, &'a OutboxMessage)>,
+    /// (instance, partner, draft), in order per stream.
+    pub(crate) events: Vec<(&'a str, &'a str, &'a AuditDraft)>,
+    pub(crate) timers: Vec<&'a TimerRecord>,
+    pub(crate) deliveries: Vec<&'a NewDelivery>,
+    pub(crate) decisions: Vec<&'a DecisionOutcome>,
+}
+
+impl<'a> GroupRows<'a> {
+    /// Everything `commits` write besides their instances' rows.
+    pub(crate) fn of_commits(commits: &[&'a InstanceCommit]) -> GroupRows<'a> {
+        let mut rows = GroupRows::default();
+        for c in commits {
+            rows.add(
+                &c.rec,
+                &c.outbox,
+                &c.audit,
+                &c.timers,
+                &c.deliveries,
+                c.decision.as_ref(),
+            );
+        }
+        rows
+    }
+
+    pub(crate) fn add(
+        &mut self,
+        rec: &'a InstanceRecord,
+        outbox: &'a [OutboxMessage],
+        audit: &'a [AuditDraft],
+        timers: &'a [TimerRecord],
+        deliveries: &'a [NewDelivery],
+        decision: Option<&'a DecisionOutcome>,
+    ) {
+        self.recs.push(rec);
+        let id = rec.info.id.as_str();
+        self.outbox.extend(outbox.iter().map(|m| (id, m)));
+        let partner = rec.info.partner_id.as_str();
+        self.events.extend(audit.iter().map(|d| (id, partner, d)));
+        self.timers.extend(timers);
+        self.deliveries.extend(deliveries);
+        self.decisions.extend(decision);
+    }
+
+    /// (partner, draft) of every event, as `chain_audits` takes them.
+    pub(crate) fn drafts(&self) -> Vec<(&'a str, &'a AuditDraft)> {
+        self.events.iter().map(|&(_, p, d)| (p, d)).collect()
+    }
+}
+
+/// The head each stream has after `rows` were written on `heads` (streams without events in
+/// `rows` are not named).
+pub(crate) type Heads<'a> = std::collections::HashMap<&'a str, (i64, String)>;
+
+/// The inserts of [`write_rows`] as data-modifying CTEs over JSON array parameters, from `$p`
+/// on (steps, outbox, audit, timers, deliveries, outcomes, then the channel). With `updated`
+/// (the name of a CTE returning `id`), only the rows of those instances are written.
+fn insert_ctes(p: usize, updated: Option<&str>) -> String {
+    let only = |alias: &str| match updated {
+        Some(u) => format!(" WHERE {alias}.instance_id IN (SELECT id FROM {u})"),
+        None => String::new(),
+    };
+    format!(
+        "steps AS (INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, \
+         name, step_type, status, started_at, finished_at, actor, input, output, error) \
+         SELECT instance_id, step_index, partner_id, name, step_type, status, started_at, \
+         finished_at, actor, input, output, error FROM json_to_recordset(${steps}::json) AS r(\
+         instance_id text, step_index bigint, partner_id text, name text, step_type text, \
+         status text, started_at bigint, finished_at bigint, actor text, input text, \
+         output text, error text){only_r} {STEP_CONFLICT}), \
+         messages AS (INSERT INTO outbox (id, topic, msg_key, payload) \
+         SELECT id, topic, msg_key, decode(payload, 'base64') FROM json_to_recordset(${outbox}::json) \
+         AS r(n bigint, instance_id text, id text, topic text, msg_key text, payload text){only_r} \
+         ORDER BY n), \
+         events AS (INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, \
+         before_doc, after_doc, reason, prev_hash, hash) \
+         SELECT stream, seq, partner_id, at, actor, kind, before_doc, after_doc, reason, \
+         prev_hash, hash FROM json_to_recordset(${audit}::json) AS r(instance_id text, \
+         stream text, seq bigint, partner_id text, at bigint, actor text, kind text, \
+         before_doc text, after_doc text, reason text, prev_hash text, hash text){only_r}), \
+         due AS (INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, kind, \
+         due_at) SELECT id, partner_id, instance_id, step_index, step_type, kind, due_at \
+         FROM json_to_recordset(${timers}::json) AS r(id text, partner_id text, instance_id text, \
+         step_index bigint, step_type text, kind text, due_at bigint){only_r} \
+         ON CONFLICT (id) DO NOTHING), \
+         sends AS (INSERT INTO notification_deliveries (id, partner_id, instance_id, \
+         step_index, purpose, channel, target, request, wait, status, attempts, round_failures, \
+         next_check_at, created_at, updated_at) \
+         SELECT id, partner_id, instance_id, step_index, purpose, channel, target, request, \
+         wait, 'queued', 0, 0, next_check_at, created_at, created_at \
+         FROM json_to_recordset(${deliveries}::json) AS r(id text, partner_id text, \
+         instance_id text, step_index bigint, purpose text, channel text, target text, \
+         request text, wait bigint, next_check_at bigint, created_at bigint){only_r} \
+         ON CONFLICT (id) DO NOTHING), \
+         outcomes AS (INSERT INTO approval_decisions (decision_id, partner_id, instance_id, \
+         step_index, accepted, code, message, decided_at) \
+         SELECT decision_id, partner_id, instance_id, step_index, accepted, code, message, \
+         decided_at FROM json_to_recordset(${outcomes}::json) AS r(decision_id text, \
+         partner_id text, instance_id text, step_index integer, accepted bigint, code text, \
+         message text, decided_at bigint){only_r} \
+         ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id, accepted), \
+         notified AS (SELECT pg_notify(${channel}, decision_id || CASE WHEN accepted = 1 \
+         THEN ' accepted' ELSE ' refused' END)::text AS n FROM outcomes \
+         WHERE octet_length(decision_id) < 7990)",
+        steps = p,
+        outbox = p + 1,
+        audit = p + 2,
+        timers = p + 3,
+        deliveries = p + 4,
+        outcomes = p + 5,
+        channel = p + 6,
+        only_r = only("r"),
+    )
+}
+
+/// Every table's rows in one statement ([`insert_ctes`]), announcing each decision outcome
+/// inserted (as `approvals.rs` does, so a waiting API call wakes).
+fn write_rows_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("WITH {} SELECT n FROM notified", insert_ctes(1, None))
+    });
+    SQL.as_str()
+}
+
+/// One group's whole commit in one statement, without a transaction around it: the
+/// version-checked `UPDATE` of every instance (`$1`, a JSON array), then [`insert_ctes`] for
+/// the instances it updated only. Returns the ids updated (and announces their outcomes: the
+/// scalar subquery runs once, when the first id is returned; with none, no outcome was
+/// written).
+fn write_commits_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH u AS (UPDATE workflow_instances AS w SET status = v.status, \
+             current_step = v.current_step, state = v.state, updated_at = v.updated_at, \
+             version = v.expected + 1 FROM json_to_recordset($1::json) AS v(id text, \
+             partner_id text, status text, current_step bigint, state text, updated_at bigint, \
+             expected bigint) WHERE w.id = v.id AND w.partner_id = v.partner_id \
+             AND w.version = v.expected RETURNING w.id), {} \
+             SELECT u.id, (SELECT count(*) FROM notified) AS announced FROM u",
+            insert_ctes(2, Some("u"))
+        )
+    });
+    SQL.as_str()
+}
+
+#[derive(Serialize)]
+struct StepRow<'a> {
+    instance_id: &'a str,
+    step_index: i64,
+    partner_id: &'a str,
+    name: &'a str,
+    step_type: &'a str,
+    status: String,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    actor: Option<String>,
+    input: Option<String>,
+    output: Option<String>,
+    error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct OutboxRow<'a> {
+    n: usize,
+    instance_id: &'a str,
+    id: &'a str,
+    topic: &'a str,
+    msg_key: &'a str,
+    payload: String,
+}
+
+#[derive(Serialize)]
+struct AuditRow<'a> {
+    instance_id: &'a str,
+    stream: &'a str,
+    seq: i64,
+    partner_id: &'a str,
+    at: i64,
+    actor: String,
+    kind: &'a str,
+    before_doc: String,
+    after_doc: String,
+    reason: Option<&'a str>,
+    prev_hash: String,
+    hash: String,
+}
+
+#[derive(Serialize)]
+struct TimerRow<'a> {
+    id: &'a str,
+    partner_id: &'a str,
+    instance_id: &'a str,
+    step_index: i64,
+    step_type: &'a str,
+    kind: &'a str,
+    due_at: i64,
+}
+
+#[derive(Serialize)]
+struct DeliveryRow<'a> {
+    id: &'a str,
+    partner_id: &'a str,
+    instance_id: &'a str,
+    step_index: i64,
+    purpose: &'a str,
+    channel: &'a str,
+    target: &'a str,
+    request: String,
+    wait: i64,
+    next_check_at: i64,
+    created_at: i64,
+}
+
+#[derive(Serialize)]
+struct OutcomeRow<'a> {
+    decision_id: &'a str,
+    partner_id: &'a str,
+    instance_id: &'a str,
+    step_index: i64,
+    accepted: i64,
+    code: Option<&'a str>,
+    message: Option<&'a str>,
+    decided_at: i64,
+}
+
+fn json_array<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(rows)
+        .map_err(|e| StoreError::corrupt(format!("cannot encode a group's rows: {e}")))
+}
+
+/// The JSON array parameters of `rows`, in [`insert_ctes`]' order, and each stream's head
+/// after them.
+fn encode<'a>(
+    rows: &GroupRows<'a>,
+    heads: Heads<'a>,
+) -> Result<([String; 6], Heads<'a>), StoreError> {
+    use base64::Engine as _;
+    // One row per (instance, step index), the last wins: a multi-row upsert may not touch a
+    // row twice.
+    let mut steps = Vec::new();
+    for rec in &rows.recs {
+        let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
+            rec.state.steps.iter().map(|s| (s.index, s)).collect();
+        for step in unique.into_values() {
+            steps.push(StepRow {
+                instance_id: rec.info.id.as_str(),
+                step_index: step.index as i64,
+                partner_id: rec.info.partner_id.as_str(),
+                name: step.name.as_str(),
+                step_type: step.step_type.as_str(),
+                status: enum_to_str(&step.status)?,
+                started_at: step.started_at.map(|t| t.0),
+                finished_at: step.finished_at.map(|t| t.0),
+                actor: step.actor.as_ref().map(to_json).transpose()?,
+                input: step.input.as_ref().map(to_json).transpose()?,
+                output: step.output.as_ref().map(to_json).transpose()?,
+                error: step.error.as_deref(),
+            });
+        }
+    }
+    let outbox: Vec<OutboxRow<'_>> = rows
+        .outbox
+        .iter()
+        .enumerate()
+        .map(|(n, (instance_id, m))| OutboxRow {
+            n,
+            instance_id,
+            id: m.id.as_str(),
+            topic: m.topic.as_str(),
+            msg_key: m.key.as_str(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        })
+        .collect();
+    let chained = chain_audits(&rows.drafts(), heads);
+    let mut after = Heads::new();
+    let mut events = Vec::with_capacity(chained.len());
+    for ((partner_id, draft, seq, prev_hash, hash), (instance_id, ..)) in
+        chained.into_iter().zip(&rows.events)
+    {
+        after.insert(draft.stream.as_str(), (seq, hash.clone()));
+        events.push(AuditRow {
+            instance_id,
+            stream: draft.stream.as_str(),
+            seq,
+            partner_id,
+            at: draft.at.0,
+            actor: to_json(&draft.actor)?,
+            kind: draft.kind.as_str(),
+            before_doc: to_json(&draft.before)?,
+            after_doc: to_json(&draft.after)?,
+            reason: draft.reason.as_deref(),
+            prev_hash,
+            hash,
+        });
+    }
+    // A multi-row insert may not name a row twice, even one that `DO NOTHING` skips.
+    let mut seen = std::collections::HashSet::new();
+    let timers: Vec<TimerRow<'_>> = rows
+        .timers
+        .iter()
+        .filter(|t| seen.insert(t.id.as_str()))
+        .map(|t| TimerRow {
+            id: t.id.as_str(),
+            partner_id: t.partner_id.as_str(),
+            instance_id: t.instance_id.as_str(),
+            step_index: t.step_index,
+            step_type: t.step_type.as_str(),
+            kind: t.kind.as_str(),
+            due_at: t.due_at.0,
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut deliveries = Vec::with_capacity(rows.deliveries.len());
+    for d in rows
+        .deliveries
+        .iter()
+        .filter(|d| seen.insert(d.id.as_str()))
+    {
+        deliveries.push(DeliveryRow {
+            id: d.id.as_str(),
+            partner_id: d.partner_id.as_str(),
+            instance_id: d.instance_id.as_str(),
+            step_index: d.step_index,
+            purpose: d.purpose.as_str(),
+            channel: d.channel.as_str(),
+            target: d.target.as_str(),
+            request: to_json(&d.request)?,
+            wait: i64::from(d.wait),
+            next_check_at: d.check_at.0,
+            created_at: d.created_at.0,
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    let outcomes: Vec<OutcomeRow<'_>> = rows
+        .decisions
+        .iter()
+        .filter(|o| seen.insert(o.decision_id.as_str()))
+        .map(|o| OutcomeRow {
+            decision_id: o.decision_id.as_str(),
+            partner_id: o.partner_id.as_str(),
+            instance_id: o.instance_id.as_str(),
+            step_index: o.step_index,
+            accepted: i64::from(o.accepted),
+            code: o.code.as_deref(),
+            message: o.message.as_deref(),
+            decided_at: o.decided_at.0,
+        })
+        .collect();
+    Ok((
+        [
+            json_array(&steps)?,
+            json_array(&outbox)?,
+            json_array(&events)?,
+            json_array(&timers)?,
+            json_array(&deliveries)?,
+            json_array(&outcomes)?,
+        ],
+        after,
+    ))
+}
+
+/// Write `rows` in one statement, each audit event chained onto its stream's head in `heads`
+/// (a stream missing from it is new); returns the heads the written streams then have.
+pub(crate) async fn write_rows<'a>(
+    conn: &mut AnyConnection,
+    rows: &GroupRows<'a>,
+    heads: Heads<'a>,
+) -> Result<Heads<'a>, StoreError> {
+    let (arrays, after) = encode(rows, heads)?;
+    let mut query = sqlx::query(write_rows_sql());
+    for array in arrays {
+        query = query.bind(array);
+    }
+    query
+        .bind(DECISION_OUTCOMES_CHANNEL)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(after)
+}
+
+#[derive(Serialize)]
+struct UpdateRow<'a> {
+    id: &'a str,
+    partner_id: &'a str,
+    status: &'a str,
+    current_step: Option<i64>,
+    state: String,
+    updated_at: i64,
+    expected: i64,
+}
+
+/// Write `commits` (distinct instances, each audit stream's head known: `heads`) in ONE
+/// statement, outside any transaction: each commit whose expected version still matches is
+/// written whole, the others not at all. Returns the ids written and the heads their streams
+/// then have.
+pub(crate) async fn write_commits<'a>(
+    conn: &mut AnyConnection,
+    commits: &[&'a InstanceCommit],
+    heads: Heads<'a>,
+) -> Result<(std::collections::HashSet<String>, Heads<'a>), StoreError> {
+    let mut updates = Vec::with_capacity(commits.len());
+    for c in commits {
+        let rec = &c.rec;
+        updates.push(UpdateRow {
+            id: rec.info.id.as_str(),
+            partner_id: rec.info.partner_id.as_str(),
+            status: rec.state.status.as_str(),
+            current_step: rec.state.current_step.map(|s| s as i64),
+            state: to_json(&rec.state)?,
+            updated_at: rec.updated_at.0,
+            expected: c.expected_version,
+        });
+    }
+    let rows = GroupRows::of_commits(commits);
+    let (arrays, after) = encode(&rows, heads)?;
+    let mut query = sqlx::query(write_commits_sql()).bind(json_array(&updates)?);
+    for array in arrays {
+        query = query.bind(array);
+    }
+    let mut written = std::collections::HashSet::new();
+    for row in query
+        .bind(DECISION_OUTCOMES_CHANNEL)
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        written.insert(sqlx::Row::try_get::<String, _>(&row, "id")?);
+    }
+    Ok((written, after))
+}
