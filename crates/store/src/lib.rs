@@ -15,8 +15,9 @@
 //! decision enqueues and outcomes, outbox deletes) run in group transactions on the committer's
 //! thread through rusqlite (`commit.rs`, `sqlite_writer.rs`), and the hot reads in place
 //! (`sqlite_readers.rs`), with the same SQL and encodings as the portable path. On PostgreSQL
-//! a process's instance creates and commits share group transactions with one statement per
-//! table (`pg_commit.rs`), still through sqlx.
+//! a process's instance creates and commits share group writes, one statement each when the
+//! instances' audit heads and step rows are known (`pg_commit.rs`, `pg_rows.rs`), and its
+//! instance reads share statements too (`pg_reads.rs`), still through sqlx.
 //!
 //! SQLite runs in WAL mode with a busy timeout, foreign keys on and `synchronous=NORMAL` (a
 //! commit survives a process crash; see `SQLITE_PRAGMAS`); write transactions run on one
@@ -26,7 +27,8 @@
 //! caller sees the same database.
 //!
 //! # Invariants this crate keeps
-//! - Every change and the outbox messages and audit events it causes commit in ONE transaction.
+//! - Every change and the outbox messages and audit events it causes commit in ONE transaction
+//!   (or one statement, which is atomic the same way).
 //! - Instances use optimistic concurrency: a commit names the version it read and loses with
 //!   [`StoreError::Conflict`] if someone else committed first.
 //! - Audit events are chained per stream inside the writing transaction; the `(stream, seq)`
@@ -42,6 +44,7 @@ mod error;
 mod listen;
 pub mod notifications;
 mod pg_commit;
+mod pg_reads;
 mod pg_rows;
 mod queries;
 pub mod records;
@@ -147,6 +150,8 @@ pub struct Store {
     committer: Option<commit::Committer>,
     /// The group committer of instance commits on PostgreSQL (see `pg_commit.rs`).
     pg_committer: Option<pg_commit::PgCommitter>,
+    /// Batched instance reads on PostgreSQL (see `pg_reads.rs`).
+    pg_reader: Option<pg_reads::PgReader>,
     /// In-place reads of instances (a SQLite file only; see `sqlite_readers.rs`).
     readers: Option<std::sync::Arc<sqlite_readers::SqliteReaders>>,
 }
@@ -216,6 +221,8 @@ impl Store {
         };
         let pg_committer =
             (backend == Backend::Postgres).then(|| pg_commit::PgCommitter::start(writer.clone()));
+        let pg_reader =
+            (backend == Backend::Postgres).then(|| pg_reads::PgReader::start(pool.clone()));
         tracing::debug!(?backend, "store connected");
         Ok(Store {
             pool,
@@ -223,6 +230,7 @@ impl Store {
             backend,
             committer,
             pg_committer,
+            pg_reader,
             readers,
         })
     }

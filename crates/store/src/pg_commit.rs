@@ -35,11 +35,11 @@ use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::commit::{commit_each, InstanceCommit};
-use crate::pg_rows::{write_commits, write_rows, GroupRows};
+use crate::pg_rows::{step_prints, write_commits, write_rows, GroupRows, StepPrints};
 use crate::queries::{
     bind_instance, stream_heads, to_json, values_placeholders, INSERT_INSTANCE, INSTANCE_WIDTH,
 };
-use crate::records::AuditDraft;
+use crate::records::{AuditDraft, InstanceRecord};
 use crate::sqlite_writer::NewInstance;
 use crate::{Backend, StoreError};
 
@@ -89,21 +89,24 @@ pub(crate) const INSTANCE_STREAM_PREFIX: &str = "instance:";
 /// Most instances whose audit head a process remembers; past it the map starts over.
 const KNOWN_HEADS_MAX: usize = 65_536;
 
-/// An instance's audit stream head as of one of its versions.
+/// What is stored of an instance as of one of its versions, besides its row.
 #[derive(Debug, Clone)]
 struct KnownHead {
     version: i64,
     stream: String,
     /// `None`: the stream has no events.
     head: Option<(i64, String)>,
+    /// Its step mirror rows.
+    steps: StepPrints,
 }
 
-/// The audit stream head of each instance at the version this process last read (with its
-/// head, [`PgCommitter::observed`]) or wrote. A commit made at that version finds its head
-/// here: no audit event of the instance's stream is written without a new version of it, so
-/// while the version check holds the head does too, and the group's whole commit is one
-/// statement ([`write_commits`]). Were it stale anyway, the audit insert would fail on the
-/// stream's key and the group fall back (never a forked chain).
+/// The audit stream head and step mirror rows of each instance at the version this process
+/// last read ([`PgCommitter::observed`]) or wrote. A commit made at that version finds them
+/// here: no audit event of the instance's stream and no step row of it is written without a
+/// new version of the instance, so while the version check holds, they hold too. The group's
+/// whole commit is then one statement ([`write_commits`]) that writes only the step rows that
+/// changed. Were a head stale anyway, the audit insert would fail on the stream's key and the
+/// group fall back (never a forked chain).
 #[derive(Debug, Default)]
 struct KnownHeads {
     map: std::sync::Mutex<HashMap<String, KnownHead>>,
@@ -124,13 +127,13 @@ impl KnownHeads {
         map.insert(id.to_string(), head);
     }
 
-    /// The head of `c`'s instance, if known at the version `c` was made at and every event of
-    /// `c` is on that stream.
-    fn of(&self, c: &InstanceCommit) -> Option<(String, Option<(i64, String)>)> {
+    /// What is known of `c`'s instance, if known at the version `c` was made at and every
+    /// event of `c` is on its stream.
+    fn of(&self, c: &InstanceCommit) -> Option<KnownHead> {
         let map = self.lock();
         let known = map.get(c.rec.info.id.as_str())?;
         (known.version == c.expected_version && c.audit.iter().all(|d| d.stream == known.stream))
-            .then(|| (known.stream.clone(), known.head.clone()))
+            .then(|| known.clone())
     }
 
     fn forget(&self, id: &str) {
@@ -138,18 +141,20 @@ impl KnownHeads {
     }
 
     /// After `c` was written: its instance at its new version, with the head `after` gives its
-    /// stream (unchanged if it wrote no event).
-    fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>) {
-        self.moved(&c.rec.info.id, c.expected_version, &c.audit, after);
+    /// stream (unchanged if it wrote no event) and its step rows `steps`.
+    fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>, steps: StepPrints) {
+        self.moved(&c.rec.info.id, c.expected_version, &c.audit, after, steps);
     }
 
-    /// Instance `id`, at `from`, was written to `from + 1` with the events `audit`.
+    /// Instance `id`, at `from`, was written to `from + 1` with the events `audit` and step
+    /// rows `steps`.
     fn moved(
         &self,
         id: &str,
         from: i64,
         audit: &[AuditDraft],
         after: &HashMap<&str, (i64, String)>,
+        steps: StepPrints,
     ) {
         let Some(stream) = audit.first().map(|d| d.stream.clone()) else {
             // No event: the head stays, the version moves.
@@ -157,6 +162,7 @@ impl KnownHeads {
             if let Some(known) = map.get_mut(id) {
                 if known.version == from {
                     known.version += 1;
+                    known.steps = steps;
                     return;
                 }
             }
@@ -170,6 +176,7 @@ impl KnownHeads {
                     version: from + 1,
                     stream,
                     head: Some(head.clone()),
+                    steps,
                 },
             ),
             _ => self.forget(id),
@@ -195,14 +202,21 @@ impl PgCommitter {
         PgCommitter { jobs, known }
     }
 
-    /// An instance as read, at `version`, with its own stream's head (`None`: no events).
-    pub(crate) fn observed(&self, id: &str, version: i64, head: Option<(i64, String)>) {
+    /// An instance as read, with its own stream's head (`None`: no events).
+    pub(crate) fn observed(&self, rec: &InstanceRecord, head: Option<(i64, String)>) {
+        // A record whose steps cannot be encoded is not remembered: its commit will fail the
+        // same way, on the transaction path.
+        let Ok(steps) = step_prints(rec) else {
+            return;
+        };
+        let id = rec.info.id.as_str();
         self.known.remember(
             id,
             KnownHead {
-                version,
+                version: rec.version,
                 stream: format!("{INSTANCE_STREAM_PREFIX}{id}"),
                 head,
+                steps,
             },
         );
     }
@@ -322,10 +336,10 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance], known: &KnownHeads)
         }
         // A new instance's events start their stream: no head to read. Were one there, the
         // insert would fail on the stream's key and the creates be written alone.
-        let after = write_rows(&mut tx, &rows, HashMap::new()).await?;
+        let (after, prints) = write_rows(&mut tx, &rows, HashMap::new()).await?;
         tx.commit().await?;
-        for n in &new {
-            known.moved(&n.rec.info.id, n.rec.version - 1, &n.audit, &after);
+        for (n, steps) in new.iter().zip(prints) {
+            known.moved(&n.rec.info.id, n.rec.version - 1, &n.audit, &after, steps);
         }
         Ok::<_, StoreError>(inserted)
     }
@@ -540,11 +554,11 @@ async fn write_many(
     }
     // Steps, outbox, audit events, timers, deliveries and decision outcomes (announced to
     // waiting API calls): one statement.
-    let after = write_rows(conn, &rows, found).await?;
+    let (after, prints) = write_rows(conn, &rows, found).await?;
     // Remembered before the transaction commits: were it not to, the next commit of these
     // instances is refused by its version check anyway.
-    for c in &written {
-        known.written(c, &after);
+    for (c, steps) in written.iter().zip(prints) {
+        known.written(c, &after, steps);
     }
     for (c, r) in commits.iter().zip(&refused) {
         if r.is_some() {
@@ -559,15 +573,16 @@ async fn write_many(
 async fn write_known(
     conn: &mut AnyConnection,
     commits: &[InstanceCommit],
-    heads: Vec<(String, Option<(i64, String)>)>,
+    stored: Vec<KnownHead>,
     known: &KnownHeads,
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-    let heads: HashMap<&str, (i64, String)> = heads
+    let heads: HashMap<&str, (i64, String)> = stored
         .iter()
-        .filter_map(|(stream, head)| Some((stream.as_str(), head.clone()?)))
+        .filter_map(|k| Some((k.stream.as_str(), k.head.clone()?)))
         .collect();
+    let steps = stored.iter().map(|k| Some(k.steps.clone())).collect();
     let all: Vec<&InstanceCommit> = commits.iter().collect();
-    let (written, after) = write_commits(conn, &all, heads).await?;
+    let (written, after, prints) = write_commits(conn, &all, heads, steps).await?;
     let refused: Vec<&str> = commits
         .iter()
         .map(|c| c.rec.info.id.as_str())
@@ -581,10 +596,11 @@ async fn write_known(
     };
     Ok(commits
         .iter()
-        .map(|c| {
+        .zip(prints)
+        .map(|(c, steps)| {
             let info = &c.rec.info;
             if written.contains(info.id.as_str()) {
-                known.written(c, &after);
+                known.written(c, &after, steps);
                 return Ok(());
             }
             known.forget(&info.id);
@@ -820,8 +836,24 @@ mod tests {
         store.migrate().await?;
         // `a` has events, `b` none; `stale` moves on after its head was remembered; `other` is
         // another partner's.
-        let (a, b, stale, mut other) = (instance(), instance(), instance(), instance());
+        let (mut a, b, stale, mut other) = (instance(), instance(), instance(), instance());
         other.info.partner_id = "p2".into();
+        // `a` has two steps: its commit changes the second only.
+        let step = |index: usize| workflow_core::instance::StepExecution {
+            index,
+            name: format!("s{index}"),
+            step_type: workflow_core::StepType::Action,
+            status: workflow_core::StepStatus::Running,
+            started_at: Some(Timestamp(1_000)),
+            finished_at: None,
+            actor: None,
+            input: Some(json!({ "amount": index })),
+            output: None,
+            error: None,
+            decisions: vec![],
+            escalations: 0,
+        };
+        a.state.steps = vec![step(0), step(1)];
         let stream = |rec: &InstanceRecord| format!("{INSTANCE_STREAM_PREFIX}{}", rec.info.id);
         for rec in [&a, &b, &stale] {
             let audit = if rec.info.id == b.info.id {
@@ -848,6 +880,7 @@ mod tests {
                     version: 1,
                     stream: stream(rec),
                     head: head(rec).await?,
+                    steps: step_prints(rec)?,
                 },
             );
         }
@@ -855,6 +888,10 @@ mod tests {
             let mut next = rec.clone();
             next.version = from + 1;
             next.state.current_step = Some(from as usize);
+            if let Some(second) = next.state.steps.get_mut(1) {
+                second.status = workflow_core::StepStatus::Completed;
+                second.output = Some(json!({ "from": from }));
+            }
             InstanceCommit {
                 rec: next,
                 expected_version: from,
@@ -893,6 +930,24 @@ mod tests {
             matches!(answers[3], Err(StoreError::NotFound { .. })),
             "{answers:?}"
         );
+        // Only the step that changed was written (the other is not even locked: no `xmax`);
+        // the mirror is the state's.
+        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT step_index, status, COALESCE(output, ''), xmax::text::bigint \
+             FROM workflow_step_executions WHERE instance_id = $1 ORDER BY step_index",
+        )
+        .bind(a.info.id.as_str())
+        .fetch_all(store.pool())
+        .await?;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].1.as_str(), rows[0].2.as_str(), rows[0].3),
+            ("running", "", 0)
+        );
+        assert_eq!(
+            (rows[1].1.as_str(), rows[1].2.as_str()),
+            ("completed", r#"{"from":1}"#)
+        );
         // Written whole: state, events chained on the known heads, outbox rows.
         for (rec, events) in [(&a, 4), (&b, 2)] {
             let stored = store
@@ -915,7 +970,7 @@ mod tests {
         assert_eq!(outbox, 2, "a's message and the stale one's own");
         // The written ones' next commits know their heads; the refused ones' do not.
         let next = commit(&a, 2);
-        assert_eq!(known.of(&next).and_then(|(_, h)| h).map(|h| h.0), Some(4));
+        assert_eq!(known.of(&next).and_then(|k| k.head).map(|h| h.0), Some(4));
         assert!(known.of(&commit(&stale, 2)).is_none());
         let answers = write_known(
             &mut conn,

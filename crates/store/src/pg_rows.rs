@@ -24,6 +24,9 @@ use crate::StoreError;
 #[derive(Debug, Default)]
 pub(crate) struct GroupRows<'a> {
     pub(crate) recs: Vec<&'a InstanceRecord>,
+    /// Per record (when known): the fingerprints of its step mirror's rows as stored now, so
+    /// only the steps that changed are written.
+    pub(crate) stored_steps: Vec<Option<StepPrints>>,
     /// (instance, message), in commit order.
     pub(crate) outbox: Vec<(&'a str, &'a OutboxMessage)>,
     /// (instance, partner, draft), in order per stream.
@@ -60,6 +63,7 @@ impl<'a> GroupRows<'a> {
         decision: Option<&'a DecisionOutcome>,
     ) {
         self.recs.push(rec);
+        self.stored_steps.push(None);
         let id = rec.info.id.as_str();
         self.outbox.extend(outbox.iter().map(|m| (id, m)));
         let partner = rec.info.partner_id.as_str();
@@ -78,6 +82,50 @@ impl<'a> GroupRows<'a> {
 /// The head each stream has after `rows` were written on `heads` (streams without events in
 /// `rows` are not named).
 pub(crate) type Heads<'a> = std::collections::HashMap<&'a str, (i64, String)>;
+
+/// Step index → a fingerprint of its step mirror row (the first 16 bytes of the SHA-256 of the
+/// row's JSON): what a step row holds, without holding it.
+pub(crate) type StepPrints = std::collections::BTreeMap<usize, [u8; 16]>;
+
+/// `rec`'s step mirror rows (one per index, the last wins: a multi-row upsert may not touch a
+/// row twice), each as JSON with its fingerprint.
+fn step_rows(rec: &InstanceRecord) -> Result<Vec<(usize, String, [u8; 16])>, StoreError> {
+    use sha2::Digest as _;
+    let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
+        rec.state.steps.iter().map(|s| (s.index, s)).collect();
+    let mut rows = Vec::with_capacity(unique.len());
+    for step in unique.into_values() {
+        let row = StepRow {
+            instance_id: rec.info.id.as_str(),
+            step_index: step.index as i64,
+            partner_id: rec.info.partner_id.as_str(),
+            name: step.name.as_str(),
+            step_type: step.step_type.as_str(),
+            status: enum_to_str(&step.status)?,
+            started_at: step.started_at.map(|t| t.0),
+            finished_at: step.finished_at.map(|t| t.0),
+            actor: step.actor.as_ref().map(to_json).transpose()?,
+            input: step.input.as_ref().map(to_json).transpose()?,
+            output: step.output.as_ref().map(to_json).transpose()?,
+            error: step.error.as_deref(),
+        };
+        let json = serde_json::to_string(&row)
+            .map_err(|e| StoreError::corrupt(format!("cannot encode a step row: {e}")))?;
+        let digest = sha2::Sha256::digest(json.as_bytes());
+        let mut print = [0u8; 16];
+        print.copy_from_slice(&digest[..16]);
+        rows.push((step.index, json, print));
+    }
+    Ok(rows)
+}
+
+/// The fingerprints of the step mirror rows `rec` stands for.
+pub(crate) fn step_prints(rec: &InstanceRecord) -> Result<StepPrints, StoreError> {
+    Ok(step_rows(rec)?
+        .into_iter()
+        .map(|(index, _, print)| (index, print))
+        .collect())
+}
 
 /// The inserts of [`write_rows`] as data-modifying CTEs over JSON array parameters, from `$p`
 /// on (steps, outbox, audit, timers, deliveries, outcomes, then the channel). With `updated`
@@ -260,31 +308,25 @@ fn json_array<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
 fn encode<'a>(
     rows: &GroupRows<'a>,
     heads: Heads<'a>,
-) -> Result<([String; 6], Heads<'a>), StoreError> {
+) -> Result<([String; 6], Heads<'a>, Vec<StepPrints>), StoreError> {
     use base64::Engine as _;
-    // One row per (instance, step index), the last wins: a multi-row upsert may not touch a
-    // row twice.
-    let mut steps = Vec::new();
-    for rec in &rows.recs {
-        let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
-            rec.state.steps.iter().map(|s| (s.index, s)).collect();
-        for step in unique.into_values() {
-            steps.push(StepRow {
-                instance_id: rec.info.id.as_str(),
-                step_index: step.index as i64,
-                partner_id: rec.info.partner_id.as_str(),
-                name: step.name.as_str(),
-                step_type: step.step_type.as_str(),
-                status: enum_to_str(&step.status)?,
-                started_at: step.started_at.map(|t| t.0),
-                finished_at: step.finished_at.map(|t| t.0),
-                actor: step.actor.as_ref().map(to_json).transpose()?,
-                input: step.input.as_ref().map(to_json).transpose()?,
-                output: step.output.as_ref().map(to_json).transpose()?,
-                error: step.error.as_deref(),
-            });
+    // Only the step rows that differ from what is stored (every one when that is unknown).
+    let mut steps = String::from("[");
+    let mut prints = Vec::with_capacity(rows.recs.len());
+    for (rec, stored) in rows.recs.iter().zip(&rows.stored_steps) {
+        let mut now = StepPrints::new();
+        for (index, json, print) in step_rows(rec)? {
+            if stored.as_ref().and_then(|s| s.get(&index)) != Some(&print) {
+                if steps.len() > 1 {
+                    steps.push(',');
+                }
+                steps.push_str(&json);
+            }
+            now.insert(index, print);
         }
+        prints.push(now);
     }
+    steps.push(']');
     let outbox: Vec<OutboxRow<'_>> = rows
         .outbox
         .iter()
@@ -375,7 +417,7 @@ fn encode<'a>(
         .collect();
     Ok((
         [
-            json_array(&steps)?,
+            steps,
             json_array(&outbox)?,
             json_array(&events)?,
             json_array(&timers)?,
@@ -383,6 +425,7 @@ fn encode<'a>(
             json_array(&outcomes)?,
         ],
         after,
+        prints,
     ))
 }
 
@@ -392,8 +435,8 @@ pub(crate) async fn write_rows<'a>(
     conn: &mut AnyConnection,
     rows: &GroupRows<'a>,
     heads: Heads<'a>,
-) -> Result<Heads<'a>, StoreError> {
-    let (arrays, after) = encode(rows, heads)?;
+) -> Result<(Heads<'a>, Vec<StepPrints>), StoreError> {
+    let (arrays, after, prints) = encode(rows, heads)?;
     let mut query = sqlx::query(write_rows_sql());
     for array in arrays {
         query = query.bind(array);
@@ -402,7 +445,7 @@ pub(crate) async fn write_rows<'a>(
         .bind(DECISION_OUTCOMES_CHANNEL)
         .fetch_all(&mut *conn)
         .await?;
-    Ok(after)
+    Ok((after, prints))
 }
 
 #[derive(Serialize)]
@@ -416,15 +459,24 @@ struct UpdateRow<'a> {
     expected: i64,
 }
 
-/// Write `commits` (distinct instances, each audit stream's head known: `heads`) in ONE
-/// statement, outside any transaction: each commit whose expected version still matches is
-/// written whole, the others not at all. Returns the ids written and the heads their streams
-/// then have.
+/// Write `commits` (distinct instances, each audit stream's head known: `heads`, and the
+/// fingerprints of its stored step rows: `stored`, in order) in ONE statement, outside any
+/// transaction: each commit whose expected version still matches is written whole (its
+/// changed step rows), the others not at all. Returns the ids written, the heads their
+/// streams then have, and each commit's step fingerprints after it.
 pub(crate) async fn write_commits<'a>(
     conn: &mut AnyConnection,
     commits: &[&'a InstanceCommit],
     heads: Heads<'a>,
-) -> Result<(std::collections::HashSet<String>, Heads<'a>), StoreError> {
+    stored: Vec<Option<StepPrints>>,
+) -> Result<
+    (
+        std::collections::HashSet<String>,
+        Heads<'a>,
+        Vec<StepPrints>,
+    ),
+    StoreError,
+> {
     let mut updates = Vec::with_capacity(commits.len());
     for c in commits {
         let rec = &c.rec;
@@ -438,8 +490,9 @@ pub(crate) async fn write_commits<'a>(
             expected: c.expected_version,
         });
     }
-    let rows = GroupRows::of_commits(commits);
-    let (arrays, after) = encode(&rows, heads)?;
+    let mut rows = GroupRows::of_commits(commits);
+    rows.stored_steps = stored;
+    let (arrays, after, prints) = encode(&rows, heads)?;
     let mut query = sqlx::query(write_commits_sql()).bind(json_array(&updates)?);
     for array in arrays {
         query = query.bind(array);
@@ -452,5 +505,5 @@ pub(crate) async fn write_commits<'a>(
     {
         written.insert(sqlx::Row::try_get::<String, _>(&row, "id")?);
     }
-    Ok((written, after))
+    Ok((written, after, prints))
 }

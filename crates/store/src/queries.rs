@@ -16,7 +16,6 @@ use workflow_core::instance::{ActorRef, ActorType, InstanceInfo, RunMode};
 use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 
 use crate::error::{is_foreign_key_violation, is_unique_violation};
-use crate::pg_commit::INSTANCE_STREAM_PREFIX;
 use crate::records::*;
 use crate::{Backend, CreateOutcome, Store, StoreError};
 
@@ -513,34 +512,17 @@ impl Store {
         // By primary key alone, the partner checked here: with `partner_id = $1` in the WHERE
         // clause the planner may pick any partner-prefixed index for a partner that is rare in
         // its statistics, and scan every instance of that partner.
-        let found = match (&self.readers, &self.pg_committer) {
-            (Some(readers), _) => readers.instance(id)?,
-            // With its audit stream's head, so the group commit of its next transition knows
-            // it (`pg_commit.rs`): one index probe more here, two statements fewer there.
-            (None, Some(committer)) => {
-                let sql = format!(
-                    "SELECT {INSTANCE_COLS}, h.seq AS head_seq, h.hash AS head_hash \
-                     FROM workflow_instances w LEFT JOIN LATERAL (SELECT a.seq, a.hash \
-                     FROM audit_events a WHERE a.stream = '{INSTANCE_STREAM_PREFIX}' || w.id \
-                     AND a.partner_id = w.partner_id ORDER BY a.seq DESC LIMIT 1) AS h ON true \
-                     WHERE w.id = $1"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(id)
-                    .fetch_optional(self.pool())
-                    .await?;
-                match row {
-                    Some(row) => {
-                        let rec = instance_from_row(&row)?;
-                        let seq = row.try_get::<Option<i64>, _>("head_seq")?;
-                        let hash = row.try_get::<Option<String>, _>("head_hash")?;
-                        committer.observed(&rec.info.id, rec.version, seq.zip(hash));
-                        Some(rec)
-                    }
-                    None => None,
-                }
+        let found = match (&self.readers, &self.pg_committer, &self.pg_reader) {
+            (Some(readers), ..) => readers.instance(id)?,
+            // Batched with the process's other reads, with its audit stream's head, so the group
+            // commit of its next transition knows it (`pg_reads.rs`, `pg_commit.rs`).
+            (None, Some(committer), Some(reader)) => {
+                reader.instance(self.pool(), id).await?.map(|(rec, head)| {
+                    committer.observed(&rec, head);
+                    rec
+                })
             }
-            (None, None) => {
+            _ => {
                 let sql = format!("SELECT {INSTANCE_COLS} FROM workflow_instances WHERE id = $1");
                 let row = sqlx::query(&sql)
                     .bind(id)

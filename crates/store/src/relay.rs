@@ -113,6 +113,19 @@ where
 }
 
 async fn delete(conn: &mut sqlx::AnyConnection, ids: &[String]) -> Result<(), StoreError> {
+    if Backend::from_connection(conn) == Backend::Postgres {
+        // The ids as one JSON array: one statement text for any count (a text per count was
+        // planned afresh each time, and crowded the connection's statement cache).
+        let ids = serde_json::to_string(ids)
+            .map_err(|e| StoreError::corrupt(format!("cannot encode outbox ids: {e}")))?;
+        sqlx::query(
+            "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))",
+        )
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(());
+    }
     for chunk in ids.chunks(DELETE_CHUNK) {
         let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
