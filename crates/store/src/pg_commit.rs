@@ -25,8 +25,9 @@
 //! (`NotFound`) while the others commit; any other failure writes nothing of the group (the
 //! one statement, or the transaction, fails whole) and its commits are retried, without known
 //! heads, then one transaction each (`commit::commit_each`). A commit is answered only after
-//! the statement or transaction holding it committed. Two commits of the same instance never share a group
-//! (a multi-row `UPDATE` cannot apply both in order): the later one goes to the next group.
+//! the statement or transaction holding it committed. Two commits of the same instance never
+//! share a group (a multi-row `UPDATE` cannot apply both in order): the later one goes to the
+//! next group.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -588,11 +589,13 @@ async fn write_known(
         .map(|c| c.rec.info.id.as_str())
         .filter(|id| !written.contains(*id))
         .collect();
-    // Stale (`Conflict`), or unknown or another partner's (`NotFound`).
+    // Stale (`Conflict`), or unknown or another partner's (`NotFound`). The others are
+    // written already, so a failure here cannot fail the group: unread owners answer
+    // `Conflict`, whose caller reads the instance again (and then finds it, or not).
     let owners = if refused.is_empty() {
-        HashMap::new()
+        Some(HashMap::new())
     } else {
-        owners_of(conn, &refused).await.unwrap_or_default()
+        owners_of(conn, &refused).await.ok()
     };
     Ok(commits
         .iter()
@@ -604,7 +607,8 @@ async fn write_known(
                 return Ok(());
             }
             known.forget(&info.id);
-            if owners.get(info.id.as_str()) == Some(&info.partner_id) {
+            let owner = owners.as_ref().map(|o| o.get(info.id.as_str()));
+            if owner.is_none() || owner == Some(Some(&info.partner_id)) {
                 Err(StoreError::Conflict {
                     what: "instance",
                     id: info.id.clone(),
@@ -728,7 +732,7 @@ fn not_found(id: &str) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The group's own statements, called directly: through `Store::commit_instances` a
     //! failure of theirs would be masked by the fallback (each commit alone gives the same
     //! answers), so this is where the heads read by the `UPDATE` are shown to chain.
@@ -756,7 +760,8 @@ mod tests {
         }
     }
 
-    fn instance() -> InstanceRecord {
+    /// A running instance of partner `p1` at version 1, with a fresh id.
+    pub(crate) fn instance() -> InstanceRecord {
         InstanceRecord {
             info: InstanceInfo {
                 id: uuid::Uuid::now_v7().to_string(),

@@ -137,40 +137,16 @@ mod tests {
     //! masked by the reads made alone.
 
     use serde_json::json;
-    use workflow_core::instance::{ActorRef, ActorType, InstanceInfo, InstanceState};
-    use workflow_core::{InstanceStatus, Timestamp};
+    use workflow_core::Timestamp;
 
     use super::*;
     use crate::records::AuditDraft;
     use crate::Store;
 
     fn instance(n: u64) -> InstanceRecord {
-        InstanceRecord {
-            info: InstanceInfo {
-                id: uuid::Uuid::now_v7().to_string(),
-                partner_id: "p1".into(),
-                template_id: "t1".into(),
-                template_version: 1,
-                created_at: Timestamp(1_000),
-                created_by: ActorRef {
-                    id: "u".into(),
-                    actor_type: ActorType::Human,
-                },
-                trigger: json!({ "n": n }),
-                mode: Default::default(),
-            },
-            idempotency_key: None,
-            state: InstanceState {
-                status: InstanceStatus::Running,
-                current_step: None,
-                waiting_on: None,
-                steps: vec![],
-                error: None,
-                finished_at: None,
-            },
-            updated_at: Timestamp(1_000),
-            version: 1,
-        }
+        let mut rec = crate::pg_commit::tests::instance();
+        rec.info.trigger = json!({ "n": n });
+        rec
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! The rows a PostgreSQL group writes after its instances, in ONE statement.
+//! The rows a PostgreSQL group writes, in ONE statement.
 //!
 //! A group commit's steps, outbox messages, audit events, timers, notification deliveries and
 //! decision outcomes each had a multi-row statement of their own: up to six round trips inside
@@ -6,9 +6,13 @@
 //! cache of prepared statements kept missing them, re-parsing each). Here every table's rows
 //! travel as one JSON array parameter, unpacked by `json_to_recordset`, and each table's insert
 //! is a data-modifying CTE of a single statement whose text never changes: one round trip, one
-//! prepared statement per connection. The statement is atomic like the ones it replaces, and it
-//! runs inside the group's transaction (after the version-checked `UPDATE` or the instances'
-//! insert, which decide what is written), so a failure still rolls the whole group back.
+//! prepared statement per connection. Two forms:
+//! - [`write_rows`]: the rows alone, inside the group's transaction, after the statement that
+//!   decided what is written (the version-checked `UPDATE` or the instances' insert);
+//! - [`write_commits`]: the version-checked `UPDATE` too, as the first CTE, with each table's
+//!   rows limited to the instances it updated: the whole group, atomic without a transaction.
+//!
+//! Either fails whole, so a failure still writes nothing of the group.
 
 use serde::Serialize;
 use sqlx::AnyConnection;
@@ -16,7 +20,7 @@ use sqlx::AnyConnection;
 use crate::commit::InstanceCommit;
 use crate::listen::DECISION_OUTCOMES_CHANNEL;
 use crate::notifications::NewDelivery;
-use crate::queries::{chain_audits, enum_to_str, to_json, STEP_CONFLICT};
+use crate::queries::{chain_audits, to_json, STEP_CONFLICT};
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::StoreError;
 
@@ -91,30 +95,21 @@ pub(crate) type StepPrints = std::collections::BTreeMap<usize, [u8; 16]>;
 /// row twice), each as JSON with its fingerprint.
 fn step_rows(rec: &InstanceRecord) -> Result<Vec<(usize, String, [u8; 16])>, StoreError> {
     use sha2::Digest as _;
-    let unique: std::collections::BTreeMap<usize, &workflow_core::instance::StepExecution> =
-        rec.state.steps.iter().map(|s| (s.index, s)).collect();
-    let mut rows = Vec::with_capacity(unique.len());
-    for step in unique.into_values() {
+    let mut rows = Vec::with_capacity(rec.state.steps.len());
+    // The same rows the SQLite writer binds.
+    for step in crate::sqlite_writer::step_rows(&rec.state.steps)? {
+        let index = usize::try_from(step.index).unwrap_or_default();
         let row = StepRow {
             instance_id: rec.info.id.as_str(),
-            step_index: step.index as i64,
             partner_id: rec.info.partner_id.as_str(),
-            name: step.name.as_str(),
-            step_type: step.step_type.as_str(),
-            status: enum_to_str(&step.status)?,
-            started_at: step.started_at.map(|t| t.0),
-            finished_at: step.finished_at.map(|t| t.0),
-            actor: step.actor.as_ref().map(to_json).transpose()?,
-            input: step.input.as_ref().map(to_json).transpose()?,
-            output: step.output.as_ref().map(to_json).transpose()?,
-            error: step.error.as_deref(),
+            step: &step,
         };
         let json = serde_json::to_string(&row)
             .map_err(|e| StoreError::corrupt(format!("cannot encode a step row: {e}")))?;
         let digest = sha2::Sha256::digest(json.as_bytes());
         let mut print = [0u8; 16];
         print.copy_from_slice(&digest[..16]);
-        rows.push((step.index, json, print));
+        rows.push((index, json, print));
     }
     Ok(rows)
 }
@@ -131,8 +126,8 @@ pub(crate) fn step_prints(rec: &InstanceRecord) -> Result<StepPrints, StoreError
 /// on (steps, outbox, audit, timers, deliveries, outcomes, then the channel). With `updated`
 /// (the name of a CTE returning `id`), only the rows of those instances are written.
 fn insert_ctes(p: usize, updated: Option<&str>) -> String {
-    let only = |alias: &str| match updated {
-        Some(u) => format!(" WHERE {alias}.instance_id IN (SELECT id FROM {u})"),
+    let only_r = match updated {
+        Some(u) => format!(" WHERE r.instance_id IN (SELECT id FROM {u})"),
         None => String::new(),
     };
     format!(
@@ -184,7 +179,6 @@ fn insert_ctes(p: usize, updated: Option<&str>) -> String {
         deliveries = p + 4,
         outcomes = p + 5,
         channel = p + 6,
-        only_r = only("r"),
     )
 }
 
@@ -218,20 +212,13 @@ fn write_commits_sql() -> &'static str {
     SQL.as_str()
 }
 
+/// A step mirror row with its instance's keys.
 #[derive(Serialize)]
 struct StepRow<'a> {
     instance_id: &'a str,
-    step_index: i64,
     partner_id: &'a str,
-    name: &'a str,
-    step_type: &'a str,
-    status: String,
-    started_at: Option<i64>,
-    finished_at: Option<i64>,
-    actor: Option<String>,
-    input: Option<String>,
-    output: Option<String>,
-    error: Option<&'a str>,
+    #[serde(flatten)]
+    step: &'a crate::sqlite_writer::StepRow,
 }
 
 #[derive(Serialize)]
@@ -362,7 +349,7 @@ fn encode<'a>(
             hash,
         });
     }
-    // A multi-row insert may not name a row twice, even one that `DO NOTHING` skips.
+    // Each id once, as the statements these replace wrote them.
     let mut seen = std::collections::HashSet::new();
     let timers: Vec<TimerRow<'_>> = rows
         .timers

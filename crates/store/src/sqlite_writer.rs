@@ -130,10 +130,12 @@ pub(crate) struct CommitRows {
     decision: Option<DecisionOutcome>,
 }
 
-/// A `workflow_step_executions` row.
-#[derive(Debug)]
-struct StepRow {
-    index: i64,
+/// A `workflow_step_executions` row (without its instance's keys); serialized with the
+/// column names (the PostgreSQL group's JSON rows, `pg_rows.rs`).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct StepRow {
+    #[serde(rename = "step_index")]
+    pub(crate) index: i64,
     name: String,
     step_type: &'static str,
     status: String,
@@ -273,7 +275,7 @@ impl Encoded {
 }
 
 /// `state.steps` as rows; the last entry of a step index wins.
-fn step_rows(steps: &[StepExecution]) -> Result<Vec<StepRow>, StoreError> {
+pub(crate) fn step_rows(steps: &[StepExecution]) -> Result<Vec<StepRow>, StoreError> {
     let unique: BTreeMap<usize, &StepExecution> = steps.iter().map(|s| (s.index, s)).collect();
     unique
         .into_values()

@@ -1199,19 +1199,17 @@ async fn unsupported_urls_are_refused() {
 
 /// Pooled PostgreSQL connections are not pinged before every use (a round trip each): one that
 /// died while idle for a while is found by the ping it then gets and replaced; one that died
-/// in the middle of use fails its next statement with a retryable error, and is replaced.
+/// in the middle of use may fail its next statement, with a retryable error, and is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_that_died_are_replaced() -> TestResult {
     let db = postgres_db().await?;
     let store = Store::connect_with(&db.url, 1).await?;
     store.create_partner(&partner("p1")).await?;
-    // The one pooled connection's backend is ended from another connection, and gone; returns
-    // when the connection was last used.
+    // The one pooled connection's backend is ended from another connection, and gone.
     let terminate = || async {
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(store.pool())
             .await?;
-        let used = std::time::Instant::now();
         sqlx::query("SELECT pg_terminate_backend($1)")
             .bind(pid)
             .execute(db.store.pool())
@@ -1224,7 +1222,7 @@ async fn postgres_connections_that_died_are_replaced() -> TestResult {
                     .fetch_one(db.store.pool())
                     .await?;
             if left == 0 {
-                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(used);
+                return Ok::<(), Box<dyn std::error::Error + Send + Sync>>(());
             }
             assert!(
                 std::time::Instant::now() < deadline,
@@ -1234,24 +1232,16 @@ async fn postgres_connections_that_died_are_replaced() -> TestResult {
         }
     };
 
-    // Died while busy (used again at once): its next statement fails, retryably. On a loaded
-    // machine the wait for the backend to go can outlast the ping threshold, which makes the
-    // connection idle, not busy: then the case is tried again.
-    let mut tries = 0;
-    loop {
-        let used = terminate().await?;
-        if used.elapsed() >= std::time::Duration::from_millis(500) {
-            tries += 1;
-            assert!(tries < 10, "the backend never went within half a second");
-            // Replace the dead connection before the next try.
-            sqlx::query("SELECT 1").execute(store.pool()).await.ok();
-            continue;
-        }
-        let err = store.create_partner(&partner("p2")).await.unwrap_err();
+    // Died while busy (used again at once, not pinged): its next statement may fail, and then
+    // retryably; the one after works. (Whether it fails depends on when the client notices the
+    // closed socket, which a loaded machine moves: that is not what this asserts.)
+    terminate().await?;
+    if let Err(err) = store.create_partner(&partner("p2")).await {
         assert!(err.is_retryable(), "{err:?}");
-        break;
     }
-    store.create_partner(&partner("p2")).await?;
+    if store.get_partner("p2").await?.is_none() {
+        store.create_partner(&partner("p2")).await?;
+    }
 
     // Died while idle (for longer than the ping threshold): nothing fails.
     terminate().await?;
