@@ -376,3 +376,46 @@ async fn the_api_checks_decisions_against_its_hints_and_the_pool_has_the_last_wo
         .expect("instance");
     assert_eq!(stored.state.status, InstanceStatus::Cancelled);
 }
+
+/// The distributed api publishes a decision straight onto Kafka (`Engine::with_command_bus`):
+/// if no broker takes it, the call fails with a retryable error (the API answers 503) and
+/// leaves nothing behind: no outbox row to be relayed later, no outcome, the step still
+/// waiting for a decision that may be submitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_no_broker_takes_is_refused_retryably_and_leaves_nothing() {
+    let (_url, api, pool) = engines().await;
+    let id = start(&api, "tr_no_broker").await;
+    assert!(drain(&pool).await.is_empty());
+    // A real Kafka client whose bootstrap address has no broker behind it.
+    let mut config = workflow_bus_kafka::KafkaConfig::new("127.0.0.1:9");
+    config.timeout = Duration::from_millis(500);
+    let bus = workflow_bus_kafka::KafkaBus::new(config).expect("kafka client");
+    let api = api.with_command_bus(Arc::new(bus));
+
+    let refused = api
+        .submit_decision("p", &id, 0, &cfo(), Verdict::Approve, None, PATIENCE)
+        .await
+        .expect_err("no broker took the decision");
+    assert!(
+        matches!(refused, workflow_engine::EngineError::Bus(_)),
+        "{refused:?}"
+    );
+    assert!(refused.is_retryable(), "{refused:?}");
+
+    let store = pool.store();
+    assert!(store.fetch_outbox(0).await.expect("outbox").is_empty());
+    let outcomes: i64 =
+        sqlx::query("SELECT count(*) AS n FROM approval_decisions WHERE instance_id = $1")
+            .bind(id.as_str())
+            .fetch_one(store.pool())
+            .await
+            .expect("outcomes")
+            .get("n");
+    assert_eq!(outcomes, 0);
+    let rec = store
+        .get_instance("p", &id)
+        .await
+        .expect("read")
+        .expect("instance");
+    assert_eq!(rec.state.status, InstanceStatus::Waiting);
+}
