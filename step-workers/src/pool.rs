@@ -118,8 +118,11 @@ pub async fn run_pool(
     Ok(())
 }
 
-/// Offsets are committed at most this long after a message was handled...
-const COMMIT_AFTER: Duration = Duration::from_millis(20);
+/// Offsets are committed at most this long after a message was handled (with 20 ms a busy
+/// member committed every message or two, each a request the broker's group coordinator
+/// writes; 250 ms cut the CPU per instance of the broker and PostgreSQL together by ~8 % and
+/// the engine's by ~5 %: docs/benchmarks.md, round 10)...
+const COMMIT_AFTER: Duration = Duration::from_millis(250);
 /// ...or after this many messages, whichever comes first.
 const COMMIT_EVERY: usize = 64;
 

@@ -141,6 +141,11 @@ impl KnownHeads {
         self.lock().remove(id);
     }
 
+    /// The version `id` is known at, if it is.
+    fn version_of(&self, id: &str) -> Option<i64> {
+        self.lock().get(id).map(|known| known.version)
+    }
+
     /// After `c` was written: its instance at its new version, with the head `after` gives its
     /// stream (unchanged if it wrote no event) and its step rows `steps`.
     fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>, steps: StepPrints) {
@@ -205,12 +210,17 @@ impl PgCommitter {
 
     /// An instance as read, with its own stream's head (`None`: no events).
     pub(crate) fn observed(&self, rec: &InstanceRecord, head: Option<(i64, String)>) {
+        let id = rec.info.id.as_str();
+        // Known at this version already (this process wrote or read it): what it holds is what
+        // was read, as nothing of an instance changes without a new version.
+        if self.known.version_of(id) == Some(rec.version) {
+            return;
+        }
         // A record whose steps cannot be encoded is not remembered: its commit will fail the
         // same way, on the transaction path.
         let Ok(steps) = step_prints(rec) else {
             return;
         };
-        let id = rec.info.id.as_str();
         self.known.remember(
             id,
             KnownHead {

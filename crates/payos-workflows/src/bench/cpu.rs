@@ -79,6 +79,44 @@ pub fn processes_total_s(pids: &[u32]) -> Result<f64, CpuError> {
         .try_fold(0.0, |sum, pid| Ok(sum + process(*pid)?.total_s()))
 }
 
+/// Whether a process is one of the services the distributed runtime runs on: a PostgreSQL
+/// process (`comm` is `postgres`: the postmaster and its backends) or a Kafka broker (a JVM
+/// whose command line runs `kafka.Kafka`).
+fn is_service(comm: &str, cmdline: &[u8]) -> bool {
+    comm == "postgres" || (comm == "java" && cmdline.windows(11).any(|w| w == b"kafka.Kafka"))
+}
+
+/// CPU seconds used so far by every PostgreSQL and Kafka broker process on this machine,
+/// children included (the postmaster's waited-for children are its exited backends, so a
+/// backend that ends between two readings still counts once); `None` when there is none
+/// (the services run elsewhere). A process that ends while `/proc` is read is skipped.
+pub fn local_services_s() -> Option<f64> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    let mut found = false;
+    let mut sum = 0.0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !is_service(comm.trim_end(), &cmdline) {
+            continue;
+        }
+        if let Ok(times) = process(pid) {
+            found = true;
+            sum += times.total_s();
+        }
+    }
+    found.then_some(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +134,17 @@ mod tests {
     fn garbage_is_refused() {
         assert_eq!(parse_stat("no parenthesis here"), None);
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn services_are_postgres_and_the_kafka_broker() {
+        assert!(is_service("postgres", b"postgres: checkpointer"));
+        assert!(is_service(
+            "java",
+            b"java\0-Xmx512m\0kafka.Kafka\0server.properties"
+        ));
+        assert!(!is_service("java", b"java\0-jar\0other.jar"));
+        assert!(!is_service("payos-workflows", b"payos-workflows\0api"));
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct SeedReport {
     pub cpu_s_per_1000: f64,
     /// CPU of the load driver itself, when it could be told apart (embedded).
     pub driver_cpu_s: Option<f64>,
+    /// Distributed, with PostgreSQL and Kafka on this machine: their CPU during the run.
+    pub services_cpu_s: Option<f64>,
     pub http_requests: u64,
 }
 
@@ -169,6 +171,7 @@ impl SeedReport {
             "cpu_s": round3(self.cpu_s),
             "cpu_s_per_1000": round3(self.cpu_s_per_1000),
             "driver_cpu_s": self.driver_cpu_s.map(round3),
+            "services_cpu_s_per_1000": self.services_cpu_s_per_1000().map(round3),
             "http_requests": self.http_requests,
         })
     }
@@ -207,7 +210,20 @@ impl SeedReport {
             "CPU: {:.2} s, {:.2} s per 1,000 instances{driver}; {} HTTP requests",
             self.cpu_s, self.cpu_s_per_1000, self.http_requests
         ));
+        if let (Some(services), Some(per_1000)) =
+            (self.services_cpu_s, self.services_cpu_s_per_1000())
+        {
+            out.push(format!(
+                "PostgreSQL and Kafka on this machine: {services:.2} s, {per_1000:.2} s per 1,000 instances (not in the figure above)"
+            ));
+        }
         out
+    }
+
+    /// The services' CPU per 1,000 terminal instances.
+    fn services_cpu_s_per_1000(&self) -> Option<f64> {
+        let done = self.completed.max(1) as f64;
+        self.services_cpu_s.map(|s| s * 1000.0 / done)
     }
 }
 
@@ -940,6 +956,7 @@ pub fn report(
         cpu_s,
         cpu_s_per_1000: cpu_s * 1000.0 / done,
         driver_cpu_s,
+        services_cpu_s: None,
         http_requests: outcome.http_requests,
     }
 }
@@ -953,18 +970,24 @@ pub async fn run_distributed(
     opts: &SeedOptions,
 ) -> Result<SeedReport, BenchError> {
     let before = super::cpu::processes_total_s(pids)?;
+    let services_before = super::cpu::local_services_s();
     let outcome = drive(target, opts).await?;
     let after = super::cpu::processes_total_s(pids)?;
+    let services_after = super::cpu::local_services_s();
     let (steps, e2e) = read_latencies(&target.database_url, &outcome.partner_id).await?;
     check(&outcome)?;
-    Ok(report(
+    let mut report = report(
         "distributed",
         &outcome,
         steps,
         e2e,
         (after - before).max(0.0),
         None,
-    ))
+    );
+    report.services_cpu_s = services_before
+        .zip(services_after)
+        .map(|(before, after)| (after - before).max(0.0));
+    Ok(report)
 }
 
 /// Every instance must have completed, and every large one been approved twice.
@@ -1084,6 +1107,16 @@ mod tests {
         assert_eq!(v["step_latency_ms"]["max"], 3);
         assert_eq!(v["e2e_latency_ms"]["p50"], 10);
         assert!((v["cpu_s_per_1000"].as_f64().unwrap_or(0.0) - 250.0).abs() < 1e-9);
+        assert!(v["services_cpu_s_per_1000"].is_null(), "{v}");
         assert!(check(&outcome).is_ok());
+
+        let mut with_services = r;
+        with_services.services_cpu_s = Some(2.0);
+        let v = with_services.to_json();
+        assert!((v["services_cpu_s_per_1000"].as_f64().unwrap_or(0.0) - 500.0).abs() < 1e-9);
+        assert!(with_services
+            .lines()
+            .iter()
+            .any(|l| l.contains("PostgreSQL and Kafka") && l.contains("500.00 s per 1,000")));
     }
 }
