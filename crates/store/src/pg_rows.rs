@@ -94,7 +94,7 @@ pub(crate) type StepPrints = std::collections::BTreeMap<usize, [u8; 16]>;
 /// 128 bits of two SipHash-1-3 of `json`, keyed at random once per process. Fingerprints are
 /// only compared within the process that made them (they are never stored), so they need no
 /// stable value, and random keys leave nobody a way to make two rows collide on purpose; an
-/// accidental collision is a 2^-128 chance. SHA-256 cost a third of the time spent encoding
+/// accidental collision is a 2^-128 chance. SHA-256 was half the time spent encoding the step
 /// rows (this machine's CPU has no SHA instructions).
 fn fingerprint(json: &str) -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
