@@ -728,31 +728,25 @@ impl Store {
 
     // ---------------------------------------------------------------- outbox
 
-    /// The oldest unpublished messages (by insertion order), at most `limit` (0: all).
+    /// The oldest unpublished messages (by insertion order): those of the oldest `limit` outbox
+    /// rows (0: all; a row may hold several, `outbox.rs`).
     ///
     /// Messages of one instance are in commit order: they are written under that instance's
     /// row lock, so a later commit's messages get later sequence numbers.
     pub async fn fetch_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>, StoreError> {
+        let select = format!(
+            "SELECT {} FROM outbox ORDER BY seq ASC",
+            crate::outbox::COLUMNS
+        );
         let rows = if limit > 0 {
-            sqlx::query("SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC LIMIT $1")
+            sqlx::query(&format!("{select} LIMIT $1"))
                 .bind(i64::from(limit))
                 .fetch_all(self.pool())
                 .await?
         } else {
-            sqlx::query("SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC")
-                .fetch_all(self.pool())
-                .await?
+            sqlx::query(&select).fetch_all(self.pool()).await?
         };
-        rows.iter()
-            .map(|row| {
-                Ok(OutboxMessage {
-                    id: row.try_get("id")?,
-                    topic: row.try_get("topic")?,
-                    key: row.try_get("msg_key")?,
-                    payload: row.try_get("payload")?,
-                })
-            })
-            .collect()
+        crate::outbox::messages_of(&rows)
     }
 
     /// Forget published messages. Unknown ids are ignored.
@@ -1033,30 +1027,25 @@ pub(crate) fn values_placeholders(rows: usize, width: usize) -> String {
         .join(", ")
 }
 
-/// One multi-row statement per [`ROWS_PER_INSERT`] messages: every statement is a round trip
-/// made while the write lock is held. Rows are inserted in order, so `seq` keeps their order.
+/// `messages` (one write's, in order) as one outbox row (`outbox.rs`): one statement.
 pub(crate) async fn insert_outbox(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<(), StoreError> {
-    for chunk in messages.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO outbox (id, topic, msg_key, payload) VALUES {}",
-            values_placeholders(chunk.len(), 4)
-        );
-        let mut query = sqlx::query(&sql);
-        for m in chunk {
-            query = query
-                .bind(m.id.as_str())
-                .bind(m.topic.as_str())
-                .bind(m.key.as_str())
-                .bind(m.payload.as_slice());
-        }
-        query.execute(&mut *conn).await.map_err(|e| {
-            let ids: Vec<&str> = chunk.iter().map(|m| m.id.as_str()).collect();
-            unique_to(e, "outbox message", &ids.join(", "))
-        })?;
-    }
+    let Some(row) = crate::outbox::pack(messages)? else {
+        return Ok(());
+    };
+    sqlx::query(
+        "INSERT INTO outbox (id, topic, msg_key, payload, messages) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(row.id)
+    .bind(row.topic)
+    .bind(row.key)
+    .bind(row.payload.as_ref())
+    .bind(row.messages)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| unique_to(e, "outbox message", row.id))?;
     Ok(())
 }
 
