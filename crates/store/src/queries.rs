@@ -704,14 +704,9 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<InstanceRecord>, StoreError> {
         let mut args = Args::default();
-        let active: Vec<String> = InstanceStatus::ALL
-            .into_iter()
-            .filter(|s| !s.is_terminal())
-            .map(|s| args.push(Arg::Text(s.as_str().to_string())))
-            .collect();
         let mut sql = format!(
             "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE status IN ({})",
-            active.join(", ")
+            active_statuses()
         );
         if let Some(after_id) = after_id {
             let p = args.push(Arg::Text(after_id.to_string()));
@@ -1023,6 +1018,18 @@ pub(crate) fn values_placeholders(rows: usize, width: usize) -> String {
             let params: Vec<String> = (1..=width).map(|k| format!("${}", r * width + k)).collect();
             format!("({})", params.join(", "))
         })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The statuses of instances in flight, as SQL literals (`'running', 'waiting'`): the same list
+/// as the predicate of the partial index `workflow_instances_active` (migration 0010), which
+/// the planner uses only for a query naming exactly these values, not parameters.
+fn active_statuses() -> String {
+    InstanceStatus::ALL
+        .into_iter()
+        .filter(|s| !s.is_terminal())
+        .map(|s| format!("'{}'", s.as_str()))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -1441,4 +1448,20 @@ pub(crate) fn enum_to_str<T: Serialize>(value: &T) -> Result<String, StoreError>
 fn enum_from_str<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
     serde_json::from_value(Value::String(text.to_string()))
         .map_err(|e| StoreError::corrupt(format!("{what} {text:?} does not decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A status added to the instances in flight must be added to the partial index too:
+    /// otherwise a restart's resume query no longer matches it and reads every instance.
+    #[test]
+    fn the_resume_query_names_the_active_index_statuses() {
+        let predicate = format!("WHERE status IN ({});", super::active_statuses());
+        for migration in [
+            include_str!("../../../migrations/postgres/0010_active_instances_index.sql"),
+            include_str!("../../../migrations/sqlite/0010_active_instances_index.sql"),
+        ] {
+            assert!(migration.contains(&predicate), "{predicate} in {migration}");
+        }
+    }
 }

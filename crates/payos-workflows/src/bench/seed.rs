@@ -735,6 +735,12 @@ async fn approve_when_waiting(
 
 const TERMINAL: &str = "('completed', 'failed', 'rejected', 'cancelled')";
 
+/// How often the driver counts the terminal instances. Each count reads every instance of the
+/// run (~10 ms of PostgreSQL at 4,000, polled every 250 ms: ~3 % of the services' CPU the run
+/// reports). The run's end is the last instance's `updated_at`, not when a poll sees it, so a
+/// slower poll changes no figure but the CPU spent watching.
+const PROGRESS_POLL: Duration = Duration::from_secs(1);
+
 async fn terminal_counts(store: &Store, partner: &str) -> Result<(usize, usize), BenchError> {
     let sql = format!(
         "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END), 0) AS c \
@@ -827,7 +833,7 @@ pub async fn drive(target: &Target, opts: &SeedOptions) -> Result<DriveOutcome, 
                 waited: started.elapsed(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(PROGRESS_POLL).await;
     };
     join_all(tasks).await?;
     let last = sqlx::query(&format!(
