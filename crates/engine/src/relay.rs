@@ -120,24 +120,20 @@ pub async fn publish_pending(
     outbox: &Outbox,
 ) -> Result<usize, RelayError> {
     let mut published = Vec::new();
-    let result = publish_into(bus, outbox, FAST_BATCH, &mut published).await;
+    let result = publish_into(bus, outbox, &mut published).await;
     delete_published(store, &mut published).await;
     result
 }
 
-/// Publish what the fast path holds, `batch` messages at a time, adding the published ids to
-/// `published` (to delete). They are always a prefix of what was handed over, in order: a
-/// packed outbox row's last message is among them only once all of its messages are, so
-/// deleting by them never deletes a row with a message unpublished.
+/// Publish what the fast path holds, adding the published ids to `published` (to delete).
 async fn publish_into(
     bus: &dyn Bus,
     outbox: &Outbox,
-    batch: usize,
     published: &mut Vec<String>,
 ) -> Result<usize, RelayError> {
     let mut total = 0;
     loop {
-        let rows = outbox.take(batch);
+        let rows = outbox.take(FAST_BATCH);
         if rows.is_empty() {
             return Ok(total);
         }
@@ -208,7 +204,7 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
     let mut published: Vec<String> = Vec::new();
     let mut delete_by: Option<tokio::time::Instant> = None;
     loop {
-        let result = publish_into(bus.as_ref(), &outbox, FAST_BATCH, &mut published).await;
+        let result = publish_into(bus.as_ref(), &outbox, &mut published).await;
         if !published.is_empty() && delete_by.is_none() {
             delete_by = Some(tokio::time::Instant::now() + DELETE_DELAY);
         }
@@ -245,7 +241,7 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
         tokio::select! {
             _ = cancel.cancelled() => {
                 // Publish what was handed over before stopping (SIGTERM drains in-flight work).
-                let result = publish_into(bus.as_ref(), &outbox, FAST_BATCH, &mut published).await;
+                let result = publish_into(bus.as_ref(), &outbox, &mut published).await;
                 delete_published(&store, &mut published).await;
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "outbox rows left for the next relay");
@@ -256,102 +252,5 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
             _ = tokio::time::sleep_until(next_sweep) => {}
             _ = tokio::time::sleep_until(delete_by.unwrap_or(next_sweep)) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use workflow_bus::InProcessBus;
-    use workflow_bus::{BusError, Outgoing, Subscription};
-
-    use super::*;
-
-    /// The in-process bus, refusing publishes once `batches` of them went through.
-    struct Refusing {
-        inner: InProcessBus,
-        batches: AtomicUsize,
-    }
-
-    #[async_trait::async_trait]
-    impl Bus for Refusing {
-        async fn publish(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<(), BusError> {
-            self.inner.publish(topic, key, payload).await
-        }
-
-        async fn publish_batch(&self, batch: Vec<Outgoing>) -> Result<(), BusError> {
-            let allowed = self
-                .batches
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            if allowed.is_err() {
-                return Err(BusError::Unavailable {
-                    reason: "refused by the test".into(),
-                });
-            }
-            self.inner.publish_batch(batch).await
-        }
-
-        async fn subscribe(
-            &self,
-            topic: &str,
-            group: &str,
-        ) -> Result<Box<dyn Subscription>, BusError> {
-            self.inner.subscribe(topic, group).await
-        }
-    }
-
-    fn message(id: &str) -> OutboxMessage {
-        OutboxMessage {
-            id: id.into(),
-            topic: "workflow.lifecycle".into(),
-            key: "instance-1".into(),
-            payload: id.as_bytes().to_vec(),
-        }
-    }
-
-    /// A fast-path publish cut off inside a packed row (one write's three messages) deletes
-    /// nothing of it: the row stays whole in the outbox, and goes once its last message is out.
-    #[tokio::test]
-    async fn a_packed_row_stays_until_all_of_its_messages_are_published(
-    ) -> Result<(), Box<dyn std::error::Error>> {
-        let store = Store::connect("sqlite::memory:").await?;
-        store.migrate().await?;
-        let written = [message("a"), message("b"), message("c")];
-        store.enqueue(&written).await?;
-        let outbox = Outbox::default();
-        outbox.committed(&written);
-        let bus = Refusing {
-            inner: InProcessBus::new(1),
-            batches: AtomicUsize::new(1),
-        };
-        let mut sub = bus.subscribe("workflow.lifecycle", "g").await?;
-
-        // Two messages at a time: [a, b] go out, [c] is refused.
-        let mut published = Vec::new();
-        let result = publish_into(&bus, &outbox, 2, &mut published).await;
-        assert!(result.is_err());
-        assert_eq!(published, ["a", "b"]);
-        delete_published(&store, &mut published).await;
-        assert_eq!(
-            store.fetch_outbox(0).await?,
-            written,
-            "nothing of the row is lost"
-        );
-        assert_eq!(outbox.len(), 1, "c waits for the next publish");
-
-        bus.batches.store(1, Ordering::SeqCst);
-        assert_eq!(publish_pending(&store, &bus, &outbox).await?, 1);
-        assert!(store.fetch_outbox(0).await?.is_empty());
-        let mut received = Vec::new();
-        for _ in 0..3 {
-            let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
-                .await?
-                .map_err(|e| e.to_string())?
-                .ok_or("the bus shut down")?;
-            received.push(String::from_utf8(msg.payload.to_vec())?);
-        }
-        assert_eq!(received, ["a", "b", "c"]);
-        Ok(())
     }
 }

@@ -41,8 +41,7 @@ fn record_outcomes_and_notify_sql(rows: usize) -> String {
 const OUTCOME_WIDTH: usize = 8;
 
 impl Store {
-    /// Queue messages that change no state (e.g. a decision command), together (one outbox
-    /// row).
+    /// Queue messages that change no state (e.g. a decision command), in one transaction.
     pub async fn enqueue(&self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
         if let Some(committer) = &self.committer {
             return committer
@@ -50,9 +49,15 @@ impl Store {
                 .await
                 .map(|_| ());
         }
-        // One statement is atomic by itself: no BEGIN and COMMIT round trips around it.
-        let mut conn = self.write_pool().acquire().await?;
-        insert_outbox(&mut conn, messages).await
+        if messages.len() <= crate::queries::ROWS_PER_INSERT {
+            // One statement is atomic by itself: no BEGIN and COMMIT round trips around it.
+            let mut conn = self.write_pool().acquire().await?;
+            return insert_outbox(&mut conn, messages).await;
+        }
+        let mut tx = self.begin_write().await?;
+        insert_outbox(&mut tx, messages).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Record a decision's outcome. The first outcome recorded for a decision id stands: a

@@ -28,8 +28,7 @@
 //!
 //! # Invariants this crate keeps
 //! - Every change and the outbox messages and audit events it causes commit in ONE transaction
-//!   (or one statement, which is atomic the same way). A write's messages are one outbox row
-//!   (`outbox.rs`), deleted only once all of them were published.
+//!   (or one statement, which is atomic the same way).
 //! - Instances use optimistic concurrency: a commit names the version it read and loses with
 //!   [`StoreError::Conflict`] if someone else committed first.
 //! - Audit events are chained per stream inside the writing transaction; the `(stream, seq)`
@@ -44,7 +43,6 @@ mod commit;
 mod error;
 mod listen;
 pub mod notifications;
-mod outbox;
 mod pg_commit;
 mod pg_reads;
 mod pg_rows;

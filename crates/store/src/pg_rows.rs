@@ -31,8 +31,8 @@ pub(crate) struct GroupRows<'a> {
     /// Per record (when known): the fingerprints of its step mirror's rows as stored now, so
     /// only the steps that changed are written.
     pub(crate) stored_steps: Vec<Option<StepPrints>>,
-    /// (instance, the messages of one of its commits), in commit order: one outbox row each.
-    pub(crate) outbox: Vec<(&'a str, &'a [OutboxMessage])>,
+    /// (instance, message), in commit order.
+    pub(crate) outbox: Vec<(&'a str, &'a OutboxMessage)>,
     /// (instance, partner, draft), in order per stream.
     pub(crate) events: Vec<(&'a str, &'a str, &'a AuditDraft)>,
     pub(crate) timers: Vec<&'a TimerRecord>,
@@ -69,9 +69,7 @@ impl<'a> GroupRows<'a> {
         self.recs.push(rec);
         self.stored_steps.push(None);
         let id = rec.info.id.as_str();
-        if !outbox.is_empty() {
-            self.outbox.push((id, outbox));
-        }
+        self.outbox.extend(outbox.iter().map(|m| (id, m)));
         let partner = rec.info.partner_id.as_str();
         self.events.extend(audit.iter().map(|d| (id, partner, d)));
         self.timers.extend(timers);
@@ -156,10 +154,10 @@ fn insert_ctes(p: usize, updated: Option<&str>) -> String {
          instance_id text, step_index bigint, partner_id text, name text, step_type text, \
          status text, started_at bigint, finished_at bigint, actor text, input text, \
          output text, error text){only_r} {STEP_CONFLICT}), \
-         messages AS (INSERT INTO outbox (id, topic, msg_key, payload, messages) \
-         SELECT id, topic, msg_key, decode(payload, 'base64'), messages \
-         FROM json_to_recordset(${outbox}::json) AS r(n bigint, instance_id text, id text, \
-         topic text, msg_key text, payload text, messages bigint){only_r} ORDER BY n), \
+         messages AS (INSERT INTO outbox (id, topic, msg_key, payload) \
+         SELECT id, topic, msg_key, decode(payload, 'base64') FROM json_to_recordset(${outbox}::json) \
+         AS r(n bigint, instance_id text, id text, topic text, msg_key text, payload text){only_r} \
+         ORDER BY n), \
          events AS (INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, \
          before_doc, after_doc, reason, prev_hash, hash) \
          SELECT stream, seq, partner_id, at, actor, kind, before_doc, after_doc, reason, \
@@ -247,7 +245,6 @@ struct OutboxRow<'a> {
     topic: &'a str,
     msg_key: &'a str,
     payload: String,
-    messages: i64,
 }
 
 #[derive(Serialize)]
@@ -333,30 +330,19 @@ fn encode<'a>(
         prints.push(now);
     }
     steps.push(']');
-    // One row per commit (`outbox.rs`). Ids stay unique across the group too: the table's
-    // unique index sees only a packed row's last one.
-    let mut ids = std::collections::HashSet::new();
-    let mut outbox = Vec::with_capacity(rows.outbox.len());
-    for (n, (instance_id, messages)) in rows.outbox.iter().enumerate() {
-        if let Some(repeated) = messages.iter().find(|m| !ids.insert(m.id.as_str())) {
-            return Err(StoreError::AlreadyExists {
-                what: "outbox message",
-                id: repeated.id.clone(),
-            });
-        }
-        let Some(row) = crate::outbox::pack(messages)? else {
-            continue;
-        };
-        outbox.push(OutboxRow {
+    let outbox: Vec<OutboxRow<'_>> = rows
+        .outbox
+        .iter()
+        .enumerate()
+        .map(|(n, (instance_id, m))| OutboxRow {
             n,
             instance_id,
-            id: row.id,
-            topic: row.topic,
-            msg_key: row.key,
-            payload: base64::engine::general_purpose::STANDARD.encode(&row.payload),
-            messages: row.messages,
-        });
-    }
+            id: m.id.as_str(),
+            topic: m.topic.as_str(),
+            msg_key: m.key.as_str(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        })
+        .collect();
     let chained = chain_audits(&rows.drafts(), heads);
     let mut after = Heads::new();
     let mut events = Vec::with_capacity(chained.len());

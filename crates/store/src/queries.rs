@@ -723,25 +723,31 @@ impl Store {
 
     // ---------------------------------------------------------------- outbox
 
-    /// The oldest unpublished messages (by insertion order): those of the oldest `limit` outbox
-    /// rows (0: all; a row may hold several, `outbox.rs`).
+    /// The oldest unpublished messages (by insertion order), at most `limit` (0: all).
     ///
     /// Messages of one instance are in commit order: they are written under that instance's
     /// row lock, so a later commit's messages get later sequence numbers.
     pub async fn fetch_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>, StoreError> {
-        let select = format!(
-            "SELECT {} FROM outbox ORDER BY seq ASC",
-            crate::outbox::COLUMNS
-        );
         let rows = if limit > 0 {
-            sqlx::query(&format!("{select} LIMIT $1"))
+            sqlx::query("SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC LIMIT $1")
                 .bind(i64::from(limit))
                 .fetch_all(self.pool())
                 .await?
         } else {
-            sqlx::query(&select).fetch_all(self.pool()).await?
+            sqlx::query("SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC")
+                .fetch_all(self.pool())
+                .await?
         };
-        crate::outbox::messages_of(&rows)
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxMessage {
+                    id: row.try_get("id")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("msg_key")?,
+                    payload: row.try_get("payload")?,
+                })
+            })
+            .collect()
     }
 
     /// Forget published messages. Unknown ids are ignored.
@@ -1023,7 +1029,7 @@ pub(crate) fn values_placeholders(rows: usize, width: usize) -> String {
 }
 
 /// The statuses of instances in flight, as SQL literals (`'running', 'waiting'`): the same list
-/// as the predicate of the partial index `workflow_instances_active` (migration 0010), which
+/// as the predicate of the partial index `workflow_instances_active` (migration 0009), which
 /// the planner uses only for a query naming exactly these values, not parameters.
 fn active_statuses() -> String {
     InstanceStatus::ALL
@@ -1034,25 +1040,30 @@ fn active_statuses() -> String {
         .join(", ")
 }
 
-/// `messages` (one write's, in order) as one outbox row (`outbox.rs`): one statement.
+/// One multi-row statement per [`ROWS_PER_INSERT`] messages: every statement is a round trip
+/// made while the write lock is held. Rows are inserted in order, so `seq` keeps their order.
 pub(crate) async fn insert_outbox(
     conn: &mut AnyConnection,
     messages: &[OutboxMessage],
 ) -> Result<(), StoreError> {
-    let Some(row) = crate::outbox::pack(messages)? else {
-        return Ok(());
-    };
-    sqlx::query(
-        "INSERT INTO outbox (id, topic, msg_key, payload, messages) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(row.id)
-    .bind(row.topic)
-    .bind(row.key)
-    .bind(row.payload.as_ref())
-    .bind(row.messages)
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| unique_to(e, "outbox message", row.id))?;
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let sql = format!(
+            "INSERT INTO outbox (id, topic, msg_key, payload) VALUES {}",
+            values_placeholders(chunk.len(), 4)
+        );
+        let mut query = sqlx::query(&sql);
+        for m in chunk {
+            query = query
+                .bind(m.id.as_str())
+                .bind(m.topic.as_str())
+                .bind(m.key.as_str())
+                .bind(m.payload.as_slice());
+        }
+        query.execute(&mut *conn).await.map_err(|e| {
+            let ids: Vec<&str> = chunk.iter().map(|m| m.id.as_str()).collect();
+            unique_to(e, "outbox message", &ids.join(", "))
+        })?;
+    }
     Ok(())
 }
 
@@ -1458,8 +1469,8 @@ mod tests {
     fn the_resume_query_names_the_active_index_statuses() {
         let predicate = format!("WHERE status IN ({});", super::active_statuses());
         for migration in [
-            include_str!("../../../migrations/postgres/0010_active_instances_index.sql"),
-            include_str!("../../../migrations/sqlite/0010_active_instances_index.sql"),
+            include_str!("../../../migrations/postgres/0009_active_instances_index.sql"),
+            include_str!("../../../migrations/sqlite/0009_active_instances_index.sql"),
         ] {
             assert!(migration.contains(&predicate), "{predicate} in {migration}");
         }

@@ -31,9 +31,8 @@ pub enum RelayPass {
 }
 
 impl Store {
-    /// Take up to `limit` of the oldest outbox rows and hand their messages to `publish`, which
-    /// returns the ids it published; the rows of those ids (a packed row: of its last
-    /// message's, `outbox.rs`) are deleted. When `publish` fails, nothing is deleted and its
+    /// Take up to `limit` of the oldest outbox rows and hand them to `publish`, which returns
+    /// the ids it published; those are deleted. When `publish` fails, nothing is deleted and its
     /// error is returned.
     pub async fn relay_pass<F, Fut, E>(&self, limit: u32, publish: F) -> Result<RelayPass, E>
     where
@@ -42,13 +41,10 @@ impl Store {
         E: From<StoreError>,
     {
         let limit = i64::from(limit.max(1));
-        let select = format!(
-            "SELECT {} FROM outbox ORDER BY seq ASC LIMIT $1",
-            crate::outbox::COLUMNS
-        );
+        let select = "SELECT id, topic, msg_key, payload FROM outbox ORDER BY seq ASC LIMIT $1";
         match self.backend() {
             Backend::Sqlite => {
-                let rows = fetch(self.pool(), &select, limit).await?;
+                let rows = fetch(self.pool(), select, limit).await?;
                 if rows.is_empty() {
                     return Ok(RelayPass::Published(0));
                 }
@@ -69,7 +65,7 @@ impl Store {
                 if locked == 0 {
                     return Ok(RelayPass::NotLeader);
                 }
-                let rows = fetch(&mut *tx, &select, limit).await?;
+                let rows = fetch(&mut *tx, select, limit).await?;
                 if rows.is_empty() {
                     return Ok(RelayPass::Published(0));
                 }
@@ -104,7 +100,16 @@ where
     X: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let rows = sqlx::query(sql).bind(limit).fetch_all(exec).await?;
-    crate::outbox::messages_of(&rows)
+    rows.iter()
+        .map(|row| {
+            Ok(OutboxMessage {
+                id: row.try_get("id")?,
+                topic: row.try_get("topic")?,
+                key: row.try_get("msg_key")?,
+                payload: row.try_get("payload")?,
+            })
+        })
+        .collect()
 }
 
 async fn delete(conn: &mut sqlx::AnyConnection, ids: &[String]) -> Result<(), StoreError> {

@@ -787,29 +787,20 @@ fn upsert_steps(
     Ok(())
 }
 
-/// `messages` as one outbox row (`outbox.rs`): the messages of one write.
 fn insert_outbox(conn: &rusqlite::Connection, messages: &[OutboxMessage]) -> Result<(), Failed> {
-    let Some(row) = crate::outbox::pack(messages).map_err(Failed::clean)? else {
-        return Ok(());
-    };
-    conn.prepare_cached(
-        "INSERT INTO outbox (id, topic, msg_key, payload, messages) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            row.id,
-            row.topic,
-            row.key,
-            row.payload.as_ref(),
-            row.messages
-        ])
-    })
-    .map_err(|e| {
-        Failed::clean(on_unique(e, || StoreError::AlreadyExists {
-            what: "outbox message",
-            id: row.id.to_string(),
-        }))
-    })?;
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO outbox (id, topic, msg_key, payload) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(Failed::clean)?;
+    for (i, m) in messages.iter().enumerate() {
+        stmt.execute(params![m.id, m.topic, m.key, m.payload])
+            .map_err(|e| Failed {
+                error: on_unique(e, || StoreError::AlreadyExists {
+                    what: "outbox message",
+                    id: m.id.clone(),
+                }),
+                clean: i == 0,
+            })?;
+    }
     Ok(())
 }
 
