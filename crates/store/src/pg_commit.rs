@@ -1073,4 +1073,59 @@ pub(crate) mod tests {
     fn new_id() -> String {
         uuid::Uuid::now_v7().to_string()
     }
+
+    /// An instance read at the version this process knows it at is not taken again: nothing
+    /// of an instance changes without a new version, so what is known stands (its step
+    /// fingerprints are not recomputed). A read at another version replaces it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_at_a_known_version_keeps_what_is_known(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        let committer = PgCommitter::start(store.write_pool().clone());
+        let first = instance();
+        let id = first.info.id.clone();
+        let known = |c: &PgCommitter| {
+            c.known
+                .lock()
+                .get(&id)
+                .map(|k| (k.version, k.head.clone(), k.steps.clone()))
+        };
+
+        committer.observed(&first, Some((1, "h1".into())));
+        let taken = (1, Some((1, "h1".to_string())), step_prints(&first)?);
+        assert_eq!(known(&committer), Some(taken.clone()));
+
+        // The same version with other contents (which a store never holds): not taken.
+        let mut other = first.clone();
+        other
+            .state
+            .steps
+            .push(workflow_core::instance::StepExecution {
+                index: 0,
+                name: "s0".into(),
+                step_type: workflow_core::StepType::Condition,
+                status: workflow_core::StepStatus::Completed,
+                started_at: Some(Timestamp(2_000)),
+                finished_at: Some(Timestamp(2_000)),
+                actor: None,
+                input: None,
+                output: Some(json!(true)),
+                error: None,
+                decisions: vec![],
+                escalations: 0,
+            });
+        assert_ne!(step_prints(&other)?, taken.2);
+        committer.observed(&other, Some((2, "h2".into())));
+        assert_eq!(known(&committer), Some(taken));
+
+        // A new version is.
+        other.version = 2;
+        committer.observed(&other, Some((2, "h2".into())));
+        assert_eq!(
+            known(&committer),
+            Some((2, Some((2, "h2".to_string())), step_prints(&other)?))
+        );
+        Ok(())
+    }
 }
