@@ -79,21 +79,54 @@ pub fn processes_total_s(pids: &[u32]) -> Result<f64, CpuError> {
         .try_fold(0.0, |sum, pid| Ok(sum + process(*pid)?.total_s()))
 }
 
-/// Whether a process is one of the services the distributed runtime runs on: a PostgreSQL
-/// process (`comm` is `postgres`: the postmaster and its backends) or a Kafka broker (a JVM
-/// whose command line runs `kafka.Kafka`).
-fn is_service(comm: &str, cmdline: &[u8]) -> bool {
-    comm == "postgres" || (comm == "java" && cmdline.windows(11).any(|w| w == b"kafka.Kafka"))
+/// A service the distributed runtime runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Postgres,
+    Kafka,
+}
+
+/// Which service a process is: a PostgreSQL process (`comm` is `postgres`: the postmaster and
+/// its backends) or a Kafka broker (a JVM whose command line runs `kafka.Kafka`).
+fn service_of(comm: &str, cmdline: &[u8]) -> Option<Service> {
+    if comm == "postgres" {
+        Some(Service::Postgres)
+    } else if comm == "java" && cmdline.windows(11).any(|w| w == b"kafka.Kafka") {
+        Some(Service::Kafka)
+    } else {
+        None
+    }
+}
+
+/// CPU seconds used so far by the local services, per service.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServicesCpu {
+    pub postgres_s: f64,
+    pub kafka_s: f64,
+}
+
+impl ServicesCpu {
+    pub fn total_s(&self) -> f64 {
+        self.postgres_s + self.kafka_s
+    }
+
+    /// What was used between `before` and `self` (never negative).
+    pub fn since(&self, before: &ServicesCpu) -> ServicesCpu {
+        ServicesCpu {
+            postgres_s: (self.postgres_s - before.postgres_s).max(0.0),
+            kafka_s: (self.kafka_s - before.kafka_s).max(0.0),
+        }
+    }
 }
 
 /// CPU seconds used so far by every PostgreSQL and Kafka broker process on this machine,
 /// children included (the postmaster's waited-for children are its exited backends, so a
 /// backend that ends between two readings still counts once); `None` when there is none
 /// (the services run elsewhere). A process that ends while `/proc` is read is skipped.
-pub fn local_services_s() -> Option<f64> {
+pub fn local_services() -> Option<ServicesCpu> {
     let entries = std::fs::read_dir("/proc").ok()?;
     let mut found = false;
-    let mut sum = 0.0;
+    let mut sum = ServicesCpu::default();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -106,12 +139,15 @@ pub fn local_services_s() -> Option<f64> {
             continue;
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if !is_service(comm.trim_end(), &cmdline) {
+        let Some(service) = service_of(comm.trim_end(), &cmdline) else {
             continue;
-        }
+        };
         if let Ok(times) = process(pid) {
             found = true;
-            sum += times.total_s();
+            match service {
+                Service::Postgres => sum.postgres_s += times.total_s(),
+                Service::Kafka => sum.kafka_s += times.total_s(),
+            }
         }
     }
     found.then_some(sum)
@@ -138,13 +174,39 @@ mod tests {
 
     #[test]
     fn services_are_postgres_and_the_kafka_broker() {
-        assert!(is_service("postgres", b"postgres: checkpointer"));
-        assert!(is_service(
-            "java",
-            b"java\0-Xmx512m\0kafka.Kafka\0server.properties"
-        ));
-        assert!(!is_service("java", b"java\0-jar\0other.jar"));
-        assert!(!is_service("payos-workflows", b"payos-workflows\0api"));
+        assert_eq!(
+            service_of("postgres", b"postgres: checkpointer"),
+            Some(Service::Postgres)
+        );
+        assert_eq!(
+            service_of("java", b"java\0-Xmx512m\0kafka.Kafka\0server.properties"),
+            Some(Service::Kafka)
+        );
+        assert_eq!(service_of("java", b"java\0-jar\0other.jar"), None);
+        assert_eq!(service_of("payos-workflows", b"payos-workflows\0api"), None);
+    }
+
+    #[test]
+    fn services_cpu_since_an_earlier_reading() {
+        let before = ServicesCpu {
+            postgres_s: 1.0,
+            kafka_s: 2.0,
+        };
+        let after = ServicesCpu {
+            postgres_s: 1.5,
+            kafka_s: 4.0,
+        };
+        let used = after.since(&before);
+        assert_eq!(
+            used,
+            ServicesCpu {
+                postgres_s: 0.5,
+                kafka_s: 2.0
+            }
+        );
+        assert!((used.total_s() - 2.5).abs() < 1e-9);
+        // A process that ended between the readings takes its time with it: never negative.
+        assert_eq!(before.since(&after), ServicesCpu::default());
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub struct SeedReport {
     /// CPU of the load driver itself, when it could be told apart (embedded).
     pub driver_cpu_s: Option<f64>,
     /// Distributed, with PostgreSQL and Kafka on this machine: their CPU during the run.
-    pub services_cpu_s: Option<f64>,
+    pub services_cpu: Option<super::cpu::ServicesCpu>,
     pub http_requests: u64,
 }
 
@@ -171,7 +171,9 @@ impl SeedReport {
             "cpu_s": round3(self.cpu_s),
             "cpu_s_per_1000": round3(self.cpu_s_per_1000),
             "driver_cpu_s": self.driver_cpu_s.map(round3),
-            "services_cpu_s_per_1000": self.services_cpu_s_per_1000().map(round3),
+            "services_cpu_s_per_1000": self.services_per_1000(|s| s.total_s()).map(round3),
+            "postgres_cpu_s_per_1000": self.services_per_1000(|s| s.postgres_s).map(round3),
+            "kafka_cpu_s_per_1000": self.services_per_1000(|s| s.kafka_s).map(round3),
             "http_requests": self.http_requests,
         })
     }
@@ -210,20 +212,25 @@ impl SeedReport {
             "CPU: {:.2} s, {:.2} s per 1,000 instances{driver}; {} HTTP requests",
             self.cpu_s, self.cpu_s_per_1000, self.http_requests
         ));
-        if let (Some(services), Some(per_1000)) =
-            (self.services_cpu_s, self.services_cpu_s_per_1000())
-        {
+        if let Some(services) = self.services_cpu {
+            let per_1000 = |s: f64| s * 1000.0 / self.completed.max(1) as f64;
             out.push(format!(
-                "PostgreSQL and Kafka on this machine: {services:.2} s, {per_1000:.2} s per 1,000 instances (not in the figure above)"
+                "PostgreSQL and Kafka on this machine: {:.2} s, {:.2} s per 1,000 instances (PostgreSQL {:.2}, Kafka {:.2}; not in the figure above)",
+                services.total_s(),
+                per_1000(services.total_s()),
+                per_1000(services.postgres_s),
+                per_1000(services.kafka_s),
             ));
         }
         out
     }
 
-    /// The services' CPU per 1,000 terminal instances.
-    fn services_cpu_s_per_1000(&self) -> Option<f64> {
+    /// One figure of the services' CPU per 1,000 terminal instances.
+    fn services_per_1000(&self, figure: impl Fn(&super::cpu::ServicesCpu) -> f64) -> Option<f64> {
         let done = self.completed.max(1) as f64;
-        self.services_cpu_s.map(|s| s * 1000.0 / done)
+        self.services_cpu
+            .as_ref()
+            .map(|s| figure(s) * 1000.0 / done)
     }
 }
 
@@ -962,7 +969,7 @@ pub fn report(
         cpu_s,
         cpu_s_per_1000: cpu_s * 1000.0 / done,
         driver_cpu_s,
-        services_cpu_s: None,
+        services_cpu: None,
         http_requests: outcome.http_requests,
     }
 }
@@ -976,10 +983,10 @@ pub async fn run_distributed(
     opts: &SeedOptions,
 ) -> Result<SeedReport, BenchError> {
     let before = super::cpu::processes_total_s(pids)?;
-    let services_before = super::cpu::local_services_s();
+    let services_before = super::cpu::local_services();
     let outcome = drive(target, opts).await?;
     let after = super::cpu::processes_total_s(pids)?;
-    let services_after = super::cpu::local_services_s();
+    let services_after = super::cpu::local_services();
     let (steps, e2e) = read_latencies(&target.database_url, &outcome.partner_id).await?;
     check(&outcome)?;
     let mut report = report(
@@ -990,9 +997,9 @@ pub async fn run_distributed(
         (after - before).max(0.0),
         None,
     );
-    report.services_cpu_s = services_before
+    report.services_cpu = services_before
         .zip(services_after)
-        .map(|(before, after)| (after - before).max(0.0));
+        .map(|(before, after)| after.since(&before));
     Ok(report)
 }
 
@@ -1116,10 +1123,26 @@ mod tests {
         assert!(v["services_cpu_s_per_1000"].is_null(), "{v}");
         assert!(check(&outcome).is_ok());
 
+        for field in ["postgres_cpu_s_per_1000", "kafka_cpu_s_per_1000"] {
+            assert!(v[field].is_null(), "{field} in {v}");
+        }
+
         let mut with_services = r;
-        with_services.services_cpu_s = Some(2.0);
+        with_services.services_cpu = Some(super::super::cpu::ServicesCpu {
+            postgres_s: 1.5,
+            kafka_s: 0.5,
+        });
         let v = with_services.to_json();
-        assert!((v["services_cpu_s_per_1000"].as_f64().unwrap_or(0.0) - 500.0).abs() < 1e-9);
+        for (field, expected) in [
+            ("services_cpu_s_per_1000", 500.0),
+            ("postgres_cpu_s_per_1000", 375.0),
+            ("kafka_cpu_s_per_1000", 125.0),
+        ] {
+            assert!(
+                (v[field].as_f64().unwrap_or(0.0) - expected).abs() < 1e-9,
+                "{field} in {v}"
+            );
+        }
         assert!(with_services
             .lines()
             .iter()
