@@ -213,13 +213,12 @@ impl SeedReport {
             self.cpu_s, self.cpu_s_per_1000, self.http_requests
         ));
         if let Some(services) = self.services_cpu {
-            let per_1000 = |s: f64| s * 1000.0 / self.completed.max(1) as f64;
             out.push(format!(
                 "PostgreSQL and Kafka on this machine: {:.2} s, {:.2} s per 1,000 instances (PostgreSQL {:.2}, Kafka {:.2}; not in the figure above)",
                 services.total_s(),
-                per_1000(services.total_s()),
-                per_1000(services.postgres_s),
-                per_1000(services.kafka_s),
+                self.per_1000(services.total_s()),
+                self.per_1000(services.postgres_s),
+                self.per_1000(services.kafka_s),
             ));
         }
         out
@@ -227,10 +226,12 @@ impl SeedReport {
 
     /// One figure of the services' CPU per 1,000 terminal instances.
     fn services_per_1000(&self, figure: impl Fn(&super::cpu::ServicesCpu) -> f64) -> Option<f64> {
-        let done = self.completed.max(1) as f64;
-        self.services_cpu
-            .as_ref()
-            .map(|s| figure(s) * 1000.0 / done)
+        self.services_cpu.as_ref().map(|s| self.per_1000(figure(s)))
+    }
+
+    /// CPU seconds per 1,000 terminal instances.
+    fn per_1000(&self, seconds: f64) -> f64 {
+        seconds * 1000.0 / self.completed.max(1) as f64
     }
 }
 
