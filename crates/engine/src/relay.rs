@@ -12,6 +12,16 @@
 //!   [`Store::relay_pass`]) and publishes the rows it already saw on its previous pass: rows at
 //!   least one sweep old, which no fast path is still handling.
 //!
+//! - **Event lane.** Messages for services outside the engine ([`EVENT_LANE`]: lifecycle
+//!   events) skip the fast path: no step waits on them, and published one commit at a time they
+//!   cost the broker a request each (librdkafka sends one partition per produce request). The
+//!   process leading the lane ([`Store::lead_event_lane`], one at a time) publishes every
+//!   process's rows of it in commit order, at most every [`EVENT_PASS`] while they keep coming
+//!   (every [`EVENT_IDLE`] when none came), so a pass sends one batch per partition. An
+//!   instance's events keep their order: its commits are serialised, and the lane reads in
+//!   commit order. The other relays try to take the lead every [`SWEEP`], so it moves within
+//!   about a second of its leader's death.
+//!
 //! Delivery is at-least-once: a crash between publish and delete, or a sweep overlapping a slow
 //! fast path, publishes a row twice, and consumers recognise the redelivered commands. An
 //! instance has one command in flight at a time, so its commands keep their order.
@@ -24,7 +34,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use workflow_bus::{Bus, Outgoing};
 use workflow_store::records::OutboxMessage;
-use workflow_store::{RelayPass, Store};
+use workflow_store::{EventLaneLeader, RelayPass, Store};
+
+use crate::messages::LIFECYCLE_TOPIC;
+
+/// The topics of the event lane: messages for services outside the engine.
+pub const EVENT_LANE: &[&str] = &[LIFECYCLE_TOPIC];
+/// How often the lane's leader publishes while rows keep coming: the most an event waits.
+pub const EVENT_PASS: Duration = Duration::from_millis(50);
+/// How often the lane's leader looks for rows after a pass found none.
+pub const EVENT_IDLE: Duration = Duration::from_millis(250);
+/// Rows one event-lane pass publishes at most.
+const EVENT_BATCH: u32 = 2048;
 
 /// Rows one sweep pass looks at.
 const SWEEP_BATCH: u32 = 512;
@@ -48,16 +69,37 @@ pub struct Outbox {
     ready: Notify,
     /// Set when rows were committed without being handed over: the next pass sweeps them now.
     sweep_now: std::sync::atomic::AtomicBool,
+    /// Set when this process committed rows of the event lane (which the fast path leaves).
+    events_committed: std::sync::atomic::AtomicBool,
+    /// Wakes the event lane's task.
+    events: Notify,
 }
 
 impl Outbox {
-    /// Hand over rows just committed.
+    /// Hand over rows just committed. Rows of the [`EVENT_LANE`] stay in the table for the
+    /// lane's leader.
     pub fn committed(&self, rows: &[OutboxMessage]) {
-        if rows.is_empty() {
-            return;
+        let mut events = false;
+        let mut commands = false;
+        {
+            let mut pending = self.lock();
+            for row in rows {
+                if is_event(row) {
+                    events = true;
+                } else {
+                    commands = true;
+                    pending.push(row.clone());
+                }
+            }
         }
-        self.lock().extend_from_slice(rows);
-        self.ready.notify_one();
+        if events {
+            self.events_committed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.events.notify_one();
+        }
+        if commands {
+            self.ready.notify_one();
+        }
     }
 
     /// Rows were committed that this process does not hold (written by the store itself):
@@ -101,6 +143,10 @@ pub enum RelayError {
     Store(#[from] workflow_store::StoreError),
     #[error(transparent)]
     Bus(#[from] workflow_bus::BusError),
+}
+
+fn is_event(row: &OutboxMessage) -> bool {
+    EVENT_LANE.contains(&row.topic.as_str())
 }
 
 fn outgoing(rows: &[OutboxMessage]) -> Vec<Outgoing> {
@@ -168,7 +214,7 @@ pub async fn sweep_once(
 ) -> Result<usize, RelayError> {
     let mut fresh = HashSet::new();
     let pass = store
-        .relay_pass(SWEEP_BATCH, |rows| {
+        .relay_pass(EVENT_LANE, SWEEP_BATCH, |rows| {
             let (old, new): (Vec<_>, Vec<_>) =
                 rows.into_iter().partition(|r| all || seen.contains(&r.id));
             fresh = new.into_iter().map(|r| r.id).collect();
@@ -191,20 +237,137 @@ pub async fn sweep_once(
 }
 
 /// Publish everything in the outbox table now, under the relay lock (tests, tools, startup).
+/// The event lane's rows too when this process can lead the lane.
 pub async fn relay_once(store: &Store, bus: &dyn Bus) -> Result<usize, RelayError> {
-    sweep_once(store, bus, &mut HashSet::new(), true).await
+    let mut n = sweep_once(store, bus, &mut HashSet::new(), true).await?;
+    if let Some(mut leader) = store.lead_event_lane().await? {
+        n += event_pass(store, bus, &mut leader).await?;
+    }
+    Ok(n)
 }
 
-/// Run until cancelled: publish handed-over rows as soon as they come, and sweep every
-/// [`SWEEP`]. On cancellation, what is handed over is published before returning.
+/// One pass of the event lane's leader: publish its oldest rows. Returns how many left.
+pub async fn event_pass(
+    store: &Store,
+    bus: &dyn Bus,
+    leader: &mut EventLaneLeader,
+) -> Result<usize, RelayError> {
+    store
+        .event_pass(leader, EVENT_LANE, EVENT_BATCH, |rows| async move {
+            bus.publish_batch(outgoing(&rows))
+                .await
+                .map_err(RelayError::from)?;
+            Ok(rows.into_iter().map(|r| r.id).collect())
+        })
+        .await
+}
+
+/// This relay's part in the event lane: its leadership, and when it next acts.
+struct EventLane {
+    leader: Option<EventLaneLeader>,
+    next: tokio::time::Instant,
+}
+
+impl EventLane {
+    /// Lead or pass, if due; a relay that does not lead tries to take the lead every [`SWEEP`].
+    async fn act(&mut self, store: &Store, bus: &dyn Bus, committed_events: bool) {
+        let now = tokio::time::Instant::now();
+        if committed_events && self.leader.is_some() {
+            // This process's own events: an idle leader need not wait out EVENT_IDLE.
+            self.next = self.next.min(now + EVENT_PASS);
+        }
+        if now < self.next {
+            return;
+        }
+        let Some(leader) = self.leader.as_mut() else {
+            self.next = now + SWEEP;
+            match store.lead_event_lane().await {
+                Ok(Some(leader)) => {
+                    tracing::info!("this process leads the outbox's event lane");
+                    self.leader = Some(leader);
+                    self.next = now;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot take the event lane's lead"),
+            }
+            return;
+        };
+        self.next = match event_pass(store, bus, leader).await {
+            Ok(0) => now + EVENT_IDLE,
+            Ok(_) => now + EVENT_PASS,
+            Err(RelayError::Bus(e)) => {
+                tracing::warn!(error = %e, "event lane publish failed; retrying");
+                now + BACKOFF
+            }
+            Err(RelayError::Store(e)) => {
+                // Its session may be gone, and the lock with it: lead again only once re-won.
+                tracing::warn!(error = %e, "event lane pass failed; giving up the lead");
+                self.leader = None;
+                now + BACKOFF
+            }
+        };
+    }
+
+    /// On shutdown: publish what the lane holds, if this relay leads it.
+    async fn drain(&mut self, store: &Store, bus: &dyn Bus) {
+        let Some(leader) = self.leader.as_mut() else {
+            return;
+        };
+        loop {
+            match event_pass(store, bus, leader).await {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "event lane rows left for the next leader");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Run until cancelled: publish handed-over rows as soon as they come, sweep every [`SWEEP`],
+/// and take part in the event lane. On cancellation, what is handed over is published before
+/// returning, and the lane's rows too if this relay leads it.
 pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: CancellationToken) {
+    // Two loops in one task: a lane pass's round trips never hold up the fast path.
+    tokio::join!(
+        run_fast_path(&store, bus.as_ref(), &outbox, &cancel),
+        run_event_lane(&store, bus.as_ref(), &outbox, &cancel),
+    );
+}
+
+/// The event lane's loop: lead or pass when due, until cancelled.
+async fn run_event_lane(store: &Store, bus: &dyn Bus, outbox: &Outbox, cancel: &CancellationToken) {
+    let mut lane = EventLane {
+        leader: None,
+        next: tokio::time::Instant::now(),
+    };
+    loop {
+        let committed = outbox
+            .events_committed
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        lane.act(store, bus, committed).await;
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                lane.drain(store, bus).await;
+                return;
+            }
+            _ = outbox.events.notified() => {}
+            _ = tokio::time::sleep_until(lane.next) => {}
+        }
+    }
+}
+
+/// The fast path and the sweep, until cancelled.
+async fn run_fast_path(store: &Store, bus: &dyn Bus, outbox: &Outbox, cancel: &CancellationToken) {
     let mut seen = HashSet::new();
     let mut next_sweep = tokio::time::Instant::now();
     // Published ids not deleted yet, and when they must be.
     let mut published: Vec<String> = Vec::new();
     let mut delete_by: Option<tokio::time::Instant> = None;
     loop {
-        let result = publish_into(bus.as_ref(), &outbox, &mut published).await;
+        let result = publish_into(bus, outbox, &mut published).await;
         if !published.is_empty() && delete_by.is_none() {
             delete_by = Some(tokio::time::Instant::now() + DELETE_DELAY);
         }
@@ -216,14 +379,14 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
             || sweep_due
             || delete_by.is_some_and(|t| tokio::time::Instant::now() >= t)
         {
-            delete_published(&store, &mut published).await;
+            delete_published(store, &mut published).await;
             delete_by = None;
         }
         if let Err(e) = result {
             tracing::warn!(error = %e, "outbox publish failed; retrying");
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    delete_published(&store, &mut published).await;
+                    delete_published(store, &mut published).await;
                     return;
                 }
                 _ = tokio::time::sleep(BACKOFF) => {}
@@ -231,7 +394,7 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
             continue;
         }
         if sweep_due {
-            match sweep_once(&store, bus.as_ref(), &mut seen, now_requested).await {
+            match sweep_once(store, bus, &mut seen, now_requested).await {
                 Ok(n) if n > 0 => tracing::debug!(rows = n, "outbox sweep published rows"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "outbox sweep failed; retrying"),
@@ -241,8 +404,8 @@ pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: C
         tokio::select! {
             _ = cancel.cancelled() => {
                 // Publish what was handed over before stopping (SIGTERM drains in-flight work).
-                let result = publish_into(bus.as_ref(), &outbox, &mut published).await;
-                delete_published(&store, &mut published).await;
+                let result = publish_into(bus, outbox, &mut published).await;
+                delete_published(store, &mut published).await;
                 if let Err(e) = result {
                     tracing::warn!(error = %e, "outbox rows left for the next relay");
                 }

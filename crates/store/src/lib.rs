@@ -68,7 +68,7 @@ pub use notifications::{
     RedeliverOutcome, WebhookSecretRecord,
 };
 pub use records::*;
-pub use relay::RelayPass;
+pub use relay::{EventLaneLeader, RelayPass};
 pub use sandbox::{SandboxRecordOutcome, SandboxTransferRecord};
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
