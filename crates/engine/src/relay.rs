@@ -41,7 +41,7 @@ use crate::messages::LIFECYCLE_TOPIC;
 /// The topics of the event lane: messages for services outside the engine.
 pub const EVENT_LANE: &[&str] = &[LIFECYCLE_TOPIC];
 /// How often the lane's leader publishes while rows keep coming: the most an event waits.
-pub const EVENT_PASS: Duration = Duration::from_millis(50);
+pub const EVENT_PASS: Duration = Duration::from_millis(100);
 /// How often the lane's leader looks for rows after a pass found none.
 pub const EVENT_IDLE: Duration = Duration::from_millis(250);
 /// Rows one event-lane pass publishes at most.
@@ -246,20 +246,25 @@ pub async fn relay_once(store: &Store, bus: &dyn Bus) -> Result<usize, RelayErro
     Ok(n)
 }
 
-/// One pass of the event lane's leader: publish its oldest rows. Returns how many left.
+/// One pass of the event lane's leader: publish the oldest rows of each of its topics. Returns
+/// how many left.
 pub async fn event_pass(
     store: &Store,
     bus: &dyn Bus,
     leader: &mut EventLaneLeader,
 ) -> Result<usize, RelayError> {
-    store
-        .event_pass(leader, EVENT_LANE, EVENT_BATCH, |rows| async move {
-            bus.publish_batch(outgoing(&rows))
-                .await
-                .map_err(RelayError::from)?;
-            Ok(rows.into_iter().map(|r| r.id).collect())
-        })
-        .await
+    let mut total = 0;
+    for topic in EVENT_LANE {
+        total += store
+            .event_pass::<_, _, RelayError>(leader, topic, EVENT_BATCH, |rows| async move {
+                bus.publish_batch(outgoing(&rows))
+                    .await
+                    .map_err(RelayError::from)?;
+                Ok(rows.into_iter().map(|r| r.id).collect())
+            })
+            .await?;
+    }
+    Ok(total)
 }
 
 /// This relay's part in the event lane: its leadership, and when it next acts.

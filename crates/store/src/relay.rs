@@ -39,16 +39,15 @@ pub enum RelayPass {
     NotLeader,
 }
 
-/// The rows of the outbox not of the event lane's `$2` topics (a JSON array), oldest first.
+/// The rows of the outbox not of the event lane's `$2` topics (a JSON array), oldest first:
+/// the sweep's, once a second.
 const SELECT_EXCEPT_PG: &str = "SELECT id, topic, msg_key, payload FROM outbox \
      WHERE topic NOT IN (SELECT json_array_elements_text($2::json)) ORDER BY seq ASC LIMIT $1";
 const SELECT_EXCEPT_SQLITE: &str = "SELECT id, topic, msg_key, payload FROM outbox \
      WHERE topic NOT IN (SELECT value FROM json_each($2)) ORDER BY seq ASC LIMIT $1";
-/// The rows of the event lane's `$2` topics (a JSON array), oldest first.
-const SELECT_ONLY_PG: &str = "SELECT id, topic, msg_key, payload FROM outbox \
-     WHERE topic IN (SELECT json_array_elements_text($2::json)) ORDER BY seq ASC LIMIT $1";
-const SELECT_ONLY_SQLITE: &str = "SELECT id, topic, msg_key, payload FROM outbox \
-     WHERE topic IN (SELECT value FROM json_each($2)) ORDER BY seq ASC LIMIT $1";
+/// The rows of topic `$2`, oldest first (by the index `outbox_topic_seq`).
+const SELECT_TOPIC: &str = "SELECT id, topic, msg_key, payload FROM outbox \
+     WHERE topic = $2 ORDER BY seq ASC LIMIT $1";
 
 /// The leadership of the event lane, held by one process at a time (see the module doc).
 pub struct EventLaneLeader {
@@ -141,13 +140,13 @@ impl Store {
         }
     }
 
-    /// As the event lane's leader, take up to `limit` of the oldest rows of the `lane` topics
-    /// and hand them to `publish`, which returns the ids it published; those are deleted. On
-    /// an error of the store the caller must drop `leader` (its session may be gone).
+    /// As the event lane's leader, take up to `limit` of the oldest rows of `topic` and hand
+    /// them to `publish`, which returns the ids it published; those are deleted. On an error
+    /// of the store the caller must drop `leader` (its session may be gone).
     pub async fn event_pass<F, Fut, E>(
         &self,
         leader: &mut EventLaneLeader,
-        lane: &[&str],
+        topic: &str,
         limit: u32,
         publish: F,
     ) -> Result<usize, E>
@@ -157,9 +156,8 @@ impl Store {
         E: From<StoreError>,
     {
         let limit = i64::from(limit.max(1));
-        let lane = topics_json(lane)?;
         let Some(conn) = leader.conn.as_mut() else {
-            let rows = fetch(self.pool(), SELECT_ONLY_SQLITE, limit, &lane).await?;
+            let rows = fetch(self.pool(), SELECT_TOPIC, limit, topic).await?;
             if rows.is_empty() {
                 return Ok(0);
             }
@@ -168,7 +166,7 @@ impl Store {
             return Ok(ids.len());
         };
         // The lock makes this session the only one taking these rows: no transaction needed.
-        let rows = fetch(&mut *conn, SELECT_ONLY_PG, limit, &lane).await?;
+        let rows = fetch(&mut *conn, SELECT_TOPIC, limit, topic).await?;
         if rows.is_empty() {
             return Ok(0);
         }

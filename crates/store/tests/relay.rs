@@ -16,7 +16,8 @@ use common::TestResult;
 
 crate::both_backends!(the_sweep_and_the_event_lane_take_disjoint_rows_in_order);
 
-const LANE: &[&str] = &["workflow.lifecycle"];
+const LIFECYCLE: &str = "workflow.lifecycle";
+const LANE: &[&str] = &[LIFECYCLE];
 
 fn message(key: &str, topic: &str, n: usize) -> OutboxMessage {
     OutboxMessage {
@@ -116,10 +117,10 @@ async fn the_sweep_and_the_event_lane_take_disjoint_rows_in_order(store: Store) 
     let mut events = Vec::new();
     // Two at a time: the oldest first, then the next.
     let first = store
-        .event_pass(&mut leader, LANE, 2, record(&mut events))
+        .event_pass(&mut leader, LIFECYCLE, 2, record(&mut events))
         .await?;
     let second = store
-        .event_pass(&mut leader, LANE, 2, record(&mut events))
+        .event_pass(&mut leader, LIFECYCLE, 2, record(&mut events))
         .await?;
     assert_eq!((first, second), (2, 1));
     assert_eq!(
@@ -139,7 +140,7 @@ async fn the_sweep_and_the_event_lane_take_disjoint_rows_in_order(store: Store) 
         .commit_instance(&next, 1, &[message(&key, "workflow.lifecycle", 6)], &[])
         .await?;
     let failed = store
-        .event_pass(&mut leader, LANE, 10, |_rows| async {
+        .event_pass(&mut leader, LIFECYCLE, 10, |_rows| async {
             Err::<Vec<String>, _>(PublishError::BusDown)
         })
         .await;
