@@ -15,6 +15,7 @@ use workflow_codec::{DeadLetter, Message as _};
 use workflow_core::validate::Limits;
 use workflow_egress::payos_sandbox::Fault;
 use workflow_engine::dead_letter::DEAD_LETTER_TOPIC;
+use workflow_engine::messages::{LifecycleEvent, LifecycleEventKind, LIFECYCLE_TOPIC};
 use workflow_engine::{Engine, SystemClock};
 
 use crate::cluster::Cluster;
@@ -184,6 +185,52 @@ async fn killing_the_action_worker_and_the_api_mid_run_loses_nothing_and_runs_no
     let c = app.cluster.as_ref().unwrap_or_else(|| panic!("cluster"));
     let letters = dead_letters(c, Duration::from_secs(2)).await;
     assert!(letters.is_empty(), "dead letters: {letters:?}");
+
+    // The lifecycle events leave through the outbox's event lane, led by one process (likely
+    // the api, the first up): every instance's reach the topic, started before finished.
+    let all: Vec<String> = [first, more, during].concat();
+    lifecycle_of_all(c, &all).await;
+}
+
+/// Read the cluster's lifecycle topic until each of `ids` has an `InstanceFinished` (30 s at
+/// most), checking that each instance's `InstanceStarted` came first.
+async fn lifecycle_of_all(c: &Cluster, ids: &[String]) {
+    use std::collections::HashMap;
+    let bus = kafka(c).await;
+    let topic = format!("{}{LIFECYCLE_TOPIC}", c.prefix);
+    let mut sub = bus
+        .subscribe(
+            &topic,
+            &format!("inspect-{}", uuid::Uuid::now_v7().simple()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut seen: HashMap<String, Vec<LifecycleEventKind>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let finished = |seen: &HashMap<String, Vec<LifecycleEventKind>>| {
+        ids.iter().all(|id| {
+            seen.get(id)
+                .is_some_and(|kinds| kinds.contains(&LifecycleEventKind::InstanceFinished))
+        })
+    };
+    while !finished(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("lifecycle events missing after 30 s"))
+            .unwrap_or_else(|e| panic!("next: {e}"))
+            .unwrap_or_else(|| panic!("bus closed"));
+        let event = LifecycleEvent::decode(&msg.payload).unwrap_or_else(|e| panic!("{e}"));
+        seen.entry(event.instance_id).or_default().push(event.kind);
+    }
+    for id in ids {
+        let kinds = &seen[id];
+        assert_eq!(
+            kinds.first(),
+            Some(&LifecycleEventKind::InstanceStarted),
+            "{id}: {kinds:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
