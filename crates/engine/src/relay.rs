@@ -12,15 +12,17 @@
 //!   [`Store::relay_pass`]) and publishes the rows it already saw on its previous pass: rows at
 //!   least one sweep old, which no fast path is still handling.
 //!
-//! - **Event lane.** Messages for services outside the engine ([`EVENT_LANE`]: lifecycle
-//!   events) skip the fast path: no step waits on them, and published one commit at a time they
+//! - **Event lane** (an outbox made [`Outbox::with_event_lane`], the distributed runtime's).
+//!   Messages for services outside the engine ([`EVENT_LANE`]: lifecycle events) skip the fast
+//!   path: no step waits on them, and published one commit at a time they
 //!   cost the broker a request each (librdkafka sends one partition per produce request). The
 //!   process leading the lane ([`Store::lead_event_lane`], one at a time) publishes every
 //!   process's rows of it in commit order, at most every [`EVENT_PASS`] while they keep coming
 //!   (every [`EVENT_IDLE`] when none came), so a pass sends one batch per partition. An
 //!   instance's events keep their order: its commits are serialised, and the lane reads in
 //!   commit order. The other relays try to take the lead every [`SWEEP`], so it moves within
-//!   about a second of its leader's death.
+//!   about a second of its leader's death. The embedded runtime's in-process bus charges
+//!   nothing per request, so there these rows take the fast path like the rest.
 //!
 //! Delivery is at-least-once: a crash between publish and delete, or a sweep overlapping a slow
 //! fast path, publishes a row twice, and consumers recognise the redelivered commands. An
@@ -73,10 +75,21 @@ pub struct Outbox {
     events_committed: std::sync::atomic::AtomicBool,
     /// Wakes the event lane's task.
     events: Notify,
+    /// Whether [`EVENT_LANE`] rows take the event lane ([`Outbox::with_event_lane`]) or, like
+    /// every other row, the fast path.
+    lane: bool,
 }
 
 impl Outbox {
-    /// Hand over rows just committed. Rows of the [`EVENT_LANE`] stay in the table for the
+    /// An outbox whose [`EVENT_LANE`] rows stay in the table for the lane's leader.
+    pub fn with_event_lane() -> Outbox {
+        Outbox {
+            lane: true,
+            ..Outbox::default()
+        }
+    }
+
+    /// Hand over rows just committed. With the event lane, its rows stay in the table for the
     /// lane's leader.
     pub fn committed(&self, rows: &[OutboxMessage]) {
         let mut events = false;
@@ -84,7 +97,7 @@ impl Outbox {
         {
             let mut pending = self.lock();
             for row in rows {
-                if is_event(row) {
+                if self.lane && is_event(row) {
                     events = true;
                 } else {
                     commands = true;
@@ -205,16 +218,19 @@ async fn delete_published(store: &Store, ids: &mut Vec<String>) {
 }
 
 /// One sweep pass: publish the rows of the outbox table that `seen` already held (or every row
-/// when `all`), and remember the others for the next pass. Returns how many were published.
+/// when `all`), and remember the others for the next pass; with the event `lane`, its rows are
+/// left to it. Returns how many were published.
 pub async fn sweep_once(
     store: &Store,
     bus: &dyn Bus,
     seen: &mut HashSet<String>,
     all: bool,
+    lane: bool,
 ) -> Result<usize, RelayError> {
     let mut fresh = HashSet::new();
+    let lane_topics: &[&str] = if lane { EVENT_LANE } else { &[] };
     let pass = store
-        .relay_pass(EVENT_LANE, SWEEP_BATCH, |rows| {
+        .relay_pass(lane_topics, SWEEP_BATCH, |rows| {
             let (old, new): (Vec<_>, Vec<_>) =
                 rows.into_iter().partition(|r| all || seen.contains(&r.id));
             fresh = new.into_iter().map(|r| r.id).collect();
@@ -234,16 +250,6 @@ pub async fn sweep_once(
         RelayPass::Published(n) => n,
         RelayPass::NotLeader => 0,
     })
-}
-
-/// Publish everything in the outbox table now, under the relay lock (tests, tools, startup).
-/// The event lane's rows too when this process can lead the lane.
-pub async fn relay_once(store: &Store, bus: &dyn Bus) -> Result<usize, RelayError> {
-    let mut n = sweep_once(store, bus, &mut HashSet::new(), true).await?;
-    if let Some(mut leader) = store.lead_event_lane().await? {
-        n += event_pass(store, bus, &mut leader).await?;
-    }
-    Ok(n)
 }
 
 /// One pass of the event lane's leader: publish the oldest rows of each of its topics. Returns
@@ -332,14 +338,17 @@ impl EventLane {
 }
 
 /// Run until cancelled: publish handed-over rows as soon as they come, sweep every [`SWEEP`],
-/// and take part in the event lane. On cancellation, what is handed over is published before
-/// returning, and the lane's rows too if this relay leads it.
+/// and take part in the event lane if the outbox has one ([`Outbox::with_event_lane`]). On
+/// cancellation, what is handed over is published before returning, and the lane's rows too if
+/// this relay leads it.
 pub async fn run(store: Store, bus: Arc<dyn Bus>, outbox: Arc<Outbox>, cancel: CancellationToken) {
     // Two loops in one task: a lane pass's round trips never hold up the fast path.
-    tokio::join!(
-        run_fast_path(&store, bus.as_ref(), &outbox, &cancel),
-        run_event_lane(&store, bus.as_ref(), &outbox, &cancel),
-    );
+    let lane = async {
+        if outbox.lane {
+            run_event_lane(&store, bus.as_ref(), &outbox, &cancel).await;
+        }
+    };
+    tokio::join!(run_fast_path(&store, bus.as_ref(), &outbox, &cancel), lane);
 }
 
 /// The event lane's loop: lead or pass when due, until cancelled.
@@ -399,7 +408,7 @@ async fn run_fast_path(store: &Store, bus: &dyn Bus, outbox: &Outbox, cancel: &C
             continue;
         }
         if sweep_due {
-            match sweep_once(store, bus, &mut seen, now_requested).await {
+            match sweep_once(store, bus, &mut seen, now_requested, outbox.lane).await {
                 Ok(n) if n > 0 => tracing::debug!(rows = n, "outbox sweep published rows"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "outbox sweep failed; retrying"),

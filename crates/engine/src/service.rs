@@ -474,6 +474,15 @@ impl Engine {
         self
     }
 
+    /// Send lifecycle events through the outbox's event lane (see [`crate::relay`]): batched by
+    /// one leading relay instead of one bus request per commit. For a bus whose cost is per
+    /// request (Kafka); on the in-process bus a request costs nothing and the fast path is
+    /// cheaper. Before the engine is cloned or its relay started.
+    pub fn with_event_lane(mut self) -> Engine {
+        self.outbox = Arc::new(Outbox::with_event_lane());
+        self
+    }
+
     /// Publish approval decision commands onto `bus` directly (waiting for the bus to
     /// acknowledge them) instead of writing them to the outbox for the relay: a decision
     /// changes no state when it is submitted, so there is nothing for it to commit with, and

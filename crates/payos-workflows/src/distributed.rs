@@ -148,7 +148,8 @@ impl Node {
         // no template while its head holds (`Engine::with_template_heads`).
         let engine = Engine::new(store.clone(), limits, clock)
             .with_inline_steps(&settings.inline_steps)
-            .with_template_heads();
+            .with_template_heads()
+            .with_event_lane();
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(relay::run(

@@ -198,18 +198,19 @@ impl Store {
     }
 }
 
+/// The rows `sql` selects, given the `limit` (`$1`) and a topic filter (`$2`).
 async fn fetch<'e, X>(
     exec: X,
     sql: &str,
     limit: i64,
-    topics: &str,
+    filter: &str,
 ) -> Result<Vec<OutboxMessage>, StoreError>
 where
     X: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let rows = sqlx::query(sql)
         .bind(limit)
-        .bind(topics)
+        .bind(filter)
         .fetch_all(exec)
         .await?;
     rows.iter()
