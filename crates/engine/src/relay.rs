@@ -431,3 +431,58 @@ async fn run_fast_path(store: &Store, bus: &dyn Bus, outbox: &Outbox, cancel: &C
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(topic: &str) -> OutboxMessage {
+        OutboxMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            topic: topic.into(),
+            key: "i-1".into(),
+            payload: Vec::new(),
+        }
+    }
+
+    fn topics(outbox: &Outbox) -> Vec<String> {
+        outbox
+            .take(FAST_BATCH)
+            .into_iter()
+            .map(|r| r.topic)
+            .collect()
+    }
+
+    #[test]
+    fn with_the_event_lane_only_commands_take_the_fast_path() {
+        let rows = [
+            row("workflow.steps.action"),
+            row(LIFECYCLE_TOPIC),
+            row("workflow.approvals.decisions"),
+        ];
+        let lane = Outbox::with_event_lane();
+        lane.committed(&rows);
+        assert_eq!(
+            topics(&lane),
+            ["workflow.steps.action", "workflow.approvals.decisions"]
+        );
+        assert!(lane
+            .events_committed
+            .load(std::sync::atomic::Ordering::SeqCst));
+
+        let plain = Outbox::default();
+        plain.committed(&rows);
+        assert_eq!(
+            topics(&plain),
+            [
+                "workflow.steps.action",
+                LIFECYCLE_TOPIC,
+                "workflow.approvals.decisions"
+            ],
+            "no lane: every row, in order"
+        );
+        assert!(!plain
+            .events_committed
+            .load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
