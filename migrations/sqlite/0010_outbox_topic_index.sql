@@ -1,5 +1,4 @@
--- The relay's event lane takes the rows of one topic (lifecycle events) in commit order, many
--- times a second: by this index, instead of a scan of the whole outbox table, which a queue's
--- churn keeps many pages long (a scan read ~10 MB and took ~4 ms under load).
--- Not CONCURRENTLY, for the reason migration 0009 gives; the outbox holds only the rows in flight.
+-- The same index as PostgreSQL's migration 0010, so both schemas stay alike: the relay's event
+-- lane reads one topic's rows in commit order by it. The embedded runtime keeps its lifecycle
+-- events on the fast path (no lane), so here it serves only a store that runs one.
 CREATE INDEX outbox_topic_seq ON outbox (topic, seq);
