@@ -105,17 +105,21 @@ async fn all_complete_once(app: &TestApp, p: &Partner, ids: &[String], tag: &str
     }
 }
 
-/// The dead letters on the cluster's topic, read until nothing new comes for `quiet`.
-async fn dead_letters(c: &Cluster, quiet: Duration) -> Vec<DeadLetter> {
-    let bus = kafka(c).await;
-    let topic = format!("{}{DEAD_LETTER_TOPIC}", c.prefix);
-    let mut sub = bus
+/// A new consumer group on the cluster's `topic` (a logical name), reading from its start.
+async fn inspect(c: &Cluster, topic: &str) -> Box<dyn workflow_bus::Subscription> {
+    kafka(c)
+        .await
         .subscribe(
-            &topic,
+            &format!("{}{topic}", c.prefix),
             &format!("inspect-{}", uuid::Uuid::now_v7().simple()),
         )
         .await
-        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+        .unwrap_or_else(|e| panic!("subscribe: {e}"))
+}
+
+/// The dead letters on the cluster's topic, read until nothing new comes for `quiet`.
+async fn dead_letters(c: &Cluster, quiet: Duration) -> Vec<DeadLetter> {
+    let mut sub = inspect(c, DEAD_LETTER_TOPIC).await;
     let mut letters = Vec::new();
     while let Ok(Ok(Some(msg))) = tokio::time::timeout(quiet, sub.next()).await {
         letters.push(DeadLetter::from_avro(&msg.payload).unwrap_or_else(|e| panic!("{e}")));
@@ -196,15 +200,7 @@ async fn killing_the_action_worker_and_the_api_mid_run_loses_nothing_and_runs_no
 /// most), checking that each instance's `InstanceStarted` came first.
 async fn lifecycle_of_all(c: &Cluster, ids: &[String]) {
     use std::collections::HashMap;
-    let bus = kafka(c).await;
-    let topic = format!("{}{LIFECYCLE_TOPIC}", c.prefix);
-    let mut sub = bus
-        .subscribe(
-            &topic,
-            &format!("inspect-{}", uuid::Uuid::now_v7().simple()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let mut sub = inspect(c, LIFECYCLE_TOPIC).await;
     let mut seen: HashMap<String, Vec<LifecycleEventKind>> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let finished = |seen: &HashMap<String, Vec<LifecycleEventKind>>| {
