@@ -48,6 +48,7 @@
 
 mod consumer;
 mod error;
+mod producer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -57,11 +58,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::watch;
 use workflow_bus::{partition_for, Bus, BusError, Outgoing, Subscription};
+
+/// How long a publish waits before retrying an enqueue that librdkafka's full queue refused.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
 
 pub use consumer::{Assignment, KafkaSubscription};
 
@@ -259,7 +261,7 @@ pub struct KafkaBus {
 
 struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer<LogContext>,
+    producer: producer::Producer,
     admin: AdminClient<LogContext>,
     /// Partition count per topic, from the cluster's metadata.
     partitions: Mutex<HashMap<String, u32>>,
@@ -280,12 +282,13 @@ impl KafkaBus {
     /// [`BusError::Unavailable`] on first use, not here.
     pub fn new(config: KafkaConfig) -> Result<KafkaBus, BusError> {
         config.validate()?;
-        let producer = config
-            .producer()
-            .create_with_context(LogContext {
+        let producer = producer::Producer::new(
+            &config.producer(),
+            LogContext {
                 name: config.client_id.clone(),
-            })
-            .map_err(|e| error::from_kafka(&e, "creating the kafka producer"))?;
+            },
+        )
+        .map_err(|e| error::from_kafka(&e, "creating the kafka producer"))?;
         let admin_id = format!("{}-admin", config.client_id);
         let admin = config
             .client(&admin_id)
@@ -549,6 +552,35 @@ impl KafkaBus {
         Ok(n)
     }
 
+    /// Publish one message and wait for the broker's acknowledgement. While librdkafka's queue
+    /// is full, the enqueue is retried until the configured timeout has passed.
+    async fn send_one(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + self.inner.config.timeout;
+        let delivery = loop {
+            match self.inner.producer.enqueue(topic, partition, key, payload) {
+                Ok(delivery) => break delivery,
+                Err(e)
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(QUEUE_FULL_RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        match delivery.await {
+            Ok(outcome) => outcome,
+            // The producer went away with the message (the bus was dropped meanwhile).
+            Err(_) => Err(KafkaError::Canceled),
+        }
+    }
+
     fn partition_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         // A plain map that every writer leaves consistent: a poisoned lock is still usable.
         self.inner
@@ -614,18 +646,9 @@ impl Bus for KafkaBus {
             topic: topic.to_owned(),
             partition,
         })?;
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(&payload)
-            .partition(target);
-        match self
-            .inner
-            .producer
-            .send(record, Timeout::After(self.inner.config.timeout))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err((e, _message)) => {
+        match self.send_one(topic, target, key, &payload).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
                 if matches!(
                     e.rdkafka_error_code(),
                     Some(
@@ -659,16 +682,16 @@ impl Bus for KafkaBus {
                 partition,
             })?;
             loop {
-                let record = FutureRecord::to(&m.topic)
-                    .key(&m.key)
-                    .payload(&m.payload)
-                    .partition(target);
-                match self.inner.producer.send_result(record) {
+                match self
+                    .inner
+                    .producer
+                    .enqueue(&m.topic, target, &m.key, &m.payload)
+                {
                     Ok(delivery) => {
                         pending.push_back((delivery, m.topic.as_str(), partition));
                         break;
                     }
-                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                         // Make room by waiting for the oldest message in flight, keeping order.
                         match pending.pop_front() {
                             Some((delivery, topic, partition)) => {
@@ -677,7 +700,7 @@ impl Bus for KafkaBus {
                             None => tokio::time::sleep(Duration::from_millis(1)).await,
                         }
                     }
-                    Err((e, _)) => {
+                    Err(e) => {
                         return Err(error::from_kafka(
                             &e,
                             &format!("publishing to {}/{partition}", m.topic),
@@ -703,14 +726,14 @@ impl Bus for KafkaBus {
 }
 
 /// The outcome of one delivery future of [`KafkaBus::publish_batch`].
-fn delivered<Canceled>(
-    outcome: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, Canceled>,
+fn delivered(
+    outcome: Result<producer::Delivered, tokio::sync::oneshot::error::RecvError>,
     topic: &str,
     partition: u32,
 ) -> Result<(), BusError> {
     match outcome {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(error::from_kafka(
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(error::from_kafka(
             &e,
             &format!("publishing to {topic}/{partition}"),
         )),
