@@ -7,6 +7,8 @@
 //!   [`workflow_bus::partition_for`] (Kafka's murmur2, as Java clients do; librdkafka's own
 //!   default partitioner would put the key elsewhere), so the in-process bus and Kafka route a
 //!   key identically. [`Bus::publish`] returns once the broker acknowledged the message.
+//!   Delivery reports reach the waiting publishers through a thread of the `producer` module,
+//!   not rdkafka's `FutureProducer` (whose poll loop spins: see that module).
 //! - [`KafkaSubscription`]: one `StreamConsumer` per subscription (one member of a consumer
 //!   group) with `enable.auto.commit=false`, `enable.auto.offset.store=false` and
 //!   `auto.offset.reset=earliest`. [`Subscription::commit`] commits `offset + 1` of that
