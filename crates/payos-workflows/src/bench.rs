@@ -27,6 +27,7 @@ mod cli;
 pub mod cpu;
 mod in_process;
 mod launch;
+pub mod machine;
 pub mod seed;
 
 pub use cli::{run_cli, BenchArgs};

@@ -70,6 +70,8 @@ pub async fn run_cli(args: BenchArgs) -> Result<(), BenchError> {
 }
 
 async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
+    // Before the run: its load average is what the rest of the machine was doing.
+    let machine = super::machine::Machine::observe();
     let opts = SeedOptions {
         instances: args.instances,
         concurrency: args.concurrency.max(1),
@@ -150,7 +152,10 @@ async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
     for line in report.lines() {
         println!("{line}");
     }
-    println!("{}", report.to_json());
+    println!("{}", machine.line());
+    let mut summary = report.to_json();
+    summary["machine"] = machine.to_json();
+    println!("{summary}");
     Ok(())
 }
 
