@@ -118,7 +118,8 @@ pub trait SandboxLedger: Send + Sync + 'static {
     }
 }
 
-/// The default ledger: a `Vec` and an index by idempotency key behind a mutex.
+/// The default ledger: a `Vec` and indexes by idempotency key and by transfer behind a mutex
+/// (every call looks its transfer's calls up: a scan of the `Vec` made a long run quadratic).
 #[derive(Debug, Default)]
 pub struct InMemoryLedger {
     inner: Mutex<LedgerInner>,
@@ -128,6 +129,7 @@ pub struct InMemoryLedger {
 struct LedgerInner {
     calls: Vec<RecordedCall>,
     by_key: HashMap<String, usize>,
+    by_transfer: HashMap<String, Vec<usize>>,
 }
 
 impl InMemoryLedger {
@@ -159,6 +161,11 @@ impl SandboxLedger for InMemoryLedger {
         }
         let index = inner.calls.len();
         inner.by_key.insert(call.idempotency_key.clone(), index);
+        inner
+            .by_transfer
+            .entry(call.transfer_id.clone())
+            .or_default()
+            .push(index);
         inner.calls.push(call.clone());
         Ok(Recorded::New(call))
     }
@@ -168,11 +175,14 @@ impl SandboxLedger for InMemoryLedger {
     }
 
     async fn calls_for(&self, transfer_id: &str) -> Result<Vec<RecordedCall>, LedgerError> {
-        Ok(self
-            .lock()
-            .calls
+        let inner = self.lock();
+        let indexes = inner
+            .by_transfer
+            .get(transfer_id)
+            .map_or(&[][..], Vec::as_slice);
+        Ok(indexes
             .iter()
-            .filter(|c| c.transfer_id == transfer_id)
+            .filter_map(|&i| inner.calls.get(i))
             .cloned()
             .collect())
     }
