@@ -616,3 +616,49 @@ async fn clear_faults(State(state): State<SandboxState>) -> Response {
     state.clear_faults();
     StatusCode::NO_CONTENT.into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(key: &str, transfer: &str, action: PayosAction) -> RecordedCall {
+        RecordedCall {
+            idempotency_key: key.to_string(),
+            action,
+            transfer_id: transfer.to_string(),
+            request: Value::Null,
+            fingerprint: String::new(),
+            status: 200,
+            response: Value::Null,
+            recorded_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_in_memory_ledger_finds_each_transfers_calls_in_order() -> Result<(), LedgerError> {
+        let ledger = InMemoryLedger::default();
+        ledger
+            .record_once(call("k1", "tr_a", PayosAction::ExecuteTransfer))
+            .await?;
+        ledger
+            .record_once(call("k2", "tr_b", PayosAction::ExecuteTransfer))
+            .await?;
+        ledger
+            .record_once(call("k3", "tr_a", PayosAction::CancelTransfer))
+            .await?;
+        // A replayed key is answered from the ledger, not recorded again.
+        let replay = ledger
+            .record_once(call("k1", "tr_a", PayosAction::ExecuteTransfer))
+            .await?;
+        assert!(matches!(replay, Recorded::Existing(_)));
+        let keys = |calls: Vec<RecordedCall>| -> Vec<String> {
+            calls.into_iter().map(|c| c.idempotency_key).collect()
+        };
+        assert_eq!(keys(ledger.calls_for("tr_a").await?), ["k1", "k3"]);
+        assert_eq!(keys(ledger.calls_for("tr_b").await?), ["k2"]);
+        assert!(ledger.calls_for("tr_c").await?.is_empty());
+        let counts = ledger.counts("tr_a").await?;
+        assert_eq!((counts.executions, counts.cancellations), (1, 1));
+        Ok(())
+    }
+}
