@@ -31,14 +31,16 @@
 //!   (or one statement, which is atomic the same way).
 //! - Instances use optimistic concurrency: a commit names the version it read and loses with
 //!   [`StoreError::Conflict`] if someone else committed first.
-//! - Audit events are chained per stream inside the writing transaction; the `(stream, seq)`
-//!   primary key turns a racing append into a `Conflict`.
+//! - Audit events are chained per stream inside the writing transaction and stored one row per
+//!   commit and stream (`audit_blocks.rs`); the `(stream, first_seq)` primary key turns a
+//!   racing append into a `Conflict`.
 //! - Every tenant-facing query filters on `partner_id`. Only the engine-internal queries
 //!   ([`Store::list_active_instances`], the outbox) span partners.
 //!
 //! It must never decide anything about workflows: it stores what the domain computed.
 
 mod approvals;
+mod audit_blocks;
 mod commit;
 mod error;
 mod listen;

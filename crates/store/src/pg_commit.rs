@@ -674,9 +674,9 @@ async fn update_instances(
         "UPDATE workflow_instances AS w SET status = v.status, current_step = v.current_step, \
          state = v.state, updated_at = v.updated_at, version = v.expected + 1 \
          FROM (VALUES {values}) AS v (id, partner_id, status, current_step, state, updated_at, expected, stream) \
-         LEFT JOIN LATERAL (SELECT a.seq, a.hash FROM audit_events a \
-         WHERE a.partner_id = v.partner_id AND a.stream = v.stream \
-         ORDER BY a.seq DESC LIMIT 1) AS h ON true \
+         LEFT JOIN LATERAL (SELECT b.last_seq AS seq, b.last_hash AS hash FROM audit_blocks b \
+         WHERE b.partner_id = v.partner_id AND b.stream = v.stream \
+         ORDER BY b.first_seq DESC LIMIT 1) AS h ON true \
          WHERE w.id = v.id AND w.partner_id = v.partner_id AND w.version = v.expected \
          RETURNING w.id, v.stream, h.seq AS head_seq, h.hash AS head_hash"
     );

@@ -122,9 +122,10 @@ fn read_sql() -> &'static str {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "SELECT {INSTANCE_COLS}, h.seq AS head_seq, h.hash AS head_hash \
-             FROM workflow_instances w LEFT JOIN LATERAL (SELECT a.seq, a.hash \
-             FROM audit_events a WHERE a.stream = '{INSTANCE_STREAM_PREFIX}' || w.id \
-             AND a.partner_id = w.partner_id ORDER BY a.seq DESC LIMIT 1) AS h ON true \
+             FROM workflow_instances w LEFT JOIN LATERAL (SELECT b.last_seq AS seq, \
+             b.last_hash AS hash FROM audit_blocks b \
+             WHERE b.stream = '{INSTANCE_STREAM_PREFIX}' || w.id \
+             AND b.partner_id = w.partner_id ORDER BY b.first_seq DESC LIMIT 1) AS h ON true \
              WHERE w.id = ANY(ARRAY(SELECT json_array_elements_text($1::json)))"
         )
     });

@@ -17,6 +17,7 @@
 use serde::Serialize;
 use sqlx::AnyConnection;
 
+use crate::audit_blocks;
 use crate::commit::InstanceCommit;
 use crate::listen::DECISION_OUTCOMES_CHANNEL;
 use crate::notifications::NewDelivery;
@@ -158,12 +159,11 @@ fn insert_ctes(p: usize, updated: Option<&str>) -> String {
          SELECT id, topic, msg_key, decode(payload, 'base64') FROM json_to_recordset(${outbox}::json) \
          AS r(n bigint, instance_id text, id text, topic text, msg_key text, payload text){only_r} \
          ORDER BY n), \
-         events AS (INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, \
-         before_doc, after_doc, reason, prev_hash, hash) \
-         SELECT stream, seq, partner_id, at, actor, kind, before_doc, after_doc, reason, \
-         prev_hash, hash FROM json_to_recordset(${audit}::json) AS r(instance_id text, \
-         stream text, seq bigint, partner_id text, at bigint, actor text, kind text, \
-         before_doc text, after_doc text, reason text, prev_hash text, hash text){only_r}), \
+         events AS (INSERT INTO audit_blocks (stream, first_seq, last_seq, partner_id, \
+         last_hash, events) \
+         SELECT stream, first_seq, last_seq, partner_id, last_hash, events \
+         FROM json_to_recordset(${audit}::json) AS r(instance_id text, stream text, \
+         first_seq bigint, last_seq bigint, partner_id text, last_hash text, events text){only_r}), \
          due AS (INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, kind, \
          due_at) SELECT id, partner_id, instance_id, step_index, step_type, kind, due_at \
          FROM json_to_recordset(${timers}::json) AS r(id text, partner_id text, instance_id text, \
@@ -247,20 +247,16 @@ struct OutboxRow<'a> {
     payload: String,
 }
 
+/// An `audit_blocks` row (`audit_blocks.rs`).
 #[derive(Serialize)]
 struct AuditRow<'a> {
     instance_id: &'a str,
     stream: &'a str,
-    seq: i64,
+    first_seq: i64,
+    last_seq: i64,
     partner_id: &'a str,
-    at: i64,
-    actor: String,
-    kind: &'a str,
-    before_doc: String,
-    after_doc: String,
-    reason: Option<&'a str>,
-    prev_hash: String,
-    hash: String,
+    last_hash: String,
+    events: String,
 }
 
 #[derive(Serialize)]
@@ -344,27 +340,48 @@ fn encode<'a>(
         })
         .collect();
     let chained = chain_audits(&rows.drafts(), heads);
-    let mut after = Heads::new();
-    let mut events = Vec::with_capacity(chained.len());
-    for ((partner_id, draft, seq, prev_hash, hash), (instance_id, ..)) in
-        chained.into_iter().zip(&rows.events)
-    {
-        after.insert(draft.stream.as_str(), (seq, hash.clone()));
-        events.push(AuditRow {
-            instance_id,
-            stream: draft.stream.as_str(),
-            seq,
-            partner_id,
-            at: draft.at.0,
-            actor: to_json(&draft.actor)?,
-            kind: draft.kind.as_str(),
-            before_doc: to_json(&draft.before)?,
-            after_doc: to_json(&draft.after)?,
-            reason: draft.reason.as_deref(),
-            prev_hash,
-            hash,
-        });
+    let mut docs = Vec::with_capacity(chained.len());
+    for (_, draft, ..) in &chained {
+        docs.push((
+            to_json(&draft.actor)?,
+            to_json(&draft.before)?,
+            to_json(&draft.after)?,
+        ));
     }
+    let mut after = Heads::new();
+    for (_, draft, seq, _, hash) in &chained {
+        after.insert(draft.stream.as_str(), (*seq, hash.clone()));
+    }
+    let blocks = audit_blocks::blocks(chained.iter().zip(&rows.events).zip(&docs).map(
+        |(((partner_id, draft, seq, prev_hash, hash), (instance_id, ..)), docs)| {
+            (
+                (*instance_id, *partner_id, draft.stream.as_str()),
+                audit_blocks::BlockEvent {
+                    seq: *seq,
+                    at: draft.at.0,
+                    actor: &docs.0,
+                    kind: &draft.kind,
+                    before: &docs.1,
+                    after: &docs.2,
+                    reason: draft.reason.as_deref(),
+                    prev_hash,
+                    hash,
+                },
+            )
+        },
+    ));
+    let events: Vec<AuditRow<'_>> = blocks
+        .into_iter()
+        .map(|((instance_id, partner_id, stream), block)| AuditRow {
+            instance_id,
+            stream,
+            first_seq: block.first_seq,
+            last_seq: block.last_seq,
+            partner_id,
+            last_hash: block.last_hash,
+            events: block.events,
+        })
+        .collect();
     // Each id once, as the statements these replace wrote them.
     let mut seen = std::collections::HashSet::new();
     let timers: Vec<TimerRow<'_>> = rows

@@ -15,6 +15,7 @@ use workflow_core::audit::{chain_hash, AuditContent, GENESIS};
 use workflow_core::instance::{ActorRef, ActorType, InstanceInfo, RunMode};
 use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 
+use crate::audit_blocks;
 use crate::error::{is_foreign_key_violation, is_unique_violation};
 use crate::records::*;
 use crate::{Backend, CreateOutcome, Store, StoreError};
@@ -31,9 +32,6 @@ pub(crate) const TEMPLATE_FROM: &str =
 pub(crate) const INSTANCE_COLS: &str =
     "id, partner_id, template_id, template_version, status, current_step, \
      idempotency_key, created_by, trigger_data, state, created_at, updated_at, version, mode";
-
-const AUDIT_COLS: &str =
-    "stream, seq, partner_id, at, actor, kind, before_doc, after_doc, reason, prev_hash, hash";
 
 /// A bind value for queries assembled at run time (filters).
 enum Arg {
@@ -782,13 +780,43 @@ impl Store {
         partner_id: &str,
         stream: &str,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let sql = format!("SELECT {AUDIT_COLS} FROM audit_events WHERE partner_id = $1 AND stream = $2 ORDER BY seq ASC");
-        let rows = sqlx::query(&sql)
-            .bind(partner_id)
-            .bind(stream)
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter().map(audit_from_row).collect()
+        let rows = sqlx::query(
+            "SELECT stream, events FROM audit_blocks WHERE partner_id = $1 AND stream = $2 \
+             ORDER BY first_seq ASC",
+        )
+        .bind(partner_id)
+        .bind(stream)
+        .fetch_all(self.pool())
+        .await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let stream: String = row.try_get("stream")?;
+            let block: String = row.try_get("events")?;
+            events.extend(audit_blocks::decode(partner_id, &stream, &block)?);
+        }
+        Ok(events)
+    }
+
+    /// Every event of every stream of the partner, each stream in ascending seq (streams in no
+    /// particular order). For reports over a whole run (the bench's step latency).
+    pub async fn list_partner_audit(
+        &self,
+        partner_id: &str,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT stream, events FROM audit_blocks WHERE partner_id = $1 \
+             ORDER BY stream, first_seq",
+        )
+        .bind(partner_id)
+        .fetch_all(self.pool())
+        .await?;
+        let mut events = Vec::new();
+        for row in &rows {
+            let stream: String = row.try_get("stream")?;
+            let block: String = row.try_get("events")?;
+            events.extend(audit_blocks::decode(partner_id, &stream, &block)?);
+        }
+        Ok(events)
     }
 }
 
@@ -1067,17 +1095,14 @@ pub(crate) async fn insert_outbox(
     Ok(())
 }
 
-/// Chain one event onto its stream: read the stream's last (seq, hash), hash the content with
-/// it, insert at seq + 1. A racing append to the same stream fails on the (stream, seq) key and
-/// becomes a `Conflict`.
+/// Chain one event onto its stream (see [`append_audits`]). A racing append to the same stream
+/// fails on the stream's `(stream, first_seq)` key and becomes a `Conflict`.
 async fn append_audit(
     conn: &mut AnyConnection,
     partner_id: &str,
     draft: &AuditDraft,
 ) -> Result<(), StoreError> {
-    let head = stream_head(conn, partner_id, &draft.stream).await?;
-    chain_audit(conn, partner_id, draft, head).await?;
-    Ok(())
+    append_audits(conn, &[(partner_id, draft)]).await
 }
 
 /// [`append_audit`] for several events of one transaction, each with its partner: each
@@ -1099,35 +1124,57 @@ pub(crate) async fn append_audits(
     insert_chained(conn, events, heads).await
 }
 
-/// Chain `events` onto their streams' `heads` (see [`chain_audits`]) and insert them: one
-/// multi-row statement per [`ROWS_PER_INSERT`] events. A head that is not the stream's latest
-/// makes the insert fail on the stream's `(stream, seq)` key: a lost race, never a fork.
+/// Chain `events` onto their streams' `heads` (see [`chain_audits`]) and insert them as blocks
+/// (`audit_blocks.rs`: one row per stream's consecutive events), one multi-row statement per
+/// [`ROWS_PER_INSERT`] blocks. A head that is not the stream's latest makes the insert fail on
+/// the stream's `(stream, first_seq)` key: a lost race, never a fork.
 pub(crate) async fn insert_chained<'a>(
     conn: &mut AnyConnection,
     events: &[(&'a str, &'a AuditDraft)],
     heads: std::collections::HashMap<&'a str, (i64, String)>,
 ) -> Result<(), StoreError> {
     let rows = chain_audits(events, heads);
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
+    let mut docs = Vec::with_capacity(rows.len());
+    for (_, draft, ..) in &rows {
+        docs.push((
+            to_json(&draft.actor)?,
+            to_json(&draft.before)?,
+            to_json(&draft.after)?,
+        ));
+    }
+    let blocks = audit_blocks::blocks(rows.iter().zip(&docs).map(
+        |((partner_id, draft, seq, prev_hash, hash), (actor, before, after))| {
+            (
+                (*partner_id, draft.stream.as_str()),
+                audit_blocks::BlockEvent {
+                    seq: *seq,
+                    at: draft.at.0,
+                    actor,
+                    kind: &draft.kind,
+                    before,
+                    after,
+                    reason: draft.reason.as_deref(),
+                    prev_hash,
+                    hash,
+                },
+            )
+        },
+    ));
+    for chunk in blocks.chunks(ROWS_PER_INSERT) {
         let sql = format!(
-            "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, \
-             after_doc, reason, prev_hash, hash) VALUES {}",
-            values_placeholders(chunk.len(), 11)
+            "INSERT INTO audit_blocks (stream, first_seq, last_seq, partner_id, last_hash, \
+             events) VALUES {}",
+            values_placeholders(chunk.len(), 6)
         );
         let mut query = sqlx::query(&sql);
-        for (partner_id, draft, seq, prev_hash, hash) in chunk {
+        for ((partner_id, stream), block) in chunk {
             query = query
-                .bind(draft.stream.as_str())
-                .bind(*seq)
+                .bind(*stream)
+                .bind(block.first_seq)
+                .bind(block.last_seq)
                 .bind(*partner_id)
-                .bind(draft.at.0)
-                .bind(to_json(&draft.actor)?)
-                .bind(draft.kind.as_str())
-                .bind(to_json(&draft.before)?)
-                .bind(to_json(&draft.after)?)
-                .bind(draft.reason.as_deref())
-                .bind(prev_hash.as_str())
-                .bind(hash.as_str());
+                .bind(block.last_hash.as_str())
+                .bind(block.events.as_str());
         }
         query.execute(&mut *conn).await.map_err(|e| {
             if is_unique_violation(&e) {
@@ -1135,7 +1182,7 @@ pub(crate) async fn insert_chained<'a>(
                     what: "audit stream",
                     id: chunk
                         .first()
-                        .map(|(_, d, ..)| d.stream.clone())
+                        .map(|((_, stream), _)| stream.to_string())
                         .unwrap_or_default(),
                 }
             } else {
@@ -1168,7 +1215,7 @@ pub(crate) fn chain_audits<'a>(
 }
 
 /// The heads of every stream `events` name, in ONE statement (PostgreSQL only: a LATERAL lookup
-/// per stream on the `(partner_id, stream, seq)` index); a stream without events is missing.
+/// per stream, a backward probe of its `(stream, first_seq)` key); a stream without events is missing.
 pub(crate) async fn stream_heads<'a>(
     conn: &mut AnyConnection,
     events: &[(&str, &'a AuditDraft)],
@@ -1187,9 +1234,9 @@ pub(crate) async fn stream_heads<'a>(
             .join(", ");
         let sql = format!(
             "SELECT s.stream, h.seq, h.hash FROM (VALUES {values}) AS s (partner_id, stream) \
-             CROSS JOIN LATERAL (SELECT a.seq, a.hash FROM audit_events a \
-             WHERE a.partner_id = s.partner_id AND a.stream = s.stream \
-             ORDER BY a.seq DESC LIMIT 1) AS h"
+             CROSS JOIN LATERAL (SELECT b.last_seq AS seq, b.last_hash AS hash \
+             FROM audit_blocks b WHERE b.partner_id = s.partner_id AND b.stream = s.stream \
+             ORDER BY b.first_seq DESC LIMIT 1) AS h"
         );
         let mut query = sqlx::query(&sql);
         for (partner_id, stream) in chunk {
@@ -1237,7 +1284,8 @@ async fn stream_head(
     stream: &str,
 ) -> Result<(i64, String), StoreError> {
     let last = sqlx::query(
-        "SELECT seq, hash FROM audit_events WHERE partner_id = $1 AND stream = $2 ORDER BY seq DESC LIMIT 1",
+        "SELECT last_seq AS seq, last_hash AS hash FROM audit_blocks WHERE partner_id = $1 \
+         AND stream = $2 ORDER BY first_seq DESC LIMIT 1",
     )
     .bind(partner_id)
     .bind(stream)
@@ -1250,45 +1298,6 @@ async fn stream_head(
         ),
         None => (0, GENESIS.to_string()),
     })
-}
-
-/// Insert one event after `(prev_seq, prev_hash)`; returns the new head.
-async fn chain_audit(
-    conn: &mut AnyConnection,
-    partner_id: &str,
-    draft: &AuditDraft,
-    (prev_seq, prev_hash): (i64, String),
-) -> Result<(i64, String), StoreError> {
-    let seq = prev_seq + 1;
-    let hash = chain_hash(&prev_hash, &audit_content(partner_id, draft, seq));
-    sqlx::query(
-        "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, after_doc, \
-         reason, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(draft.stream.as_str())
-    .bind(seq)
-    .bind(partner_id)
-    .bind(draft.at.0)
-    .bind(to_json(&draft.actor)?)
-    .bind(draft.kind.as_str())
-    .bind(to_json(&draft.before)?)
-    .bind(to_json(&draft.after)?)
-    .bind(draft.reason.as_deref())
-    .bind(prev_hash.as_str())
-    .bind(hash.as_str())
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| {
-        if is_unique_violation(&e) {
-            StoreError::Conflict {
-                what: "audit stream",
-                id: draft.stream.clone(),
-            }
-        } else {
-            StoreError::Database(e)
-        }
-    })?;
-    Ok((seq, hash))
 }
 
 // -------------------------------------------------------------------- row decoding
@@ -1392,25 +1401,6 @@ pub(crate) fn decode_instance(cols: InstanceColumns) -> Result<InstanceRecord, S
         state: from_json::<InstanceState>(&cols.state, &format!("instance {id} state"))?,
         updated_at: Timestamp(cols.updated_at),
         version: cols.version,
-    })
-}
-
-fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, StoreError> {
-    let actor: String = row.try_get("actor")?;
-    let before: String = row.try_get("before_doc")?;
-    let after: String = row.try_get("after_doc")?;
-    Ok(AuditRecord {
-        partner_id: row.try_get("partner_id")?,
-        stream: row.try_get("stream")?,
-        seq: row.try_get("seq")?,
-        at: Timestamp(row.try_get("at")?),
-        actor: from_json(&actor, "audit actor")?,
-        kind: row.try_get("kind")?,
-        before: from_json(&before, "audit before")?,
-        after: from_json(&after, "audit after")?,
-        reason: row.try_get("reason")?,
-        prev_hash: row.try_get("prev_hash")?,
-        hash: row.try_get("hash")?,
     })
 }
 

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use workflow_core::audit::{chain_hash, GENESIS};
 use workflow_core::instance::StepExecution;
 
+use crate::audit_blocks;
 use crate::commit::{CommitParts, InstanceCommit};
 use crate::notifications::NewDelivery;
 use crate::queries::{audit_content, enum_to_str, to_json};
@@ -163,7 +164,7 @@ struct DeliveryRow {
     created_at: i64,
 }
 
-/// An `audit_events` row, without the chain columns the writer fills in.
+/// An audit event, without the chain (seq and hashes) the writer fills in.
 #[derive(Debug)]
 struct AuditRow {
     stream: String,
@@ -864,42 +865,66 @@ fn insert_deliveries(
     Ok(())
 }
 
-/// Chain `rows` onto their streams: each stream's head read once, then one INSERT per event.
+/// Chain `rows` onto their streams (each stream's head read once) and insert them as blocks
+/// (`audit_blocks.rs`): one INSERT per stream's consecutive events.
 fn append_audits(
     conn: &rusqlite::Connection,
     partner_id: &str,
     rows: &[AuditRow],
 ) -> Result<(), Failed> {
     let mut heads: HashMap<&str, (i64, String)> = HashMap::new();
-    let mut insert = conn
-        .prepare_cached(
-            "INSERT INTO audit_events (stream, seq, partner_id, at, actor, kind, before_doc, \
-             after_doc, reason, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        )
-        .map_err(Failed::clean)?;
-    for (i, row) in rows.iter().enumerate() {
+    let mut chained = Vec::with_capacity(rows.len());
+    for row in rows {
         let (prev_seq, prev_hash) = match heads.remove(row.stream.as_str()) {
             Some(head) => head,
-            None => stream_head(conn, partner_id, &row.stream).map_err(|error| Failed {
-                error,
-                clean: i == 0,
-            })?,
+            None => stream_head(conn, partner_id, &row.stream).map_err(Failed::clean)?,
         };
         let seq = prev_seq + 1;
         let hash = row.chain_hash(&prev_hash, seq);
+        heads.insert(row.stream.as_str(), (seq, hash.clone()));
+        chained.push((seq, prev_hash, hash));
+    }
+    let blocks = audit_blocks::blocks(rows.iter().zip(&chained).map(
+        |(row, (seq, prev_hash, hash))| {
+            (
+                row.stream.as_str(),
+                audit_blocks::BlockEvent {
+                    seq: *seq,
+                    at: row.at,
+                    actor: &row.actor,
+                    kind: &row.kind,
+                    before: &row.before,
+                    after: &row.after,
+                    reason: row.reason.as_deref(),
+                    prev_hash,
+                    hash,
+                },
+            )
+        },
+    ));
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO audit_blocks (stream, first_seq, last_seq, partner_id, last_hash, \
+             events) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(Failed::clean)?;
+    for (i, (stream, block)) in blocks.iter().enumerate() {
         insert
             .execute(params![
-                row.stream, seq, partner_id, row.at, row.actor, row.kind, row.before, row.after,
-                row.reason, prev_hash, hash,
+                stream,
+                block.first_seq,
+                block.last_seq,
+                partner_id,
+                block.last_hash,
+                block.events,
             ])
             .map_err(|e| Failed {
                 error: on_unique(e, || StoreError::Conflict {
                     what: "audit stream",
-                    id: row.stream.clone(),
+                    id: stream.to_string(),
                 }),
                 clean: i == 0,
             })?;
-        heads.insert(row.stream.as_str(), (seq, hash));
     }
     Ok(())
 }
@@ -911,8 +936,8 @@ fn stream_head(
 ) -> Result<(i64, String), StoreError> {
     let head = conn
         .prepare_cached(
-            "SELECT seq, hash FROM audit_events WHERE partner_id = ?1 AND stream = ?2 \
-             ORDER BY seq DESC LIMIT 1",
+            "SELECT last_seq, last_hash FROM audit_blocks WHERE partner_id = ?1 AND stream = ?2 \
+             ORDER BY first_seq DESC LIMIT 1",
         )?
         .query_row(params![partner_id, stream], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))

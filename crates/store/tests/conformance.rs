@@ -974,11 +974,10 @@ async fn audit_chain_verifies_and_tampering_breaks_it(store: Store) -> TestResul
     assert_eq!(verify_audit_chain(&trail), Ok(4));
 
     // Tampering with a stored event is detected.
-    sqlx::query("UPDATE audit_events SET after_doc = $1 WHERE stream = $2 AND seq = 2")
-        .bind(r#"{"status":"approved"}"#)
-        .bind(stream.as_str())
-        .execute(store.pool())
-        .await?;
+    edit_stored_event(&store, &stream, 2, |events, i| {
+        events[i]["after"] = json!({"status": "approved"});
+    })
+    .await?;
     let tampered = store.list_audit("p1", &stream).await?;
     assert!(
         matches!(
@@ -990,12 +989,45 @@ async fn audit_chain_verifies_and_tampering_breaks_it(store: Store) -> TestResul
     );
 
     // Deleting an event breaks the chain too.
-    sqlx::query("DELETE FROM audit_events WHERE stream = $1 AND seq = 3")
-        .bind(stream.as_str())
-        .execute(store.pool())
-        .await?;
+    edit_stored_event(&store, &stream, 3, |events, i| {
+        events.remove(i);
+    })
+    .await?;
     let gapped = store.list_audit("p1", &stream).await?;
     assert!(verify_audit_chain(&gapped).is_err());
+    Ok(())
+}
+
+/// Edit, behind the store's back, the stored block (one row per commit and stream) that holds
+/// event `seq` of `stream`: `edit` gets the block's events and the event's index among them.
+async fn edit_stored_event(
+    store: &Store,
+    stream: &str,
+    seq: i64,
+    edit: impl FnOnce(&mut Vec<serde_json::Value>, usize),
+) -> TestResult {
+    let row = sqlx::query(
+        "SELECT first_seq, events FROM audit_blocks WHERE stream = $1 \
+         AND first_seq <= $2 AND last_seq >= $2",
+    )
+    .bind(stream)
+    .bind(seq)
+    .fetch_one(store.pool())
+    .await?;
+    let first_seq: i64 = row.try_get("first_seq")?;
+    let mut events: Vec<serde_json::Value> =
+        serde_json::from_str(&row.try_get::<String, _>("events")?)?;
+    let at = events
+        .iter()
+        .position(|e| e["seq"] == json!(seq))
+        .ok_or("the block does not hold the event")?;
+    edit(&mut events, at);
+    sqlx::query("UPDATE audit_blocks SET events = $1 WHERE stream = $2 AND first_seq = $3")
+        .bind(serde_json::to_string(&events)?)
+        .bind(stream)
+        .bind(first_seq)
+        .execute(store.pool())
+        .await?;
     Ok(())
 }
 

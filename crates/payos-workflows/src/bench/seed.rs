@@ -908,28 +908,22 @@ pub async fn read_latencies(
         let updated: i64 = r.try_get("updated_at").map_err(db)?;
         e2e.push(updated - created);
     }
-    let rows = sqlx::query(
-        "SELECT stream, at, kind, after_doc FROM audit_events WHERE partner_id = $1 \
-         AND kind IN ('step.dispatched', 'step.started', 'action.succeeded', 'action.failed')",
-    )
-    .bind(partner_id)
-    .fetch_all(store.pool())
-    .await
-    .map_err(db)?;
+    let events = store.list_partner_audit(partner_id).await?;
     let mut steps: HashMap<(String, u64), StepTimes> = HashMap::new();
-    for r in &rows {
-        let stream: String = r.try_get("stream").map_err(db)?;
-        let at: i64 = r.try_get("at").map_err(db)?;
-        let kind: String = r.try_get("kind").map_err(db)?;
-        let after: String = r.try_get("after_doc").map_err(db)?;
-        let Ok(after) = serde_json::from_str::<Value>(&after) else {
+    for event in events {
+        let kind = event.kind.as_str();
+        if !matches!(
+            kind,
+            "step.dispatched" | "step.started" | "action.succeeded" | "action.failed"
+        ) {
             continue;
-        };
+        }
+        let (stream, at, after) = (event.stream, event.at.0, event.after);
         let Some(index) = after.get("index").and_then(Value::as_u64) else {
             continue;
         };
         let times = steps.entry((stream, index)).or_default();
-        match kind.as_str() {
+        match kind {
             "step.dispatched" => times.dispatched = Some(at),
             "step.started" if after.get("inline") == Some(&Value::Bool(true)) => {
                 times.inline = true;
