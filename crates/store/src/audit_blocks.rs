@@ -216,6 +216,16 @@ mod tests {
     }
 
     #[test]
+    fn a_block_never_holds_a_raw_control_character() {
+        // The PostgreSQL writer joins blocks with U+001E (`pg_rows.rs`' `Documents`).
+        let reason = "split\u{1e}here\u{0}and\ttab";
+        let block = BlockText::new(&event(1, "h1", "genesis", Some(reason)));
+        assert!(!block.events.chars().any(char::is_control));
+        let read = decode("p", "s", &block.events).expect("decodes");
+        assert_eq!(read[0].reason.as_deref(), Some(reason));
+    }
+
+    #[test]
     fn a_gap_in_seq_starts_a_new_block() {
         let blocks = blocks(vec![
             ("a", event(1, "h1", "genesis", None)),

@@ -36,7 +36,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::notifications::NewDelivery;
 use crate::queries::write_instance_commit;
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
-use crate::sqlite_writer::{Done, Encoded, SqliteWriter, Write, Written};
+use crate::sqlite_writer::{Done, Encoded, Pending, SqliteWriter, Write, Written};
+use crate::step_mirror::{step_mirror, KnownSteps};
 use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 
 /// Most writes in one transaction.
@@ -127,6 +128,10 @@ struct Wal {
 #[derive(Debug, Clone)]
 pub(crate) struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Each instance's step mirror as this committer last wrote it, so a commit writes only
+    /// the step rows that changed (an upsert of an unchanged row still cost a b-tree seek and
+    /// the comparison, and encoding it).
+    known: Arc<KnownSteps>,
 }
 
 impl Committer {
@@ -154,7 +159,10 @@ impl Committer {
             .name("store-committer".to_string())
             .spawn(move || runtime.block_on(run(writer, sqlite, queue, &wal, alive)))
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        Ok(Committer { jobs })
+        Ok(Committer {
+            jobs,
+            known: Arc::default(),
+        })
     }
 
     /// Queue one write and wait until its transaction committed (or it failed).
@@ -169,25 +177,25 @@ impl Committer {
     /// encoded here, on the caller's thread; one that cannot be is answered at once.
     pub(crate) async fn submit_all(&self, writes: Vec<Write>) -> Vec<Result<Written, StoreError>> {
         let mut answers: Vec<Option<Result<Written, StoreError>>> = Vec::new();
-        let mut created = Vec::new();
+        let mut pending = Vec::new();
         let mut encoded = Vec::with_capacity(writes.len());
         for write in writes {
-            match Encoded::of(write) {
-                Ok((e, rec)) => {
+            match Encoded::of(write, &self.known) {
+                Ok((e, p)) => {
                     answers.push(None);
-                    created.push(rec);
+                    pending.push(p);
                     encoded.push(e);
                 }
                 Err(e) => answers.push(Some(Err(e))),
             }
         }
-        let mut done = self.send(encoded).await.into_iter().zip(created);
+        let mut done = self.send(encoded).await.into_iter().zip(pending);
         answers
             .into_iter()
             .map(|answer| match answer {
                 Some(failed) => failed,
                 None => match done.next() {
-                    Some((result, rec)) => written(result?, rec),
+                    Some((result, p)) => self.answered(result, p),
                     None => Err(closed()),
                 },
             })
@@ -197,10 +205,56 @@ impl Committer {
     /// Commit one instance transition (see [`Store::commit_transition`]), encoded from the
     /// caller's borrowed parts.
     pub(crate) async fn commit(&self, parts: CommitParts<'_>) -> Result<(), StoreError> {
-        let write = Encoded::commit(parts)?;
+        let id = parts.rec.info.id.as_str();
+        let version = parts.expected_version;
+        let stored = self.known.at(id, version);
+        let (write, mirror) = Encoded::commit(parts, stored.as_ref())?;
+        let pending = Pending::Committed {
+            id: id.to_string(),
+            version: version + 1,
+            mirror,
+        };
         match self.send(vec![write]).await.pop() {
-            Some(result) => result.map(|_| ()),
+            Some(result) => self.answered(result, pending).map(|_| ()),
             None => Err(closed()),
+        }
+    }
+
+    /// The answer to a write, and what is then known of its instance's step rows.
+    fn answered(
+        &self,
+        result: Result<Done, StoreError>,
+        pending: Pending,
+    ) -> Result<Written, StoreError> {
+        match (result, pending) {
+            (
+                Ok(Done::Committed),
+                Pending::Committed {
+                    id,
+                    version,
+                    mirror,
+                },
+            ) => {
+                self.known.remember(&id, version, mirror);
+                Ok(Written::Committed)
+            }
+            (Ok(Done::Committed), _) => Ok(Written::Committed),
+            (Ok(Done::Created), Pending::Created(rec)) => {
+                self.known
+                    .remember(&rec.info.id, rec.version, step_mirror(&rec));
+                Ok(Written::Created(Box::new(CreateOutcome::Created(*rec))))
+            }
+            (Ok(Done::Created), _) => Err(StoreError::corrupt(
+                "the committer answered a commit as a create",
+            )),
+            (Ok(Done::Existing(existing)), _) => Ok(Written::Created(Box::new(
+                CreateOutcome::Existing(*existing),
+            ))),
+            (Err(e), Pending::Committed { id, .. }) => {
+                self.known.forget(&id);
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
         }
     }
 
@@ -216,20 +270,6 @@ impl Committer {
         answer
             .await
             .unwrap_or_else(|_| (0..count).map(|_| Err(closed())).collect())
-    }
-}
-
-/// The answer to a write; `rec` is a create's record, kept by the caller meanwhile.
-fn written(done: Done, rec: Option<InstanceRecord>) -> Result<Written, StoreError> {
-    match (done, rec) {
-        (Done::Committed, _) => Ok(Written::Committed),
-        (Done::Created, Some(rec)) => Ok(Written::Created(Box::new(CreateOutcome::Created(rec)))),
-        (Done::Existing(existing), _) => Ok(Written::Created(Box::new(CreateOutcome::Existing(
-            *existing,
-        )))),
-        (Done::Created, None) => Err(StoreError::corrupt(
-            "the committer answered a commit as a create",
-        )),
     }
 }
 

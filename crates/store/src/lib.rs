@@ -54,6 +54,7 @@ mod relay;
 pub mod sandbox;
 mod sqlite_readers;
 mod sqlite_writer;
+mod step_mirror;
 mod timers;
 
 use std::time::Duration;

@@ -36,12 +36,13 @@ use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::commit::{commit_each, InstanceCommit};
-use crate::pg_rows::{step_prints, write_commits, write_rows, GroupRows, StepPrints};
+use crate::pg_rows::{write_commits, write_rows, GroupRows};
 use crate::queries::{
     bind_instance, stream_heads, to_json, values_placeholders, INSERT_INSTANCE, INSTANCE_WIDTH,
 };
 use crate::records::{AuditDraft, InstanceRecord};
 use crate::sqlite_writer::NewInstance;
+use crate::step_mirror::{step_mirror, StepMirror};
 use crate::{Backend, StoreError};
 
 /// Most commits in one group: bounds a statement's parameters (7 per commit in the `UPDATE`)
@@ -98,7 +99,7 @@ struct KnownHead {
     /// `None`: the stream has no events.
     head: Option<(i64, String)>,
     /// Its step mirror rows.
-    steps: StepPrints,
+    steps: StepMirror,
 }
 
 /// The audit stream head and step mirror rows of each instance at the version this process
@@ -148,7 +149,7 @@ impl KnownHeads {
 
     /// After `c` was written: its instance at its new version, with the head `after` gives its
     /// stream (unchanged if it wrote no event) and its step rows `steps`.
-    fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>, steps: StepPrints) {
+    fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>, steps: StepMirror) {
         self.moved(&c.rec.info.id, c.expected_version, &c.audit, after, steps);
     }
 
@@ -160,7 +161,7 @@ impl KnownHeads {
         from: i64,
         audit: &[AuditDraft],
         after: &HashMap<&str, (i64, String)>,
-        steps: StepPrints,
+        steps: StepMirror,
     ) {
         let Some(stream) = audit.first().map(|d| d.stream.clone()) else {
             // No event: the head stays, the version moves.
@@ -216,11 +217,7 @@ impl PgCommitter {
         if self.known.version_of(id) == Some(rec.version) {
             return;
         }
-        // A record whose steps cannot be encoded is not remembered: its commit will fail the
-        // same way, on the transaction path.
-        let Ok(steps) = step_prints(rec) else {
-            return;
-        };
+        let steps = step_mirror(rec);
         self.known.remember(
             id,
             KnownHead {
@@ -895,7 +892,7 @@ pub(crate) mod tests {
                     version: 1,
                     stream: stream(rec),
                     head: head(rec).await?,
-                    steps: step_prints(rec)?,
+                    steps: step_mirror(rec),
                 },
             );
         }
@@ -1076,7 +1073,7 @@ pub(crate) mod tests {
 
     /// An instance read at the version this process knows it at is not taken again: nothing
     /// of an instance changes without a new version, so what is known stands (its step
-    /// fingerprints are not recomputed). A read at another version replaces it.
+    /// mirror is not taken again). A read at another version replaces it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_at_a_known_version_keeps_what_is_known(
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -1093,7 +1090,7 @@ pub(crate) mod tests {
         };
 
         committer.observed(&first, Some((1, "h1".into())));
-        let taken = (1, Some((1, "h1".to_string())), step_prints(&first)?);
+        let taken = (1, Some((1, "h1".to_string())), step_mirror(&first));
         assert_eq!(known(&committer), Some(taken.clone()));
 
         // The same version with other contents (which a store never holds): not taken.
@@ -1115,7 +1112,7 @@ pub(crate) mod tests {
                 decisions: vec![],
                 escalations: 0,
             });
-        assert_ne!(step_prints(&other)?, taken.2);
+        assert_ne!(step_mirror(&other), taken.2);
         committer.observed(&other, Some((2, "h2".into())));
         assert_eq!(known(&committer), Some(taken));
 
@@ -1124,7 +1121,7 @@ pub(crate) mod tests {
         committer.observed(&other, Some((2, "h2".into())));
         assert_eq!(
             known(&committer),
-            Some((2, Some((2, "h2".to_string())), step_prints(&other)?))
+            Some((2, Some((2, "h2".to_string())), step_mirror(&other)))
         );
         Ok(())
     }

@@ -32,6 +32,7 @@ use crate::notifications::NewDelivery;
 use crate::queries::{audit_content, enum_to_str, to_json};
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::sqlite_readers::instance_by_key;
+use crate::step_mirror::{changed, step_mirror, KnownSteps, StepMirror};
 use crate::{CreateOutcome, StoreError, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS};
 
 /// A new instance with the outbox messages, audit events, timers and notification deliveries
@@ -58,6 +59,20 @@ pub(crate) enum Write {
     Decision(DecisionOutcome),
     /// `Store::delete_outbox`: published messages.
     DeleteOutbox(Vec<String>),
+}
+
+/// What the caller keeps of a write until it is answered.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Nothing,
+    /// A create's record: the answer to the create once written.
+    Created(Box<InstanceRecord>),
+    /// A commit's instance, the version it writes and its step mirror then.
+    Committed {
+        id: String,
+        version: i64,
+        mirror: StepMirror,
+    },
 }
 
 /// What a write did.
@@ -200,13 +215,24 @@ enum HashInput {
 impl Encoded {
     /// Encode `write` (on the caller's thread). A create's record comes back: it is the
     /// answer to the create once written, so it need not travel to the writer and back.
-    pub(crate) fn of(write: Write) -> Result<(Encoded, Option<InstanceRecord>), StoreError> {
+    /// A commit's step rows are those that differ from what `known` remembers of its
+    /// instance at its expected version.
+    pub(crate) fn of(write: Write, known: &KnownSteps) -> Result<(Encoded, Pending), StoreError> {
         Ok(match write {
-            Write::Create(new) => (Encoded::create(&new)?, Some(new.rec)),
-            Write::Commit(c) => (Encoded::commit(c.parts())?, None),
-            Write::Enqueue(messages) => (Encoded::Enqueue(messages), None),
-            Write::Decision(o) => (Encoded::Decision(o), None),
-            Write::DeleteOutbox(ids) => (Encoded::DeleteOutbox(ids), None),
+            Write::Create(new) => (Encoded::create(&new)?, Pending::Created(Box::new(new.rec))),
+            Write::Commit(c) => {
+                let stored = known.at(&c.rec.info.id, c.expected_version);
+                let (encoded, mirror) = Encoded::commit(c.parts(), stored.as_ref())?;
+                let pending = Pending::Committed {
+                    id: c.rec.info.id,
+                    version: c.expected_version + 1,
+                    mirror,
+                };
+                (encoded, pending)
+            }
+            Write::Enqueue(messages) => (Encoded::Enqueue(messages), Pending::Nothing),
+            Write::Decision(o) => (Encoded::Decision(o), Pending::Nothing),
+            Write::DeleteOutbox(ids) => (Encoded::DeleteOutbox(ids), Pending::Nothing),
         })
     }
 
@@ -241,9 +267,13 @@ impl Encoded {
         })))
     }
 
-    /// An instance commit, from the caller's borrowed parts (nothing of the state is cloned:
-    /// it is serialised straight from the record).
-    pub(crate) fn commit(parts: CommitParts<'_>) -> Result<Encoded, StoreError> {
+    /// An instance commit, from the caller's borrowed parts (the state is serialised straight
+    /// from the record), with the step rows that differ from `stored` (every one when that is
+    /// unknown); and the instance's step mirror once it is written.
+    pub(crate) fn commit(
+        parts: CommitParts<'_>,
+        stored: Option<&StepMirror>,
+    ) -> Result<(Encoded, StepMirror), StoreError> {
         let CommitParts {
             rec,
             expected_version,
@@ -254,7 +284,11 @@ impl Encoded {
             decision,
         } = parts;
         let info = &rec.info;
-        Ok(Encoded::Commit(Box::new(CommitRows {
+        let mirror = step_mirror(rec);
+        let steps = changed(&mirror, stored)
+            .map(step_row)
+            .collect::<Result<_, _>>()?;
+        let encoded = Encoded::Commit(Box::new(CommitRows {
             id: info.id.clone(),
             partner_id: info.partner_id.clone(),
             status: rec.state.status.as_str(),
@@ -262,7 +296,7 @@ impl Encoded {
             state: to_json(&rec.state)?,
             updated_at: rec.updated_at.0,
             expected_version,
-            steps: step_rows(&rec.state.steps)?,
+            steps,
             outbox: outbox.to_vec(),
             timers: timers.to_vec(),
             deliveries: deliveries
@@ -271,30 +305,31 @@ impl Encoded {
                 .collect::<Result<_, _>>()?,
             audit: audit_rows(&info.partner_id, audit)?,
             decision: decision.cloned(),
-        })))
+        }));
+        Ok((encoded, mirror))
     }
 }
 
 /// `state.steps` as rows; the last entry of a step index wins.
 pub(crate) fn step_rows(steps: &[StepExecution]) -> Result<Vec<StepRow>, StoreError> {
     let unique: BTreeMap<usize, &StepExecution> = steps.iter().map(|s| (s.index, s)).collect();
-    unique
-        .into_values()
-        .map(|step| {
-            Ok(StepRow {
-                index: step.index as i64,
-                name: step.name.clone(),
-                step_type: step.step_type.as_str(),
-                status: enum_to_str(&step.status)?,
-                started_at: step.started_at.map(|t| t.0),
-                finished_at: step.finished_at.map(|t| t.0),
-                actor: step.actor.as_ref().map(to_json).transpose()?,
-                input: step.input.as_ref().map(to_json).transpose()?,
-                output: step.output.as_ref().map(to_json).transpose()?,
-                error: step.error.clone(),
-            })
-        })
-        .collect()
+    unique.into_values().map(step_row).collect()
+}
+
+/// One step's mirror row.
+pub(crate) fn step_row(step: &StepExecution) -> Result<StepRow, StoreError> {
+    Ok(StepRow {
+        index: step.index as i64,
+        name: step.name.clone(),
+        step_type: step.step_type.as_str(),
+        status: enum_to_str(&step.status)?,
+        started_at: step.started_at.map(|t| t.0),
+        finished_at: step.finished_at.map(|t| t.0),
+        actor: step.actor.as_ref().map(to_json).transpose()?,
+        input: step.input.as_ref().map(to_json).transpose()?,
+        output: step.output.as_ref().map(to_json).transpose()?,
+        error: step.error.clone(),
+    })
 }
 
 fn delivery_row(d: &NewDelivery) -> Result<DeliveryRow, StoreError> {

@@ -844,6 +844,110 @@ async fn commit_instance_uses_optimistic_concurrency(store: Store) -> TestResult
     Ok(())
 }
 
+/// Commits write only the step rows that changed (each backend remembers the mirror it wrote):
+/// after each one, the rows are still exactly the state's steps, also when a commit changes a
+/// step an earlier one left alone, and when another store handle committed in between.
+async fn the_step_mirror_follows_every_commit(store: Store, url: &str) -> TestResult {
+    let mut rec = instance("p1", "t1", None);
+    rec.state.steps = vec![step(0, StepStatus::Running)];
+    created(&store, &rec).await?;
+    let mirror = |id: String| {
+        let store = store.clone();
+        async move {
+            let rows = sqlx::query(
+                "SELECT step_index, status, COALESCE(output, '') AS output, \
+                 COALESCE(error, '') AS error FROM workflow_step_executions \
+                 WHERE partner_id = 'p1' AND instance_id = $1 ORDER BY step_index",
+            )
+            .bind(id)
+            .fetch_all(store.pool())
+            .await?;
+            Ok::<_, sqlx::Error>(
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r.get::<i64, _>("step_index"),
+                            r.get::<String, _>("status"),
+                            r.get::<String, _>("output"),
+                            r.get::<String, _>("error"),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let expected = |rec: &InstanceRecord| {
+        rec.state
+            .steps
+            .iter()
+            .map(|s| {
+                (
+                    s.index as i64,
+                    serde_json::to_value(s.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    s.output.as_ref().map(|o| o.to_string()).unwrap_or_default(),
+                    s.error.clone().unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let changes: [fn(&mut InstanceRecord); 4] = [
+        // The first step completes and a second starts.
+        |r| {
+            r.state.steps[0].status = StepStatus::Completed;
+            r.state.steps[0].output = Some(json!({"ok": true}));
+            r.state.steps.push(step(1, StepStatus::Running));
+        },
+        // Only the second changes.
+        |r| r.state.steps[1].status = StepStatus::Waiting,
+        // No step changes.
+        |r| r.state.status = InstanceStatus::Waiting,
+        // The first changes again, after a commit that left it alone.
+        |r| r.state.steps[0].error = Some("late".into()),
+    ];
+    for change in changes {
+        let mut next = rec.clone();
+        next.version += 1;
+        change(&mut next);
+        store.commit_instance(&next, rec.version, &[], &[]).await?;
+        rec = next;
+        assert_eq!(mirror(rec.info.id.clone()).await?, expected(&rec));
+    }
+
+    // Another handle on the same database commits; this one's next commit still leaves the
+    // mirror exactly the state's.
+    let other = Store::connect(url).await?;
+    let mut next = rec.clone();
+    next.version += 1;
+    next.state.steps[1].status = StepStatus::Completed;
+    next.state.steps[1].output = Some(json!({"by": "the other handle"}));
+    other.commit_instance(&next, rec.version, &[], &[]).await?;
+    rec = next;
+    let mut next = rec.clone();
+    next.version += 1;
+    next.state.status = InstanceStatus::Completed;
+    store.commit_instance(&next, rec.version, &[], &[]).await?;
+    rec = next;
+    assert_eq!(mirror(rec.info.id.clone()).await?, expected(&rec));
+    other.close().await;
+    Ok(())
+}
+
+// It takes the database's URL too (for a second handle): run on each backend here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_step_mirror_follows_every_commit() -> TestResult {
+    let db = sqlite_db().await?;
+    the_step_mirror_follows_every_commit(db.store.clone(), &db.url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_step_mirror_follows_every_commit() -> TestResult {
+    let db = postgres_db().await?;
+    the_step_mirror_follows_every_commit(db.store.clone(), &db.url).await
+}
+
 async fn a_failed_transaction_writes_nothing(store: Store) -> TestResult {
     let rec = instance("p1", "t1", Some("k"));
     let dup = message(&rec.info.id);

@@ -1,0 +1,130 @@
+//! What an instance's step mirror rows (`workflow_step_executions`) hold, remembered at a
+//! version so a commit writes only the step rows that changed.
+//!
+//! A row is a function of its step and its instance's keys, so comparing steps compares rows,
+//! and an unchanged step is neither encoded nor written. What is remembered at version v is
+//! exact while the version check holds: no step row of an instance is written without a new
+//! version of it (the argument `pg_commit.rs`' known heads rest on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use workflow_core::StepExecution;
+
+use crate::records::InstanceRecord;
+
+/// Step index → the step as its mirror row holds it. Shared: remembered per instance and
+/// handed to each write that compares against it.
+pub(crate) type StepMirror = Arc<BTreeMap<usize, StepExecution>>;
+
+/// The step mirror `rec` stands for (one row per index, the last entry wins, as the rows are
+/// written).
+pub(crate) fn step_mirror(rec: &InstanceRecord) -> StepMirror {
+    Arc::new(
+        rec.state
+            .steps
+            .iter()
+            .map(|s| (s.index, s.clone()))
+            .collect(),
+    )
+}
+
+/// The steps of `now` whose rows differ from `stored` (every one when that is unknown).
+pub(crate) fn changed<'s>(
+    now: &'s StepMirror,
+    stored: Option<&'s StepMirror>,
+) -> impl Iterator<Item = &'s StepExecution> {
+    now.iter()
+        .filter(move |(index, step)| stored.and_then(|s| s.get(index)) != Some(*step))
+        .map(|(_, step)| step)
+}
+
+/// Most instances remembered; past it the map starts over.
+const KNOWN_MAX: usize = 65_536;
+
+/// Each instance's step mirror at the version this process last wrote.
+#[derive(Debug, Default)]
+pub(crate) struct KnownSteps {
+    map: Mutex<HashMap<String, (i64, StepMirror)>>,
+}
+
+impl KnownSteps {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (i64, StepMirror)>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `id`'s mirror, if it is known at `version`.
+    pub(crate) fn at(&self, id: &str, version: i64) -> Option<StepMirror> {
+        let map = self.lock();
+        let (known, mirror) = map.get(id)?;
+        (*known == version).then(|| mirror.clone())
+    }
+
+    pub(crate) fn remember(&self, id: &str, version: i64, mirror: StepMirror) {
+        let mut map = self.lock();
+        if map.len() >= KNOWN_MAX && !map.contains_key(id) {
+            map.clear();
+        }
+        map.insert(id.to_string(), (version, mirror));
+    }
+
+    pub(crate) fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use workflow_core::{StepStatus, StepType};
+
+    fn step(index: usize, status: StepStatus) -> StepExecution {
+        StepExecution {
+            index,
+            name: format!("step {index}"),
+            step_type: StepType::Approval,
+            status,
+            started_at: None,
+            finished_at: None,
+            actor: None,
+            input: Some(json!({"amount": 500})),
+            output: None,
+            error: None,
+            decisions: Vec::new(),
+            escalations: 0,
+        }
+    }
+
+    fn mirror(steps: Vec<StepExecution>) -> StepMirror {
+        Arc::new(steps.into_iter().map(|s| (s.index, s)).collect())
+    }
+
+    #[test]
+    fn only_steps_that_differ_from_the_stored_mirror_change() {
+        let stored = mirror(vec![
+            step(0, StepStatus::Completed),
+            step(1, StepStatus::Waiting),
+        ]);
+        let now = mirror(vec![
+            step(0, StepStatus::Completed),
+            step(1, StepStatus::Completed),
+            step(2, StepStatus::Running),
+        ]);
+        let written: Vec<usize> = changed(&now, Some(&stored)).map(|s| s.index).collect();
+        assert_eq!(written, vec![1, 2]);
+        let unknown: Vec<usize> = changed(&now, None).map(|s| s.index).collect();
+        assert_eq!(unknown, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_mirror_is_known_only_at_its_version() {
+        let known = KnownSteps::default();
+        known.remember("i1", 3, mirror(vec![step(0, StepStatus::Waiting)]));
+        assert!(known.at("i1", 3).is_some());
+        assert!(known.at("i1", 2).is_none());
+        assert!(known.at("i2", 3).is_none());
+        known.forget("i1");
+        assert!(known.at("i1", 3).is_none());
+    }
+}
