@@ -16,6 +16,8 @@ export WORKFLOWS_ADMIN_TOKEN="${WORKFLOWS_ADMIN_TOKEN:-adm_local}"
 export WORKFLOWS_LISTEN="${WORKFLOWS_LISTEN:-127.0.0.1:8080}"
 export WORKFLOWS_EGRESS_ALLOW="${WORKFLOWS_EGRESS_ALLOW:-127.0.0.1/32}"
 export PAYOS_API_KEY="${PAYOS_API_KEY:-sandbox}"
+# The allocator keeps memory unused for 10 s before giving it back (crates/payos-workflows/src/allocator.rs).
+export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:-10000}"
 echo "DATABASE_URL=$DATABASE_URL"
 echo "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
 

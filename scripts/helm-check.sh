@@ -606,6 +606,7 @@ done <<'CASES'
 --set|podAnnotations.port=9090|annotation values are strings
 --set|api.service.port=70000|not a port
 --set|egressAllow={10.0.0.0/8\,192.168.0.0/16}|one entry per item, no commas
+--set|allocator.purgeDelayMs=-5|-1 (never) is the least delay
 CASES
 echo "values.schema.json: $rejected bad values rejected"
 

@@ -3,6 +3,7 @@
 //! `main` only parses the command line and calls into here; tests start the same embedded runtime
 //! in process to drive the real HTTP API end to end.
 
+pub mod allocator;
 pub mod bench;
 pub mod config;
 pub mod demo;

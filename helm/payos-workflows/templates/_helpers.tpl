@@ -357,6 +357,8 @@ spec:
           env:
             - name: RUST_LOG
               value: {{ $root.Values.logLevel | quote }}
+            - name: MIMALLOC_PURGE_DELAY
+              value: {{ $root.Values.allocator.purgeDelayMs | int64 | quote }}
             - name: WORKFLOWS_MAX_STEPS
               value: {{ $root.Values.limits.maxSteps | int64 | quote }}
             - name: WORKFLOWS_MAX_TEMPLATE_BYTES

@@ -79,6 +79,7 @@ impl Deployment {
                 .env("PAYOS_API_KEY", "bench")
                 .env("WORKFLOWS_EGRESS_ALLOW", "127.0.0.1/32")
                 .env("RUST_LOG", "warn")
+                .envs(crate::allocator::allocator_env())
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()?;
