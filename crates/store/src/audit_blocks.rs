@@ -12,6 +12,7 @@ use serde_json::Value;
 use workflow_core::instance::ActorRef;
 use workflow_core::Timestamp;
 
+use crate::queries::{to_json, Chained};
 use crate::records::AuditRecord;
 use crate::StoreError;
 
@@ -116,6 +117,40 @@ pub(crate) fn blocks<'e, K: PartialEq + Copy>(
         }
     }
     out
+}
+
+/// [`blocks`] of events chained onto their streams (`queries::chain_audits`' output), each
+/// keyed by `key` of its position in `chained`.
+pub(crate) fn chained_blocks<K: PartialEq + Copy>(
+    chained: &[Chained<'_>],
+    key: impl Fn(usize) -> K,
+) -> Result<Vec<(K, BlockText)>, StoreError> {
+    let mut docs = Vec::with_capacity(chained.len());
+    for (_, draft, ..) in chained {
+        docs.push((
+            to_json(&draft.actor)?,
+            to_json(&draft.before)?,
+            to_json(&draft.after)?,
+        ));
+    }
+    Ok(blocks(chained.iter().zip(&docs).enumerate().map(
+        |(i, ((_, draft, seq, prev_hash, hash), (actor, before, after)))| {
+            (
+                key(i),
+                BlockEvent {
+                    seq: *seq,
+                    at: draft.at.0,
+                    actor,
+                    kind: &draft.kind,
+                    before,
+                    after,
+                    reason: draft.reason.as_deref(),
+                    prev_hash,
+                    hash,
+                },
+            )
+        },
+    )))
 }
 
 /// An event as read back from a block.

@@ -328,36 +328,14 @@ fn encode<'a>(
         })
         .collect();
     let chained = chain_audits(&rows.drafts(), heads);
-    let mut docs = Vec::with_capacity(chained.len());
-    for (_, draft, ..) in &chained {
-        docs.push((
-            to_json(&draft.actor)?,
-            to_json(&draft.before)?,
-            to_json(&draft.after)?,
-        ));
-    }
     let mut after = Heads::new();
     for (_, draft, seq, _, hash) in &chained {
         after.insert(draft.stream.as_str(), (*seq, hash.clone()));
     }
-    let blocks = audit_blocks::blocks(chained.iter().zip(&rows.events).zip(&docs).map(
-        |(((partner_id, draft, seq, prev_hash, hash), (instance_id, ..)), docs)| {
-            (
-                (*instance_id, *partner_id, draft.stream.as_str()),
-                audit_blocks::BlockEvent {
-                    seq: *seq,
-                    at: draft.at.0,
-                    actor: &docs.0,
-                    kind: &draft.kind,
-                    before: &docs.1,
-                    after: &docs.2,
-                    reason: draft.reason.as_deref(),
-                    prev_hash,
-                    hash,
-                },
-            )
-        },
-    ));
+    let blocks = audit_blocks::chained_blocks(&chained, |i| {
+        let (_, draft, ..) = &chained[i];
+        (rows.events[i].0, chained[i].0, draft.stream.as_str())
+    })?;
     let mut events = Vec::with_capacity(blocks.len());
     let mut documents = Documents::default();
     for ((instance_id, partner_id, stream), block) in blocks {

@@ -788,13 +788,7 @@ impl Store {
         .bind(stream)
         .fetch_all(self.pool())
         .await?;
-        let mut events = Vec::new();
-        for row in &rows {
-            let stream: String = row.try_get("stream")?;
-            let block: String = row.try_get("events")?;
-            events.extend(audit_blocks::decode(partner_id, &stream, &block)?);
-        }
-        Ok(events)
+        decode_blocks(partner_id, &rows)
     }
 
     /// Every event of every stream of the partner, each stream in ascending seq (streams in no
@@ -810,13 +804,7 @@ impl Store {
         .bind(partner_id)
         .fetch_all(self.pool())
         .await?;
-        let mut events = Vec::new();
-        for row in &rows {
-            let stream: String = row.try_get("stream")?;
-            let block: String = row.try_get("events")?;
-            events.extend(audit_blocks::decode(partner_id, &stream, &block)?);
-        }
-        Ok(events)
+        decode_blocks(partner_id, &rows)
     }
 }
 
@@ -1134,32 +1122,7 @@ pub(crate) async fn insert_chained<'a>(
     heads: std::collections::HashMap<&'a str, (i64, String)>,
 ) -> Result<(), StoreError> {
     let rows = chain_audits(events, heads);
-    let mut docs = Vec::with_capacity(rows.len());
-    for (_, draft, ..) in &rows {
-        docs.push((
-            to_json(&draft.actor)?,
-            to_json(&draft.before)?,
-            to_json(&draft.after)?,
-        ));
-    }
-    let blocks = audit_blocks::blocks(rows.iter().zip(&docs).map(
-        |((partner_id, draft, seq, prev_hash, hash), (actor, before, after))| {
-            (
-                (*partner_id, draft.stream.as_str()),
-                audit_blocks::BlockEvent {
-                    seq: *seq,
-                    at: draft.at.0,
-                    actor,
-                    kind: &draft.kind,
-                    before,
-                    after,
-                    reason: draft.reason.as_deref(),
-                    prev_hash,
-                    hash,
-                },
-            )
-        },
-    ));
+    let blocks = audit_blocks::chained_blocks(&rows, |i| (rows[i].0, rows[i].1.stream.as_str()))?;
     for chunk in blocks.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO audit_blocks (stream, first_seq, last_seq, partner_id, last_hash, \
@@ -1402,6 +1365,17 @@ pub(crate) fn decode_instance(cols: InstanceColumns) -> Result<InstanceRecord, S
         updated_at: Timestamp(cols.updated_at),
         version: cols.version,
     })
+}
+
+/// The events of `rows` (`stream`, `events` of `audit_blocks`), in their order.
+fn decode_blocks(partner_id: &str, rows: &[AnyRow]) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut events = Vec::new();
+    for row in rows {
+        let stream: String = row.try_get("stream")?;
+        let block: String = row.try_get("events")?;
+        events.extend(audit_blocks::decode(partner_id, &stream, &block)?);
+    }
+    Ok(events)
 }
 
 // -------------------------------------------------------------------- small conversions
