@@ -207,13 +207,19 @@ async fn topics(settings: Settings, check: bool) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    if matches!(cli.command, Command::Bench(_)) {
+        // The bench's figures are its stdout, the last line one JSON object: a log line
+        // (librdkafka's, say, as a client closes at exit) must not follow it there.
+        logs.with_writer(std::io::stderr).init();
+    } else {
+        logs.init();
+    }
+    match cli.command {
         Command::Dev {
             listen,
             data_dir,
