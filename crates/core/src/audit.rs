@@ -7,7 +7,6 @@
 use std::sync::OnceLock;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::instance::ActorRef;
 use crate::time::Timestamp;
@@ -33,11 +32,33 @@ pub struct AuditContent<'a> {
 pub fn chain_hash(prev_hash: &str, content: &AuditContent<'_>) -> String {
     let mut canonical = Vec::with_capacity(512);
     write_content(content, &mut canonical);
-    let mut hasher = Sha256::new();
-    hasher.update(prev_hash.as_bytes());
-    hasher.update(b"\n");
+    let mut hasher = ChainHasher::new(prev_hash);
     hasher.update(&canonical);
-    hex::encode(hasher.finalize())
+    hasher.finish_hex()
+}
+
+/// SHA-256 over `prev_hash`, a newline and what follows: the hash of one link of a chain,
+/// for writers that assemble the canonical content in pieces. ring's SHA-256 (assembly) takes
+/// about half the time of the portable code on CPUs without SHA extensions, and every commit
+/// hashes each event it appends.
+pub struct ChainHasher(ring::digest::Context);
+
+impl ChainHasher {
+    pub fn new(prev_hash: &str) -> ChainHasher {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(prev_hash.as_bytes());
+        context.update(b"\n");
+        ChainHasher(context)
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The hash, as lowercase hex.
+    pub fn finish_hex(self) -> String {
+        hex::encode(self.0.finish())
+    }
 }
 
 /// The canonical JSON of the document `{"partner_id", "stream", "seq", "at", "actor": {"id",
@@ -203,6 +224,7 @@ mod tests {
     use crate::instance::ActorType;
     use proptest::prelude::*;
     use serde_json::json;
+    use sha2::{Digest, Sha256};
 
     fn actor() -> ActorRef {
         ActorRef {

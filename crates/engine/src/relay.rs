@@ -8,9 +8,11 @@
 //!   second process is involved, so a step's command reaches its pool
 //!   within one bus round trip of the commit.
 //! - **Sweep.** Rows whose process died between commit and publish stay in the table. Every
-//!   [`SWEEP`] each relay makes a pass under the store's relay lock (one process at a time,
+//!   [`SWEEP`] a relay makes a pass under the store's relay lock (one process at a time,
 //!   [`Store::relay_pass`]) and publishes the rows it already saw on its previous pass: rows at
-//!   least one sweep old, which no fast path is still handling.
+//!   least one sweep old, which no fast path is still handling. With the event lane only the
+//!   lane's leader sweeps (one pass a second is enough; each steps over the queue's dead rows),
+//!   so the sweep moves with the lead.
 //!
 //! - **Event lane** (an outbox made [`Outbox::with_event_lane`], the distributed runtime's).
 //!   Messages for services outside the engine ([`EVENT_LANE`]: lifecycle events) skip the fast
@@ -78,6 +80,8 @@ pub struct Outbox {
     /// Whether [`EVENT_LANE`] rows take the event lane ([`Outbox::with_event_lane`]) or, like
     /// every other row, the fast path.
     lane: bool,
+    /// Set while this process leads the event lane: with a lane, only its leader sweeps.
+    leads_lane: std::sync::atomic::AtomicBool,
 }
 
 impl Outbox {
@@ -143,6 +147,13 @@ impl Outbox {
         let mut pending = self.lock();
         let later = std::mem::replace(&mut *pending, rows);
         pending.extend(later);
+    }
+
+    /// Whether this process's relay makes the periodic sweep: every relay without the event
+    /// lane, only the lane's leader with it (one sweep a second is enough, and each pass steps
+    /// over the queue's dead rows; the lead moves within a second of its holder's death).
+    fn sweeps(&self) -> bool {
+        !self.lane || self.leads_lane.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<OutboxMessage>> {
@@ -362,6 +373,9 @@ async fn run_event_lane(store: &Store, bus: &dyn Bus, outbox: &Outbox, cancel: &
             .events_committed
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         lane.act(store, bus, committed).await;
+        outbox
+            .leads_lane
+            .store(lane.leader.is_some(), std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             _ = cancel.cancelled() => {
                 lane.drain(store, bus).await;
@@ -408,10 +422,16 @@ async fn run_fast_path(store: &Store, bus: &dyn Bus, outbox: &Outbox, cancel: &C
             continue;
         }
         if sweep_due {
-            match sweep_once(store, bus, &mut seen, now_requested, outbox.lane).await {
-                Ok(n) if n > 0 => tracing::debug!(rows = n, "outbox sweep published rows"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "outbox sweep failed; retrying"),
+            // Rows this process committed without handing them over are swept at once by it.
+            if now_requested || outbox.sweeps() {
+                match sweep_once(store, bus, &mut seen, now_requested, outbox.lane).await {
+                    Ok(n) if n > 0 => tracing::debug!(rows = n, "outbox sweep published rows"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "outbox sweep failed; retrying"),
+                }
+            } else {
+                // Not sweeping: what it saw is no longer a pass ago.
+                seen.clear();
             }
             next_sweep = tokio::time::Instant::now() + SWEEP;
         }

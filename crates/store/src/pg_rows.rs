@@ -5,8 +5,10 @@
 //! the transaction, and as many statement texts as there are row counts (sqlx's per-connection
 //! cache of prepared statements kept missing them, re-parsing each). Here every table's rows
 //! travel as one JSON array parameter, unpacked by `json_to_recordset`, and each table's insert
-//! is a data-modifying CTE of a single statement whose text never changes: one round trip, one
-//! prepared statement per connection. Two forms:
+//! is a data-modifying CTE of a single statement whose text does not depend on the row counts:
+//! one round trip, one prepared statement per connection and form. The timers', deliveries' and
+//! outcomes' CTEs are left out when the group has none of those rows (an empty CTE still opens
+//! and locks its table and indexes), so each form has 8 texts. Two forms:
 //! - [`write_rows`]: the rows alone, inside the group's transaction, after the statement that
 //!   decided what is written (the version-checked `UPDATE` or the instances' insert);
 //! - [`write_commits`]: the version-checked `UPDATE` too, as the first CTE, with each table's
@@ -103,15 +105,69 @@ fn step_row_json(rec: &InstanceRecord, step: &StepExecution) -> Result<String, S
         .map_err(|e| StoreError::corrupt(format!("cannot encode a step row: {e}")))
 }
 
+/// Which of the rarely used tables a statement writes: a data-modifying CTE costs its
+/// statement the opening and locking of its table and indexes even when its array is empty,
+/// so each combination is a statement of its own (8 texts, each prepared once per connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Optional {
+    timers: bool,
+    deliveries: bool,
+    outcomes: bool,
+}
+
+impl Optional {
+    const ALL: [Optional; 8] = {
+        let mut all = [Optional {
+            timers: false,
+            deliveries: false,
+            outcomes: false,
+        }; 8];
+        let mut i = 0;
+        while i < 8 {
+            all[i] = Optional {
+                timers: i & 1 != 0,
+                deliveries: i & 2 != 0,
+                outcomes: i & 4 != 0,
+            };
+            i += 1;
+        }
+        all
+    };
+
+    fn of(arrays: &Arrays) -> Optional {
+        Optional {
+            timers: arrays.timers != EMPTY,
+            deliveries: arrays.deliveries != EMPTY,
+            outcomes: arrays.outcomes != EMPTY,
+        }
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.timers)
+            | usize::from(self.deliveries) << 1
+            | usize::from(self.outcomes) << 2
+    }
+}
+
+/// An empty JSON array.
+const EMPTY: &str = "[]";
+
 /// The inserts of [`write_rows`] as data-modifying CTEs over JSON array parameters, from `$p`
-/// on (steps, outbox, audit, timers, deliveries, outcomes, then the channel). With `updated`
-/// (the name of a CTE returning `id`), only the rows of those instances are written.
-fn insert_ctes(p: usize, updated: Option<&str>) -> String {
+/// on, in [`Arrays::bind`]'s order (steps, outbox, audit, the audit documents, then timers,
+/// deliveries, outcomes and the channel when `optional` has them). With `updated` (the name of
+/// a CTE returning `id`), only the rows of those instances are written. Ends with a CTE
+/// `notified` counting the outcomes announced.
+fn insert_ctes(p: usize, updated: Option<&str>, optional: Optional) -> String {
     let only_r = match updated {
         Some(u) => format!(" WHERE r.instance_id IN (SELECT id FROM {u})"),
         None => String::new(),
     };
-    format!(
+    let mut next = p + 4;
+    let mut param = || {
+        next += 1;
+        next - 1
+    };
+    let mut sql = format!(
         "steps AS (INSERT INTO workflow_step_executions (instance_id, step_index, partner_id, \
          name, step_type, status, started_at, finished_at, actor, input, output, error) \
          SELECT instance_id, step_index, partner_id, name, step_type, status, started_at, \
@@ -129,49 +185,64 @@ fn insert_ctes(p: usize, updated: Option<&str>) -> String {
          FROM ROWS FROM (json_to_recordset(${audit}::json) AS (instance_id text, stream text, \
          first_seq bigint, last_seq bigint, partner_id text, last_hash text), \
          unnest(string_to_array(${documents}, chr(30)))) AS r(instance_id, stream, first_seq, \
-         last_seq, partner_id, last_hash, events){only_r}), \
-         due AS (INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, kind, \
-         due_at) SELECT id, partner_id, instance_id, step_index, step_type, kind, due_at \
-         FROM json_to_recordset(${timers}::json) AS r(id text, partner_id text, instance_id text, \
-         step_index bigint, step_type text, kind text, due_at bigint){only_r} \
-         ON CONFLICT (id) DO NOTHING), \
-         sends AS (INSERT INTO notification_deliveries (id, partner_id, instance_id, \
-         step_index, purpose, channel, target, request, wait, status, attempts, round_failures, \
-         next_check_at, created_at, updated_at) \
-         SELECT id, partner_id, instance_id, step_index, purpose, channel, target, request, \
-         wait, 'queued', 0, 0, next_check_at, created_at, created_at \
-         FROM json_to_recordset(${deliveries}::json) AS r(id text, partner_id text, \
-         instance_id text, step_index bigint, purpose text, channel text, target text, \
-         request text, wait bigint, next_check_at bigint, created_at bigint){only_r} \
-         ON CONFLICT (id) DO NOTHING), \
-         outcomes AS (INSERT INTO approval_decisions (decision_id, partner_id, instance_id, \
-         step_index, accepted, code, message, decided_at) \
-         SELECT decision_id, partner_id, instance_id, step_index, accepted, code, message, \
-         decided_at FROM json_to_recordset(${outcomes}::json) AS r(decision_id text, \
-         partner_id text, instance_id text, step_index integer, accepted bigint, code text, \
-         message text, decided_at bigint){only_r} \
-         ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id, accepted), \
-         notified AS (SELECT pg_notify(${channel}, decision_id || CASE WHEN accepted = 1 \
-         THEN ' accepted' ELSE ' refused' END)::text AS n FROM outcomes \
-         WHERE octet_length(decision_id) < 7990)",
+         last_seq, partner_id, last_hash, events){only_r})",
         steps = p,
         outbox = p + 1,
         audit = p + 2,
-        timers = p + 3,
-        deliveries = p + 4,
-        outcomes = p + 5,
-        channel = p + 6,
-        documents = p + 7,
-    )
+        documents = p + 3,
+    );
+    if optional.timers {
+        sql.push_str(&format!(
+            ", due AS (INSERT INTO timers (id, partner_id, instance_id, step_index, step_type, \
+             kind, due_at) SELECT id, partner_id, instance_id, step_index, step_type, kind, \
+             due_at FROM json_to_recordset(${timers}::json) AS r(id text, partner_id text, \
+             instance_id text, step_index bigint, step_type text, kind text, due_at bigint)\
+             {only_r} ON CONFLICT (id) DO NOTHING)",
+            timers = param(),
+        ));
+    }
+    if optional.deliveries {
+        sql.push_str(&format!(
+            ", sends AS (INSERT INTO notification_deliveries (id, partner_id, instance_id, \
+             step_index, purpose, channel, target, request, wait, status, attempts, \
+             round_failures, next_check_at, created_at, updated_at) \
+             SELECT id, partner_id, instance_id, step_index, purpose, channel, target, request, \
+             wait, 'queued', 0, 0, next_check_at, created_at, created_at \
+             FROM json_to_recordset(${deliveries}::json) AS r(id text, partner_id text, \
+             instance_id text, step_index bigint, purpose text, channel text, target text, \
+             request text, wait bigint, next_check_at bigint, created_at bigint){only_r} \
+             ON CONFLICT (id) DO NOTHING)",
+            deliveries = param(),
+        ));
+    }
+    if optional.outcomes {
+        let outcomes = param();
+        sql.push_str(&format!(
+            ", outcomes AS (INSERT INTO approval_decisions (decision_id, partner_id, \
+             instance_id, step_index, accepted, code, message, decided_at) \
+             SELECT decision_id, partner_id, instance_id, step_index, accepted, code, message, \
+             decided_at FROM json_to_recordset(${outcomes}::json) AS r(decision_id text, \
+             partner_id text, instance_id text, step_index integer, accepted bigint, code text, \
+             message text, decided_at bigint){only_r} \
+             ON CONFLICT (decision_id) DO NOTHING RETURNING decision_id, accepted), \
+             notified AS (SELECT pg_notify(${channel}, decision_id || CASE WHEN accepted = 1 \
+             THEN ' accepted' ELSE ' refused' END)::text AS n FROM outcomes \
+             WHERE octet_length(decision_id) < 7990)",
+            channel = param(),
+        ));
+    } else {
+        sql.push_str(", notified AS (SELECT NULL::text AS n WHERE false)");
+    }
+    sql
 }
 
 /// Every table's rows in one statement ([`insert_ctes`]), announcing each decision outcome
 /// inserted (as `approvals.rs` does, so a waiting API call wakes).
-fn write_rows_sql() -> &'static str {
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!("WITH {} SELECT n FROM notified", insert_ctes(1, None))
+fn write_rows_sql(optional: Optional) -> &'static str {
+    static SQL: std::sync::LazyLock<[String; 8]> = std::sync::LazyLock::new(|| {
+        Optional::ALL.map(|o| format!("WITH {} SELECT n FROM notified", insert_ctes(1, None, o)))
     });
-    SQL.as_str()
+    SQL[optional.index()].as_str()
 }
 
 /// One group's whole commit in one statement, without a transaction around it: the
@@ -179,22 +250,24 @@ fn write_rows_sql() -> &'static str {
 /// the instances it updated only. Returns the ids updated (and announces their outcomes: the
 /// scalar subquery runs once, when the first id is returned; with none, no outcome was
 /// written).
-fn write_commits_sql() -> &'static str {
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "WITH u AS (UPDATE workflow_instances AS w SET status = v.status, \
-             current_step = v.current_step, state = v.state, updated_at = v.updated_at, \
-             version = v.expected + 1 FROM ROWS FROM (json_to_recordset($1::json) AS (id text, \
-             partner_id text, status text, current_step bigint, updated_at bigint, \
-             expected bigint), unnest(string_to_array($2, chr(30)))) AS v(id, partner_id, \
-             status, current_step, updated_at, expected, state) \
-             WHERE w.id = v.id AND w.partner_id = v.partner_id \
-             AND w.version = v.expected RETURNING w.id), {} \
-             SELECT u.id, (SELECT count(*) FROM notified) AS announced FROM u",
-            insert_ctes(3, Some("u"))
-        )
+fn write_commits_sql(optional: Optional) -> &'static str {
+    static SQL: std::sync::LazyLock<[String; 8]> = std::sync::LazyLock::new(|| {
+        Optional::ALL.map(|o| {
+            format!(
+                "WITH u AS (UPDATE workflow_instances AS w SET status = v.status, \
+                 current_step = v.current_step, state = v.state, updated_at = v.updated_at, \
+                 version = v.expected + 1 FROM ROWS FROM (json_to_recordset($1::json) AS (id text, \
+                 partner_id text, status text, current_step bigint, updated_at bigint, \
+                 expected bigint), unnest(string_to_array($2, chr(30)))) AS v(id, partner_id, \
+                 status, current_step, updated_at, expected, state) \
+                 WHERE w.id = v.id AND w.partner_id = v.partner_id \
+                 AND w.version = v.expected RETURNING w.id), {} \
+                 SELECT u.id, (SELECT count(*) FROM notified) AS announced FROM u",
+                insert_ctes(3, Some("u"), o)
+            )
+        })
     });
-    SQL.as_str()
+    SQL[optional.index()].as_str()
 }
 
 /// A step mirror row with its instance's keys.
@@ -297,7 +370,7 @@ fn json_array<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
 fn encode<'a>(
     rows: &GroupRows<'a>,
     heads: Heads<'a>,
-) -> Result<([String; 6], String, Heads<'a>, Vec<StepMirror>), StoreError> {
+) -> Result<(Arrays, Heads<'a>, Vec<StepMirror>), StoreError> {
     use base64::Engine as _;
     // Only the step rows that differ from what is stored (every one when that is unknown):
     // compared as steps, so an unchanged one is not encoded at all.
@@ -403,18 +476,53 @@ fn encode<'a>(
         })
         .collect();
     Ok((
-        [
+        Arrays {
             steps,
-            json_array(&outbox)?,
-            json_array(&events)?,
-            json_array(&timers)?,
-            json_array(&deliveries)?,
-            json_array(&outcomes)?,
-        ],
-        documents.text,
+            outbox: json_array(&outbox)?,
+            audit: json_array(&events)?,
+            documents: documents.text,
+            timers: json_array(&timers)?,
+            deliveries: json_array(&deliveries)?,
+            outcomes: json_array(&outcomes)?,
+        },
         after,
         mirrors,
     ))
+}
+
+/// The parameters of [`insert_ctes`], encoded by [`encode`]: JSON arrays of rows, and the
+/// audit blocks' documents beside theirs.
+struct Arrays {
+    steps: String,
+    outbox: String,
+    audit: String,
+    documents: String,
+    timers: String,
+    deliveries: String,
+    outcomes: String,
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+impl Arrays {
+    /// Bind them after `query`'s first parameters, in [`insert_ctes`]' order for `optional`.
+    fn bind(self, query: AnyQuery<'_>, optional: Optional) -> AnyQuery<'_> {
+        let mut query = query
+            .bind(self.steps)
+            .bind(self.outbox)
+            .bind(self.audit)
+            .bind(self.documents);
+        if optional.timers {
+            query = query.bind(self.timers);
+        }
+        if optional.deliveries {
+            query = query.bind(self.deliveries);
+        }
+        if optional.outcomes {
+            query = query.bind(self.outcomes).bind(DECISION_OUTCOMES_CHANNEL);
+        }
+        query
+    }
 }
 
 /// Write `rows` in one statement, each audit event chained onto its stream's head in `heads`
@@ -424,14 +532,10 @@ pub(crate) async fn write_rows<'a>(
     rows: &GroupRows<'a>,
     heads: Heads<'a>,
 ) -> Result<(Heads<'a>, Vec<StepMirror>), StoreError> {
-    let (arrays, documents, after, mirrors) = encode(rows, heads)?;
-    let mut query = sqlx::query(write_rows_sql());
-    for array in arrays {
-        query = query.bind(array);
-    }
-    query
-        .bind(DECISION_OUTCOMES_CHANNEL)
-        .bind(documents)
+    let (arrays, after, mirrors) = encode(rows, heads)?;
+    let optional = Optional::of(&arrays);
+    arrays
+        .bind(sqlx::query(write_rows_sql(optional)), optional)
         .fetch_all(&mut *conn)
         .await?;
     Ok((after, mirrors))
@@ -481,21 +585,83 @@ pub(crate) async fn write_commits<'a>(
     }
     let mut rows = GroupRows::of_commits(commits);
     rows.stored_steps = stored;
-    let (arrays, documents, after, mirrors) = encode(&rows, heads)?;
-    let mut query = sqlx::query(write_commits_sql())
+    let (arrays, after, mirrors) = encode(&rows, heads)?;
+    let optional = Optional::of(&arrays);
+    let query = sqlx::query(write_commits_sql(optional))
         .bind(json_array(&updates)?)
         .bind(states.text);
-    for array in arrays {
-        query = query.bind(array);
-    }
     let mut written = std::collections::HashSet::new();
-    for row in query
-        .bind(DECISION_OUTCOMES_CHANNEL)
-        .bind(documents)
-        .fetch_all(&mut *conn)
-        .await?
-    {
+    for row in arrays.bind(query, optional).fetch_all(&mut *conn).await? {
         written.insert(sqlx::Row::try_get::<String, _>(&row, "id")?);
     }
     Ok((written, after, mirrors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every statement text with the number of parameters its binds supply.
+    fn statements() -> Vec<(&'static str, usize)> {
+        let mut all = Vec::new();
+        for o in Optional::ALL {
+            let optional = usize::from(o.timers) + usize::from(o.deliveries);
+            let outcomes = if o.outcomes { 2 } else { 0 };
+            all.push((write_rows_sql(o), 4 + optional + outcomes));
+            all.push((write_commits_sql(o), 2 + 4 + optional + outcomes));
+        }
+        all
+    }
+
+    fn placeholders(sql: &str) -> std::collections::BTreeSet<usize> {
+        let mut found = std::collections::BTreeSet::new();
+        let bytes = sql.as_bytes();
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'$' {
+                let digits: String = sql[i + 1..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if let Ok(n) = digits.parse() {
+                    found.insert(n);
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn each_statement_reads_exactly_the_parameters_bound() {
+        for (sql, bound) in statements() {
+            let expected: std::collections::BTreeSet<usize> = (1..=bound).collect();
+            assert_eq!(placeholders(sql), expected, "{sql}");
+        }
+        // The variants differ: an optional table's CTE is there only when it has rows.
+        let none = Optional::ALL[0];
+        let all = Optional::ALL[7];
+        assert!(!write_commits_sql(none).contains("INSERT INTO timers"));
+        assert!(!write_commits_sql(none).contains("pg_notify"));
+        assert!(write_commits_sql(all).contains("INSERT INTO notification_deliveries"));
+        assert!(write_commits_sql(all).contains("pg_notify"));
+    }
+
+    /// PostgreSQL parses and plans every text against the migrated schema.
+    #[tokio::test]
+    async fn postgres_prepares_every_statement() -> Result<(), Box<dyn std::error::Error>> {
+        use sqlx::{Connection, Executor};
+        let url = workflow_testkit::postgres_url().await?;
+        let store = crate::Store::connect(&url).await?;
+        store.migrate().await?;
+        // The native driver: sqlx's `Any` cannot describe a `json` parameter.
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        for (sql, bound) in statements() {
+            let prepared = conn.prepare(sql).await?;
+            let params = sqlx::Statement::parameters(&prepared).map(|p| match p {
+                sqlx::Either::Left(types) => types.len(),
+                sqlx::Either::Right(n) => n,
+            });
+            assert_eq!(params, Some(bound), "{sql}");
+        }
+        Ok(())
+    }
 }

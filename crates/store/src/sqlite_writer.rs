@@ -22,8 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{params, OpenFlags, OptionalExtension};
-use sha2::{Digest, Sha256};
-use workflow_core::audit::{chain_hash, GENESIS};
+use workflow_core::audit::{chain_hash, ChainHasher, GENESIS};
 use workflow_core::instance::StepExecution;
 
 use crate::audit_blocks;
@@ -422,9 +421,7 @@ impl AuditRow {
                 tail,
                 end,
             } => {
-                let mut hasher = Sha256::new();
-                hasher.update(prev_hash.as_bytes());
-                hasher.update(b"\n");
+                let mut hasher = ChainHasher::new(prev_hash);
                 hasher.update(head.as_bytes());
                 hasher.update(self.after.as_bytes());
                 hasher.update(mid.as_bytes());
@@ -432,23 +429,13 @@ impl AuditRow {
                 hasher.update(tail.as_bytes());
                 hasher.update(seq.to_string().as_bytes());
                 hasher.update(end.as_bytes());
-                to_hex(&hasher.finalize())
+                hasher.finish_hex()
             }
             HashInput::Draft { partner_id, draft } => {
                 chain_hash(prev_hash, &audit_content(partner_id, draft, seq))
             }
         }
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
 }
 
 /// Why a write failed, and whether it had written anything before it did: a clean failure
