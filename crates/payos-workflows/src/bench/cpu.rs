@@ -1,4 +1,4 @@
-//! CPU time of processes and threads, read from `/proc` (Linux).
+//! CPU time of processes and threads, and of the whole machine, read from `/proc` (Linux).
 //!
 //! `getrusage` would need `unsafe` (the workspace forbids it), so the figures come from
 //! `/proc/<pid>/stat` (all threads of a process, plus its waited-for children) and
@@ -98,6 +98,82 @@ fn service_of(comm: &str, cmdline: &[u8]) -> Option<Service> {
     }
 }
 
+/// The busy CPU time of the whole machine so far: every core, every process (ours, the
+/// services', and whatever else shares the cores).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineCpu {
+    pub busy_s: f64,
+    /// The cores `/proc/stat` counts.
+    pub cores: usize,
+    /// When it was read.
+    pub at: std::time::Instant,
+}
+
+/// What the rest of the machine used while a bench measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Others {
+    /// CPU seconds not accounted to the processes the bench measures.
+    pub cpu_s: f64,
+    /// Between the two readings, in seconds.
+    pub window_s: f64,
+}
+
+impl Others {
+    /// How many cores the rest of the machine kept busy on average.
+    pub fn cores(&self) -> f64 {
+        self.cpu_s / self.window_s.max(0.001)
+    }
+}
+
+/// Parse `/proc/stat`: its first line sums every core (user, nice, system, idle, iowait, irq,
+/// softirq, steal...; guest time is already inside user); busy is all but idle and iowait.
+pub fn parse_proc_stat(content: &str) -> Option<MachineCpu> {
+    let mut lines = content.lines();
+    let total = lines.next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = total
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let tick = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    if ticks.len() < 4 {
+        return None;
+    }
+    let busy = tick(0) + tick(1) + tick(2) + tick(5) + tick(6) + tick(7);
+    let cores = lines
+        .map_while(|l| l.strip_prefix("cpu"))
+        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    Some(MachineCpu {
+        busy_s: busy as f64 / TICKS_PER_S,
+        cores,
+        at: std::time::Instant::now(),
+    })
+}
+
+/// The machine's busy CPU so far, when `/proc/stat` can be read.
+pub fn machine() -> Option<MachineCpu> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The CPU the machine spent between `before` and `after` on anything but `measured_s`
+/// seconds of the processes a bench accounts for: other tenants of a shared host, other
+/// processes. `None` unless `/proc/stat` counts exactly the cores this process may use (in a
+/// container limited to some of a host's cores it counts them all, and the figure would mix
+/// in cores the bench never ran on).
+pub fn others(
+    before: Option<MachineCpu>,
+    after: Option<MachineCpu>,
+    measured_s: f64,
+) -> Option<Others> {
+    let (before, after) = (before?, after?);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    (after.cores == cores && before.cores == cores).then(|| Others {
+        cpu_s: (after.busy_s - before.busy_s - measured_s).max(0.0),
+        window_s: after.at.saturating_duration_since(before.at).as_secs_f64(),
+    })
+}
+
 /// CPU seconds used so far by the local services, per service.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ServicesCpu {
@@ -156,6 +232,50 @@ pub fn local_services() -> Option<ServicesCpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_machine_is_busy_outside_idle_and_iowait() {
+        let stat = "cpu  4941464 10 598334 7758107 32797 5 66649 26294 0 0\n\
+                    cpu0 2465714 0 286654 3905027 7097 0 34814 13207 0 0\n\
+                    cpu1 2475750 10 311680 3853079 25700 5 31834 13087 0 0\n\
+                    intr 123 4 5\nctxt 99\n";
+        let m = parse_proc_stat(stat).expect("parses");
+        let busy = 4941464 + 10 + 598334 + 5 + 66649 + 26294;
+        assert!((m.busy_s - busy as f64 / 100.0).abs() < 1e-6, "{m:?}");
+        assert_eq!(m.cores, 2);
+        assert_eq!(parse_proc_stat("intr 1 2\n"), None);
+        assert_eq!(parse_proc_stat("cpu  1 x 3 4\n"), None);
+    }
+
+    #[test]
+    fn others_are_the_busy_time_not_measured() {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let start = std::time::Instant::now();
+        let at = |busy_s, after_s| {
+            Some(MachineCpu {
+                busy_s,
+                cores,
+                at: start + std::time::Duration::from_secs(after_s),
+            })
+        };
+        let o = others(at(100.0, 0), at(110.0, 5), 7.5).expect("same cores");
+        assert_eq!(o.cpu_s, 2.5);
+        assert_eq!(o.window_s, 5.0);
+        assert_eq!(o.cores(), 0.5);
+        // Never negative: readings are not taken at the same instant.
+        assert_eq!(
+            others(at(100.0, 0), at(110.0, 5), 12.0).map(|o| o.cpu_s),
+            Some(0.0)
+        );
+        // A /proc/stat that counts other cores than this process may use says nothing.
+        let host = Some(MachineCpu {
+            busy_s: 120.0,
+            cores: cores + 4,
+            at: start,
+        });
+        assert_eq!(others(at(100.0, 0), host, 1.0), None);
+        assert_eq!(others(None, at(110.0, 5), 1.0), None);
+    }
 
     #[test]
     fn parses_a_stat_line_with_an_awkward_name() {

@@ -85,9 +85,11 @@ async fn run_in(dir: &Path, opts: &SeedOptions) -> Result<SeedReport, BenchError
         database_url: url.clone(),
     };
 
+    let machine_before = cpu::machine();
     let before = cpu::this_process()?;
     let driven = drive_on_own_thread(target, opts.clone()).await;
     let after = cpu::this_process()?;
+    let machine_after = cpu::machine();
     runtime.shutdown(Duration::from_secs(10)).await;
     match server.await {
         Ok(Ok(())) => {}
@@ -104,14 +106,20 @@ async fn run_in(dir: &Path, opts: &SeedOptions) -> Result<SeedReport, BenchError
     );
     seed::check(&outcome)?;
     let engine_cpu_s = (after.own_s - before.own_s - driver_cpu_s).max(0.0);
-    Ok(seed::report(
+    let mut report = seed::report(
         "embedded",
         &outcome,
         steps,
         e2e,
         engine_cpu_s,
         Some(driver_cpu_s),
-    ))
+    );
+    report.others = cpu::others(
+        machine_before,
+        machine_after,
+        (after.own_s - before.own_s).max(0.0),
+    );
+    Ok(report)
 }
 
 /// Drive the load from a dedicated thread; returns what it saw and the thread's CPU seconds.

@@ -152,6 +152,9 @@ pub struct SeedReport {
     pub driver_cpu_s: Option<f64>,
     /// Distributed, with PostgreSQL and Kafka on this machine: their CPU during the run.
     pub services_cpu: Option<super::cpu::ServicesCpu>,
+    /// The CPU the machine spent during the run on anything the bench does not account for
+    /// (other tenants of a shared host): how much of the cores the run did not have.
+    pub others: Option<super::cpu::Others>,
     pub http_requests: u64,
 }
 
@@ -174,6 +177,8 @@ impl SeedReport {
             "services_cpu_s_per_1000": self.services_per_1000(|s| s.total_s()).map(round3),
             "postgres_cpu_s_per_1000": self.services_per_1000(|s| s.postgres_s).map(round3),
             "kafka_cpu_s_per_1000": self.services_per_1000(|s| s.kafka_s).map(round3),
+            "others_cpu_s": self.others.map(|o| round3(o.cpu_s)),
+            "others_cores": self.others.map(|o| round3(o.cores())),
             "http_requests": self.http_requests,
         })
     }
@@ -219,6 +224,14 @@ impl SeedReport {
                 self.per_1000(services.total_s()),
                 self.per_1000(services.postgres_s),
                 self.per_1000(services.kafka_s),
+            ));
+        }
+        if let Some(others) = self.others {
+            out.push(format!(
+                "the rest of the machine: {:.2} s of CPU in the {:.2} s measured ({:.2} cores on average: other tenants, other processes)",
+                others.cpu_s,
+                others.window_s,
+                others.cores()
             ));
         }
         out
@@ -987,6 +1000,7 @@ pub fn report(
         cpu_s_per_1000: cpu_s * 1000.0 / done,
         driver_cpu_s,
         services_cpu: None,
+        others: None,
         http_requests: outcome.http_requests,
     }
 }
@@ -999,11 +1013,15 @@ pub async fn run_distributed(
     pids: &[u32],
     opts: &SeedOptions,
 ) -> Result<SeedReport, BenchError> {
+    let machine_before = super::cpu::machine();
+    let own_before = super::cpu::this_process()?;
     let before = super::cpu::processes_total_s(pids)?;
     let services_before = super::cpu::local_services();
     let outcome = drive(target, opts).await?;
     let after = super::cpu::processes_total_s(pids)?;
     let services_after = super::cpu::local_services();
+    let own_after = super::cpu::this_process()?;
+    let machine_after = super::cpu::machine();
     let (steps, e2e) = read_latencies(&target.database_url, &outcome.partner_id).await?;
     check(&outcome)?;
     let mut report = report(
@@ -1017,6 +1035,11 @@ pub async fn run_distributed(
     report.services_cpu = services_before
         .zip(services_after)
         .map(|(before, after)| after.since(&before));
+    // Measured: the engine's processes, the services, and this process (driver and sandbox).
+    let measured = report.cpu_s
+        + report.services_cpu.map_or(0.0, |s| s.total_s())
+        + (own_after.own_s - own_before.own_s).max(0.0);
+    report.others = super::cpu::others(machine_before, machine_after, measured);
     Ok(report)
 }
 
@@ -1164,5 +1187,18 @@ mod tests {
             .lines()
             .iter()
             .any(|l| l.contains("PostgreSQL and Kafka") && l.contains("500.00 s per 1,000")));
+        assert!(v["others_cpu_s"].is_null(), "{v}");
+
+        let mut with_others = with_services;
+        with_others.others = Some(super::super::cpu::Others {
+            cpu_s: 1.25,
+            window_s: 2.5,
+        });
+        assert_eq!(with_others.to_json()["others_cpu_s"], 1.25);
+        assert_eq!(with_others.to_json()["others_cores"], 0.5);
+        assert!(with_others
+            .lines()
+            .iter()
+            .any(|l| l.contains("the rest of the machine: 1.25 s") && l.contains("0.50 cores")));
     }
 }
