@@ -787,6 +787,14 @@ mod tests {
     }
 
     #[test]
+    fn producers_do_not_linger_unless_configured_to() {
+        let plain = KafkaConfig::new("k:9092").producer();
+        assert_eq!(get(&plain, "linger.ms").as_deref(), Some("0"));
+        let lingering = KafkaConfig::new("k:9092").with("linger.ms", "5").producer();
+        assert_eq!(get(&lingering, "linger.ms").as_deref(), Some("5"));
+    }
+
+    #[test]
     fn defaults_can_be_overridden() {
         let config = KafkaConfig::new("k:9092").with("partition.assignment.strategy", "range");
         assert_eq!(

@@ -505,4 +505,17 @@ mod tests {
             .events_committed
             .load(std::sync::atomic::Ordering::SeqCst));
     }
+
+    #[test]
+    fn with_the_event_lane_only_its_leader_sweeps() {
+        assert!(Outbox::default().sweeps(), "no lane: every relay sweeps");
+        let lane = Outbox::with_event_lane();
+        assert!(
+            !lane.sweeps(),
+            "a relay that does not lead leaves the sweep"
+        );
+        lane.leads_lane
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(lane.sweeps(), "the lane's leader sweeps");
+    }
 }
