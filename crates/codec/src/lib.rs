@@ -32,6 +32,8 @@ pub mod framing;
 pub mod messages;
 pub mod registry;
 
+use std::sync::OnceLock;
+
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -52,12 +54,52 @@ pub use registry::{Generation, RegisteredSchema, Registry, SchemaFile, SchemaNam
 /// Fails (never panics) when `value` does not fit the schema: a missing field without default,
 /// an unknown field, a wrong type, an unknown enum symbol.
 pub fn encode<T: Serialize>(schema: SchemaName, value: &T) -> Result<Vec<u8>, CodecError> {
-    let writer = Registry::global()?.current(schema);
-    let body = GenericDatumWriter::builder(&writer.schema)
-        .build()
-        .and_then(|w| w.write_ser_to_vec(value))
+    let registered = Registry::global()?.current(schema);
+    let body = datum_writer(schema)?
+        .write_ser_to_vec(value)
         .map_err(|e| CodecError::avro(schema, Operation::Encode, e))?;
-    Ok(framing::frame(writer.fingerprint, &body))
+    Ok(framing::frame(registered.fingerprint, &body))
+}
+
+/// Each schema's datum writer, built once: building one resolves every name in its schema,
+/// which was about a quarter of encoding a lifecycle event.
+static WRITERS: [OnceLock<GenericDatumWriter<'static>>; SchemaName::ALL.len()] =
+    [const { OnceLock::new() }; SchemaName::ALL.len()];
+
+/// The current version of `schema`'s datum writer. A failure to build one (a schema that
+/// does not resolve, which the crate's tests rule out) is returned, not remembered.
+fn datum_writer(schema: SchemaName) -> Result<&'static GenericDatumWriter<'static>, CodecError> {
+    let cell = &WRITERS[schema.index()];
+    if let Some(writer) = cell.get() {
+        return Ok(writer);
+    }
+    let writer = GenericDatumWriter::builder(&Registry::global()?.current(schema).schema)
+        .build()
+        .map_err(|e| CodecError::avro(schema, Operation::Encode, e))?;
+    // Two threads may build it at once; either copy is the same writer.
+    Ok(cell.get_or_init(|| writer))
+}
+
+/// The datum reader of every known writer schema (current and previous versions), resolving to
+/// the current version, built once like [`WRITERS`]; indexed by [`Registry::slot`].
+static READERS: [OnceLock<GenericDatumReader<'static>>; 2 * SchemaName::ALL.len()] =
+    [const { OnceLock::new() }; 2 * SchemaName::ALL.len()];
+
+/// The reader of messages written with `writer`, into the current version of its schema.
+fn datum_reader(
+    registry: &'static Registry,
+    writer: &'static RegisteredSchema,
+) -> Result<&'static GenericDatumReader<'static>, CodecError> {
+    let cell = &READERS[registry.slot(writer)];
+    if let Some(reader) = cell.get() {
+        return Ok(reader);
+    }
+    let current = registry.current(writer.name);
+    let reader = GenericDatumReader::builder(&writer.schema)
+        .maybe_reader_schema((current.fingerprint != writer.fingerprint).then_some(&current.schema))
+        .build()
+        .map_err(|e| CodecError::avro(writer.name, Operation::Decode, e))?;
+    Ok(cell.get_or_init(|| reader))
 }
 
 /// Decode a message written with any known schema (current or previous version), as the
@@ -97,11 +139,8 @@ fn decode_value(bytes: &[u8]) -> Result<(SchemaName, Value), CodecError> {
         .by_fingerprint(fingerprint)
         .ok_or(CodecError::UnknownFingerprint(fingerprint))?;
     let name = writer.name;
-    let reader = registry.current(name);
-    let value = GenericDatumReader::builder(&writer.schema)
-        .maybe_reader_schema((reader.fingerprint != writer.fingerprint).then_some(&reader.schema))
-        .build()
-        .and_then(|r| r.read_value(&mut body))
+    let value = datum_reader(registry, writer)?
+        .read_value(&mut body)
         .map_err(|e| CodecError::avro(name, Operation::Decode, e))?;
     if !body.is_empty() {
         return Err(CodecError::TrailingBytes {

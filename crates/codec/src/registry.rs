@@ -93,7 +93,7 @@ impl SchemaName {
         SchemaName::ALL.into_iter().find(|n| n.as_str() == short)
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -243,6 +243,16 @@ impl Registry {
             Generation::Current => self.current.get(i),
             Generation::Previous => self.previous.get(i),
         }
+    }
+
+    /// A number below `2 * SchemaName::ALL.len()` that is `schema`'s alone among this
+    /// registry's schemas (its generation and name), for per-schema tables.
+    pub(crate) fn slot(&self, schema: &RegisteredSchema) -> usize {
+        let generation = match schema.generation {
+            Generation::Current => 0,
+            Generation::Previous => 1,
+        };
+        generation * SchemaName::ALL.len() + schema.name.index()
     }
 
     /// Every known version of every message schema (distinct fingerprints).
