@@ -199,10 +199,10 @@ enum HashInput {
     /// are the columns' own JSON, which is canonical when serde_json's maps iterate in key
     /// order (they do unless its `preserve_order` feature is on).
     Prepared {
-        head: String,
-        mid: String,
-        tail: String,
-        end: String,
+        head: Vec<u8>,
+        mid: Vec<u8>,
+        tail: Vec<u8>,
+        end: Vec<u8>,
     },
     /// serde_json keeps insertion order in this build: hash from the draft itself.
     Draft {
@@ -361,20 +361,27 @@ fn audit_row(partner_id: &str, draft: &AuditDraft) -> Result<AuditRow, StoreErro
     let hash = if maps_iterate_sorted() {
         // The same keys, in the same (sorted) order, as `workflow_core::audit`'s canonical
         // document; pinned by `prepared_hash_is_the_chain_hash` below.
-        let mut head = String::with_capacity(64 + draft.actor.id.len());
-        head.push_str("{\"actor\":{\"id\":");
-        head.push_str(&to_json(&draft.actor.id)?);
-        head.push_str(",\"type\":");
-        head.push_str(&to_json(&draft.actor.actor_type)?);
-        head.push_str("},\"after\":");
-        let mid = format!(",\"at\":{},\"before\":", draft.at.0);
-        let tail = format!(
-            ",\"kind\":{},\"partner_id\":{},\"reason\":{},\"seq\":",
-            to_json(&draft.kind)?,
-            to_json(&partner_id)?,
-            to_json(&draft.reason)?
-        );
-        let end = format!(",\"stream\":{}}}", to_json(&draft.stream)?);
+        // Written straight into the buffers: a `to_json` string per value was ~8 allocations
+        // an event, and a commit appends several events per instance.
+        let mut head = Vec::with_capacity(64 + draft.actor.id.len());
+        head.extend_from_slice(b"{\"actor\":{\"id\":");
+        push_json(&mut head, &draft.actor.id)?;
+        head.extend_from_slice(b",\"type\":");
+        push_json(&mut head, &draft.actor.actor_type)?;
+        head.extend_from_slice(b"},\"after\":");
+        let mid = format!(",\"at\":{},\"before\":", draft.at.0).into_bytes();
+        let mut tail = Vec::with_capacity(96 + partner_id.len());
+        tail.extend_from_slice(b",\"kind\":");
+        push_json(&mut tail, &draft.kind)?;
+        tail.extend_from_slice(b",\"partner_id\":");
+        push_json(&mut tail, &partner_id)?;
+        tail.extend_from_slice(b",\"reason\":");
+        push_json(&mut tail, &draft.reason)?;
+        tail.extend_from_slice(b",\"seq\":");
+        let mut end = Vec::with_capacity(16 + draft.stream.len());
+        end.extend_from_slice(b",\"stream\":");
+        push_json(&mut end, &draft.stream)?;
+        end.push(b'}');
         HashInput::Prepared {
             head,
             mid,
@@ -397,6 +404,12 @@ fn audit_row(partner_id: &str, draft: &AuditDraft) -> Result<AuditRow, StoreErro
         reason: draft.reason.clone(),
         hash,
     })
+}
+
+/// Append `value`'s JSON to `out`.
+fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), StoreError> {
+    serde_json::to_writer(out, value)
+        .map_err(|e| StoreError::corrupt(format!("cannot encode a document: {e}")))
 }
 
 /// Whether serde_json's maps iterate in key order (its `preserve_order` feature is off), so
@@ -422,13 +435,13 @@ impl AuditRow {
                 end,
             } => {
                 let mut hasher = ChainHasher::new(prev_hash);
-                hasher.update(head.as_bytes());
+                hasher.update(head);
                 hasher.update(self.after.as_bytes());
-                hasher.update(mid.as_bytes());
+                hasher.update(mid);
                 hasher.update(self.before.as_bytes());
-                hasher.update(tail.as_bytes());
+                hasher.update(tail);
                 hasher.update(seq.to_string().as_bytes());
-                hasher.update(end.as_bytes());
+                hasher.update(end);
                 hasher.finish_hex()
             }
             HashInput::Draft { partner_id, draft } => {
