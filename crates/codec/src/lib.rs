@@ -27,6 +27,7 @@
 //!
 //! Decoding never panics: arbitrary bytes give a [`CodecError`].
 
+mod binary;
 pub mod error;
 pub mod framing;
 pub mod messages;

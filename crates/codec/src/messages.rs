@@ -224,6 +224,16 @@ pub struct LifecycleEvent {
 
 impl Message for LifecycleEvent {
     const SCHEMA: SchemaName = SchemaName::LifecycleEvent;
+
+    /// Written by hand (`binary.rs`): the same bytes as [`crate::encode`], which took about
+    /// 20 times as long for the message the engine sends most often.
+    fn to_avro(&self) -> Result<Vec<u8>, CodecError> {
+        let registered = crate::Registry::global()?.current(Self::SCHEMA);
+        Ok(crate::framing::frame(
+            registered.fingerprint,
+            &crate::binary::lifecycle_event(self),
+        ))
+    }
 }
 
 /// `TransferEvent.avsc`.
