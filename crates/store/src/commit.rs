@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::notifications::NewDelivery;
 use crate::queries::write_instance_commit;
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
-use crate::sqlite_writer::{Done, Encoded, Pending, SqliteWriter, Write, Written};
+use crate::sqlite_writer::{CreateParts, Done, Encoded, Pending, SqliteWriter, Write, Written};
 use crate::step_mirror::{step_mirror, KnownSteps};
 use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 
@@ -216,6 +216,17 @@ impl Committer {
         };
         match self.send(vec![write]).await.pop() {
             Some(result) => self.answered(result, pending).map(|_| ()),
+            None => Err(closed()),
+        }
+    }
+
+    /// Create one instance (see [`Store::create_instance_at_head`]), encoded from the caller's
+    /// borrowed parts; only the record is copied, to be the answer.
+    pub(crate) async fn create(&self, parts: CreateParts<'_>) -> Result<Written, StoreError> {
+        let write = Encoded::create_from(parts)?;
+        let pending = Pending::Created(Box::new(parts.rec.clone()));
+        match self.send(vec![write]).await.pop() {
+            Some(result) => self.answered(result, pending),
             None => Err(closed()),
         }
     }
@@ -437,7 +448,10 @@ impl Store {
     ) -> Vec<Result<(), StoreError>> {
         match &self.committer {
             Some(committer) => {
-                let writes = commits.iter().cloned().map(Write::Commit).collect();
+                let writes = commits
+                    .iter()
+                    .map(|c| Write::Commit(Box::new(c.clone())))
+                    .collect();
                 committer
                     .submit_all(writes)
                     .await

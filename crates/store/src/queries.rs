@@ -420,10 +420,15 @@ impl Store {
             at_head,
         };
         if let Some(committer) = &self.committer {
-            return match committer
-                .submit(crate::sqlite_writer::Write::Create(new()))
-                .await?
-            {
+            let parts = crate::sqlite_writer::CreateParts {
+                rec,
+                outbox,
+                audit,
+                timers,
+                deliveries,
+                at_head,
+            };
+            return match committer.create(parts).await? {
                 crate::sqlite_writer::Written::Created(outcome) => Ok(*outcome),
                 crate::sqlite_writer::Written::Committed => Err(StoreError::corrupt(
                     "the committer answered a create with a commit",

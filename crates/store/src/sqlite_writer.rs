@@ -47,11 +47,21 @@ pub(crate) struct NewInstance {
     pub(crate) at_head: bool,
 }
 
+/// [`NewInstance`]'s parts, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CreateParts<'a> {
+    pub(crate) rec: &'a InstanceRecord,
+    pub(crate) outbox: &'a [OutboxMessage],
+    pub(crate) audit: &'a [AuditDraft],
+    pub(crate) timers: &'a [TimerRecord],
+    pub(crate) deliveries: &'a [NewDelivery],
+    pub(crate) at_head: bool,
+}
+
 /// One write of a group, as the store's methods hand it to the committer.
 #[derive(Debug)]
 pub(crate) enum Write {
-    Create(NewInstance),
-    Commit(InstanceCommit),
+    Commit(Box<InstanceCommit>),
     /// `Store::enqueue`: messages that change no state.
     Enqueue(Vec<OutboxMessage>),
     /// `Store::record_decision_outcome`.
@@ -212,13 +222,12 @@ enum HashInput {
 }
 
 impl Encoded {
-    /// Encode `write` (on the caller's thread). A create's record comes back: it is the
-    /// answer to the create once written, so it need not travel to the writer and back.
-    /// A commit's step rows are those that differ from what `known` remembers of its
-    /// instance at its expected version.
+    /// Encode `write` (on the caller's thread). A commit's step rows are those that differ
+    /// from what `known` remembers of its instance at its expected version. (Creates are
+    /// encoded from borrowed parts, [`Encoded::create_from`]; the caller keeps the record,
+    /// the create's answer once written.)
     pub(crate) fn of(write: Write, known: &KnownSteps) -> Result<(Encoded, Pending), StoreError> {
         Ok(match write {
-            Write::Create(new) => (Encoded::create(&new)?, Pending::Created(Box::new(new.rec))),
             Write::Commit(c) => {
                 let stored = known.at(&c.rec.info.id, c.expected_version);
                 let (encoded, mirror) = Encoded::commit(c.parts(), stored.as_ref())?;
@@ -235,8 +244,11 @@ impl Encoded {
         })
     }
 
-    fn create(new: &NewInstance) -> Result<Encoded, StoreError> {
-        let rec = &new.rec;
+    /// A create, from the caller's borrowed parts: nothing of them is copied but what the
+    /// writer thread needs, already encoded (the audit drafts' documents were deep-copied
+    /// once per create before).
+    pub(crate) fn create_from(new: CreateParts<'_>) -> Result<Encoded, StoreError> {
+        let rec = new.rec;
         let info = &rec.info;
         Ok(Encoded::Create(Box::new(CreateRows {
             id: info.id.clone(),
@@ -255,14 +267,14 @@ impl Encoded {
             mode: info.mode.as_str(),
             at_head: new.at_head,
             steps: step_rows(&rec.state.steps)?,
-            outbox: new.outbox.clone(),
-            timers: new.timers.clone(),
+            outbox: new.outbox.to_vec(),
+            timers: new.timers.to_vec(),
             deliveries: new
                 .deliveries
                 .iter()
                 .map(delivery_row)
                 .collect::<Result<_, _>>()?,
-            audit: audit_rows(&info.partner_id, &new.audit)?,
+            audit: audit_rows(&info.partner_id, new.audit)?,
         })))
     }
 
