@@ -67,18 +67,14 @@ pub fn encode<T: Serialize>(schema: SchemaName, value: &T) -> Result<Vec<u8>, Co
 static WRITERS: [OnceLock<GenericDatumWriter<'static>>; SchemaName::ALL.len()] =
     [const { OnceLock::new() }; SchemaName::ALL.len()];
 
-/// The current version of `schema`'s datum writer. A failure to build one (a schema that
-/// does not resolve, which the crate's tests rule out) is returned, not remembered.
+/// The current version of `schema`'s datum writer. Building one fails only for a schema that
+/// does not resolve, which the crate's tests rule out.
 fn datum_writer(schema: SchemaName) -> Result<&'static GenericDatumWriter<'static>, CodecError> {
-    let cell = &WRITERS[schema.index()];
-    if let Some(writer) = cell.get() {
-        return Ok(writer);
-    }
-    let writer = GenericDatumWriter::builder(&Registry::global()?.current(schema).schema)
-        .build()
-        .map_err(|e| CodecError::avro(schema, Operation::Encode, e))?;
-    // Two threads may build it at once; either copy is the same writer.
-    Ok(cell.get_or_init(|| writer))
+    built_once(&WRITERS[schema.index()], || {
+        GenericDatumWriter::builder(&Registry::global()?.current(schema).schema)
+            .build()
+            .map_err(|e| CodecError::avro(schema, Operation::Encode, e))
+    })
 }
 
 /// The datum reader of every known writer schema (current and previous versions), resolving to
@@ -91,16 +87,28 @@ fn datum_reader(
     registry: &'static Registry,
     writer: &'static RegisteredSchema,
 ) -> Result<&'static GenericDatumReader<'static>, CodecError> {
-    let cell = &READERS[registry.slot(writer)];
-    if let Some(reader) = cell.get() {
-        return Ok(reader);
+    built_once(&READERS[registry.slot(writer)], || {
+        let current = registry.current(writer.name);
+        GenericDatumReader::builder(&writer.schema)
+            .maybe_reader_schema(
+                (current.fingerprint != writer.fingerprint).then_some(&current.schema),
+            )
+            .build()
+            .map_err(|e| CodecError::avro(writer.name, Operation::Decode, e))
+    })
+}
+
+/// `cell`'s value, built by `build` the first time. A failure is returned, not remembered;
+/// two threads may build it at once, and either copy is kept (they are the same).
+fn built_once<T>(
+    cell: &'static OnceLock<T>,
+    build: impl FnOnce() -> Result<T, CodecError>,
+) -> Result<&'static T, CodecError> {
+    if let Some(value) = cell.get() {
+        return Ok(value);
     }
-    let current = registry.current(writer.name);
-    let reader = GenericDatumReader::builder(&writer.schema)
-        .maybe_reader_schema((current.fingerprint != writer.fingerprint).then_some(&current.schema))
-        .build()
-        .map_err(|e| CodecError::avro(writer.name, Operation::Decode, e))?;
-    Ok(cell.get_or_init(|| reader))
+    let value = build()?;
+    Ok(cell.get_or_init(|| value))
 }
 
 /// Decode a message written with any known schema (current or previous version), as the

@@ -1405,8 +1405,19 @@ fn unique_to(e: sqlx::Error, what: &'static str, id: &str) -> StoreError {
 }
 
 pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|e| StoreError::corrupt(format!("cannot encode a document: {e}")))
+    serde_json::to_string(value).map_err(cannot_encode)
+}
+
+/// Append `value`'s JSON to `out` ([`to_json`] without a string of its own).
+pub(crate) fn push_json<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+) -> Result<(), StoreError> {
+    serde_json::to_writer(out, value).map_err(cannot_encode)
+}
+
+fn cannot_encode(e: serde_json::Error) -> StoreError {
+    StoreError::corrupt(format!("cannot encode a document: {e}"))
 }
 
 fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {

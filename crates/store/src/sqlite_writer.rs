@@ -28,7 +28,7 @@ use workflow_core::instance::StepExecution;
 use crate::audit_blocks;
 use crate::commit::{CommitParts, InstanceCommit};
 use crate::notifications::NewDelivery;
-use crate::queries::{audit_content, enum_to_str, to_json};
+use crate::queries::{audit_content, enum_to_str, push_json, to_json};
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::sqlite_readers::instance_by_key;
 use crate::step_mirror::{changed, step_mirror, KnownSteps, StepMirror};
@@ -416,12 +416,6 @@ fn audit_row(partner_id: &str, draft: &AuditDraft) -> Result<AuditRow, StoreErro
         reason: draft.reason.clone(),
         hash,
     })
-}
-
-/// Append `value`'s JSON to `out`.
-fn push_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), StoreError> {
-    serde_json::to_writer(out, value)
-        .map_err(|e| StoreError::corrupt(format!("cannot encode a document: {e}")))
 }
 
 /// Whether serde_json's maps iterate in key order (its `preserve_order` feature is off), so
