@@ -178,6 +178,11 @@ impl Cluster {
             .env("WORKFLOWS_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("WORKFLOWS_TOPIC_PARTITIONS", "4")
             .env("WORKFLOWS_DB_MAX_CONNECTIONS", "4")
+            // A decision call waits this long for its outcome before answering 202. With two
+            // clusters of eight processes on the suite's two cores, a pool's consumer group can
+            // still be rebalancing when a test decides, and once that took over the default 10 s
+            // (a bulk item answered 202 in CI). The tests assert the decisions' outcomes.
+            .env("WORKFLOWS_DECISION_WAIT_MS", "30000")
             .env("PAYOS_API_URL", &self.sandbox_url)
             .env("PAYOS_API_KEY", "test")
             .env("WORKFLOWS_EGRESS_ALLOW", "127.0.0.1/32")
