@@ -29,6 +29,18 @@ pub const ALL: [&str; 8] = [
     "scheduler",
 ];
 
+/// The consumer groups [`ALL`]'s processes form (under the cluster's prefix).
+const GROUPS: [&str; 8] = [
+    "pool-approval",
+    "pool-approval-decisions",
+    "pool-condition",
+    "pool-action",
+    "pool-wait",
+    "pool-notification",
+    "pool-notification-deliveries",
+    "workflow-triggers",
+];
+
 pub struct Cluster {
     /// The API's base URL.
     pub base: String,
@@ -154,6 +166,7 @@ impl Cluster {
             cluster.spawn(name);
         }
         cluster.wait_for_api().await;
+        cluster.wait_for_groups().await;
         cluster
     }
 
@@ -260,6 +273,50 @@ impl Cluster {
                 Instant::now() < deadline,
                 "the api never answered\n{}",
                 self.tail("api")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until every consumer group of the processes is `Stable` with all its members.
+    /// Members join one by one, each join a rebalance that holds the group's partitions back,
+    /// so a test that starts before this can find a step stalled for seconds (a bulk decision
+    /// once waited past the api's patience in CI while two clusters started side by side).
+    pub async fn wait_for_groups(&self) {
+        let members = self
+            .extra
+            .iter()
+            .find(|(k, _)| k == "WORKFLOWS_POOL_MEMBERS")
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(payos_workflows::config::DEFAULT_POOL_MEMBERS);
+        let bus = workflow_bus_kafka::KafkaBus::new(workflow_bus_kafka::KafkaConfig::new(
+            &self.bootstrap,
+        ))
+        .unwrap_or_else(|e| panic!("kafka: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let groups = bus
+                .consumer_groups()
+                .await
+                .unwrap_or_else(|e| panic!("consumer groups: {e}"));
+            let unsettled: Vec<String> = GROUPS
+                .iter()
+                .filter_map(|name| {
+                    let name = format!("{}{name}", self.prefix);
+                    match groups.get(&name) {
+                        Some(g) if g.state == "Stable" && g.members == members => None,
+                        other => Some(format!("{name}: {other:?}")),
+                    }
+                })
+                .collect();
+            if unsettled.is_empty() {
+                bus.shutdown();
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer groups never settled ({members} members each): {unsettled:?}\n{}",
+                self.tails()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
