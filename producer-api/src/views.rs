@@ -2,9 +2,13 @@
 //!
 //! Times are RFC 3339 (UTC) strings; ids are UUIDv7 strings, so newest-first order is id order.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::Value;
-use utoipa::ToSchema;
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
 use workflow_core::instance::{ActorRef, StepExecution, WaitingOn};
 use workflow_core::{Template, Timestamp};
 use workflow_store::records::{AuditRecord, InstanceRecord, TemplateRecord};
@@ -40,10 +44,7 @@ impl From<&ActorRef> for ActorView {
     fn from(a: &ActorRef) -> Self {
         ActorView {
             id: a.id.clone(),
-            actor_type: serde_json::to_value(a.actor_type)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            actor_type: a.actor_type.as_str().to_string(),
         }
     }
 }
@@ -106,104 +107,100 @@ impl TemplateView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct WaitingOnView {
+pub struct WaitingOnView<'a> {
     pub step_index: usize,
-    pub kind: String,
-    pub description: String,
+    pub kind: &'a str,
+    pub description: &'a str,
     pub since: String,
     pub due: Option<String>,
     #[schema(value_type = Object)]
-    pub detail: Value,
+    pub detail: &'a Value,
 }
 
-impl From<&WaitingOn> for WaitingOnView {
-    fn from(w: &WaitingOn) -> Self {
+impl<'a> From<&'a WaitingOn> for WaitingOnView<'a> {
+    fn from(w: &'a WaitingOn) -> Self {
         WaitingOnView {
             step_index: w.step_index,
-            kind: w.kind.clone(),
-            description: w.description.clone(),
+            kind: &w.kind,
+            description: &w.description,
             since: rfc3339(w.since),
             due: w.due.map(rfc3339),
-            detail: w.detail.clone(),
+            detail: &w.detail,
         }
     }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct CurrentStepView {
+pub struct CurrentStepView<'a> {
     pub index: usize,
-    pub name: String,
+    pub name: &'a str,
     #[serde(rename = "type")]
-    pub step_type: String,
+    pub step_type: &'a str,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct StepExecutionView {
+pub struct StepExecutionView<'a> {
     pub index: usize,
-    pub name: String,
+    pub name: &'a str,
     #[serde(rename = "type")]
-    pub step_type: String,
-    pub status: String,
+    pub step_type: &'a str,
+    pub status: &'a str,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub actor: Option<ActorView>,
     /// The step's config with placeholders rendered, as it ran.
     #[schema(value_type = Object)]
-    pub input: Option<Value>,
+    pub input: Option<&'a Value>,
     #[schema(value_type = Object)]
-    pub output: Option<Value>,
-    pub error: Option<String>,
+    pub output: Option<&'a Value>,
+    pub error: Option<&'a str>,
 }
 
-fn as_text<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-impl From<&StepExecution> for StepExecutionView {
-    fn from(s: &StepExecution) -> Self {
+impl<'a> From<&'a StepExecution> for StepExecutionView<'a> {
+    fn from(s: &'a StepExecution) -> Self {
         StepExecutionView {
             index: s.index,
-            name: s.name.clone(),
-            step_type: s.step_type.as_str().to_string(),
-            status: as_text(&s.status),
+            name: &s.name,
+            step_type: s.step_type.as_str(),
+            status: s.status.as_str(),
             started_at: s.started_at.map(rfc3339),
             finished_at: s.finished_at.map(rfc3339),
             actor: s.actor.as_ref().map(ActorView::from),
-            input: s.input.clone(),
-            output: s.output.clone(),
-            error: s.error.clone(),
+            input: s.input.as_ref(),
+            output: s.output.as_ref(),
+            error: s.error.as_deref(),
         }
     }
 }
 
+// It borrows from the record it shows: a view is built and serialized in one go
+// ([`InstanceBody`]), so answering copies no step input or output. (A comment, not a doc
+// comment: that would become the schema's description.)
 #[derive(Debug, Serialize, ToSchema)]
-pub struct InstanceView {
-    pub id: String,
-    pub template_id: String,
+pub struct InstanceView<'a> {
+    pub id: &'a str,
+    pub template_id: &'a str,
     pub template_version: i64,
-    pub status: String,
+    pub status: &'a str,
     /// `live`, or `simulate`: transfer actions went to the simulation endpoint.
-    pub mode: String,
+    pub mode: &'a str,
     /// The step the instance is at; null once it finished.
-    pub current_step: Option<CurrentStepView>,
+    pub current_step: Option<CurrentStepView<'a>>,
     /// What it waits for, since when, due when: "who is blocking this workflow?"
-    pub waiting_on: Option<WaitingOnView>,
+    pub waiting_on: Option<WaitingOnView<'a>>,
     #[schema(value_type = Object)]
-    pub trigger: Value,
-    pub idempotency_key: Option<String>,
+    pub trigger: &'a Value,
+    pub idempotency_key: Option<&'a str>,
     pub created_by: ActorView,
     pub created_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
-    pub error: Option<String>,
-    pub steps: Vec<StepExecutionView>,
+    pub error: Option<&'a str>,
+    pub steps: Vec<StepExecutionView<'a>>,
 }
 
-impl InstanceView {
-    pub fn new(rec: &InstanceRecord, template: Option<&Template>) -> InstanceView {
+impl<'a> InstanceView<'a> {
+    pub fn new(rec: &'a InstanceRecord, template: Option<&'a Template>) -> InstanceView<'a> {
         let state = &rec.state;
         let current_step = state.current_step.map(|index| {
             let step = template.and_then(|t| t.steps.get(index));
@@ -211,32 +208,62 @@ impl InstanceView {
             CurrentStepView {
                 index,
                 name: step
-                    .map(|s| s.name.clone())
-                    .or_else(|| exec.map(|e| e.name.clone()))
+                    .map(|s| s.name.as_str())
+                    .or_else(|| exec.map(|e| e.name.as_str()))
                     .unwrap_or_default(),
                 step_type: step
-                    .map(|s| s.kind.step_type().as_str().to_string())
-                    .or_else(|| exec.map(|e| e.step_type.as_str().to_string()))
+                    .map(|s| s.kind.step_type().as_str())
+                    .or_else(|| exec.map(|e| e.step_type.as_str()))
                     .unwrap_or_default(),
             }
         });
         InstanceView {
-            id: rec.info.id.clone(),
-            template_id: rec.info.template_id.clone(),
+            id: &rec.info.id,
+            template_id: &rec.info.template_id,
             template_version: rec.info.template_version,
-            status: state.status.as_str().to_string(),
-            mode: rec.info.mode.as_str().to_string(),
+            status: state.status.as_str(),
+            mode: rec.info.mode.as_str(),
             current_step,
             waiting_on: state.waiting_on.as_ref().map(WaitingOnView::from),
-            trigger: rec.info.trigger.clone(),
-            idempotency_key: rec.idempotency_key.clone(),
+            trigger: &rec.info.trigger,
+            idempotency_key: rec.idempotency_key.as_deref(),
             created_by: ActorView::from(&rec.info.created_by),
             created_at: rfc3339(rec.info.created_at),
             updated_at: rfc3339(rec.updated_at),
             finished_at: state.finished_at.map(rfc3339),
-            error: state.error.clone(),
+            error: state.error.as_deref(),
             steps: state.steps.iter().map(StepExecutionView::from).collect(),
         }
+    }
+}
+
+/// An instance record and its template version (for the current step's name), answered as
+/// an [`InstanceView`] built while it is serialized. Its schema is the view's.
+#[derive(Debug)]
+pub struct InstanceBody {
+    pub rec: InstanceRecord,
+    pub template: Option<Arc<Template>>,
+}
+
+impl Serialize for InstanceBody {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        InstanceView::new(&self.rec, self.template.as_deref()).serialize(serializer)
+    }
+}
+
+impl PartialSchema for InstanceBody {
+    fn schema() -> RefOr<Schema> {
+        <InstanceView<'static> as PartialSchema>::schema()
+    }
+}
+
+impl ToSchema for InstanceBody {
+    fn name() -> Cow<'static, str> {
+        <InstanceView<'static> as ToSchema>::name()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <InstanceView<'static> as ToSchema>::schemas(schemas);
     }
 }
 
@@ -294,7 +321,8 @@ pub struct BatchItemResult {
     /// the status of `error`.
     pub status: u16,
     /// The instance, when it was created or replayed.
-    pub instance: Option<InstanceView>,
+    #[schema(value_type = Option<InstanceView>)]
+    pub instance: Option<InstanceBody>,
     /// Why the item failed; its details' paths start with `$.items[<index>]`.
     pub error: Option<crate::error::ErrorBody>,
 }

@@ -76,6 +76,33 @@ pub enum StepStatus {
     Cancelled,
 }
 
+impl StepStatus {
+    pub const ALL: [StepStatus; 8] = [
+        StepStatus::Pending,
+        StepStatus::Running,
+        StepStatus::Waiting,
+        StepStatus::Completed,
+        StepStatus::Skipped,
+        StepStatus::Failed,
+        StepStatus::Rejected,
+        StepStatus::Cancelled,
+    ];
+
+    /// The serialised name (what the API and the store show).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Waiting => "waiting",
+            StepStatus::Completed => "completed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Failed => "failed",
+            StepStatus::Rejected => "rejected",
+            StepStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Who did something: a human or an agent acting for a partner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActorRef {
@@ -91,6 +118,19 @@ pub enum ActorType {
     Agent,
     /// The engine itself (a worker, the scheduler).
     System,
+}
+
+impl ActorType {
+    pub const ALL: [ActorType; 3] = [ActorType::Human, ActorType::Agent, ActorType::System];
+
+    /// The serialised name (what the API and the store show).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorType::Human => "human",
+            ActorType::Agent => "agent",
+            ActorType::System => "system",
+        }
+    }
 }
 
 /// One step's execution record. At most one exists per step index: no step runs twice.
@@ -216,4 +256,29 @@ pub struct InstanceInfo {
     pub created_by: ActorRef,
     pub trigger: Value,
     pub mode: RunMode,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `as_str` is what serde writes, for every variant of each enum that has both.
+    #[test]
+    fn names_are_the_serialised_names() {
+        fn serialised<T: Serialize>(v: T) -> String {
+            serde_json::to_value(v)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        }
+        for s in InstanceStatus::ALL {
+            assert_eq!(s.as_str(), serialised(s));
+        }
+        for s in StepStatus::ALL {
+            assert_eq!(s.as_str(), serialised(s));
+        }
+        for t in ActorType::ALL {
+            assert_eq!(t.as_str(), serialised(t));
+        }
+    }
 }

@@ -277,18 +277,24 @@ pub struct LifecycleEvent {
 impl LifecycleEvent {
     /// Avro `LifecycleEvent`, single-object encoded.
     pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
+        self.clone().into_avro()
+    }
+
+    /// [`LifecycleEvent::encode`], moving the strings into the codec's record instead of
+    /// copying them (a commit encodes several events, each with five strings).
+    pub fn into_avro(self) -> Result<Vec<u8>, MessageError> {
         codec::LifecycleEvent {
-            event_id: self.event_id.clone(),
-            partner_id: self.partner_id.clone(),
-            instance_id: self.instance_id.clone(),
-            template_id: self.template_id.clone(),
-            template_version: self.template_version,
-            kind: self.kind,
             step_index: self
                 .step_index
                 .map(|i| index_to_codec("LifecycleEvent", i))
                 .transpose()?,
-            status: self.status.clone(),
+            event_id: self.event_id,
+            partner_id: self.partner_id,
+            instance_id: self.instance_id,
+            template_id: self.template_id,
+            template_version: self.template_version,
+            kind: self.kind,
+            status: self.status,
             at: self.at,
         }
         .to_avro()

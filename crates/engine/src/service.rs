@@ -1482,7 +1482,7 @@ impl Engine {
                     id: event.event_id.clone(),
                     topic: LIFECYCLE_TOPIC.to_string(),
                     key: info.id.clone(),
-                    payload: event.encode()?,
+                    payload: event.into_avro()?,
                 })
             });
         let commands = t.effects.iter().filter_map(|effect| match effect {

@@ -115,7 +115,7 @@ impl Store {
         .bind(rec.id.as_str())
         .bind(rec.partner_id.as_str())
         .bind(rec.actor_id.as_str())
-        .bind(enum_to_str(&rec.actor_type)?)
+        .bind(rec.actor_type.as_str())
         .bind(to_json(&rec.roles)?)
         .bind(rec.created_at.0)
         .execute(&mut *tx)
@@ -1022,7 +1022,7 @@ pub(crate) async fn upsert_steps(
                 .bind(rec.info.partner_id.as_str())
                 .bind(step.name.as_str())
                 .bind(step.step_type.as_str())
-                .bind(enum_to_str(&step.status)?)
+                .bind(step.status.as_str())
                 .bind(step.started_at.map(|t| t.0))
                 .bind(step.finished_at.map(|t| t.0))
                 .bind(step.actor.as_ref().map(to_json).transpose()?)
@@ -1426,16 +1426,6 @@ fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreErro
 }
 
 /// A unit enum's serde name (`snake_case`), e.g. `StepStatus::Completed` -> `completed`.
-pub(crate) fn enum_to_str<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    match serde_json::to_value(value) {
-        Ok(Value::String(s)) => Ok(s),
-        Ok(other) => Err(StoreError::corrupt(format!(
-            "expected a unit enum, got {other}"
-        ))),
-        Err(e) => Err(StoreError::corrupt(format!("cannot encode an enum: {e}"))),
-    }
-}
-
 fn enum_from_str<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
     serde_json::from_value(Value::String(text.to_string()))
         .map_err(|e| StoreError::corrupt(format!("{what} {text:?} does not decode: {e}")))

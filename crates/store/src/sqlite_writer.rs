@@ -28,7 +28,7 @@ use workflow_core::instance::StepExecution;
 use crate::audit_blocks;
 use crate::commit::{CommitParts, InstanceCommit};
 use crate::notifications::NewDelivery;
-use crate::queries::{audit_content, enum_to_str, push_json, to_json};
+use crate::queries::{audit_content, push_json, to_json};
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::sqlite_readers::instance_by_key;
 use crate::step_mirror::{changed, step_mirror, KnownSteps, StepMirror};
@@ -163,7 +163,7 @@ pub(crate) struct StepRow {
     pub(crate) index: i64,
     name: String,
     step_type: &'static str,
-    status: String,
+    status: &'static str,
     started_at: Option<i64>,
     finished_at: Option<i64>,
     actor: Option<String>,
@@ -333,7 +333,7 @@ pub(crate) fn step_row(step: &StepExecution) -> Result<StepRow, StoreError> {
         index: step.index as i64,
         name: step.name.clone(),
         step_type: step.step_type.as_str(),
-        status: enum_to_str(&step.status)?,
+        status: step.status.as_str(),
         started_at: step.started_at.map(|t| t.0),
         finished_at: step.finished_at.map(|t| t.0),
         actor: step.actor.as_ref().map(to_json).transpose()?,

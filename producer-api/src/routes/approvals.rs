@@ -23,7 +23,7 @@ use workflow_engine::DecisionResult;
 use crate::auth::Caller;
 use crate::error::{refusal, ApiError, ErrorBody};
 use crate::extract::{parse_json, JsonBody, Params, RawBody};
-use crate::views::{rfc3339, InstanceView, Page};
+use crate::views::{rfc3339, InstanceBody, InstanceView, Page};
 use crate::AppState;
 
 const MAX_COMMENT: usize = 2000;
@@ -41,7 +41,8 @@ pub struct DecisionBody {
 pub struct DecisionView {
     /// `approved` or `rejected`: what this call recorded.
     pub decision: String,
-    pub instance: InstanceView,
+    #[schema(value_type = InstanceView)]
+    pub instance: InstanceBody,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -101,7 +102,7 @@ async fn decide(
         .await?;
     match result {
         DecisionResult::Accepted(rec) => {
-            let instance = super::instances::view(state, &rec).await;
+            let instance = super::instances::view(state, *rec).await;
             Ok(Json(DecisionView {
                 decision: verdict_text(verdict).to_string(),
                 instance,

@@ -18,7 +18,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{parse_json, JsonBody, Params, RawBody};
 use crate::views::{
     parse_rfc3339, AuditEventView, BatchItemResult, BatchStartResponse, ChainView, EventsView,
-    InstanceView, Page,
+    InstanceBody, InstanceView, Page,
 };
 use crate::AppState;
 
@@ -46,8 +46,8 @@ fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
-/// The instance view, with its template version's step names.
-pub(crate) async fn view(state: &AppState, rec: &InstanceRecord) -> InstanceView {
+/// The instance's answer, with its template version (for the current step's name).
+pub(crate) async fn view(state: &AppState, rec: InstanceRecord) -> InstanceBody {
     // From the engine's cache of parsed versions: a store read per view otherwise.
     let template = state
         .engine
@@ -58,7 +58,7 @@ pub(crate) async fn view(state: &AppState, rec: &InstanceRecord) -> InstanceView
         )
         .await
         .ok();
-    InstanceView::new(rec, template.as_deref())
+    InstanceBody { rec, template }
 }
 
 /// Start an instance of a template by hand.
@@ -74,7 +74,7 @@ pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<CreateInstance>,
-) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
+) -> Result<(StatusCode, Json<InstanceBody>), ApiError> {
     let header_key = headers
         .get("idempotency-key")
         .map(|v| {
@@ -89,7 +89,7 @@ pub async fn create(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(view(&state, &outcome.instance).await)))
+    Ok((status, Json(view(&state, outcome.instance).await)))
 }
 
 /// Check one start request and start it. Problems name their JSON path under `at` (`$` for
@@ -205,7 +205,7 @@ pub async fn create_batch(
                 Ok(outcome) => BatchItemResult {
                     index,
                     status: if outcome.created { 201 } else { 200 },
-                    instance: Some(view(&state, &outcome.instance).await),
+                    instance: Some(view(&state, outcome.instance).await),
                     error: None,
                 },
                 Err(e) => BatchItemResult {
@@ -287,7 +287,7 @@ pub async fn list(
     caller: Caller,
     State(state): State<AppState>,
     mut params: Params,
-) -> Result<Json<Page<InstanceView>>, ApiError> {
+) -> Result<Json<Page<InstanceBody>>, ApiError> {
     let status = params.take_parsed(
         "status",
         InstanceStatus::parse,
@@ -315,7 +315,7 @@ pub async fn list(
         .then(|| rows.last().map(|r| r.info.id.clone()))
         .flatten();
     let mut data = Vec::with_capacity(rows.len());
-    for rec in &rows {
+    for rec in rows {
         data.push(view(&state, rec).await);
     }
     Ok(Json(Page { data, next_cursor }))
@@ -339,9 +339,9 @@ pub async fn get_one(
     caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<InstanceView>, ApiError> {
+) -> Result<Json<InstanceBody>, ApiError> {
     let rec = load(&state, &caller, &id).await?;
-    Ok(Json(view(&state, &rec).await))
+    Ok(Json(view(&state, rec).await))
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -362,7 +362,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
     RawBody(body): RawBody,
-) -> Result<Json<InstanceView>, ApiError> {
+) -> Result<Json<InstanceBody>, ApiError> {
     let body: CancelInstance = if body.iter().all(u8::is_ascii_whitespace) {
         CancelInstance::default()
     } else {
@@ -378,7 +378,7 @@ pub async fn cancel(
         .engine
         .cancel(&caller.partner_id, &id, &caller.actor, body.reason)
         .await?;
-    Ok(Json(view(&state, &rec).await))
+    Ok(Json(view(&state, rec).await))
 }
 
 /// The instance's audit trail, with the result of verifying its hash chain.
@@ -428,7 +428,7 @@ pub async fn signal(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
     RawBody(body): RawBody,
-) -> Result<Json<InstanceView>, ApiError> {
+) -> Result<Json<InstanceBody>, ApiError> {
     if body.len() > MAX_TRIGGER_BYTES {
         return Err(ApiError::invalid(
             "$",
@@ -447,5 +447,5 @@ pub async fn signal(
         .engine
         .signal(&caller.partner_id, &id, &name, payload, &caller.actor)
         .await?;
-    Ok(Json(view(&state, &rec).await))
+    Ok(Json(view(&state, rec).await))
 }
