@@ -1425,7 +1425,7 @@ fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreErro
         .map_err(|e| StoreError::corrupt(format!("{what} does not decode: {e}")))
 }
 
-/// A unit enum's serde name (`snake_case`), e.g. `StepStatus::Completed` -> `completed`.
+/// A unit enum from its serde name (`snake_case`), e.g. `completed` -> `StepStatus::Completed`.
 fn enum_from_str<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
     serde_json::from_value(Value::String(text.to_string()))
         .map_err(|e| StoreError::corrupt(format!("{what} {text:?} does not decode: {e}")))
