@@ -252,7 +252,7 @@ impl Committer {
             (Ok(Done::Committed), _) => Ok(Written::Committed),
             (Ok(Done::Created), Pending::Created(rec)) => {
                 self.known
-                    .remember(&rec.info.id, rec.version, step_mirror(&rec));
+                    .remember(&rec.info.id, rec.version, step_mirror(&rec, None));
                 Ok(Written::Created(Box::new(CreateOutcome::Created(*rec))))
             }
             (Ok(Done::Created), _) => Err(StoreError::corrupt(

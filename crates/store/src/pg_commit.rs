@@ -217,7 +217,7 @@ impl PgCommitter {
         if self.known.version_of(id) == Some(rec.version) {
             return;
         }
-        let steps = step_mirror(rec);
+        let steps = step_mirror(rec, None);
         self.known.remember(
             id,
             KnownHead {
@@ -892,7 +892,7 @@ pub(crate) mod tests {
                     version: 1,
                     stream: stream(rec),
                     head: head(rec).await?,
-                    steps: step_mirror(rec),
+                    steps: step_mirror(rec, None),
                 },
             );
         }
@@ -1090,7 +1090,7 @@ pub(crate) mod tests {
         };
 
         committer.observed(&first, Some((1, "h1".into())));
-        let taken = (1, Some((1, "h1".to_string())), step_mirror(&first));
+        let taken = (1, Some((1, "h1".to_string())), step_mirror(&first, None));
         assert_eq!(known(&committer), Some(taken.clone()));
 
         // The same version with other contents (which a store never holds): not taken.
@@ -1112,7 +1112,7 @@ pub(crate) mod tests {
                 decisions: vec![],
                 escalations: 0,
             });
-        assert_ne!(step_mirror(&other), taken.2);
+        assert_ne!(step_mirror(&other, None), taken.2);
         committer.observed(&other, Some((2, "h2".into())));
         assert_eq!(known(&committer), Some(taken));
 
@@ -1121,7 +1121,7 @@ pub(crate) mod tests {
         committer.observed(&other, Some((2, "h2".into())));
         assert_eq!(
             known(&committer),
-            Some((2, Some((2, "h2".to_string())), step_mirror(&other)))
+            Some((2, Some((2, "h2".to_string())), step_mirror(&other, None)))
         );
         Ok(())
     }

@@ -377,7 +377,7 @@ fn encode<'a>(
     let mut steps = String::from("[");
     let mut mirrors = Vec::with_capacity(rows.recs.len());
     for (rec, stored) in rows.recs.iter().zip(&rows.stored_steps) {
-        let now = step_mirror(rec);
+        let now = step_mirror(rec, stored.as_ref());
         for step in changed(&now, stored.as_ref()) {
             if steps.len() > 1 {
                 steps.push(',');

@@ -295,7 +295,7 @@ impl Encoded {
             decision,
         } = parts;
         let info = &rec.info;
-        let mirror = step_mirror(rec);
+        let mirror = step_mirror(rec, stored);
         let steps = changed(&mirror, stored)
             .map(step_row)
             .collect::<Result<_, _>>()?;

@@ -14,19 +14,24 @@ use workflow_core::StepExecution;
 use crate::records::InstanceRecord;
 
 /// Step index → the step as its mirror row holds it. Shared: remembered per instance and
-/// handed to each write that compares against it.
-pub(crate) type StepMirror = Arc<BTreeMap<usize, StepExecution>>;
+/// handed to each write that compares against it; each step is shared too, so the next
+/// version's mirror reuses the steps it did not change instead of copying them.
+pub(crate) type StepMirror = Arc<BTreeMap<usize, Arc<StepExecution>>>;
 
 /// The step mirror `rec` stands for (one row per index, the last entry wins, as the rows are
-/// written).
-pub(crate) fn step_mirror(rec: &InstanceRecord) -> StepMirror {
-    Arc::new(
-        rec.state
-            .steps
-            .iter()
-            .map(|s| (s.index, s.clone()))
-            .collect(),
-    )
+/// written). A step equal to `stored`'s at its index is that very entry, shared: only the
+/// steps a transition changed are copied (each commit copied every step, inputs and outputs
+/// included, before).
+pub(crate) fn step_mirror(rec: &InstanceRecord, stored: Option<&StepMirror>) -> StepMirror {
+    let mut mirror = BTreeMap::new();
+    for step in &rec.state.steps {
+        let entry = match stored.and_then(|m| m.get(&step.index)) {
+            Some(old) if **old == *step => old.clone(),
+            _ => Arc::new(step.clone()),
+        };
+        mirror.insert(step.index, entry);
+    }
+    Arc::new(mirror)
 }
 
 /// The steps of `now` whose rows differ from `stored` (every one when that is unknown).
@@ -35,8 +40,14 @@ pub(crate) fn changed<'s>(
     stored: Option<&'s StepMirror>,
 ) -> impl Iterator<Item = &'s StepExecution> {
     now.iter()
-        .filter(move |(index, step)| stored.and_then(|s| s.get(index)) != Some(*step))
-        .map(|(_, step)| step)
+        .filter(
+            move |(index, step)| match stored.and_then(|s| s.get(index)) {
+                // Shared by `step_mirror`: equal without comparing.
+                Some(old) => !(Arc::ptr_eq(old, step) || old == *step),
+                None => true,
+            },
+        )
+        .map(|(_, step)| step.as_ref())
 }
 
 /// Most instances remembered; past it the map starts over.
@@ -97,7 +108,47 @@ mod tests {
     }
 
     fn mirror(steps: Vec<StepExecution>) -> StepMirror {
-        Arc::new(steps.into_iter().map(|s| (s.index, s)).collect())
+        Arc::new(steps.into_iter().map(|s| (s.index, Arc::new(s))).collect())
+    }
+
+    fn record(steps: Vec<StepExecution>) -> InstanceRecord {
+        let mut rec = crate::pg_commit::tests::instance();
+        rec.state.steps = steps;
+        rec
+    }
+
+    #[test]
+    fn a_new_mirror_shares_the_unchanged_steps_and_copies_the_rest() {
+        let stored = step_mirror(
+            &record(vec![
+                step(0, StepStatus::Completed),
+                step(1, StepStatus::Waiting),
+            ]),
+            None,
+        );
+        let now = step_mirror(
+            &record(vec![
+                step(0, StepStatus::Completed),
+                step(1, StepStatus::Completed),
+                step(2, StepStatus::Running),
+            ]),
+            Some(&stored),
+        );
+        assert!(Arc::ptr_eq(&now[&0], &stored[&0]), "unchanged: shared");
+        assert!(!Arc::ptr_eq(&now[&1], &stored[&1]), "changed: a copy");
+        assert_eq!(now[&1].status, StepStatus::Completed);
+        let written: Vec<usize> = changed(&now, Some(&stored)).map(|s| s.index).collect();
+        assert_eq!(written, vec![1, 2]);
+        // The last entry of an index wins, as the rows are written.
+        let twice = step_mirror(
+            &record(vec![
+                step(0, StepStatus::Waiting),
+                step(0, StepStatus::Completed),
+            ]),
+            Some(&stored),
+        );
+        assert_eq!(twice.len(), 1);
+        assert!(Arc::ptr_eq(&twice[&0], &stored[&0]));
     }
 
     #[test]
