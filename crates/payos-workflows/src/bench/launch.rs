@@ -165,21 +165,28 @@ async fn wait_for_groups(bootstrap: &str, prefix: &str, members: usize) -> Resul
         .map_err(|e| BenchError::Wrong(format!("cannot reach Kafka: {e}")))?;
     let deadline = Instant::now() + SETTLE_DEADLINE;
     loop {
-        let groups = bus
-            .consumer_groups()
-            .await
-            .map_err(|e| BenchError::Wrong(format!("cannot list consumer groups: {e}")))?;
-        let unsettled: Vec<String> = POOL_GROUPS
-            .iter()
-            .filter_map(|name| {
-                let name = format!("{prefix}{name}");
-                match groups.get(&name) {
-                    Some(g) if g.state == "Stable" && g.members == members => None,
-                    Some(g) => Some(format!("{name}: {} with {} members", g.state, g.members)),
-                    None => Some(format!("{name}: not formed")),
-                }
-            })
-            .collect();
+        // A broker still loading its group coordinator answers with a retryable error
+        // (`CoordinatorLoadInProgress`): that is "not settled yet" too.
+        let unsettled: Vec<String> = match bus.consumer_groups().await {
+            Ok(groups) => POOL_GROUPS
+                .iter()
+                .filter_map(|name| {
+                    let name = format!("{prefix}{name}");
+                    match groups.get(&name) {
+                        Some(g) if g.state == "Stable" && g.members == members => None,
+                        Some(g) => Some(format!("{name}: {} with {} members", g.state, g.members)),
+                        None => Some(format!("{name}: not formed")),
+                    }
+                })
+                .collect(),
+            Err(e) if e.is_retryable() => vec![format!("listing the groups: {e}")],
+            Err(e) => {
+                bus.shutdown();
+                return Err(BenchError::Wrong(format!(
+                    "cannot list consumer groups: {e}"
+                )));
+            }
+        };
         if unsettled.is_empty() {
             bus.shutdown();
             return Ok(());

@@ -295,20 +295,22 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("kafka: {e}"));
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let groups = bus
-                .consumer_groups()
-                .await
-                .unwrap_or_else(|e| panic!("consumer groups: {e}"));
-            let unsettled: Vec<String> = GROUPS
-                .iter()
-                .filter_map(|name| {
-                    let name = format!("{}{name}", self.prefix);
-                    match groups.get(&name) {
-                        Some(g) if g.state == "Stable" && g.members == members => None,
-                        other => Some(format!("{name}: {other:?}")),
-                    }
-                })
-                .collect();
+            // A broker still loading its group coordinator answers with a retryable error
+            // (`CoordinatorLoadInProgress`): that is "not settled yet" too.
+            let unsettled: Vec<String> = match bus.consumer_groups().await {
+                Ok(groups) => GROUPS
+                    .iter()
+                    .filter_map(|name| {
+                        let name = format!("{}{name}", self.prefix);
+                        match groups.get(&name) {
+                            Some(g) if g.state == "Stable" && g.members == members => None,
+                            other => Some(format!("{name}: {other:?}")),
+                        }
+                    })
+                    .collect(),
+                Err(e) if e.is_retryable() => vec![format!("listing the groups: {e}")],
+                Err(e) => panic!("consumer groups: {e}"),
+            };
             if unsettled.is_empty() {
                 bus.shutdown();
                 return;
