@@ -477,6 +477,47 @@ impl KafkaBus {
         Ok(groups)
     }
 
+    /// Wait until each of `groups` is `Stable` with `members` members, polling the cluster's
+    /// group list, for at most `within`. Members join one by one and each join is a
+    /// rebalance that holds the group's partitions back, so work started before this can
+    /// stall for seconds. A retryable error (a fresh broker's `CoordinatorLoadInProgress`)
+    /// counts as not settled yet; on time-out the error names what was still unsettled.
+    pub async fn wait_until_settled(
+        &self,
+        groups: &[String],
+        members: usize,
+        within: Duration,
+    ) -> Result<(), BusError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let unsettled: Vec<String> = match self.consumer_groups().await {
+                Ok(known) => groups
+                    .iter()
+                    .filter_map(|name| match known.get(name) {
+                        Some(g) if g.state == "Stable" && g.members == members => None,
+                        Some(g) => Some(format!("{name}: {} with {} members", g.state, g.members)),
+                        None => Some(format!("{name}: not formed")),
+                    })
+                    .collect(),
+                Err(e) if e.is_retryable() => vec![format!("listing the groups: {e}")],
+                Err(e) => return Err(e),
+            };
+            if unsettled.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BusError::Unavailable {
+                    reason: format!(
+                        "consumer groups did not settle within {} s ({members} members each): {}",
+                        within.as_secs(),
+                        unsettled.join("; ")
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The number of partitions `topic` has, from the cluster's metadata. Retries while the
     /// topic is being created or has no leader yet, up to the configured timeout.
     pub async fn partitions(&self, topic: &str) -> Result<u32, BusError> {

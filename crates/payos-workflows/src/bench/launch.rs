@@ -163,42 +163,14 @@ async fn delete_run(bootstrap: &str, prefix: &str) -> Result<(), workflow_bus::B
 async fn wait_for_groups(bootstrap: &str, prefix: &str, members: usize) -> Result<(), BenchError> {
     let bus = workflow_bus_kafka::KafkaBus::new(workflow_bus_kafka::KafkaConfig::new(bootstrap))
         .map_err(|e| BenchError::Wrong(format!("cannot reach Kafka: {e}")))?;
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    loop {
-        // A broker still loading its group coordinator answers with a retryable error
-        // (`CoordinatorLoadInProgress`): that is "not settled yet" too.
-        let unsettled: Vec<String> = match bus.consumer_groups().await {
-            Ok(groups) => POOL_GROUPS
-                .iter()
-                .filter_map(|name| {
-                    let name = format!("{prefix}{name}");
-                    match groups.get(&name) {
-                        Some(g) if g.state == "Stable" && g.members == members => None,
-                        Some(g) => Some(format!("{name}: {} with {} members", g.state, g.members)),
-                        None => Some(format!("{name}: not formed")),
-                    }
-                })
-                .collect(),
-            Err(e) if e.is_retryable() => vec![format!("listing the groups: {e}")],
-            Err(e) => {
-                bus.shutdown();
-                return Err(BenchError::Wrong(format!(
-                    "cannot list consumer groups: {e}"
-                )));
-            }
-        };
-        if unsettled.is_empty() {
-            bus.shutdown();
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bus.shutdown();
-            return Err(BenchError::Wrong(format!(
-                "the pools' consumer groups did not settle within {} s ({members} members each): {}",
-                SETTLE_DEADLINE.as_secs(),
-                unsettled.join("; ")
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let groups: Vec<String> = POOL_GROUPS
+        .iter()
+        .map(|name| format!("{prefix}{name}"))
+        .collect();
+    let settled = bus
+        .wait_until_settled(&groups, members, SETTLE_DEADLINE)
+        .await
+        .map_err(|e| BenchError::Wrong(format!("the pools' consumer groups: {e}")));
+    bus.shutdown();
+    settled
 }

@@ -278,10 +278,9 @@ impl Cluster {
         }
     }
 
-    /// Wait until every consumer group of the processes is `Stable` with all its members.
-    /// Members join one by one, each join a rebalance that holds the group's partitions back,
-    /// so a test that starts before this can find a step stalled for seconds (a bulk decision
-    /// once waited past the api's patience in CI while two clusters started side by side).
+    /// Wait until every consumer group of the processes is `Stable` with all its members, so
+    /// no test starts while a pool still rebalances (a bulk decision once waited past the
+    /// api's patience in CI while two clusters started side by side).
     pub async fn wait_for_groups(&self) {
         let members = self
             .extra
@@ -293,34 +292,16 @@ impl Cluster {
             &self.bootstrap,
         ))
         .unwrap_or_else(|e| panic!("kafka: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            // A broker still loading its group coordinator answers with a retryable error
-            // (`CoordinatorLoadInProgress`): that is "not settled yet" too.
-            let unsettled: Vec<String> = match bus.consumer_groups().await {
-                Ok(groups) => GROUPS
-                    .iter()
-                    .filter_map(|name| {
-                        let name = format!("{}{name}", self.prefix);
-                        match groups.get(&name) {
-                            Some(g) if g.state == "Stable" && g.members == members => None,
-                            other => Some(format!("{name}: {other:?}")),
-                        }
-                    })
-                    .collect(),
-                Err(e) if e.is_retryable() => vec![format!("listing the groups: {e}")],
-                Err(e) => panic!("consumer groups: {e}"),
-            };
-            if unsettled.is_empty() {
-                bus.shutdown();
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "consumer groups never settled ({members} members each): {unsettled:?}\n{}",
-                self.tails()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let groups: Vec<String> = GROUPS
+            .iter()
+            .map(|name| format!("{}{name}", self.prefix))
+            .collect();
+        let settled = bus
+            .wait_until_settled(&groups, members, Duration::from_secs(90))
+            .await;
+        bus.shutdown();
+        if let Err(e) = settled {
+            panic!("{e}\n{}", self.tails());
         }
     }
 
