@@ -275,13 +275,9 @@ pub struct LifecycleEvent {
 }
 
 impl LifecycleEvent {
-    /// Avro `LifecycleEvent`, single-object encoded.
-    pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
-        self.clone().into_avro()
-    }
-
-    /// [`LifecycleEvent::encode`], moving the strings into the codec's record instead of
-    /// copying them (a commit encodes several events, each with five strings).
+    /// Avro `LifecycleEvent`, single-object encoded. Takes the event: its strings move into
+    /// the codec's record instead of being copied (a commit encodes several events, each with
+    /// five strings).
     pub fn into_avro(self) -> Result<Vec<u8>, MessageError> {
         codec::LifecycleEvent {
             step_index: self
@@ -867,7 +863,10 @@ mod tests {
             status: Some("skipped".into()),
             at: 9,
         };
-        assert_eq!(LifecycleEvent::decode(&e.encode().unwrap()).unwrap(), e);
+        assert_eq!(
+            LifecycleEvent::decode(&e.clone().into_avro().unwrap()).unwrap(),
+            e
+        );
     }
 
     #[test]
