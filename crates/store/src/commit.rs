@@ -37,7 +37,7 @@ use crate::notifications::NewDelivery;
 use crate::queries::write_instance_commit;
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::sqlite_writer::{CreateParts, Done, Encoded, Pending, SqliteWriter, Write, Written};
-use crate::step_mirror::{step_mirror, KnownSteps};
+use crate::step_mirror::{step_mirror, worth_remembering, KnownSteps};
 use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 
 /// Most writes in one transaction.
@@ -208,11 +208,12 @@ impl Committer {
         let id = parts.rec.info.id.as_str();
         let version = parts.expected_version;
         let stored = self.known.at(id, version);
+        let rec = parts.rec;
         let (write, mirror) = Encoded::commit(parts, stored.as_ref())?;
         let pending = Pending::Committed {
             id: id.to_string(),
             version: version + 1,
-            mirror,
+            mirror: worth_remembering(rec).then_some(mirror),
         };
         match self.send(vec![write]).await.pop() {
             Some(result) => self.answered(result, pending).map(|_| ()),
@@ -246,13 +247,18 @@ impl Committer {
                     mirror,
                 },
             ) => {
-                self.known.remember(&id, version, mirror);
+                match mirror {
+                    Some(mirror) => self.known.remember(&id, version, mirror),
+                    None => self.known.forget(&id),
+                }
                 Ok(Written::Committed)
             }
             (Ok(Done::Committed), _) => Ok(Written::Committed),
             (Ok(Done::Created), Pending::Created(rec)) => {
-                self.known
-                    .remember(&rec.info.id, rec.version, step_mirror(&rec, None));
+                if worth_remembering(&rec) {
+                    self.known
+                        .remember(&rec.info.id, rec.version, step_mirror(&rec, None));
+                }
                 Ok(Written::Created(Box::new(CreateOutcome::Created(*rec))))
             }
             (Ok(Done::Created), _) => Err(StoreError::corrupt(

@@ -42,7 +42,7 @@ use crate::queries::{
 };
 use crate::records::{AuditDraft, InstanceRecord};
 use crate::sqlite_writer::NewInstance;
-use crate::step_mirror::{step_mirror, StepMirror};
+use crate::step_mirror::{step_mirror, worth_remembering, StepMirror};
 use crate::{Backend, StoreError};
 
 /// Most commits in one group: bounds a statement's parameters (7 per commit in the `UPDATE`)
@@ -148,8 +148,13 @@ impl KnownHeads {
     }
 
     /// After `c` was written: its instance at its new version, with the head `after` gives its
-    /// stream (unchanged if it wrote no event) and its step rows `steps`.
+    /// stream (unchanged if it wrote no event) and its step rows `steps`; a finished instance
+    /// is forgotten instead ([`worth_remembering`]).
     fn written(&self, c: &InstanceCommit, after: &HashMap<&str, (i64, String)>, steps: StepMirror) {
+        if !worth_remembering(&c.rec) {
+            self.forget(&c.rec.info.id);
+            return;
+        }
         self.moved(&c.rec.info.id, c.expected_version, &c.audit, after, steps);
     }
 
@@ -214,7 +219,7 @@ impl PgCommitter {
         let id = rec.info.id.as_str();
         // Known at this version already (this process wrote or read it): what it holds is what
         // was read, as nothing of an instance changes without a new version.
-        if self.known.version_of(id) == Some(rec.version) {
+        if self.known.version_of(id) == Some(rec.version) || !worth_remembering(rec) {
             return;
         }
         let steps = step_mirror(rec, None);
@@ -347,6 +352,9 @@ async fn write_creates(pool: &AnyPool, news: &[NewInstance], known: &KnownHeads)
         let (after, prints) = write_rows(&mut tx, &rows, HashMap::new()).await?;
         tx.commit().await?;
         for (n, steps) in new.iter().zip(prints) {
+            if !worth_remembering(&n.rec) {
+                continue;
+            }
             known.moved(&n.rec.info.id, n.rec.version - 1, &n.audit, &after, steps);
         }
         Ok::<_, StoreError>(inserted)
@@ -795,6 +803,40 @@ pub(crate) mod tests {
             updated_at: Timestamp(1_000),
             version: 1,
         }
+    }
+
+    /// A commit that finishes its instance leaves nothing of it behind: no transition follows,
+    /// and a finished instance's head and mirror held until the map filled add up to hundreds of
+    /// MB in a long-running process.
+    #[test]
+    fn a_finished_instance_is_forgotten_and_a_running_one_remembered() {
+        let known = KnownHeads::default();
+        let rec = instance();
+        let id = rec.info.id.clone();
+        let stream = format!("{INSTANCE_STREAM_PREFIX}{id}");
+        let after = HashMap::from([(stream.as_str(), (2, "h2".to_string()))]);
+        let commit = |from: i64, status: InstanceStatus| {
+            let mut next = rec.clone();
+            next.version = from + 1;
+            next.state.status = status;
+            InstanceCommit {
+                rec: next,
+                expected_version: from,
+                outbox: vec![],
+                audit: vec![event(&stream, 1)],
+                timers: vec![],
+                deliveries: vec![],
+                decision: None,
+            }
+        };
+        let running = commit(1, InstanceStatus::Running);
+        known.written(&running, &after, step_mirror(&running.rec, None));
+        assert_eq!(known.version_of(&id), Some(2));
+        assert!(known.of(&commit(2, InstanceStatus::Completed)).is_some());
+
+        let done = commit(2, InstanceStatus::Completed);
+        known.written(&done, &after, step_mirror(&done.rec, None));
+        assert_eq!(known.version_of(&id), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

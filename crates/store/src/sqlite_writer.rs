@@ -31,7 +31,7 @@ use crate::notifications::NewDelivery;
 use crate::queries::{audit_content, push_json, to_json};
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
 use crate::sqlite_readers::instance_by_key;
-use crate::step_mirror::{changed, step_mirror, KnownSteps, StepMirror};
+use crate::step_mirror::{changed, step_mirror, worth_remembering, KnownSteps, StepMirror};
 use crate::{CreateOutcome, StoreError, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS};
 
 /// A new instance with the outbox messages, audit events, timers and notification deliveries
@@ -76,11 +76,12 @@ pub(crate) enum Pending {
     Nothing,
     /// A create's record: the answer to the create once written.
     Created(Box<InstanceRecord>),
-    /// A commit's instance, the version it writes and its step mirror then.
+    /// A commit's instance, the version it writes and its step mirror then; `None` when the
+    /// instance is finished, so nothing is kept of it ([`worth_remembering`]).
     Committed {
         id: String,
         version: i64,
-        mirror: StepMirror,
+        mirror: Option<StepMirror>,
     },
 }
 
@@ -232,9 +233,9 @@ impl Encoded {
                 let stored = known.at(&c.rec.info.id, c.expected_version);
                 let (encoded, mirror) = Encoded::commit(c.parts(), stored.as_ref())?;
                 let pending = Pending::Committed {
+                    mirror: worth_remembering(&c.rec).then_some(mirror),
                     id: c.rec.info.id,
                     version: c.expected_version + 1,
-                    mirror,
                 };
                 (encoded, pending)
             }
@@ -1016,7 +1017,7 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 mod tests {
     use serde_json::json;
     use workflow_core::instance::{ActorRef, ActorType};
-    use workflow_core::Timestamp;
+    use workflow_core::{InstanceStatus, Timestamp};
 
     use super::*;
 
@@ -1036,6 +1037,55 @@ mod tests {
             before,
             after,
             reason: reason.map(str::to_string),
+        }
+    }
+
+    /// A commit remembers its instance's step mirror for the next one, unless it finishes
+    /// the instance (no next one).
+    #[test]
+    fn a_commit_remembers_the_mirror_of_a_running_instance_only() {
+        let known = KnownSteps::default();
+        let mut rec = crate::pg_commit::tests::instance();
+        rec.state.steps = vec![serde_json::from_value(json!({
+            "index": 0, "name": "ok", "type": "approval", "status": "waiting",
+            "input": {"amount": 5}
+        }))
+        .expect("a step")];
+        let pending = |status: InstanceStatus| {
+            let mut rec = rec.clone();
+            rec.state.status = status;
+            let commit = InstanceCommit {
+                rec,
+                expected_version: 1,
+                outbox: vec![],
+                audit: vec![],
+                timers: vec![],
+                deliveries: vec![],
+                decision: None,
+            };
+            match Encoded::of(Write::Commit(Box::new(commit)), &known) {
+                Ok((
+                    _,
+                    Pending::Committed {
+                        mirror, version, ..
+                    },
+                )) => (mirror, version),
+                Ok((_, other)) => panic!("not a commit: {other:?}"),
+                Err(e) => panic!("cannot encode: {e}"),
+            }
+        };
+        for going_on in [InstanceStatus::Running, InstanceStatus::Waiting] {
+            let (mirror, version) = pending(going_on);
+            assert_eq!(version, 2);
+            assert_eq!(mirror.map(|m| m.len()), Some(1), "{going_on:?}");
+        }
+        for finished in [
+            InstanceStatus::Completed,
+            InstanceStatus::Rejected,
+            InstanceStatus::Failed,
+            InstanceStatus::Cancelled,
+        ] {
+            assert!(pending(finished).0.is_none(), "{finished:?}");
         }
     }
 

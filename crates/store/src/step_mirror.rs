@@ -34,6 +34,15 @@ pub(crate) fn step_mirror(rec: &InstanceRecord, stored: Option<&StepMirror>) -> 
     Arc::new(mirror)
 }
 
+/// Whether to remember what is stored of `rec` for its next commit: not once it is finished,
+/// as no transition follows. A process that kept every finished instance's mirror (and, on
+/// PostgreSQL, its audit head) until its map filled held ~8 KB per instance for nothing: tens
+/// of MB after a few thousand instances, and page faults to grow the heap. Were a finished
+/// instance committed anyway, that commit writes all its step rows.
+pub(crate) fn worth_remembering(rec: &InstanceRecord) -> bool {
+    !rec.state.status.is_terminal()
+}
+
 /// The steps of `now` whose rows differ from `stored` (every one when that is unknown).
 pub(crate) fn changed<'s>(
     now: &'s StepMirror,
