@@ -124,6 +124,44 @@ async fn a_topic_without_groups_keeps_only_its_newest_messages() -> Result<()> {
     Ok(())
 }
 
+/// The unclaimed limit is the topic's, spread over its partitions (at least one message each):
+/// more partitions do not multiply what a topic nobody consumes holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unclaimed_limit_is_per_topic_whatever_the_partitions() -> Result<()> {
+    for (partitions, kept) in [(1, 64), (4, 64), (128, 128)] {
+        let bus = InProcessBus::with_unclaimed_limit(partitions, 64);
+        // Enough keys that every partition gets more than its share.
+        for i in 0..4_000u32 {
+            let key = format!("instance-{i}");
+            bus.publish("events", &key, key.clone().into_bytes())
+                .await?;
+        }
+        let retained = bus.retained();
+        ensure!(retained == kept, "{partitions} partitions kept {retained}");
+    }
+    Ok(())
+}
+
+/// A group declared before any member subscribes holds the topic's messages for it, past the
+/// unclaimed limit: its first member reads them all, from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_group_keeps_every_message_for_its_first_member() -> Result<()> {
+    let bus = InProcessBus::with_unclaimed_limit(1, 8);
+    bus.declare_group("cmd", "workers");
+    bus.declare_group("cmd", "workers");
+    for i in 0..20u32 {
+        bus.publish("cmd", "instance-1", format!("instance-1:{i}").into_bytes())
+            .await?;
+    }
+    ensure!(bus.retained() == 20, "retained {}", bus.retained());
+    let mut sub = bus.subscribe("cmd", "workers").await?;
+    for i in 0..20u32 {
+        let got = next(&mut sub).await?;
+        ensure!(got.offset == u64::from(i) && seq(&got)? == i, "got {got:?}");
+    }
+    Ok(())
+}
+
 /// Range assignment over the members in join order: the member that joins second takes the
 /// upper half of the partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,9 +77,16 @@ impl Embedded {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        let kinds = StepType::ALL
+        let kinds: Vec<_> = StepType::ALL
             .into_iter()
-            .flat_map(step_workers::PoolKind::for_step_type);
+            .flat_map(step_workers::PoolKind::for_step_type)
+            .collect();
+        // The pools subscribe in their own tasks, which may not have run when `resume` below
+        // publishes: their groups exist first, so the bus keeps every command for them (a topic
+        // without a group keeps only its newest messages).
+        for kind in &kinds {
+            bus.declare_group(&kind.topic(), &kind.group());
+        }
         for kind in kinds {
             let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
             let mut pool = step_workers::PoolConfig::new(kind);
@@ -103,8 +110,9 @@ impl Embedded {
         }
         {
             // The on_transfer trigger: the transfer service's events start instances.
-            let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
             let config = step_workers::TransferTriggerConfig::default();
+            bus.declare_group(&config.topic, &config.group);
+            let (engine, bus, token) = (engine.clone(), dyn_bus.clone(), cancel.child_token());
             let root = cancel.clone();
             tasks.spawn(async move {
                 if let Err(e) =
@@ -120,7 +128,7 @@ impl Embedded {
             workflow_scheduler::SchedulerConfig::default(),
             cancel.child_token(),
         ));
-        // Subscriptions exist before anything is published, so no command is missed.
+        // The pools' groups exist before anything is published, so no command is missed.
         resume(&engine, dyn_bus.as_ref()).await?;
         tasks.spawn(relay::run(
             store,

@@ -32,9 +32,11 @@ use crate::{partition_for, Bus, BusError, Subscription};
 /// of one machine while keeping per-key order.
 pub const DEFAULT_PARTITIONS: u32 = 16;
 
-/// Messages a partition keeps while no consumer group has subscribed to its topic, by
-/// default: the newest ones; older ones are dropped (Kafka's retention, in miniature). A group
-/// that subscribes later reads from the oldest one kept.
+/// Messages a topic keeps while no consumer group has subscribed to it, by default, spread
+/// evenly over its partitions: the newest ones; older ones are dropped (Kafka's retention, in
+/// miniature). A group that subscribes later reads from the oldest one kept. Per topic, not per
+/// partition: at 10,000 per partition, a 128-partition runtime kept up to 1.28 million
+/// lifecycle events nobody consumed (~1 KB of heap per instance, growing for hours).
 pub const DEFAULT_UNCLAIMED_LIMIT: usize = 10_000;
 
 /// An in-memory, partitioned bus with consumer groups, for the embedded mode and for tests.
@@ -66,13 +68,15 @@ impl InProcessBus {
         Self::with_unclaimed_limit(partitions, DEFAULT_UNCLAIMED_LIMIT)
     }
 
-    /// [`InProcessBus::new`], keeping at most `limit` messages (at least 1) per partition of a
-    /// topic no group has subscribed to yet.
+    /// [`InProcessBus::new`], keeping at most about `limit` messages of a topic no group has
+    /// subscribed to yet: `limit / partitions` per partition, at least 1.
     pub fn with_unclaimed_limit(partitions: u32, limit: usize) -> Self {
+        let partitions = partitions.max(1);
+        let per_partition = limit / usize::try_from(partitions).unwrap_or(usize::MAX);
         Self {
             inner: Arc::new(Inner {
-                partitions: partitions.max(1),
-                unclaimed_limit: limit.max(1),
+                partitions,
+                unclaimed_limit: per_partition.max(1),
                 closed: AtomicBool::new(false),
                 topics: RwLock::new(HashMap::new()),
             }),
@@ -97,6 +101,15 @@ impl InProcessBus {
                 group.wake_all();
             }
         }
+    }
+
+    /// Create consumer group `group` on `topic` (each created on first use) without a member:
+    /// from now on the topic keeps every message until the group commits it, as for a group
+    /// whose members subscribed and left. A runtime whose consumers subscribe in tasks of their
+    /// own declares their groups first, so what it publishes before they run (commands resumed
+    /// after a restart) is not cut to the unclaimed limit.
+    pub fn declare_group(&self, topic: &str, group: &str) {
+        self.inner.topic(topic).group(group);
     }
 
     /// Whether [`InProcessBus::shutdown`] was called.
