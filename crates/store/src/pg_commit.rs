@@ -219,7 +219,11 @@ impl PgCommitter {
         let id = rec.info.id.as_str();
         // Known at this version already (this process wrote or read it): what it holds is what
         // was read, as nothing of an instance changes without a new version.
-        if self.known.version_of(id) == Some(rec.version) || !worth_remembering(rec) {
+        if self.known.version_of(id) == Some(rec.version) {
+            return;
+        }
+        if !worth_remembering(rec) {
+            self.known.forget(id);
             return;
         }
         let steps = step_mirror(rec, None);
