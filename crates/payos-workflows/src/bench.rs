@@ -28,6 +28,7 @@ pub mod cpu;
 mod in_process;
 mod launch;
 pub mod machine;
+pub mod probe;
 pub mod seed;
 
 pub use cli::{run_cli, BenchArgs};

@@ -1,9 +1,11 @@
 //! The machine a bench ran on, as printed with its figures: the CPU model, the cores this
 //! process may use, and the load average when the run started (what other tenants of a shared
 //! host were doing). Figures from different machines, or taken under different loads, are not
-//! comparable; the report says which they were.
+//! comparable; the report says which they were. The [`Probe`] adds the host's speed in the hour.
 
 use serde_json::{json, Value};
+
+use super::probe::Probe;
 
 /// What the bench saw of its machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +15,8 @@ pub struct Machine {
     pub cores: usize,
     /// The 1-minute load average from `/proc/loadavg`, when there is one.
     pub load_1m: Option<f64>,
+    /// The host probe, when the bench ran it.
+    pub probe: Option<Probe>,
 }
 
 impl Machine {
@@ -24,6 +28,7 @@ impl Machine {
             cpu: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown".to_string()),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             load_1m: load_1m(&loadavg),
+            probe: None,
         }
     }
 
@@ -33,12 +38,21 @@ impl Machine {
             .load_1m
             .map(|l| format!("; load average {l:.2} at the start"))
             .unwrap_or_default();
-        format!("machine: {}, {} cores{load}", self.cpu, self.cores)
+        let probe = self
+            .probe
+            .as_ref()
+            .map(|p| format!("\n{}", p.line()))
+            .unwrap_or_default();
+        format!("machine: {}, {} cores{load}{probe}", self.cpu, self.cores)
     }
 
     /// The JSON summary's `machine` object.
     pub fn to_json(&self) -> Value {
-        json!({ "cpu": self.cpu, "cores": self.cores, "load_1m": self.load_1m })
+        let mut summary = json!({ "cpu": self.cpu, "cores": self.cores, "load_1m": self.load_1m });
+        if let Some(probe) = &self.probe {
+            summary["probe"] = probe.to_json();
+        }
+        summary
     }
 }
 
@@ -82,6 +96,7 @@ mod tests {
             cpu: "AMD EPYC".into(),
             cores: 2,
             load_1m: Some(1.5),
+            probe: None,
         };
         assert_eq!(
             m.line(),
@@ -91,5 +106,25 @@ mod tests {
             m.to_json(),
             json!({"cpu": "AMD EPYC", "cores": 2, "load_1m": 1.5})
         );
+    }
+
+    #[test]
+    fn the_probe_follows_the_machine_line_and_sits_in_its_object() {
+        let m = Machine {
+            cpu: "AMD EPYC".into(),
+            cores: 2,
+            load_1m: None,
+            probe: Some(Probe {
+                sha256_16mib_ms: 40.0,
+                json_1000_ms: 30.0,
+                loopback_rtt_us: Some(20.0),
+            }),
+        };
+        let line = m.line();
+        assert!(
+            line.starts_with("machine: AMD EPYC, 2 cores\nhost probe (best of 3): "),
+            "{line}"
+        );
+        assert_eq!(m.to_json()["probe"]["loopback_rtt_us"], json!(20.0));
     }
 }
