@@ -73,7 +73,7 @@ async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
     // Before the run: its load average is what the rest of the machine was doing, the probe
     // how fast the host is in this hour (synchronous: nothing else runs yet).
     let mut machine = super::machine::Machine::observe();
-    machine.probe = Some(super::probe::Probe::run(seed::SEED_TEMPLATE));
+    machine.probe = Some(super::probe::Probe::run(seed::SEED_TEMPLATE, machine.cores));
     let opts = SeedOptions {
         instances: args.instances,
         concurrency: args.concurrency.max(1),

@@ -118,6 +118,7 @@ mod tests {
                 sha256_16mib_ms: 40.0,
                 json_1000_ms: 30.0,
                 loopback_rtt_us: Some(20.0),
+                parallel_cores: 1.5,
             }),
         };
         let line = m.line();

@@ -7,7 +7,9 @@
 //! times what the engine's work is made of: hashing (the audit chain), JSON parsed and written
 //! (allocator included), and a loopback TCP round trip between two threads (the kernel's socket
 //! path and a wake-up, what every HTTP call and every cross-thread hand-off pays). Each is the
-//! best of three tries: the host's speed, not the noise of one try.
+//! best of three tries: the host's speed, not the noise of one try. Last, how many cores' worth
+//! of work the machine does at once: the same JSON work on every core together against one
+//! alone (round 19: this "2-core" machine did 1.2-2.0 cores' worth from one run to the next).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,11 +36,16 @@ pub struct Probe {
     /// One byte there and back over loopback TCP between two threads; `None` when no socket
     /// could be opened.
     pub loopback_rtt_us: Option<f64>,
+    /// The cores' worth of work done when every core does the JSON work at once: `cores` x (the
+    /// time one thread alone took) / (the time `cores` threads together took).
+    pub parallel_cores: f64,
 }
 
 impl Probe {
-    /// Time the three pieces of work (about half a second on this machine).
-    pub fn run(template: &str) -> Probe {
+    /// Time the pieces of work (about a second on this machine), `cores` threads at once for
+    /// [`Probe::parallel_cores`].
+    pub fn run(template: &str, cores: usize) -> Probe {
+        let cores = cores.max(1);
         Probe {
             sha256_16mib_ms: best_ms(hash),
             json_1000_ms: best_ms(|| json_rounds(template)),
@@ -46,6 +53,7 @@ impl Probe {
                 .filter_map(|_| loopback_try().ok())
                 .map(|total| total.as_secs_f64() * 1e6 / f64::from(ROUND_TRIPS))
                 .reduce(f64::min),
+            parallel_cores: parallel_cores(template, cores),
         }
     }
 
@@ -56,8 +64,9 @@ impl Probe {
             .map_or_else(|| "n/a".to_string(), |us| format!("{us:.1} µs"));
         format!(
             "host probe (best of {TRIES}): SHA-256 of 16 MiB {:.1} ms, the seed template parsed \
-             and written 1,000 times {:.1} ms, a loopback TCP round trip {rtt}",
-            self.sha256_16mib_ms, self.json_1000_ms
+             and written 1,000 times {:.1} ms, a loopback TCP round trip {rtt}; every core \
+             at once did {:.2} cores' worth",
+            self.sha256_16mib_ms, self.json_1000_ms, self.parallel_cores
         )
     }
 
@@ -67,6 +76,7 @@ impl Probe {
             "sha256_16mib_ms": round2(self.sha256_16mib_ms),
             "json_1000_ms": round2(self.json_1000_ms),
             "loopback_rtt_us": self.loopback_rtt_us.map(round2),
+            "parallel_cores": round2(self.parallel_cores),
         })
     }
 }
@@ -103,6 +113,48 @@ fn json_rounds(template: &str) -> usize {
         written += serde_json::to_vec(&doc).map_or(0, |bytes| bytes.len());
     }
     written
+}
+
+/// The seed template parsed and written per thread for [`parallel_cores`]: branchy code and
+/// the allocator, like the engine's, for ~100 ms here, so that the threads' start-up is noise.
+/// (SHA-256 on two threads did 1.9 cores' worth in the same minutes as two integer loops of a
+/// few seconds did 1.3-1.5: the SHA extensions are not what the cores share.)
+const PARALLEL_ROUNDS: usize = 10 * JSON_ROUNDS;
+
+/// `cores` x (one thread alone) / (`cores` threads together), the median of [`TRIES`] such
+/// pairs, each timed back to back (the host's speed drifts within a second).
+fn parallel_cores(template: &str, cores: usize) -> f64 {
+    let work = || -> usize {
+        (0..PARALLEL_ROUNDS / JSON_ROUNDS)
+            .map(|_| json_rounds(template))
+            .sum()
+    };
+    let timed = |f: &dyn Fn() -> usize| {
+        let started = Instant::now();
+        std::hint::black_box(f());
+        started.elapsed().as_secs_f64()
+    };
+    let mut ratios: Vec<f64> = (0..TRIES)
+        .map(|_| {
+            let alone = timed(&work);
+            let together = timed(&|| {
+                std::thread::scope(|scope| {
+                    let threads: Vec<_> = (0..cores).map(|_| scope.spawn(work)).collect();
+                    threads
+                        .into_iter()
+                        .map(|t| t.join().unwrap_or_default())
+                        .sum()
+                })
+            });
+            if together > 0.0 {
+                cores as f64 * alone / together
+            } else {
+                cores as f64
+            }
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[TRIES / 2]
 }
 
 /// [`ROUND_TRIPS`] one-byte round trips to an echoing thread; the total time.
@@ -142,14 +194,17 @@ mod tests {
 
     #[test]
     fn the_probe_times_each_piece_of_work() {
-        let probe = Probe::run(r#"{"name": "t", "steps": [{"type": "condition"}]}"#);
+        let probe = Probe::run(r#"{"name": "t", "steps": [{"type": "condition"}]}"#, 2);
         assert!(probe.sha256_16mib_ms > 0.0 && probe.sha256_16mib_ms.is_finite());
         assert!(probe.json_1000_ms > 0.0 && probe.json_1000_ms.is_finite());
         let rtt = probe.loopback_rtt_us.unwrap_or(-1.0);
         // A round trip is a few µs at best and far below a second even on a loaded host.
         assert!(rtt > 0.0 && rtt < 1e6, "{rtt}");
+        // Two threads do more than nothing and, give or take the noise, at most two cores' worth.
+        let cores = probe.parallel_cores;
+        assert!(cores > 0.0 && cores < 2.5, "{cores}");
         let summary = probe.to_json();
-        assert_eq!(summary.as_object().map(|o| o.len()), Some(3), "{summary}");
+        assert_eq!(summary.as_object().map(|o| o.len()), Some(4), "{summary}");
         assert!(probe
             .line()
             .starts_with("host probe (best of 3): SHA-256 of 16 MiB "));
@@ -161,11 +216,15 @@ mod tests {
             sha256_16mib_ms: 41.234_56,
             json_1000_ms: 30.0,
             loopback_rtt_us: None,
+            parallel_cores: 1.456,
         };
         assert_eq!(
             probe.to_json(),
-            json!({"sha256_16mib_ms": 41.23, "json_1000_ms": 30.0, "loopback_rtt_us": null})
+            json!({"sha256_16mib_ms": 41.23, "json_1000_ms": 30.0, "loopback_rtt_us": null,
+                   "parallel_cores": 1.46})
         );
-        assert!(probe.line().ends_with("a loopback TCP round trip n/a"));
+        assert!(probe
+            .line()
+            .ends_with("a loopback TCP round trip n/a; every core at once did 1.46 cores' worth"));
     }
 }
