@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// webhook-driven agent would be) or `inbox` (polling GET /v1/workflows/pending).
     #[arg(long, default_value = "direct", value_parser = ["direct", "inbox"])]
     pub agents: String,
+    /// seed: skip the host probe timed before the run (about a second; `machine.probe` is then
+    /// absent). For runs under a profiler, where its work would swamp the run's.
+    #[arg(long)]
+    pub no_probe: bool,
     /// seed: give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -73,7 +77,9 @@ async fn seed_cli(args: &BenchArgs) -> Result<(), BenchError> {
     // Before the run: its load average is what the rest of the machine was doing, the probe
     // how fast the host is in this hour (synchronous: nothing else runs yet).
     let mut machine = super::machine::Machine::observe();
-    machine.probe = Some(super::probe::Probe::run(seed::SEED_TEMPLATE, machine.cores));
+    if !args.no_probe {
+        machine.probe = Some(super::probe::Probe::run(seed::SEED_TEMPLATE, machine.cores));
+    }
     let opts = SeedOptions {
         instances: args.instances,
         concurrency: args.concurrency.max(1),
