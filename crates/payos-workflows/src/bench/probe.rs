@@ -87,14 +87,17 @@ fn round2(x: f64) -> f64 {
 
 /// The fastest of [`TRIES`] runs of `work`, in milliseconds.
 fn best_ms(mut work: impl FnMut() -> usize) -> f64 {
-    let mut best = f64::INFINITY;
-    for _ in 0..TRIES {
-        let started = Instant::now();
-        // What the work returns is kept alive, so it is not optimised away.
-        std::hint::black_box(work());
-        best = best.min(started.elapsed().as_secs_f64() * 1e3);
-    }
-    best
+    (0..TRIES)
+        .map(|_| seconds(&mut work) * 1e3)
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// How long `work` took, in seconds.
+fn seconds(work: impl FnOnce() -> usize) -> f64 {
+    let started = Instant::now();
+    // What the work returns is kept alive, so it is not optimised away.
+    std::hint::black_box(work());
+    started.elapsed().as_secs_f64()
 }
 
 fn hash() -> usize {
@@ -129,15 +132,10 @@ fn parallel_cores(template: &str, cores: usize) -> f64 {
             .map(|_| json_rounds(template))
             .sum()
     };
-    let timed = |f: &dyn Fn() -> usize| {
-        let started = Instant::now();
-        std::hint::black_box(f());
-        started.elapsed().as_secs_f64()
-    };
     let mut ratios: Vec<f64> = (0..TRIES)
         .map(|_| {
-            let alone = timed(&work);
-            let together = timed(&|| {
+            let alone = seconds(work);
+            let together = seconds(|| {
                 std::thread::scope(|scope| {
                     let threads: Vec<_> = (0..cores).map(|_| scope.spawn(work)).collect();
                     threads
