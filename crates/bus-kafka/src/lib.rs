@@ -19,7 +19,9 @@
 //!   awaiting [`Subscription::next`] (one that stops for `max.poll.interval.ms` is dropped from
 //!   the group), and the default assignor is `cooperative-sticky`.
 //! - [`KafkaBus::ensure_topics`]: creates topics with the configured partitions and
-//!   replication (an existing topic is left as it is); the bus calls it on first use of a topic.
+//!   replication (an existing topic is left as it is); the bus calls it on first use of a topic,
+//!   then waits until every partition's leader hosts it (brokers before Kafka 4.5 can reorder
+//!   an idempotent producer's first requests to a partition that is not hosted yet).
 //! - The mapping of every rdkafka error to a [`BusError`]: transport failures, timeouts, full
 //!   queues and leader/coordinator moves are [`BusError::Unavailable`] (retryable); refusals
 //!   (authorisation, too large, bad config) are [`BusError::Backend`].
@@ -587,6 +589,7 @@ impl KafkaBus {
         }
         self.ensure_topics(&[topic]).await?;
         let n = self.partitions(topic).await?;
+        self.wait_for_leaders(topic, n).await?;
         if i64::from(n) != i64::from(self.inner.config.partitions) {
             tracing::info!(
                 topic,
@@ -597,6 +600,51 @@ impl KafkaBus {
         }
         self.partition_cache().insert(topic.to_owned(), n);
         Ok(n)
+    }
+
+    /// Wait until the leader of each of `topic`'s `partitions` answers an offsets request,
+    /// i.e. hosts the partition, not merely names it in its metadata. Before Kafka 4.5
+    /// (KAFKA-15591), an idempotent producer's second request to a partition whose leader is
+    /// not hosting it yet can be appended while the first was refused, and the first then
+    /// lands after it: a just-created topic would break per-key order in its first batch.
+    async fn wait_for_leaders(&self, topic: &str, partitions: u32) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.inner.config.timeout;
+        for partition in 0..partitions {
+            let target = i32::try_from(partition).map_err(|_| BusError::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            })?;
+            loop {
+                let producer = self.inner.producer.clone();
+                let name = topic.to_owned();
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+                let answer = tokio::task::spawn_blocking(move || {
+                    producer.client().fetch_watermarks(&name, target, wait)
+                })
+                .await
+                .map_err(|e| BusError::Backend {
+                    reason: format!("offsets task failed: {e}"),
+                })?;
+                let Err(e) = answer else { break };
+                let retry = e.rdkafka_error_code().is_some_and(|code| {
+                    error::is_transient(code)
+                        || matches!(
+                            code,
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownPartition
+                        )
+                });
+                if !retry || Instant::now() >= deadline {
+                    return Err(error::from_kafka(
+                        &e,
+                        &format!("waiting for the leader of {topic}/{partition}"),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Publish one message and wait for the broker's acknowledgement. While librdkafka's queue
