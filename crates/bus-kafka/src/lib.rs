@@ -385,18 +385,29 @@ impl KafkaBus {
             .operation_timeout(Some(timeout))
     }
 
+    /// Run `call` on the producer's librdkafka client on a blocking thread (its metadata,
+    /// offsets and group calls block); `what` names the call if that thread fails.
+    async fn on_client<T: Send + 'static>(
+        &self,
+        what: &str,
+        call: impl FnOnce(&rdkafka::client::Client<producer::DeliveryContext>) -> T + Send + 'static,
+    ) -> Result<T, BusError> {
+        let producer = self.inner.producer.clone();
+        tokio::task::spawn_blocking(move || call(producer.client()))
+            .await
+            .map_err(|e| BusError::Backend {
+                reason: format!("{what} task failed: {e}"),
+            })
+    }
+
     /// Every topic the cluster has, with its partition count. Reads metadata only: unlike a
     /// lookup by name, it can never make a broker auto-create a topic.
     pub async fn existing_topics(&self) -> Result<BTreeMap<String, u32>, BusError> {
-        let producer = self.inner.producer.clone();
         let wait = self.inner.config.timeout;
-        let metadata =
-            tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, wait))
-                .await
-                .map_err(|e| BusError::Backend {
-                    reason: format!("metadata task failed: {e}"),
-                })?
-                .map_err(|e| error::from_kafka(&e, "listing the cluster's topics"))?;
+        let metadata = self
+            .on_client("metadata", move |client| client.fetch_metadata(None, wait))
+            .await?
+            .map_err(|e| error::from_kafka(&e, "listing the cluster's topics"))?;
         Ok(metadata
             .topics()
             .iter()
@@ -454,28 +465,25 @@ impl KafkaBus {
     /// `CompletingRebalance`, `Empty`, `Dead`) and member count: how a deployment tells that
     /// its pools have settled (a group rebalancing holds its partitions back from everyone).
     pub async fn consumer_groups(&self) -> Result<BTreeMap<String, GroupState>, BusError> {
-        let producer = self.inner.producer.clone();
         let wait = self.inner.config.timeout;
         // The group list is a C object that cannot leave the blocking thread: read it there.
-        let groups = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_group_list(None, wait).map(|list| {
-                list.groups()
-                    .iter()
-                    .map(|g| {
-                        let state = GroupState {
-                            state: g.state().to_owned(),
-                            members: g.members().len(),
-                        };
-                        (g.name().to_owned(), state)
-                    })
-                    .collect::<BTreeMap<_, _>>()
+        let groups = self
+            .on_client("group list", move |client| {
+                client.fetch_group_list(None, wait).map(|list| {
+                    list.groups()
+                        .iter()
+                        .map(|g| {
+                            let state = GroupState {
+                                state: g.state().to_owned(),
+                                members: g.members().len(),
+                            };
+                            (g.name().to_owned(), state)
+                        })
+                        .collect::<BTreeMap<_, _>>()
+                })
             })
-        })
-        .await
-        .map_err(|e| BusError::Backend {
-            reason: format!("group list task failed: {e}"),
-        })?
-        .map_err(|e| error::from_kafka(&e, "listing the cluster's consumer groups"))?;
+            .await?
+            .map_err(|e| error::from_kafka(&e, "listing the cluster's consumer groups"))?;
         Ok(groups)
     }
 
@@ -526,16 +534,13 @@ impl KafkaBus {
         let deadline = Instant::now() + self.inner.config.timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let producer = self.inner.producer.clone();
             let name = topic.to_owned();
             let wait = remaining.clamp(Duration::from_millis(100), Duration::from_secs(5));
-            let metadata = tokio::task::spawn_blocking(move || {
-                producer.client().fetch_metadata(Some(&name), wait)
-            })
-            .await
-            .map_err(|e| BusError::Backend {
-                reason: format!("metadata task failed: {e}"),
-            })?;
+            let metadata = self
+                .on_client("metadata", move |client| {
+                    client.fetch_metadata(Some(&name), wait)
+                })
+                .await?;
             let action = format!("reading the metadata of topic {topic}");
             // Just created, a topic is briefly unknown or leaderless: that is worth waiting for.
             let unknown = RDKafkaErrorCode::UnknownTopicOrPartition;
@@ -615,17 +620,14 @@ impl KafkaBus {
                 partition,
             })?;
             loop {
-                let producer = self.inner.producer.clone();
                 let name = topic.to_owned();
                 let left = deadline.saturating_duration_since(Instant::now());
                 let wait = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
-                let answer = tokio::task::spawn_blocking(move || {
-                    producer.client().fetch_watermarks(&name, target, wait)
-                })
-                .await
-                .map_err(|e| BusError::Backend {
-                    reason: format!("offsets task failed: {e}"),
-                })?;
+                let answer = self
+                    .on_client("offsets", move |client| {
+                        client.fetch_watermarks(&name, target, wait)
+                    })
+                    .await?;
                 let Err(e) = answer else { break };
                 let retry = e.rdkafka_error_code().is_some_and(|code| {
                     error::is_transient(code)
