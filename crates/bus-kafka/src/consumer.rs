@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use workflow_bus::{BusError, Bytes, Message, Subscription};
 
-use crate::error::{from_kafka, is_lost_assignment, is_transient};
+use crate::error::{from_kafka, is_lost_assignment, is_transient, is_unknown};
 use crate::LogContext;
 
 /// What the group gave one member, as the member saw it at its last rebalance. Cheap to clone;
@@ -191,15 +191,6 @@ impl KafkaSubscription {
             payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
         })
     }
-}
-
-fn is_unknown(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::UnknownTopicOrPartition
-            | RDKafkaErrorCode::UnknownTopic
-            | RDKafkaErrorCode::UnknownPartition
-    )
 }
 
 /// Resolves when the bus is shut down; never if the bus itself is gone.

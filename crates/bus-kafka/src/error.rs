@@ -4,6 +4,17 @@
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use workflow_bus::BusError;
 
+/// Whether librdkafka does not know a topic or partition (yet): just created and not in its
+/// metadata, or deleted.
+pub(crate) fn is_unknown(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition
+    )
+}
+
 /// Whether librdkafka reports a failure that goes away by itself: the broker is unreachable,
 /// busy, electing a leader or a coordinator, or a request timed out.
 pub(crate) fn is_transient(code: RDKafkaErrorCode) -> bool {

@@ -629,14 +629,9 @@ impl KafkaBus {
                     })
                     .await?;
                 let Err(e) = answer else { break };
-                let retry = e.rdkafka_error_code().is_some_and(|code| {
-                    error::is_transient(code)
-                        || matches!(
-                            code,
-                            RDKafkaErrorCode::UnknownTopicOrPartition
-                                | RDKafkaErrorCode::UnknownPartition
-                        )
-                });
+                let retry = e
+                    .rdkafka_error_code()
+                    .is_some_and(|code| error::is_transient(code) || error::is_unknown(code));
                 if !retry || Instant::now() >= deadline {
                     return Err(error::from_kafka(
                         &e,
@@ -746,14 +741,7 @@ impl Bus for KafkaBus {
         match self.send_one(topic, target, key, &payload).await {
             Ok(()) => Ok(()),
             Err(e) => {
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(
-                        RDKafkaErrorCode::UnknownPartition
-                            | RDKafkaErrorCode::UnknownTopicOrPartition
-                            | RDKafkaErrorCode::UnknownTopic
-                    )
-                ) {
+                if e.rdkafka_error_code().is_some_and(error::is_unknown) {
                     // The topic was deleted or recreated: look its partitions up again.
                     self.partition_cache().remove(topic);
                 }
