@@ -739,47 +739,42 @@ fn create(conn: &rusqlite::Connection, new: &CreateRows) -> Result<Done, Failed>
     Ok(Done::Created)
 }
 
-/// `write_instance_commit`'s statements (see there for why the UPDATE comes first).
+/// `write_instance_commit`'s statements (see there for why the UPDATE comes first). The
+/// UPDATE names the partner, so it never touches another partner's row, and says nothing back:
+/// on SQLite a `RETURNING` clause collects its rows in a temporary b-tree, opened and closed
+/// (with its page cache) by every commit.
 fn commit(conn: &rusqlite::Connection, c: &CommitRows) -> Result<(), Failed> {
-    let owner: Option<String> = conn
+    let updated = conn
         .prepare_cached(
             "UPDATE workflow_instances SET status = ?1, current_step = ?2, state = ?3, \
-             updated_at = ?4, version = ?5 WHERE id = ?6 AND version = ?7 RETURNING partner_id",
+             updated_at = ?4, version = ?5 WHERE id = ?6 AND version = ?7 AND partner_id = ?8",
         )
         .and_then(|mut stmt| {
-            stmt.query_row(
-                params![
-                    c.status,
-                    c.current_step,
-                    c.state,
-                    c.updated_at,
-                    c.expected_version + 1,
-                    c.id,
-                    c.expected_version,
-                ],
-                |row| row.get(0),
-            )
-            .optional()
+            stmt.execute(params![
+                c.status,
+                c.current_step,
+                c.state,
+                c.updated_at,
+                c.expected_version + 1,
+                c.id,
+                c.expected_version,
+                c.partner_id,
+            ])
         })
         .map_err(Failed::clean)?;
-    match owner {
-        Some(owner) if owner == c.partner_id => {}
-        // Another partner's row: the UPDATE did change it, so this write is not clean.
-        Some(_) => return Err(Failed::dirty(not_found(&c.id))),
-        None => {
-            // The version check lost (or there is no such row): nothing was written.
-            let owner: Option<String> = conn
-                .prepare_cached("SELECT partner_id FROM workflow_instances WHERE id = ?1")
-                .and_then(|mut stmt| stmt.query_row(params![c.id], |row| row.get(0)).optional())
-                .map_err(Failed::clean)?;
-            return Err(Failed::clean(match owner {
-                Some(owner) if owner == c.partner_id => StoreError::Conflict {
-                    what: "instance",
-                    id: c.id.clone(),
-                },
-                _ => not_found(&c.id),
-            }));
-        }
+    if updated == 0 {
+        // The version check lost, or the partner has no such instance: nothing was written.
+        let owner: Option<String> = conn
+            .prepare_cached("SELECT partner_id FROM workflow_instances WHERE id = ?1")
+            .and_then(|mut stmt| stmt.query_row(params![c.id], |row| row.get(0)).optional())
+            .map_err(Failed::clean)?;
+        return Err(Failed::clean(match owner {
+            Some(owner) if owner == c.partner_id => StoreError::Conflict {
+                what: "instance",
+                id: c.id.clone(),
+            },
+            _ => not_found(&c.id),
+        }));
     }
     let more = || -> Result<(), Failed> {
         upsert_steps(conn, &c.id, &c.partner_id, &c.steps)?;
