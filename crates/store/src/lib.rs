@@ -306,7 +306,8 @@ pub(crate) async fn begin_on(
 /// WAL file, in the OS's page cache); a power loss or OS crash can lose the last commits
 /// before the checkpoint, never corrupt the database. `FULL` would fsync every commit.
 /// `mmap_size` lets readers map the database file instead of copying pages with `pread`;
-/// `cache_size` (negative: KiB) keeps 32 MiB of pages per connection.
+/// `cache_size` (negative: KiB) keeps 32 MiB of pages per connection (the embedded
+/// committer's own connection keeps 2 MiB: `sqlite_writer::WRITER_CACHE_SIZE` says why).
 pub(crate) const SQLITE_PRAGMAS: [&str; 5] = [
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = NORMAL",
