@@ -1445,4 +1445,66 @@ mod tests {
             assert!(migration.contains(&predicate), "{predicate} in {migration}");
         }
     }
+
+    /// SQLite's migration 0012 rebuilds the outbox without AUTOINCREMENT: rows in flight when
+    /// it runs keep their ids, payloads and commit order, and later rows sort after them. The
+    /// instance listing still reads its index backwards rather than sorting.
+    #[test]
+    fn sqlite_0012_keeps_the_outbox_in_flight_in_order() -> Result<(), rusqlite::Error> {
+        let conn = rusqlite::Connection::open_in_memory()?;
+        for migration in [
+            include_str!("../../../migrations/sqlite/0001_init.sql"),
+            include_str!("../../../migrations/sqlite/0002_approval_decisions.sql"),
+            include_str!("../../../migrations/sqlite/0003_timers.sql"),
+            include_str!("../../../migrations/sqlite/0004_instance_mode.sql"),
+            include_str!("../../../migrations/sqlite/0005_notifications.sql"),
+            include_str!("../../../migrations/sqlite/0006_payos_sandbox.sql"),
+            include_str!("../../../migrations/sqlite/0007_drop_partner_created_index.sql"),
+            include_str!("../../../migrations/sqlite/0008_drop_unused_indexes.sql"),
+            include_str!("../../../migrations/sqlite/0009_active_instances_index.sql"),
+            include_str!("../../../migrations/sqlite/0010_outbox_topic_index.sql"),
+            include_str!("../../../migrations/sqlite/0011_audit_blocks.sql"),
+        ] {
+            conn.execute_batch(migration)?;
+        }
+        let insert = "INSERT INTO outbox (id, topic, msg_key, payload) VALUES (?1, 't', 'k', ?2)";
+        for (id, payload) in [("m1", [1u8]), ("m2", [2]), ("m3", [3])] {
+            conn.execute(insert, rusqlite::params![id, payload.to_vec()])?;
+        }
+        // The oldest was published: a gap below the rows in flight.
+        conn.execute("DELETE FROM outbox WHERE id = 'm1'", [])?;
+        conn.execute_batch(include_str!(
+            "../../../migrations/sqlite/0012_fewer_pages_per_commit.sql"
+        ))?;
+        conn.execute(insert, rusqlite::params!["m4", vec![4u8]])?;
+        let rows = conn
+            .prepare("SELECT id, payload FROM outbox ORDER BY seq ASC")?
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let expected = [("m2", 2u8), ("m3", 3), ("m4", 4)]
+            .map(|(id, p)| (id.to_string(), vec![p]))
+            .to_vec();
+        assert_eq!(rows, expected);
+        let table: String = conn.query_row(
+            "SELECT sql FROM sqlite_schema WHERE name = 'outbox'",
+            [],
+            |row| row.get(0),
+        )?;
+        assert!(!table.contains("AUTOINCREMENT"), "{table}");
+        let plan = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT id FROM workflow_instances WHERE partner_id = 'p' \
+                 AND status = 'running' ORDER BY id DESC LIMIT 10",
+            )?
+            .query_map([], |row| row.get::<_, String>(3))?
+            .collect::<Result<Vec<_>, _>>()?;
+        assert_eq!(plan.len(), 1, "{plan:?}");
+        assert!(
+            plan[0].contains("workflow_instances_partner_status"),
+            "{plan:?}"
+        );
+        Ok(())
+    }
 }
