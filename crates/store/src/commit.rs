@@ -18,18 +18,23 @@
 //! fsync each) run on a second thread with its own connection: a passive checkpoint does not
 //! take the write lock, and done by the committer at the end of a commit (SQLite's automatic
 //! checkpoint) it took about a sixth of the committer's time, with every queued write waiting.
-//! If the WAL still grows long (a checkpoint can only finish while nothing is being
-//! appended), the committer checkpoints after a commit itself, so it can restart the WAL.
+//! The WAL can only start over once a checkpoint has copied all of it, which a pass racing
+//! the committer rarely does. So when the WAL is long, the checkpointer catches up with passes
+//! that each leave a shorter tail, then copies the last few frames while the committer waits
+//! (`Wal::appending`): about 1 ms, where the committer's own checkpoint of everything appended
+//! since the last pass had stalled every queued write for 2–8 ms (docs/benchmarks.md, round 22).
 //!
 //! PostgreSQL (and `:memory:`) write with sqlx: [`commit_group`] does the same in one
 //! transaction there, with a fallback to one transaction per commit after a partial failure.
 
+use std::fs::{File, OpenOptions};
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,13 +48,20 @@ use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 /// Most writes in one transaction.
 const MAX_GROUP: usize = 256;
 
-/// How often the checkpointer looks for new commits to checkpoint.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How often the checkpointer looks for new commits to checkpoint: often, so that each pass
+/// has little to copy (at 1,000 instances/s, ~400 frames and ~2 ms).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(10);
 
-/// WAL frames (pages) past which the committer checkpoints itself after a commit (16 MiB of
-/// 4 KiB pages; SQLite's automatic checkpoint starts at 1,000). The checkpointer has copied
-/// all but the last frames by then, so this costs little more than its two fsyncs.
+/// WAL frames (pages) past which the checkpointer makes the WAL start over (16 MiB of 4 KiB
+/// pages; SQLite's automatic checkpoint starts at 1,000).
 const WAL_FRAMES_MAX: i64 = 4_000;
+
+/// Most passes, without the committer waiting, to shorten the tail before the last one.
+const CATCH_UP_PASSES: usize = 4;
+
+/// A tail (frames appended during the previous pass) short enough to copy while the
+/// committer waits.
+const SHORT_TAIL: i64 = 64;
 
 /// One instance commit: what [`Store::commit_instance_with_deliveries`] takes, owned.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,8 +131,9 @@ struct Job {
 struct Wal {
     /// Groups committed so far.
     commits: AtomicU64,
-    /// The WAL's length in frames at the last checkpoint.
-    frames: AtomicI64,
+    /// Held by the committer while it writes a group, and by the checkpointer for the last
+    /// pass before the WAL starts over, so that pass copies every frame.
+    appending: Mutex<()>,
 }
 
 /// The queue of the group-commit thread. Cheap to clone; the thread ends when every clone is
@@ -142,6 +155,13 @@ impl Committer {
     pub(crate) fn start(writer: AnyPool, path: &Path) -> Result<Committer, StoreError> {
         let sqlite = SqliteWriter::open(path)?;
         let checkpointer = SqliteWriter::open(path)?;
+        // The checkpointer flushes the database file itself before a last pass (see
+        // `checkpoint`); opened for writing because some systems refuse to sync a read-only
+        // handle.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         let (jobs, queue) = mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -153,7 +173,7 @@ impl Committer {
         let (alive, committer_ended) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("store-checkpoint".to_string())
-            .spawn(move || checkpoints(checkpointer, &shared, &committer_ended))
+            .spawn(move || checkpoints(checkpointer, &file, &shared, &committer_ended))
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         std::thread::Builder::new()
             .name("store-committer".to_string())
@@ -321,7 +341,11 @@ async fn run(
         }
         let results = match writer.acquire().await {
             Ok(_lock) => {
+                let appending = wal.appending.lock();
                 let results = sqlite.write_group(&writes);
+                // Straight to a waiting checkpointer: back at once with the next group, the
+                // committer would otherwise take the lock again first, and again.
+                MutexGuard::unlock_fair(appending);
                 wal.commits.fetch_add(1, Ordering::Relaxed);
                 results
             }
@@ -344,21 +368,12 @@ async fn run(
             // The caller may have gone away (its request was dropped): nothing to tell.
             let _ = reply.send(results.by_ref().take(count).collect());
         }
-        if wal.frames.load(Ordering::Relaxed) > WAL_FRAMES_MAX {
-            // After the answers. Nothing is being appended now, so this checkpoint can
-            // finish, and the next write transaction starts the WAL over.
-            match sqlite.checkpoint() {
-                Ok((log, copied)) if log == copied => wal.frames.store(0, Ordering::Relaxed),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-            }
-        }
     }
 }
 
 /// The checkpointer: a passive checkpoint whenever groups were committed since the last one,
 /// at most every [`CHECKPOINT_EVERY`]; ends with the committer.
-fn checkpoints(conn: SqliteWriter, wal: &Wal, committer_ended: &Receiver<()>) {
+fn checkpoints(conn: SqliteWriter, file: &File, wal: &Wal, committer_ended: &Receiver<()>) {
     let mut seen = 0;
     loop {
         match committer_ended.recv_timeout(CHECKPOINT_EVERY) {
@@ -371,12 +386,45 @@ fn checkpoints(conn: SqliteWriter, wal: &Wal, committer_ended: &Receiver<()>) {
             continue;
         }
         seen = commits;
-        match conn.checkpoint() {
-            Ok((log, _)) => wal.frames.store(log, Ordering::Relaxed),
-            // Busy (another connection is checkpointing) or failing: the next round retries.
-            Err(e) => tracing::debug!(error = %e, "WAL checkpoint failed"),
+        // Busy (another connection is checkpointing) or failing: the next round retries.
+        if let Err(e) = checkpoint(&conn, file, wal) {
+            tracing::debug!(error = %e, "WAL checkpoint failed");
         }
     }
+}
+
+/// One passive checkpoint; when the WAL is longer than [`WAL_FRAMES_MAX`], the steps that let
+/// it start over while the committer waits for as little as possible:
+/// 1. passes until the tail (frames appended during the previous pass) is short;
+/// 2. the database file synced here: the pass that copies everything syncs it, and would
+///    otherwise flush every page the racing passes wrote, with the committer waiting;
+/// 3. one more pass, for the frames appended during that sync;
+/// 4. the last pass while the committer waits: its copy and its two syncs are small. The
+///    committer's next transaction then starts the WAL over (unless a reader still reads from
+///    it: then a later round does).
+fn checkpoint(conn: &SqliteWriter, file: &File, wal: &Wal) -> Result<(), StoreError> {
+    let (mut log, _) = conn.checkpoint()?;
+    if log <= WAL_FRAMES_MAX {
+        return Ok(());
+    }
+    for _ in 0..CATCH_UP_PASSES {
+        let (now, _) = conn.checkpoint()?;
+        if now <= WAL_FRAMES_MAX {
+            // The WAL started over since the last pass.
+            return Ok(());
+        }
+        let tail = now - log;
+        log = now;
+        if tail <= SHORT_TAIL {
+            break;
+        }
+    }
+    file.sync_data()
+        .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+    conn.checkpoint()?;
+    let _appending = wal.appending.lock();
+    conn.checkpoint()?;
+    Ok(())
 }
 
 /// Write `commits` in one transaction, in order; one result per commit (see the module docs).
@@ -470,5 +518,83 @@ impl Store {
                 None => commit_group(self.write_pool(), self.backend(), commits).await,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A writer that appends without ever pausing (as the committer does at saturation) still
+    /// sees the WAL start over, again and again: a pass racing it never copies everything, the
+    /// last pass under `Wal::appending` does.
+    #[test]
+    fn the_wal_starts_over_under_a_writer_that_never_pauses() {
+        const ROWS: i64 = 256;
+        let dir = workflow_testkit::temp_dir().unwrap();
+        let path = dir.path().join("engine.db");
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+                 PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x BLOB);",
+            )
+            .unwrap();
+        for _ in 0..ROWS {
+            writer
+                .execute("INSERT INTO t VALUES (randomblob(3000))", [])
+                .unwrap();
+        }
+        let checkpointer = SqliteWriter::open(&path).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let wal = Arc::new(Wal::default());
+        let stop = Arc::new(AtomicBool::new(false));
+
+        // Like the committer's, its transactions rewrite the same pages again and again (a
+        // row of ~3 KB fills a page): many frames, few pages for a pass to copy.
+        let appender = {
+            let (wal, stop) = (wal.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut frames = 0_i64;
+                while !stop.load(Ordering::Relaxed) && frames < 100 * WAL_FRAMES_MAX {
+                    let appending = wal.appending.lock();
+                    writer
+                        .execute(
+                            "UPDATE t SET x = randomblob(3000) WHERE rowid = ?1",
+                            [frames % ROWS + 1],
+                        )
+                        .unwrap();
+                    MutexGuard::unlock_fair(appending);
+                    frames += 1;
+                }
+                frames
+            })
+        };
+
+        // Rounds as the checkpointer thread runs them, back to back; the WAL's length (the
+        // next pass's `log`) drops when the writer has started it over.
+        let mut restarts = 0;
+        let mut longest = 0;
+        let (mut last, _) = checkpointer.checkpoint().unwrap();
+        while restarts < 3 && !appender.is_finished() {
+            checkpoint(&checkpointer, &file, &wal).unwrap();
+            let (log, _) = checkpointer.checkpoint().unwrap();
+            longest = longest.max(log);
+            if log < last {
+                restarts += 1;
+            }
+            last = log;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let frames = appender.join().unwrap();
+        assert_eq!(restarts, 3, "{frames} transactions, {restarts} restarts");
+        assert!(
+            longest < 2 * WAL_FRAMES_MAX,
+            "the WAL reached {longest} frames"
+        );
     }
 }

@@ -507,7 +507,7 @@ pub(crate) struct SqliteWriter {
 impl SqliteWriter {
     /// Open `path` (an existing or new file, already in WAL mode) with the store's pragmas.
     /// Its commits never checkpoint the WAL: [`SqliteWriter::checkpoint`] does, called from
-    /// another connection's thread (see `commit.rs`) or when the WAL grew too long.
+    /// the checkpointer's thread on a connection of its own (see `commit.rs`).
     pub(crate) fn open(path: &Path) -> Result<SqliteWriter, StoreError> {
         let conn = rusqlite::Connection::open_with_flags(
             path,
