@@ -48,9 +48,11 @@ use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 /// Most writes in one transaction.
 const MAX_GROUP: usize = 256;
 
-/// How often the checkpointer looks for new commits to checkpoint: often, so that each pass
-/// has little to copy (at 1,000 instances/s, ~400 frames and ~2 ms).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(10);
+/// How often the checkpointer looks for new commits to checkpoint. Every 10 ms cut the step
+/// latency's tail a little more at 1,000 instances/s in a quiet hour, but its passes copied
+/// the same hot pages ten times as often: +0.04 CPU s per 1,000 instances, and fewer
+/// instances/s at saturation (docs/benchmarks.md, round 22).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// WAL frames (pages) past which the checkpointer makes the WAL start over (16 MiB of 4 KiB
 /// pages; SQLite's automatic checkpoint starts at 1,000).
