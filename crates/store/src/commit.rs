@@ -400,20 +400,36 @@ fn checkpoints(conn: SqliteWriter, file: &File, wal: &Wal, committer_ended: &Rec
 /// 1. passes until the tail (frames appended during the previous pass) is short;
 /// 2. the database file synced here: the pass that copies everything syncs it, and would
 ///    otherwise flush every page the racing passes wrote, with the committer waiting;
-/// 3. one more pass, for the frames appended during that sync;
+/// 3. passes again until the tail is short: the sync took a while;
 /// 4. the last pass while the committer waits: its copy and its two syncs are small. The
 ///    committer's next transaction then starts the WAL over (unless a reader still reads from
 ///    it: then a later round does).
 fn checkpoint(conn: &SqliteWriter, file: &File, wal: &Wal) -> Result<(), StoreError> {
-    let (mut log, _) = conn.checkpoint()?;
+    let (log, _) = conn.checkpoint()?;
     if log <= WAL_FRAMES_MAX {
         return Ok(());
     }
+    let Some(log) = catch_up(conn, log)? else {
+        return Ok(());
+    };
+    file.sync_data()
+        .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+    if catch_up(conn, log)?.is_none() {
+        return Ok(());
+    }
+    let _appending = wal.appending.lock();
+    conn.checkpoint()?;
+    Ok(())
+}
+
+/// Passes, at most [`CATCH_UP_PASSES`], until one leaves a tail of at most [`SHORT_TAIL`]
+/// frames after the WAL's length `log` at the previous one; the WAL's length then, or `None`
+/// if the committer started it over meanwhile.
+fn catch_up(conn: &SqliteWriter, mut log: i64) -> Result<Option<i64>, StoreError> {
     for _ in 0..CATCH_UP_PASSES {
         let (now, _) = conn.checkpoint()?;
         if now <= WAL_FRAMES_MAX {
-            // The WAL started over since the last pass.
-            return Ok(());
+            return Ok(None);
         }
         let tail = now - log;
         log = now;
@@ -421,12 +437,7 @@ fn checkpoint(conn: &SqliteWriter, file: &File, wal: &Wal) -> Result<(), StoreEr
             break;
         }
     }
-    file.sync_data()
-        .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-    conn.checkpoint()?;
-    let _appending = wal.appending.lock();
-    conn.checkpoint()?;
-    Ok(())
+    Ok(Some(log))
 }
 
 /// Write `commits` in one transaction, in order; one result per commit (see the module docs).
