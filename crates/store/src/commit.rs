@@ -65,6 +65,13 @@ const CATCH_UP_PASSES: usize = 4;
 /// committer waits.
 const SHORT_TAIL: i64 = 64;
 
+/// Most syncs of the database file before the last pass.
+const SYNC_ROUNDS: usize = 3;
+
+/// Frames copied since the last sync few enough (about 1 MiB) for the last pass to sync
+/// their pages while the committer waits.
+const SHORT_SYNC: i64 = 256;
+
 /// One instance commit: what [`Store::commit_instance_with_deliveries`] takes, owned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceCommit {
@@ -399,23 +406,30 @@ fn checkpoints(conn: SqliteWriter, file: &File, wal: &Wal, committer_ended: &Rec
 /// it start over while the committer waits for as little as possible:
 /// 1. passes until the tail (frames appended during the previous pass) is short;
 /// 2. the database file synced here: the pass that copies everything syncs it, and would
-///    otherwise flush every page the racing passes wrote, with the committer waiting;
-/// 3. passes again until the tail is short: the sync took a while;
-/// 4. the last pass while the committer waits: its copy and its two syncs are small. The
+///    otherwise flush every page the passes since the last sync wrote, with the committer
+///    waiting. Steps 1 and 2 again while the passes after a sync had much to copy (the frames
+///    appended during a long sync), at most [`SYNC_ROUNDS`] times;
+/// 3. the last pass while the committer waits: its copy and its two syncs are small. The
 ///    committer's next transaction then starts the WAL over (unless a reader still reads from
 ///    it: then a later round does).
 fn checkpoint(conn: &SqliteWriter, file: &File, wal: &Wal) -> Result<(), StoreError> {
-    let (log, _) = conn.checkpoint()?;
+    let (mut log, _) = conn.checkpoint()?;
     if log <= WAL_FRAMES_MAX {
         return Ok(());
     }
-    let Some(log) = catch_up(conn, log)? else {
-        return Ok(());
-    };
-    file.sync_data()
-        .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-    if catch_up(conn, log)?.is_none() {
-        return Ok(());
+    let mut synced = 0;
+    for _ in 0..SYNC_ROUNDS {
+        let Some(now) = catch_up(conn, log)? else {
+            return Ok(());
+        };
+        file.sync_data()
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        // The frames appended since the previous sync: about what this one flushed.
+        let flushed = now - synced;
+        (log, synced) = (now, now);
+        if flushed <= SHORT_SYNC {
+            break;
+        }
     }
     let _appending = wal.appending.lock();
     conn.checkpoint()?;
