@@ -586,19 +586,19 @@ mod tests {
         let appender = {
             let (wal, stop) = (wal.clone(), stop.clone());
             std::thread::spawn(move || {
-                let mut frames = 0_i64;
-                while !stop.load(Ordering::Relaxed) && frames < 100 * WAL_FRAMES_MAX {
+                let mut transactions = 0_i64;
+                while !stop.load(Ordering::Relaxed) && transactions < 100 * WAL_FRAMES_MAX {
                     let appending = wal.appending.lock();
                     writer
                         .execute(
                             "UPDATE t SET x = randomblob(3000) WHERE rowid = ?1",
-                            [frames % ROWS + 1],
+                            [transactions % ROWS + 1],
                         )
                         .unwrap();
                     MutexGuard::unlock_fair(appending);
-                    frames += 1;
+                    transactions += 1;
                 }
-                frames
+                transactions
             })
         };
 
@@ -617,8 +617,11 @@ mod tests {
             last = log;
         }
         stop.store(true, Ordering::Relaxed);
-        let frames = appender.join().unwrap();
-        assert_eq!(restarts, 3, "{frames} transactions, {restarts} restarts");
+        let transactions = appender.join().unwrap();
+        assert_eq!(
+            restarts, 3,
+            "{transactions} transactions, {restarts} restarts"
+        );
         assert!(
             longest < 2 * WAL_FRAMES_MAX,
             "the WAL reached {longest} frames"
