@@ -155,12 +155,60 @@ pub struct Store {
     pg_committer: Option<pg_commit::PgCommitter>,
     /// Batched instance reads on PostgreSQL (see `pg_reads.rs`).
     pg_reader: Option<pg_reads::PgReader>,
+    /// PostgreSQL: the pool of statements that find their rows by key (the group commit, the
+    /// batched reads, the relay's), never planned as a scan ([`connect_postgres`]).
+    keyed: Option<AnyPool>,
     /// In-place reads of instances (a SQLite file only; see `sqlite_readers.rs`).
     readers: Option<std::sync::Arc<sqlite_readers::SqliteReaders>>,
 }
 
 /// A pooled PostgreSQL connection idle this long is pinged before it is handed out.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+/// Connections of the keyed pool: the group committer, the batched reader, the relay's pass
+/// and its deletes each use one at a time; the rest is for a group's fallback of one
+/// transaction per commit. (The event lane's leader takes its connection out of the pool,
+/// which may then open another.)
+const KEYED_CONNECTIONS: u32 = 6;
+
+/// A PostgreSQL pool. `keyed`: the pool of the group committer and the batched reads, whose
+/// statements all find their rows by key, so its sessions never plan a sequential scan.
+///
+/// Why: sqlx prepares each statement once per connection, and after five runs PostgreSQL keeps
+/// a generic plan of it, costed with the table's size at that moment. The first statements of
+/// a fresh database see an empty `workflow_instances`, where reading the whole table is the
+/// cheapest plan; that plan then served every group commit until autovacuum's next `ANALYZE`
+/// (a minute apart), reading every instance each time (round 23 in docs/benchmarks.md: 2.5
+/// times PostgreSQL's CPU per instance in a 6,000-instance run). `enable_seqscan = off` makes
+/// the planner pick an index whenever one applies, whatever the table's size.
+async fn connect_postgres(url: &str, max: u32, keyed: bool) -> Result<AnyPool, StoreError> {
+    let options = AnyPoolOptions::new()
+        .max_connections(max.max(1))
+        .acquire_timeout(Duration::from_secs(30))
+        // sqlx pings every connection it hands out by default: a round trip, and a wake-up of
+        // its backend, before each transaction or statement (~1 in 8 of the api's and pools'
+        // CPU samples in the distributed bench). Only a connection that sat idle is pinged; one
+        // that broke while busy fails its next statement (retryable `Io`) and is replaced.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        });
+    let options = if keyed {
+        options.after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, "SET enable_seqscan = off").await?;
+                Ok(())
+            })
+        })
+    } else {
+        options
+    };
+    Ok(options.connect(url).await?)
+}
 
 impl Store {
     /// Connect to `sqlite:///path/file.db?mode=rwc`, `sqlite::memory:` or `postgres://...`.
@@ -200,32 +248,21 @@ impl Store {
                 }
             }
             Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .max_connections(max_connections.max(1))
-                    .acquire_timeout(Duration::from_secs(30))
-                    // sqlx pings every connection it hands out by default: a round trip, and a
-                    // wake-up of its backend, before each transaction or statement (~1 in 8
-                    // of the api's and pools' CPU samples in the distributed bench). Only a
-                    // connection that sat idle is pinged; one that broke while busy fails its
-                    // next statement (retryable `Io`) and is replaced.
-                    .test_before_acquire(false)
-                    .before_acquire(|conn, meta| {
-                        Box::pin(async move {
-                            if meta.idle_for >= PING_IF_IDLE_FOR {
-                                sqlx::Connection::ping(conn).await?;
-                            }
-                            Ok(true)
-                        })
-                    })
-                    .connect(url)
-                    .await?;
+                let pool = connect_postgres(url, max_connections, false).await?;
                 (pool.clone(), pool, None, None)
             }
         };
-        let pg_committer =
-            (backend == Backend::Postgres).then(|| pg_commit::PgCommitter::start(writer.clone()));
-        let pg_reader =
-            (backend == Backend::Postgres).then(|| pg_reads::PgReader::start(pool.clone()));
+        let (pg_committer, pg_reader, keyed) = match backend {
+            Backend::Postgres => {
+                let keyed = connect_postgres(url, KEYED_CONNECTIONS, true).await?;
+                (
+                    Some(pg_commit::PgCommitter::start(keyed.clone())),
+                    Some(pg_reads::PgReader::start(keyed.clone())),
+                    Some(keyed),
+                )
+            }
+            Backend::Sqlite => (None, None, None),
+        };
         tracing::debug!(?backend, "store connected");
         Ok(Store {
             pool,
@@ -234,6 +271,7 @@ impl Store {
             committer,
             pg_committer,
             pg_reader,
+            keyed,
             readers,
         })
     }
@@ -265,8 +303,17 @@ impl Store {
         &self.writer
     }
 
-    /// Close the pool, waiting for connections in use to be returned.
+    /// Where statements that find their rows by key run: on PostgreSQL the keyed pool, which
+    /// never plans a scan ([`connect_postgres`]); on SQLite the writer.
+    pub(crate) fn keyed_pool(&self) -> &AnyPool {
+        self.keyed.as_ref().unwrap_or(&self.writer)
+    }
+
+    /// Close the pools, waiting for connections in use to be returned.
     pub async fn close(&self) {
+        if let Some(keyed) = &self.keyed {
+            keyed.close().await;
+        }
         self.writer.close().await;
         self.pool.close().await;
     }

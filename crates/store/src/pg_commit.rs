@@ -1117,6 +1117,101 @@ pub(crate) mod tests {
         uuid::Uuid::now_v7().to_string()
     }
 
+    /// A fresh database's `workflow_instances` is empty, where reading it whole is the
+    /// cheapest plan, and PostgreSQL keeps a statement's plan once it has run a few times: the
+    /// group commits and batched reads made from then on must still find their instances by
+    /// key. Counted by PostgreSQL itself (`pg_stat_user_tables`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_and_reads_never_scan_the_instances_table(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        const INSTANCES: usize = 40;
+        const ROUNDS: i64 = 3;
+        let url = workflow_testkit::postgres_url().await?;
+        let migrated = Store::connect(&url).await?;
+        migrated.migrate().await?;
+        migrated.close().await;
+        // A backend reports its counters when its session ends (or seconds later while idle):
+        // once every other session is gone, the counters hold all they did.
+        let mut stats = <AnyConnection as Connection>::connect(&url).await?;
+        the_only_session(&mut stats).await?;
+        // The migrations' index builds scanned the table: counted from here on.
+        sqlx::query("SELECT pg_stat_reset_single_table_counters('workflow_instances'::regclass)")
+            .execute(&mut stats)
+            .await?;
+        let store = Store::connect(&url).await?;
+        let mut recs = Vec::new();
+        for _ in 0..INSTANCES {
+            let rec = instance();
+            let stream = format!("{INSTANCE_STREAM_PREFIX}{}", rec.info.id);
+            let created = store
+                .create_instance(&rec, &[], &[event(&stream, 1)])
+                .await?;
+            assert!(matches!(created, CreateOutcome::Created(_)));
+            recs.push(rec);
+        }
+        for round in 1..=ROUNDS {
+            for rec in &recs {
+                // The read tells the committer the instance's head: each commit is then the
+                // group's one statement.
+                let read = store.get_instance("p1", &rec.info.id).await?;
+                assert_eq!(read.map(|r| r.version), Some(round));
+                let mut next = rec.clone();
+                next.version = round + 1;
+                let stream = format!("{INSTANCE_STREAM_PREFIX}{}", rec.info.id);
+                let commit = InstanceCommit {
+                    rec: next,
+                    expected_version: round,
+                    outbox: vec![],
+                    audit: vec![event(&stream, 1 + round as u64)],
+                    timers: vec![],
+                    deliveries: vec![],
+                    decision: None,
+                };
+                for answer in store.commit_instances(&[commit]).await {
+                    answer?;
+                }
+            }
+        }
+        store.close().await;
+        the_only_session(&mut stats).await?;
+        let (seq, idx): (i64, i64) = sqlx::query_as(
+            "SELECT seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables \
+             WHERE relname = 'workflow_instances'",
+        )
+        .fetch_one(&mut stats)
+        .await?;
+        // Each round reads and commits every instance, by key.
+        let expected = (INSTANCES as i64) * ROUNDS * 2;
+        assert!(
+            seq + idx >= expected,
+            "{seq} scans and {idx} probes reported"
+        );
+        assert_eq!(seq, 0, "{seq} scans of the instances table, {idx} probes");
+        Ok(())
+    }
+
+    /// Wait until `conn` is the only client session on its database (at most 20 s; autovacuum
+    /// may come and go).
+    async fn the_only_session(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let others: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND backend_type = 'client backend'",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            if others == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(sqlx::Error::PoolTimedOut);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// An instance read at the version this process knows it at is not taken again: nothing
     /// of an instance changes without a new version, so what is known stands (its step
     /// mirror is not taken again). A read at another version replaces it.

@@ -250,6 +250,12 @@ fn write_rows_sql(optional: Optional) -> &'static str {
 /// the instances it updated only. Returns the ids updated (and announces their outcomes: the
 /// scalar subquery runs once, when the first id is returned; with none, no outcome was
 /// written).
+///
+/// The `= ANY` of the ids keeps the `UPDATE` on the primary key. The planner takes any
+/// set-returning function for 100 rows, so joined on `json_to_recordset` alone, 100 probes
+/// cost more than reading a table of a few thousand instances whole, and every group read
+/// every instance (round 23 in docs/benchmarks.md). An `= ANY` of an array the planner cannot
+/// see is taken for 10 elements, and the keyed pool's sessions never plan a scan.
 fn write_commits_sql(optional: Optional) -> &'static str {
     static SQL: std::sync::LazyLock<[String; 8]> = std::sync::LazyLock::new(|| {
         Optional::ALL.map(|o| {
@@ -260,7 +266,8 @@ fn write_commits_sql(optional: Optional) -> &'static str {
                  partner_id text, status text, current_step bigint, updated_at bigint, \
                  expected bigint), unnest(string_to_array($2, chr(30)))) AS v(id, partner_id, \
                  status, current_step, updated_at, expected, state) \
-                 WHERE w.id = v.id AND w.partner_id = v.partner_id \
+                 WHERE w.id = ANY(ARRAY(SELECT json_array_elements($1::json) ->> 'id')) \
+                 AND w.id = v.id AND w.partner_id = v.partner_id \
                  AND w.version = v.expected RETURNING w.id), {} \
                  SELECT u.id, (SELECT count(*) FROM notified) AS announced FROM u",
                 insert_ctes(3, Some("u"), o)

@@ -92,7 +92,7 @@ impl Store {
                 Ok(RelayPass::Published(ids.len()))
             }
             Backend::Postgres => {
-                let mut tx = self.pool().begin().await.map_err(StoreError::from)?;
+                let mut tx = self.keyed_pool().begin().await.map_err(StoreError::from)?;
                 let locked: i32 = sqlx::query(
                     "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN 1 ELSE 0 END AS locked",
                 )
@@ -121,7 +121,7 @@ impl Store {
         match self.backend() {
             Backend::Sqlite => Ok(Some(EventLaneLeader { conn: None })),
             Backend::Postgres => {
-                let mut conn = self.pool().acquire().await?;
+                let mut conn = self.keyed_pool().acquire().await?;
                 let locked: i32 = sqlx::query(
                     "SELECT CASE WHEN pg_try_advisory_lock($1) THEN 1 ELSE 0 END AS locked",
                 )
@@ -193,7 +193,7 @@ impl Store {
             // whole page cache (and its memory map) at its next transaction.
             return self.delete_outbox(ids).await;
         }
-        let mut conn = self.write_pool().acquire().await?;
+        let mut conn = self.keyed_pool().acquire().await?;
         delete(&mut conn, ids).await
     }
 }
