@@ -137,9 +137,15 @@ pub async fn run(engine: Engine, config: SchedulerConfig, cancel: CancellationTo
                 config.max_idle
             }
         };
+        // A timer this process stores wakes it only if due before this look.
+        let next_look = engine
+            .clock()
+            .now()
+            .0
+            .saturating_add(wait.as_millis() as i64);
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = changed.notified() => {}
+            _ = changed.sooner_than(next_look) => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }

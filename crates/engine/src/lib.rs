@@ -13,6 +13,7 @@ pub mod messages;
 pub mod notify;
 pub mod relay;
 pub mod service;
+pub mod timer_wake;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::EngineError;
@@ -21,3 +22,4 @@ pub use messages::{
 };
 pub use service::DecisionResult;
 pub use service::{ActionTask, Engine, ExecuteOutcome, StartOutcome, DEFAULT_INLINE_STEPS};
+pub use timer_wake::TimerWake;

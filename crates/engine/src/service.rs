@@ -30,6 +30,7 @@ use crate::messages::{
     TimerFired, DECISION_TOPIC, LIFECYCLE_TOPIC,
 };
 use crate::relay::Outbox;
+use crate::timer_wake::TimerWake;
 
 /// Parsed templates by (id, version).
 type TemplateCache = HashMap<(String, i64), Arc<Template>>;
@@ -382,8 +383,9 @@ pub struct Engine {
     /// Keyed by decision id, so recording one outcome wakes only the call waiting for it (a
     /// broadcast made every waiting call re-read the store on every outcome).
     decided: Arc<Mutex<HashMap<String, Arc<Wake>>>>,
-    /// Woken when a commit stored timers, so an in-process scheduler re-reads the next due time.
-    timers_changed: Arc<Notify>,
+    /// Told when a commit stored timers, so an in-process scheduler looks again if one is due
+    /// before its next look.
+    timers_changed: Arc<TimerWake>,
     /// Set once this process applied a decision (its approval pool runs here).
     applies_decisions: Arc<std::sync::atomic::AtomicBool>,
     /// Set while a listener relays outcomes recorded by other processes to `decided`.
@@ -418,7 +420,7 @@ impl Engine {
             heads: None,
             outbox: Arc::new(Outbox::default()),
             decided: Arc::new(Mutex::new(HashMap::new())),
-            timers_changed: Arc::new(Notify::new()),
+            timers_changed: Arc::new(TimerWake::default()),
             applies_decisions: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             decisions_signalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             instances: None,
@@ -511,7 +513,7 @@ impl Engine {
         self.outbox.clone()
     }
 
-    pub fn timers_changed(&self) -> Arc<Notify> {
+    pub fn timers_changed(&self) -> Arc<TimerWake> {
         self.timers_changed.clone()
     }
 
@@ -934,9 +936,7 @@ impl Engine {
                     cache.observed(&instance);
                 }
                 self.outbox.committed(&outbox);
-                if !timers.is_empty() {
-                    self.timers_changed.notify_one();
-                }
+                self.timers_changed.stored(&timers);
                 Ok(StartOutcome {
                     instance,
                     created: true,
@@ -1426,9 +1426,7 @@ impl Engine {
                         None => want_record.then_some(next),
                     };
                     self.outbox.committed(&outbox);
-                    if !timers.is_empty() {
-                        self.timers_changed.notify_one();
-                    }
+                    self.timers_changed.stored(&timers);
                     return Ok((rec, t.effects));
                 }
                 Err(StoreError::Conflict { .. }) => {
