@@ -170,8 +170,9 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// which may then open another.)
 const KEYED_CONNECTIONS: u32 = 6;
 
-/// A PostgreSQL pool. `keyed`: the pool of the group committer and the batched reads, whose
-/// statements all find their rows by key, so its sessions never plan a sequential scan.
+/// A PostgreSQL pool. `keyed`: the pool of the group committer, the batched reads and the
+/// relay, whose statements all find their rows by key, so its sessions never plan a
+/// sequential scan.
 ///
 /// Why: sqlx prepares each statement once per connection, and after five runs PostgreSQL keeps
 /// a generic plan of it, costed with the table's size at that moment. The first statements of
