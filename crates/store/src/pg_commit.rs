@@ -1217,23 +1217,34 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// Wait until `conn` is the only client session on its database (at most 20 s; autovacuum
-    /// may come and go).
-    async fn the_only_session(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    /// End every other client session on `conn`'s database and wait until they are gone (at
+    /// most 30 s; autovacuum may come and go). A closed store's pool may still hold a
+    /// connection or two for a moment (sqlx returns connections to the pool from spawned
+    /// tasks, racing its `close`); an ended session reports its counters on the way out.
+    async fn the_only_session(
+        conn: &mut AnyConnection,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND backend_type = 'client backend'",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let others: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
+            let others: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT pid::text, COALESCE(state, ''), left(query, 120) FROM pg_stat_activity \
                  WHERE datname = current_database() AND pid <> pg_backend_pid() \
                  AND backend_type = 'client backend'",
             )
-            .fetch_one(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
-            if others == 0 {
+            if others.is_empty() {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                return Err(sqlx::Error::PoolTimedOut);
+                return Err(format!("other sessions stay on the database: {others:?}").into());
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
