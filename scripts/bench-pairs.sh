@@ -34,6 +34,7 @@ if [ "$DISTRIBUTED" = 1 ]; then
     : "${KAFKA_BOOTSTRAP_SERVERS:?a distributed run needs KAFKA_BOOTSTRAP_SERVERS}"
     command -v psql >/dev/null || { echo "psql is needed to create each run's database" >&2; exit 2; }
 fi
+export PGOPTIONS="${PGOPTIONS:--c client_min_messages=warning}"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 

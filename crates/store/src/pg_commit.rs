@@ -28,9 +28,16 @@
 //! the statement or transaction holding it committed. Two commits of the same instance never
 //! share a group (a multi-row `UPDATE` cannot apply both in order): the later one goes to the
 //! next group.
+//!
+//! **Gathering.** A group is written as soon as the task is free, unless the task has been
+//! busy writing nearly all of the recent time ([`Gather`]): the process then commits faster
+//! than PostgreSQL answers, every commit already waits behind the backlog, and waiting up to
+//! [`GATHER`] for more commits shares each statement's fixed cost among more of them
+//! (`commit_delay` with `commit_siblings` is PostgreSQL's own version of the trade).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -48,6 +55,38 @@ use crate::{Backend, StoreError};
 /// Most commits in one group: bounds a statement's parameters (7 per commit in the `UPDATE`)
 /// and the work lost to one failure.
 const MAX_GROUP: usize = 128;
+
+/// How long a busy task waits for more commits before it writes a group (tokio's timers count
+/// whole milliseconds).
+const GATHER: Duration = Duration::from_millis(1);
+
+/// The share of the recent time spent writing above which the task gathers.
+const GATHER_ABOVE: f64 = 0.8;
+
+/// How busy the group-commit task has been: a moving average of the share of its time spent
+/// writing groups (against waiting for the first commit of the next), the time spent
+/// gathering counted as neither. Saturated, the next commit is queued before a group is
+/// written and the share stays near 1 while it gathers; paced below that, the task waits
+/// between groups and writes each at once.
+#[derive(Debug, Default)]
+struct Gather {
+    busy: f64,
+}
+
+impl Gather {
+    /// A group was written in `writing`, after `idle` waiting for its first commit.
+    fn observe(&mut self, idle: Duration, writing: Duration) {
+        let total = (idle + writing).as_secs_f64();
+        if total > 0.0 {
+            self.busy = self.busy * 0.8 + writing.as_secs_f64() / total * 0.2;
+        }
+    }
+
+    /// Whether to wait for more commits before writing the next group.
+    fn waits(&self) -> bool {
+        self.busy > GATHER_ABOVE
+    }
+}
 
 /// Writes queued for the task, and where their answers go.
 enum Job {
@@ -213,9 +252,13 @@ impl std::fmt::Debug for Job {
 impl PgCommitter {
     /// Start the task on the current tokio runtime; it writes through `pool`.
     pub(crate) fn start(pool: AnyPool) -> PgCommitter {
+        PgCommitter::start_with(pool, Gather::default())
+    }
+
+    fn start_with(pool: AnyPool, gather: Gather) -> PgCommitter {
         let (jobs, queue) = mpsc::unbounded_channel();
         let known = Arc::new(KnownHeads::default());
-        tokio::spawn(run(pool, queue, known.clone()));
+        tokio::spawn(run(pool, queue, known.clone(), gather));
         PgCommitter { jobs, known }
     }
 
@@ -278,22 +321,48 @@ fn closed() -> StoreError {
     StoreError::Database(sqlx::Error::PoolClosed)
 }
 
-async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>, known: Arc<KnownHeads>) {
+/// The number of commits `job` adds to a group.
+fn size_of(job: &Job) -> usize {
+    match job {
+        Job::Commits { commits, .. } => commits.len(),
+        Job::Create { .. } => 1,
+    }
+}
+
+async fn run(
+    pool: AnyPool,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    known: Arc<KnownHeads>,
+    mut gather: Gather,
+) {
+    let mut free_since = Instant::now();
     while let Some(first) = queue.recv().await {
+        let idle = free_since.elapsed();
+        let mut size = size_of(&first);
         let mut jobs = vec![first];
-        let mut size = 1;
         while size < MAX_GROUP {
             match queue.try_recv() {
                 Ok(job) => {
-                    size += match &job {
-                        Job::Commits { commits, .. } => commits.len(),
-                        Job::Create { .. } => 1,
-                    };
+                    size += size_of(&job);
                     jobs.push(job);
                 }
                 Err(_) => break,
             }
         }
+        if gather.waits() {
+            let until = tokio::time::Instant::now() + GATHER;
+            while size < MAX_GROUP {
+                match tokio::time::timeout_at(until, queue.recv()).await {
+                    Ok(Some(job)) => {
+                        size += size_of(&job);
+                        jobs.push(job);
+                    }
+                    // The time is up, or every sender is gone (the loop ends after this group).
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        let writing_since = Instant::now();
         // Creates and commits are never of the same instance (a commit needs its create
         // answered first), so writing the creates first keeps every answer as it was.
         let mut creates = Vec::new();
@@ -324,6 +393,8 @@ async fn run(pool: AnyPool, mut queue: mpsc::UnboundedReceiver<Job>, known: Arc<
             // The caller may have gone away (its request was dropped): nothing to tell.
             let _ = reply.send(results.by_ref().take(count).collect());
         }
+        free_since = Instant::now();
+        gather.observe(idle, free_since - writing_since);
     }
 }
 
@@ -812,6 +883,93 @@ pub(crate) mod tests {
             updated_at: Timestamp(1_000),
             version: 1,
         }
+    }
+
+    /// The task gathers only while it has been writing nearly all of the time: paced with
+    /// gaps between groups it never does, and it stops soon after the load does.
+    #[test]
+    fn only_a_busy_task_gathers() {
+        let ms = Duration::from_millis;
+        let mut gather = Gather::default();
+        assert!(!gather.waits(), "a new task writes at once");
+        for _ in 0..3 {
+            gather.observe(ms(0), ms(2));
+        }
+        assert!(!gather.waits(), "three busy groups are not yet a trend");
+        for _ in 0..10 {
+            gather.observe(ms(0), ms(2));
+        }
+        assert!(
+            gather.waits(),
+            "saturated: the next commit was always queued"
+        );
+        gather.observe(ms(8), ms(2));
+        assert!(!gather.waits(), "one long wait for work ends the gathering");
+        let mut paced = Gather::default();
+        for _ in 0..1_000 {
+            paced.observe(ms(1), ms(2));
+        }
+        assert!(
+            !paced.waits(),
+            "busy two thirds of the time: {}",
+            paced.busy
+        );
+    }
+
+    /// While gathering, every commit is still written and answered, those arriving during the
+    /// wait sharing the group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gathering_task_writes_and_answers_every_commit(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        let committer = Arc::new(PgCommitter::start_with(
+            store.write_pool().clone(),
+            Gather { busy: 1.0 },
+        ));
+        let mut recs = Vec::new();
+        for _ in 0..24 {
+            let rec = instance();
+            let created = store.create_instance(&rec, &[], &[]).await?;
+            assert!(matches!(created, CreateOutcome::Created(_)));
+            recs.push(rec);
+        }
+        let mut submitted = tokio::task::JoinSet::new();
+        for (i, rec) in recs.iter().enumerate() {
+            let mut next = rec.clone();
+            next.version = 2;
+            next.state.current_step = Some(i);
+            let commit = InstanceCommit {
+                rec: next,
+                expected_version: 1,
+                outbox: vec![],
+                audit: vec![],
+                timers: vec![],
+                deliveries: vec![],
+                decision: None,
+            };
+            let committer = Arc::clone(&committer);
+            submitted.spawn(async move {
+                if i % 2 == 1 {
+                    // Half arrive while the first group gathers.
+                    tokio::time::sleep(Duration::from_micros(300)).await;
+                }
+                committer.submit(vec![commit]).await
+            });
+        }
+        while let Some(answers) = submitted.join_next().await {
+            for answer in answers? {
+                answer?;
+            }
+        }
+        for (i, rec) in recs.iter().enumerate() {
+            let stored = store
+                .get_instance("p1", &rec.info.id)
+                .await?
+                .ok_or("stored")?;
+            assert_eq!((stored.version, stored.state.current_step), (2, Some(i)));
+        }
+        Ok(())
     }
 
     /// A commit that finishes its instance leaves nothing of it behind: no transition follows,
