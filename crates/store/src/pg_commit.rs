@@ -916,8 +916,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// While gathering, every commit is still written and answered, those arriving during the
-    /// wait sharing the group.
+    /// While gathering, every commit is still written and answered, whether it arrived before
+    /// the wait, during it or after it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gathering_task_writes_and_answers_every_commit(
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -951,7 +951,8 @@ pub(crate) mod tests {
             let committer = Arc::clone(&committer);
             submitted.spawn(async move {
                 if i % 2 == 1 {
-                    // Half arrive while the first group gathers.
+                    // Half arrive about a millisecond later (tokio's timer granularity):
+                    // during the first group's wait or after it.
                     tokio::time::sleep(Duration::from_micros(300)).await;
                 }
                 committer.submit(vec![commit]).await
