@@ -99,6 +99,22 @@ pub(crate) struct CommitParts<'a> {
     pub(crate) decision: Option<&'a DecisionOutcome>,
 }
 
+#[cfg(test)]
+impl InstanceCommit {
+    /// A commit of `rec`'s state alone: no messages, events, timers, deliveries or decision.
+    pub(crate) fn state_only(rec: InstanceRecord, expected_version: i64) -> InstanceCommit {
+        InstanceCommit {
+            rec,
+            expected_version,
+            outbox: vec![],
+            audit: vec![],
+            timers: vec![],
+            deliveries: vec![],
+            decision: None,
+        }
+    }
+}
+
 impl CommitParts<'_> {
     /// The owned commit, for the PostgreSQL group commit, which queues it for its task.
     pub(crate) fn owned(self) -> InstanceCommit {

@@ -939,15 +939,7 @@ pub(crate) mod tests {
             let mut next = rec.clone();
             next.version = 2;
             next.state.current_step = Some(i);
-            let commit = InstanceCommit {
-                rec: next,
-                expected_version: 1,
-                outbox: vec![],
-                audit: vec![],
-                timers: vec![],
-                deliveries: vec![],
-                decision: None,
-            };
+            let commit = InstanceCommit::state_only(next, 1);
             let committer = Arc::clone(&committer);
             submitted.spawn(async move {
                 if i % 2 == 1 {

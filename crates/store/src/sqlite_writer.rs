@@ -1060,15 +1060,7 @@ mod tests {
         let pending = |status: InstanceStatus| {
             let mut rec = rec.clone();
             rec.state.status = status;
-            let commit = InstanceCommit {
-                rec,
-                expected_version: 1,
-                outbox: vec![],
-                audit: vec![],
-                timers: vec![],
-                deliveries: vec![],
-                decision: None,
-            };
+            let commit = InstanceCommit::state_only(rec, 1);
             match Encoded::of(Write::Commit(Box::new(commit)), &known) {
                 Ok((
                     _,
