@@ -15,7 +15,7 @@
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-    sed -n '2,15p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
 fi
 A="$1"
