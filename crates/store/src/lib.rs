@@ -49,6 +49,7 @@ mod pg_commit;
 mod pg_reads;
 mod pg_rows;
 mod queries;
+pub mod recent;
 pub mod records;
 mod relay;
 pub mod sandbox;

@@ -47,6 +47,7 @@ use crate::pg_rows::{write_commits, write_rows, GroupRows};
 use crate::queries::{
     bind_instance, stream_heads, to_json, values_placeholders, INSERT_INSTANCE, INSTANCE_WIDTH,
 };
+use crate::recent::Recent;
 use crate::records::{AuditDraft, InstanceRecord};
 use crate::sqlite_writer::NewInstance;
 use crate::step_mirror::{step_mirror, worth_remembering, StepMirror};
@@ -127,13 +128,13 @@ pub(crate) struct PgCommitter {
 /// whose head an instance read comes with.
 pub(crate) const INSTANCE_STREAM_PREFIX: &str = "instance:";
 
-/// Most instances whose audit head a process remembers; past it the map starts over. An
-/// entry holds the instance's step rows too (about 8 KB for the seed template), and a process
-/// keeps the entries of instances other processes move on: at 65,536 the api and the approval
-/// pool passed 370 and 320 MB after 20,000 instances, still growing, against the Helm chart's
-/// 512 and 384 MiB limits. 8,192 covers the instances in flight at 1,000/s for seconds; one
-/// evicted costs its next commit a transaction that reads the head.
-const KNOWN_HEADS_MAX: usize = 8_192;
+/// Most instances whose audit head a process remembers; past it the least recently written
+/// go first ([`Recent`]). An entry holds the instance's step rows too (about 8 KB for the seed
+/// template), and a process keeps the entries of instances other processes move on: at 65,536
+/// the api and the approval pool passed 370 and 320 MB after 20,000 instances, against the
+/// Helm chart's 512 and 384 MiB limits. 4,096 covers the instances in flight at 1,000/s for
+/// seconds; one forgotten costs its next commit a transaction that reads the head.
+const KNOWN_HEADS_MAX: usize = 4_096;
 
 /// What is stored of an instance as of one of its versions, besides its row.
 #[derive(Debug, Clone)]
@@ -153,31 +154,35 @@ struct KnownHead {
 /// whole commit is then one statement ([`write_commits`]) that writes only the step rows that
 /// changed. Were a head stale anyway, the audit insert would fail on the stream's key and the
 /// group fall back (never a forked chain).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct KnownHeads {
-    map: std::sync::Mutex<HashMap<String, KnownHead>>,
+    map: std::sync::Mutex<Recent<KnownHead>>,
+}
+
+impl Default for KnownHeads {
+    fn default() -> KnownHeads {
+        KnownHeads {
+            map: std::sync::Mutex::new(Recent::new(KNOWN_HEADS_MAX)),
+        }
+    }
 }
 
 impl KnownHeads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownHead>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent<KnownHead>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn remember(&self, id: &str, head: KnownHead) {
-        let mut map = self.lock();
-        if map.len() >= KNOWN_HEADS_MAX && !map.contains_key(id) {
-            map.clear();
-        }
-        map.insert(id.to_string(), head);
+        self.lock().insert(id.to_string(), head);
     }
 
     /// What is known of `c`'s instance, if known at the version `c` was made at and every
     /// event of `c` is on its stream.
     fn of(&self, c: &InstanceCommit) -> Option<KnownHead> {
         let map = self.lock();
-        let known = map.get(c.rec.info.id.as_str())?;
+        let known = map.get(&c.rec.info.id)?;
         (known.version == c.expected_version && c.audit.iter().all(|d| d.stream == known.stream))
             .then(|| known.clone())
     }
@@ -219,6 +224,7 @@ impl KnownHeads {
                 if known.version == from {
                     known.version += 1;
                     known.steps = steps;
+                    map.touch(id);
                     return;
                 }
             }
@@ -999,7 +1005,8 @@ pub(crate) mod tests {
         assert_eq!(known.version_of(&id), None);
     }
 
-    /// What a process remembers stays bounded however many instances it sees.
+    /// What a process remembers stays bounded however many instances it sees, and what it
+    /// forgets is what it wrote longest ago.
     #[test]
     fn the_known_heads_stay_under_their_bound() {
         let known = KnownHeads::default();
@@ -1016,9 +1023,13 @@ pub(crate) mod tests {
             );
             assert!(known.lock().len() <= KNOWN_HEADS_MAX, "{n}");
         }
-        // The newest is kept.
-        let last = format!("i{}", KNOWN_HEADS_MAX + 9);
-        assert!(known.lock().contains_key(&last));
+        let map = known.lock();
+        assert!(map.get("i0").is_none());
+        // The last three quarters of the bound written are all kept.
+        let total = KNOWN_HEADS_MAX + 10;
+        for n in total - KNOWN_HEADS_MAX * 3 / 4..total {
+            assert!(map.get(&format!("i{n}")).is_some(), "i{n}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,12 @@
 //! exact while the version check holds: no step row of an instance is written without a new
 //! version of it (the argument `pg_commit.rs`' known heads rest on).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use workflow_core::StepExecution;
 
+use crate::recent::Recent;
 use crate::records::InstanceRecord;
 
 /// Step index → the step as its mirror row holds it. Shared: remembered per instance and
@@ -59,17 +60,25 @@ pub(crate) fn changed<'s>(
         .map(|(_, step)| step.as_ref())
 }
 
-/// Most instances remembered; past it the map starts over.
+/// Most instances remembered; past it the least recently written go first ([`Recent`]).
 const KNOWN_MAX: usize = 65_536;
 
 /// Each instance's step mirror at the version this process last wrote.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct KnownSteps {
-    map: Mutex<HashMap<String, (i64, StepMirror)>>,
+    map: Mutex<Recent<(i64, StepMirror)>>,
+}
+
+impl Default for KnownSteps {
+    fn default() -> KnownSteps {
+        KnownSteps {
+            map: Mutex::new(Recent::new(KNOWN_MAX)),
+        }
+    }
 }
 
 impl KnownSteps {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, (i64, StepMirror)>> {
+    fn lock(&self) -> MutexGuard<'_, Recent<(i64, StepMirror)>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -81,11 +90,7 @@ impl KnownSteps {
     }
 
     pub(crate) fn remember(&self, id: &str, version: i64, mirror: StepMirror) {
-        let mut map = self.lock();
-        if map.len() >= KNOWN_MAX && !map.contains_key(id) {
-            map.clear();
-        }
-        map.insert(id.to_string(), (version, mirror));
+        self.lock().insert(id.to_string(), (version, mirror));
     }
 
     pub(crate) fn forget(&self, id: &str) {
