@@ -1629,7 +1629,7 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_cache_keeps_more_than_hints() {
+    fn the_embedded_cache_and_hints_get_their_own_bounds() {
         assert_eq!(
             InstanceCache::new(true).lock().capacity(),
             INSTANCE_CACHE_CAPACITY
