@@ -19,11 +19,12 @@
 //! - It is started once, by whichever test process gets there first (a file lock serialises the
 //!   start), in its own process group so it outlives the test binary, and is left running for
 //!   the rest of the run and later runs. Stop it with `kill $(cat <tmp>/payos-testkit-kafka-59092/kafka.pid)`.
-//! - Settings for tests: 512 MiB heap collected by the serial GC, one network and two request
-//!   threads (sized for a 2-core machine that also runs PostgreSQL and the engine), 8 partitions per topic by default, replication factor 1
-//!   for everything (internal topics included), no initial rebalance delay, a group session
-//!   timeout as low as 500 ms accepted, automatic topic creation OFF (as on a production cluster:
-//!   a client asking for a deleted topic must not bring it back, and nothing may rely on it).
+//! - Settings for tests: 512 MiB heap, one network and two request handler threads (sized for
+//!   a 2-core machine that also runs PostgreSQL and the engine; docs/benchmarks.md round 25),
+//!   8 partitions per topic by default, replication factor 1 for everything (internal topics
+//!   included), no initial rebalance delay, a group session timeout as low as 500 ms accepted,
+//!   automatic topic creation OFF (as on a production cluster: a client asking for a deleted
+//!   topic must not bring it back, and nothing may rely on it).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -326,10 +327,10 @@ async fn start_broker(
         .args([
             "-Xms128m",
             "-Xmx512m",
-            // One thread collects a 512 MiB heap in a few milliseconds; G1's concurrent and
-            // refinement threads cost the broker ~20 % more CPU on a 2-core machine
-            // (docs/benchmarks.md, round 25).
-            "-XX:+UseSerialGC",
+            // G1 for its pause goal: the serial GC cost no less CPU here, and its young pauses
+            // took 20-40 ms against G1's 11-26 (docs/benchmarks.md, round 25, item 107).
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
         ])
         .arg(&log_config)
