@@ -1574,36 +1574,12 @@ fn check_same_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use workflow_core::instance::{ActorType, InstanceState, InstanceStatus};
-    use workflow_core::Timestamp;
 
     fn record(id: &str, version: i64) -> InstanceRecord {
-        InstanceRecord {
-            info: InstanceInfo {
-                id: id.to_string(),
-                partner_id: "p1".into(),
-                template_id: "t1".into(),
-                template_version: 1,
-                created_at: Timestamp(1_000),
-                created_by: ActorRef {
-                    id: "u".into(),
-                    actor_type: ActorType::Human,
-                },
-                trigger: serde_json::json!({}),
-                mode: RunMode::default(),
-            },
-            idempotency_key: None,
-            state: InstanceState {
-                status: InstanceStatus::Running,
-                current_step: Some(0),
-                waiting_on: None,
-                steps: vec![],
-                error: None,
-                finished_at: None,
-            },
-            updated_at: Timestamp(1_000),
-            version,
-        }
+        let mut rec = workflow_store::fixtures::instance();
+        rec.info.id = id.to_string();
+        rec.version = version;
+        rec
     }
 
     /// Hints stay under their bound however many instances pass through, the ones committed

@@ -43,6 +43,8 @@ mod approvals;
 mod audit_blocks;
 mod commit;
 mod error;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 mod listen;
 pub mod notifications;
 mod pg_commit;

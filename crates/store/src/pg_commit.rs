@@ -839,10 +839,11 @@ pub(crate) mod tests {
     //! answers), so this is where the heads read by the `UPDATE` are shown to chain.
 
     use serde_json::json;
-    use workflow_core::instance::{ActorRef, ActorType, InstanceInfo, InstanceState};
+    use workflow_core::instance::{ActorRef, ActorType};
     use workflow_core::{InstanceStatus, Timestamp};
 
     use super::*;
+    use crate::fixtures::instance;
     use crate::records::{verify_audit_chain, AuditDraft, InstanceRecord, OutboxMessage};
     use crate::{CreateOutcome, Store};
 
@@ -858,36 +859,6 @@ pub(crate) mod tests {
             before: serde_json::Value::Null,
             after: json!({ "n": n }),
             reason: None,
-        }
-    }
-
-    /// A running instance of partner `p1` at version 1, with a fresh id.
-    pub(crate) fn instance() -> InstanceRecord {
-        InstanceRecord {
-            info: InstanceInfo {
-                id: uuid::Uuid::now_v7().to_string(),
-                partner_id: "p1".into(),
-                template_id: "t1".into(),
-                template_version: 1,
-                created_at: Timestamp(1_000),
-                created_by: ActorRef {
-                    id: "u".into(),
-                    actor_type: ActorType::Human,
-                },
-                trigger: json!({}),
-                mode: Default::default(),
-            },
-            idempotency_key: None,
-            state: InstanceState {
-                status: InstanceStatus::Running,
-                current_step: None,
-                waiting_on: None,
-                steps: vec![],
-                error: None,
-                finished_at: None,
-            },
-            updated_at: Timestamp(1_000),
-            version: 1,
         }
     }
 

@@ -145,7 +145,7 @@ mod tests {
     use crate::Store;
 
     fn instance(n: u64) -> InstanceRecord {
-        let mut rec = crate::pg_commit::tests::instance();
+        let mut rec = crate::fixtures::instance();
         rec.info.trigger = json!({ "n": n });
         rec
     }

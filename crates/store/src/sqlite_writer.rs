@@ -1051,7 +1051,7 @@ mod tests {
     #[test]
     fn a_commit_remembers_the_mirror_of_a_running_instance_only() {
         let known = KnownSteps::default();
-        let mut rec = crate::pg_commit::tests::instance();
+        let mut rec = crate::fixtures::instance();
         rec.state.steps = vec![serde_json::from_value(json!({
             "index": 0, "name": "ok", "type": "approval", "status": "waiting",
             "input": {"amount": 5}

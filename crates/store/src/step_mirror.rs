@@ -126,7 +126,7 @@ mod tests {
     }
 
     fn record(steps: Vec<StepExecution>) -> InstanceRecord {
-        let mut rec = crate::pg_commit::tests::instance();
+        let mut rec = crate::fixtures::instance();
         rec.state.steps = steps;
         rec
     }

@@ -5,8 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
-use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
-use workflow_core::{InstanceState, InstanceStatus, Timestamp};
+use workflow_core::{InstanceStatus, Timestamp};
 use workflow_store::*;
 
 mod common;
@@ -35,32 +34,8 @@ async fn instance(store: &Store, partner: &str) -> InstanceRecord {
             created_at: Timestamp(1),
         })
         .await;
-    let rec = InstanceRecord {
-        info: InstanceInfo {
-            id: new_id(),
-            partner_id: partner.into(),
-            template_id: "tpl".into(),
-            template_version: 1,
-            created_at: Timestamp(10),
-            created_by: ActorRef {
-                id: "rita".into(),
-                actor_type: ActorType::Human,
-            },
-            trigger: json!({}),
-            mode: Default::default(),
-        },
-        idempotency_key: None,
-        state: InstanceState {
-            status: InstanceStatus::Running,
-            current_step: None,
-            waiting_on: None,
-            steps: vec![],
-            error: None,
-            finished_at: None,
-        },
-        updated_at: Timestamp(10),
-        version: 1,
-    };
+    let mut rec = workflow_store::fixtures::instance();
+    rec.info.partner_id = partner.into();
     let created = store.create_instance(&rec, &[], &[]).await.unwrap();
     assert!(created.is_created());
     rec

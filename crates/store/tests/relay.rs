@@ -6,8 +6,6 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use workflow_core::instance::{ActorRef, ActorType, InstanceInfo};
-use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 use workflow_store::*;
 
 mod common;
@@ -29,32 +27,10 @@ fn message(key: &str, topic: &str, n: usize) -> OutboxMessage {
 }
 
 fn instance() -> InstanceRecord {
-    InstanceRecord {
-        info: InstanceInfo {
-            id: uuid::Uuid::now_v7().to_string(),
-            partner_id: "p1".into(),
-            template_id: "t1".into(),
-            template_version: 1,
-            created_at: Timestamp(5_000),
-            created_by: ActorRef {
-                id: "user-1".into(),
-                actor_type: ActorType::Human,
-            },
-            trigger: json!({"amount": 1}),
-            mode: Default::default(),
-        },
-        idempotency_key: None,
-        state: InstanceState {
-            status: InstanceStatus::Running,
-            current_step: Some(0),
-            waiting_on: None,
-            steps: Vec::new(),
-            error: None,
-            finished_at: None,
-        },
-        updated_at: Timestamp(5_000),
-        version: 1,
-    }
+    let mut rec = workflow_store::fixtures::instance();
+    rec.info.trigger = json!({"amount": 1});
+    rec.state.current_step = Some(0);
+    rec
 }
 
 #[derive(Debug)]
