@@ -833,7 +833,7 @@ fn not_found(id: &str) -> StoreError {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     //! The group's own statements, called directly: through `Store::commit_instances` a
     //! failure of theirs would be masked by the fallback (each commit alone gives the same
     //! answers), so this is where the heads read by the `UPDATE` are shown to chain.
