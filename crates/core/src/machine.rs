@@ -36,7 +36,7 @@ use crate::template::{
 };
 use crate::time::Timestamp;
 pub use action::ActionOutcome;
-pub use decide::{check_decision, Decider, Proposal};
+pub use decide::{check_decision, may_decide, Decider, Proposal};
 pub use notify::{
     delivery_id, webhook_body, NotificationOutcome, NotificationSpec, NotifyPurpose,
     OutboundMessage, DEFAULT_STEP_EVENT,

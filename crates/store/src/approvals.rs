@@ -4,10 +4,8 @@ use sqlx::Row;
 use workflow_core::Timestamp;
 
 use crate::listen::DECISION_OUTCOMES_CHANNEL;
-use crate::queries::{
-    insert_outbox, instance_from_row, values_placeholders, INSTANCE_COLS, ROWS_PER_INSERT,
-};
-use crate::records::{DecisionOutcome, OutboxMessage, WaitingApproval};
+use crate::queries::{from_json, insert_outbox, values_placeholders, Arg, Args, ROWS_PER_INSERT};
+use crate::records::{DecisionOutcome, OutboxMessage, WaitingApproval, WaitingFilter};
 use crate::sqlite_writer::Write;
 use crate::{Backend, Store, StoreError};
 
@@ -105,51 +103,57 @@ impl Store {
         .transpose()
     }
 
-    /// The partner's instances waiting on an approval step, oldest wait first, after the
-    /// `(since, instance_id)` cursor. `limit == 0` means no limit.
+    /// The partner's approval steps waiting for a decision, oldest wait first, as `filter`
+    /// narrows them. Each comes without its instance's state ([`Store::get_instances`] reads
+    /// the ones the caller keeps): an inbox that can list few of many waiting steps reads
+    /// only those.
     pub async fn list_waiting_approvals(
         &self,
         partner_id: &str,
-        after: Option<(Timestamp, &str)>,
-        limit: u32,
+        filter: &WaitingFilter,
     ) -> Result<Vec<WaitingApproval>, StoreError> {
-        let cols = INSTANCE_COLS
-            .split(", ")
-            .map(|c| format!("i.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut args = Args::default();
         let mut sql = format!(
-            "SELECT {cols}, s.step_index AS w_step, s.started_at AS w_since \
+            "SELECT s.instance_id, s.step_index, s.started_at, i.template_id, \
+             i.template_version, i.trigger_data \
              FROM workflow_step_executions s \
              JOIN workflow_instances i ON i.id = s.instance_id AND i.partner_id = s.partner_id \
-             WHERE s.partner_id = $1 AND s.step_type = 'approval' AND s.status = 'waiting' \
-             AND i.status = 'waiting'"
+             WHERE s.partner_id = {} AND s.step_type = 'approval' AND s.status = 'waiting' \
+             AND i.status = 'waiting'",
+            args.push(Arg::Text(partner_id.to_string()))
         );
-        if after.is_some() {
-            sql.push_str(" AND (s.started_at > $2 OR (s.started_at = $2 AND s.instance_id > $3))");
+        if let Some(template_id) = &filter.template_id {
+            let p = args.push(Arg::Text(template_id.clone()));
+            sql.push_str(&format!(" AND i.template_id = {p}"));
+        }
+        if let Some(at_most) = filter.waiting_since_at_most {
+            let p = args.push(Arg::Int(at_most.0));
+            sql.push_str(&format!(" AND s.started_at <= {p}"));
+        }
+        if let Some((since, id)) = &filter.after {
+            let t = args.push(Arg::Int(since.0));
+            let i = args.push(Arg::Text(id.clone()));
+            sql.push_str(&format!(
+                " AND (s.started_at > {t} OR (s.started_at = {t} AND s.instance_id > {i}))"
+            ));
         }
         sql.push_str(" ORDER BY s.started_at ASC, s.instance_id ASC");
-        if limit > 0 {
-            sql.push_str(if after.is_some() {
-                " LIMIT $4"
-            } else {
-                " LIMIT $2"
-            });
+        if filter.limit > 0 {
+            let p = args.push(Arg::Int(i64::from(filter.limit)));
+            sql.push_str(&format!(" LIMIT {p}"));
         }
-        let mut q = sqlx::query(&sql).bind(partner_id);
-        if let Some((since, id)) = after {
-            q = q.bind(since.0).bind(id);
-        }
-        if limit > 0 {
-            q = q.bind(i64::from(limit));
-        }
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = args.bind(&sql).fetch_all(self.pool()).await?;
         rows.iter()
             .map(|r| {
+                let instance_id: String = r.try_get("instance_id")?;
+                let trigger: String = r.try_get("trigger_data")?;
                 Ok(WaitingApproval {
-                    step_index: r.try_get("w_step")?,
-                    since: Timestamp(r.try_get::<Option<i64>, _>("w_since")?.unwrap_or(0)),
-                    instance: instance_from_row(r)?,
+                    trigger: from_json(&trigger, &format!("instance {instance_id}'s trigger"))?,
+                    instance_id,
+                    template_id: r.try_get("template_id")?,
+                    template_version: r.try_get("template_version")?,
+                    step_index: r.try_get("step_index")?,
+                    since: Timestamp(r.try_get::<Option<i64>, _>("started_at")?.unwrap_or(0)),
                 })
             })
             .collect()

@@ -34,24 +34,24 @@ pub(crate) const INSTANCE_COLS: &str =
      idempotency_key, created_by, trigger_data, state, created_at, updated_at, version, mode";
 
 /// A bind value for queries assembled at run time (filters).
-enum Arg {
+pub(crate) enum Arg {
     Text(String),
     Int(i64),
 }
 
 /// Builds `$n` placeholders and their values together, so they cannot drift apart.
 #[derive(Default)]
-struct Args {
+pub(crate) struct Args {
     values: Vec<Arg>,
 }
 
 impl Args {
-    fn push(&mut self, arg: Arg) -> String {
+    pub(crate) fn push(&mut self, arg: Arg) -> String {
         self.values.push(arg);
         format!("${}", self.values.len())
     }
 
-    fn bind<'q>(&'q self, sql: &'q str) -> Query<'q, Any, AnyArguments<'q>> {
+    pub(crate) fn bind<'q>(&'q self, sql: &'q str) -> Query<'q, Any, AnyArguments<'q>> {
         let mut query = sqlx::query(sql);
         for value in &self.values {
             query = match value {
@@ -535,6 +535,37 @@ impl Store {
             }
         };
         Ok(found.filter(|rec| rec.info.partner_id == partner_id))
+    }
+
+    /// The partner's instances of these ids that exist, in no particular order: one statement
+    /// per 200 ids. Like [`Store::get_instance`] it selects by primary key alone and checks
+    /// the partner here.
+    pub async fn get_instances(
+        &self,
+        partner_id: &str,
+        ids: &[&str],
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(200) {
+            let sql = format!(
+                "SELECT {INSTANCE_COLS} FROM workflow_instances WHERE id IN ({})",
+                (1..=chunk.len())
+                    .map(|k| format!("${k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for row in q.fetch_all(self.pool()).await? {
+                let rec = instance_from_row(&row)?;
+                if rec.info.partner_id == partner_id {
+                    found.push(rec);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The instance a partner created with an idempotency key, if any.
@@ -1420,7 +1451,7 @@ fn cannot_encode(e: serde_json::Error) -> StoreError {
     StoreError::corrupt(format!("cannot encode a document: {e}"))
 }
 
-fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+pub(crate) fn from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
     serde_json::from_str(text)
         .map_err(|e| StoreError::corrupt(format!("{what} does not decode: {e}")))
 }

@@ -162,13 +162,30 @@ pub struct DecisionOutcome {
     pub decided_at: Timestamp,
 }
 
-/// An instance waiting on an approval step, as the pending inbox scans them.
+/// Which waiting approval steps a listing wants ([`crate::Store::list_waiting_approvals`]),
+/// oldest wait first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WaitingFilter {
+    pub template_id: Option<String>,
+    /// Only steps waiting since this instant or earlier.
+    pub waiting_since_at_most: Option<Timestamp>,
+    /// The paging cursor: only steps after this `(since, instance id)`.
+    pub after: Option<(Timestamp, String)>,
+    /// `0` means no limit.
+    pub limit: u32,
+}
+
+/// An approval step waiting for a decision, without its instance's state: what the pending
+/// inbox filters on before it reads the instances it may list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WaitingApproval {
+    pub instance_id: String,
+    pub template_id: String,
+    pub template_version: i64,
     pub step_index: i64,
     /// When the approval step started waiting.
     pub since: Timestamp,
-    pub instance: InstanceRecord,
+    pub trigger: Value,
 }
 
 /// A durable timer: fire `kind` for step `step_index` of an instance at `due_at`.

@@ -470,6 +470,7 @@ async fn tenancy_is_enforced(store: Store) -> TestResult {
         .is_empty());
     assert_eq!(store.get_instance("pb", &rec.info.id).await?, None);
     assert_eq!(store.get_instance_by_key("pb", "key-1").await?, None);
+    assert!(store.get_instances("pb", &[&rec.info.id]).await?.is_empty());
     assert!(store
         .list_instances("pb", &InstanceFilter::default())
         .await?
@@ -528,6 +529,12 @@ async fn tenancy_is_enforced(store: Store) -> TestResult {
     assert_eq!(
         store.get_instance("pa", &rec.info.id).await?,
         Some(rec.clone())
+    );
+    assert_eq!(
+        store
+            .get_instances("pa", &[&rec.info.id, "no-such-instance"])
+            .await?,
+        [rec.clone()]
     );
     assert!(store.get_template("pa", &t).await?.unwrap().active);
     Ok(())

@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 use workflow_core::instance::Verdict;
-use workflow_core::machine::{check_decision, Decider, Proposal};
+use workflow_core::machine::{check_decision, may_decide, Decider, Proposal};
 use workflow_core::validate::parse_duration_ms;
 use workflow_core::Timestamp;
 use workflow_engine::DecisionResult;
+use workflow_store::{InstanceRecord, WaitingFilter};
 
 use crate::auth::Caller;
 use crate::error::{refusal, ApiError, ErrorBody};
@@ -204,6 +205,9 @@ fn amount_of(trigger: &Value) -> Option<f64> {
     trigger.get("amount").and_then(Value::as_f64)
 }
 
+/// Waiting steps the inbox reads per statement while it fills a page.
+const SCAN_BATCH: u32 = 200;
+
 /// Every approval the caller may decide now, across instances, oldest first.
 #[utoipa::path(get, path = "/v1/workflows/pending", tag = "approvals",
     params(("template_id" = Option<String>, Query), ("min_amount" = Option<f64>, Query),
@@ -228,7 +232,7 @@ pub async fn pending(
     )?;
     let (limit, cursor) = params.page(state.config.max_page_size)?;
     params.finish()?;
-    let mut after = match cursor {
+    let after = match cursor {
         None => None,
         Some(c) => Some(
             parse_cursor(&c)
@@ -236,37 +240,34 @@ pub async fn pending(
         ),
     };
     let now = state.engine.clock().now();
-    let cutoff = older_than.map(|ms| now.plus_millis(-ms));
+    let mut scan = WaitingFilter {
+        template_id,
+        waiting_since_at_most: older_than.map(|ms| now.plus_millis(-ms)),
+        after,
+        limit: SCAN_BATCH,
+    };
     let store = state.engine.store();
     let who = decider(&caller);
     let mut names: HashMap<(String, i64), Option<NamedTemplate>> = HashMap::new();
     let mut items = Vec::new();
-    let mut last: Option<(Timestamp, String)> = None;
+    let mut next_cursor = None;
     'scan: loop {
         let batch = store
-            .list_waiting_approvals(
-                &caller.partner_id,
-                after.as_ref().map(|(t, id)| (*t, id.as_str())),
-                200,
-            )
+            .list_waiting_approvals(&caller.partner_id, &scan)
             .await?;
-        let exhausted = batch.len() < 200;
+        let exhausted = batch.len() < SCAN_BATCH as usize;
+        // What the waiting step alone rules out (the amount, approvers that never name the
+        // caller) is ruled out before any instance is read.
+        let mut candidates = Vec::new();
         for w in &batch {
-            after = Some((w.since, w.instance.info.id.clone()));
-            if cutoff.is_some_and(|c| w.since > c) {
-                break 'scan;
-            }
-            let info = &w.instance.info;
-            if template_id.as_ref().is_some_and(|t| t != &info.template_id) {
-                continue;
-            }
-            let amount = amount_of(&info.trigger);
+            scan.after = Some((w.since, w.instance_id.clone()));
+            let amount = amount_of(&w.trigger);
             if min_amount.is_some_and(|m| amount.is_none_or(|a| a < m))
                 || max_amount.is_some_and(|m| amount.is_none_or(|a| a > m))
             {
                 continue;
             }
-            let key = (info.template_id.clone(), info.template_version);
+            let key = (w.template_id.clone(), w.template_version);
             if !names.contains_key(&key) {
                 let parsed = store
                     .get_template_version(&caller.partner_id, &key.0, key.1)
@@ -280,6 +281,38 @@ pub async fn pending(
                     });
                 names.insert(key.clone(), parsed);
             }
+            if let Some(Some((_, template))) = names.get(&key) {
+                if may_decide(template, w.step_index as usize, &who) {
+                    candidates.push(w);
+                }
+            }
+        }
+        // Read in slices of what the page still lacks: most candidates pass the full check.
+        let mut instances: HashMap<String, InstanceRecord> = HashMap::new();
+        let mut read = 0;
+        for (i, w) in candidates.iter().copied().enumerate() {
+            if i == read {
+                let want = (limit as usize).saturating_sub(items.len()).max(1);
+                let ids: Vec<&str> = candidates[i..]
+                    .iter()
+                    .take(want)
+                    .map(|w| w.instance_id.as_str())
+                    .collect();
+                read += ids.len();
+                instances.extend(
+                    store
+                        .get_instances(&caller.partner_id, &ids)
+                        .await?
+                        .into_iter()
+                        .map(|rec| (rec.info.id.clone(), rec)),
+                );
+            }
+            // Gone from the read: the instance moved on since the scan.
+            let Some(instance) = instances.get(&w.instance_id) else {
+                continue;
+            };
+            let info = &instance.info;
+            let key = (info.template_id.clone(), info.template_version);
             let Some(Some((name, template))) = names.get(&key) else {
                 continue;
             };
@@ -293,7 +326,7 @@ pub async fn pending(
                     verdict,
                     comment: Some("-"),
                 };
-                check_decision(template, info, &w.instance.state, &proposal, limits).is_ok()
+                check_decision(template, info, &instance.state, &proposal, limits).is_ok()
             };
             let may_approve = can(Verdict::Approve);
             if !may_approve && !can(Verdict::Reject) {
@@ -323,8 +356,7 @@ pub async fn pending(
                 },
                 started_by: info.created_by.id.clone(),
                 waiting_since: rfc3339(w.since),
-                due_at: w
-                    .instance
+                due_at: instance
                     .state
                     .waiting_on
                     .as_ref()
@@ -332,21 +364,15 @@ pub async fn pending(
                     .map(rfc3339),
                 may_approve,
             });
-            last = Some((w.since, info.id.clone()));
             if items.len() as u32 >= limit {
+                next_cursor = Some(format!("{}:{}", w.since.0, info.id));
                 break 'scan;
             }
         }
         if exhausted {
-            last = None;
             break;
         }
     }
-    let next_cursor = if items.len() as u32 >= limit {
-        last.map(|(t, id)| format!("{}:{id}", t.0))
-    } else {
-        None
-    };
     Ok(Json(Page {
         data: items,
         next_cursor,

@@ -100,6 +100,24 @@ fn waiting_approval<'t>(
     Ok(cfg)
 }
 
+/// Could `decider` ever decide step `index` of an instance of `template`: is the step an
+/// approval whose approvers, or whose escalation's approvers, name it? Every decision
+/// [`check_decision`] allows passes this too, so a listing may leave out the steps it refuses
+/// without reading their instances' state (the pending inbox scans many of them).
+pub fn may_decide(template: &Template, index: usize, decider: &Decider) -> bool {
+    let Some(StepKind::Approval(cfg)) = template.steps.get(index).map(|s| &s.kind) else {
+        return false;
+    };
+    let escalated: &[ApproverEntry] = match &cfg.on_timeout {
+        TimeoutPolicy::Escalate { approvers, .. } => approvers,
+        _ => &[],
+    };
+    cfg.approvers
+        .iter()
+        .chain(escalated)
+        .any(|e| matches(e, decider))
+}
+
 /// A decision someone would like to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Proposal<'a> {

@@ -859,6 +859,14 @@ mod decisions {
             decide(&tpl, &info, &state, 1, &manager(), Verdict::Approve, None),
             Err(MachineError::NotEligible { .. })
         ));
+        // The listing's pre-check agrees, without the state: the CFO's step is not the
+        // manager's, and neither a condition nor a step past the end is anyone's.
+        assert!(may_decide(&tpl, 1, &cfo()));
+        assert!(!may_decide(&tpl, 1, &manager()));
+        assert!(may_decide(&tpl, 2, &manager()));
+        assert!(!may_decide(&tpl, 2, &cfo()));
+        assert!(!may_decide(&tpl, 0, &cfo()));
+        assert!(!may_decide(&tpl, 7, &cfo()));
         assert!(matches!(
             decide(&tpl, &info, &state, 2, &manager(), Verdict::Approve, None),
             Err(MachineError::NotWaiting { index: 2 })
@@ -1293,6 +1301,10 @@ mod timed {
             Err(MachineError::NotEligible { .. })
         ));
         assert!(decide(&tpl, &info, &t.state, &decider("cyrus", "ceo")).is_ok());
+        // Without the state the listing's pre-check cannot tell the level: both may.
+        assert!(may_decide(&tpl, 0, &decider("carol", "cfo")));
+        assert!(may_decide(&tpl, 0, &decider("cyrus", "ceo")));
+        assert!(!may_decide(&tpl, 0, &decider("dora", "ops")));
         // The first timer firing again is stale.
         assert_eq!(
             fire(&tpl, &info, &t.state, &first, 37 * HOUR).events[0].kind,

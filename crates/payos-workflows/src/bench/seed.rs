@@ -70,8 +70,9 @@ pub enum AgentMode {
     /// the CFO (the manager agent), and approves its step, retrying while the step is not
     /// waiting yet (`409 step_not_waiting`).
     Direct,
-    /// Each agent polls its pending inbox (`GET /v1/workflows/pending`). The inbox filters
-    /// eligibility per row, so a poll costs O(waiting approvals of the partner).
+    /// Each agent polls its pending inbox (`GET /v1/workflows/pending`). A poll scans the
+    /// partner's waiting approval steps up to its page and reads the instances of those whose
+    /// approvers name the agent.
     Inbox,
 }
 

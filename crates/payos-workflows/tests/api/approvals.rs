@@ -495,6 +495,82 @@ async fn pending_lists_per_actor(backend: Backend) {
     assert_eq!(theirs["data"][0]["instance_id"], json!(foreign));
 }
 
+/// Every page of `key`'s inbox, `limit` at a time: the instance ids in order.
+async fn whole_inbox(app: &TestApp, key: &str, limit: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => format!("/v1/workflows/pending?limit={limit}"),
+            Some(c) => format!("/v1/workflows/pending?limit={limit}&cursor={c}"),
+        };
+        let (s, b) = app.get(&path, key).await;
+        assert_eq!(s, 200, "{b}");
+        let page = b["data"].as_array().cloned().unwrap_or_default();
+        assert!(page.len() <= limit, "{b}");
+        ids.extend(
+            page.iter()
+                .map(|item| item["instance_id"].as_str().unwrap_or_default().to_string()),
+        );
+        match b["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return ids,
+        }
+    }
+}
+
+/// More waiting steps than the inbox reads per statement (200): an actor whose one step waits
+/// behind 200 that are not its own still finds it, and paging visits every waiting step once.
+async fn the_inbox_scans_past_steps_that_are_not_the_callers(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let p = app.partner("acme").await;
+    let tid = id(&app.create_template(&p.requester, PROCUREMENT).await);
+    let items: Vec<Value> = (0..201)
+        .map(|i| json!({"template_id": tid, "trigger": {"id": format!("tr_{i}"), "amount": 5000 + i}}))
+        .collect();
+    let (s, b) = app
+        .post(
+            "/v1/workflows/instances/batch",
+            &p.requester,
+            json!({"items": items}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let created: Vec<String> = b["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r["instance"]["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(created.len(), 201, "{b:#}");
+    for iid in &created {
+        waiting_at(&app, &p.requester, iid, 1).await;
+    }
+    // The first one moves on to the manager: its step waits behind the other 200 CFO steps.
+    assert_eq!(
+        decide(&app, &p.cfo, &created[0], "1", "approve", json!({}))
+            .await
+            .0,
+        200
+    );
+    waiting_at(&app, &p.requester, &created[0], 2).await;
+
+    assert_eq!(
+        whole_inbox(&app, &p.manager, 100).await,
+        [created[0].clone()]
+    );
+    let cfo = whole_inbox(&app, &p.cfo, 70).await;
+    assert_eq!(cfo.len(), 200);
+    let mut expected = created[1..].to_vec();
+    expected.sort();
+    let mut seen = cfo.clone();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, expected, "each waiting CFO step once");
+    assert!(whole_inbox(&app, &p.requester, 100).await.is_empty());
+}
+
 async fn bulk_with_mixed_results(backend: Backend) {
     let app = spawn_app(backend).await;
     let p = app.partner("acme").await;
@@ -638,6 +714,7 @@ crate::on_both_stores!(
     agents_decide_within_bounded_authority,
     every_decision_error_changes_nothing,
     pending_lists_per_actor,
+    the_inbox_scans_past_steps_that_are_not_the_callers,
     bulk_with_mixed_results,
     fifty_parallel_decisions_give_exactly_one,
 );
