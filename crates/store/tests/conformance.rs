@@ -534,7 +534,7 @@ async fn tenancy_is_enforced(store: Store) -> TestResult {
         store
             .get_instances("pa", &[&rec.info.id, "no-such-instance"])
             .await?,
-        [rec.clone()]
+        std::slice::from_ref(&rec)
     );
     assert!(store.get_template("pa", &t).await?.unwrap().active);
     Ok(())
