@@ -724,6 +724,7 @@ crate::on_distributed!(
     agents_decide_within_bounded_authority,
     every_decision_error_changes_nothing,
     pending_lists_per_actor,
+    the_inbox_scans_past_steps_that_are_not_the_callers,
     bulk_with_mixed_results,
     seed_walk_through_cfo_and_manager_to_the_action,
     rejection_at_each_stage,
