@@ -705,6 +705,60 @@ mod decisions {
         state
     }
 
+    fn gen_who() -> impl Strategy<Value = Approver> {
+        let name = prop::sample::select(vec!["carol", "frank", "bot"]);
+        prop_oneof![
+            prop::sample::select(vec!["cfo", "finance_manager", "ops"])
+                .prop_map(|r| Approver::Role(r.into())),
+            name.clone().prop_map(|n| Approver::User(n.into())),
+            name.prop_map(|n| Approver::Agent(n.into())),
+        ]
+    }
+
+    fn gen_decider() -> impl Strategy<Value = Decider> {
+        (
+            prop::sample::select(vec!["carol", "frank", "bot", "requester"]),
+            any::<bool>(),
+            prop::sample::subsequence(vec!["cfo", "finance_manager", "ops"], 0..3),
+        )
+            .prop_map(|(id, agent, roles)| {
+                let kind = if agent {
+                    ActorType::Agent
+                } else {
+                    ActorType::Human
+                };
+                decider(id, kind, &roles)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The inbox's pre-check without the state never rules out a decision the full check
+        /// allows: at the waiting step, for any approvers (bounded agents among them) and any
+        /// decider, either verdict.
+        #[test]
+        fn may_decide_allows_whatever_check_decision_allows(
+            whos in prop::collection::vec((gen_who(), prop::option::of(0.0f64..3000.0)), 1..4),
+            who in gen_decider(),
+            amount in 0i64..3000,
+            approve in any::<bool>(),
+        ) {
+            let entries = whos
+                .into_iter()
+                .map(|(who, max_amount)| ApproverEntry { who, max_amount, limit: None })
+                .collect();
+            let tpl = template(vec![approval_with(entries, 1, RejectPolicy::Any, false)]);
+            let info = info(json!({"id": "tr", "amount": amount}));
+            let (state, _) = run(&tpl, &info);
+            let verdict = if approve { Verdict::Approve } else { Verdict::Reject };
+            let proposal = Proposal { index: 0, decider: &who, verdict, comment: Some("-") };
+            if check_decision(&tpl, &info, &state, &proposal, &limits()).is_ok() {
+                prop_assert!(may_decide(&tpl, 0, &who));
+            }
+        }
+    }
+
     #[test]
     fn procurement_moves_through_cfo_then_manager_to_the_action() {
         let tpl = procurement();
