@@ -307,7 +307,7 @@ pub async fn pending(
                         .map(|rec| (rec.info.id.clone(), rec)),
                 );
             }
-            // Gone from the read: the instance moved on since the scan.
+            // Not read back: not the caller's partner's (the scan keeps to it, so never).
             let Some(instance) = instances.get(&w.instance_id) else {
                 continue;
             };
