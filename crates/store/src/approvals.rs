@@ -177,10 +177,7 @@ fn waiting_approvals_query(
         sql.push_str(&format!(" AND (s.started_at, s.instance_id) > ({t}, {i})"));
     }
     sql.push_str(" ORDER BY s.started_at ASC, s.instance_id ASC");
-    if filter.limit > 0 {
-        let p = args.push(Arg::Int(i64::from(filter.limit)));
-        sql.push_str(&format!(" LIMIT {p}"));
-    }
+    args.limit(&mut sql, filter.limit);
     (sql, args)
 }
 

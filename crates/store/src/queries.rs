@@ -51,6 +51,14 @@ impl Args {
         format!("${}", self.values.len())
     }
 
+    /// Append ` LIMIT $n` to `sql` for `limit`, where `0` means no limit.
+    pub(crate) fn limit(&mut self, sql: &mut String, limit: u32) {
+        if limit > 0 {
+            let p = self.push(Arg::Int(i64::from(limit)));
+            sql.push_str(&format!(" LIMIT {p}"));
+        }
+    }
+
     pub(crate) fn bind<'q>(&'q self, sql: &'q str) -> Query<'q, Any, AnyArguments<'q>> {
         let mut query = sqlx::query(sql);
         for value in &self.values {
@@ -317,10 +325,7 @@ impl Store {
             sql.push_str(&format!(" AND h.id < {p}"));
         }
         sql.push_str(" ORDER BY h.id DESC");
-        if filter.limit > 0 {
-            let p = args.push(Arg::Int(i64::from(filter.limit)));
-            sql.push_str(&format!(" LIMIT {p}"));
-        }
+        args.limit(&mut sql, filter.limit);
         let rows = args.bind(&sql).fetch_all(self.pool()).await?;
         rows.iter().map(template_from_row).collect()
     }
@@ -621,10 +626,7 @@ impl Store {
             sql.push_str(&format!(" AND id < {p}"));
         }
         sql.push_str(" ORDER BY id DESC");
-        if filter.limit > 0 {
-            let p = args.push(Arg::Int(i64::from(filter.limit)));
-            sql.push_str(&format!(" LIMIT {p}"));
-        }
+        args.limit(&mut sql, filter.limit);
         let rows = args.bind(&sql).fetch_all(self.pool()).await?;
         rows.iter().map(instance_from_row).collect()
     }
