@@ -163,12 +163,10 @@ fn waiting_approvals_query(
         args.push(Arg::Text(partner_id.to_string()))
     );
     if let Some(template_id) = &filter.template_id {
-        let p = args.push(Arg::Text(template_id.clone()));
-        sql.push_str(&format!(" AND i.template_id = {p}"));
+        args.and(&mut sql, "i.template_id =", Arg::Text(template_id.clone()));
     }
     if let Some(at_most) = filter.waiting_since_at_most {
-        let p = args.push(Arg::Int(at_most.0));
-        sql.push_str(&format!(" AND s.started_at <= {p}"));
+        args.and(&mut sql, "s.started_at <=", Arg::Int(at_most.0));
     }
     if let Some((since, id)) = &filter.after {
         let t = args.push(Arg::Int(since.0));

@@ -51,6 +51,12 @@ impl Args {
         format!("${}", self.values.len())
     }
 
+    /// Append ` AND <condition> $n` to `sql`, `$n` bound to `arg`.
+    pub(crate) fn and(&mut self, sql: &mut String, condition: &str, arg: Arg) {
+        let p = self.push(arg);
+        sql.push_str(&format!(" AND {condition} {p}"));
+    }
+
     /// Append ` LIMIT $n` to `sql` for `limit`, where `0` means no limit.
     pub(crate) fn limit(&mut self, sql: &mut String, limit: u32) {
         if limit > 0 {
@@ -313,16 +319,17 @@ impl Store {
             args.push(Arg::Text(partner_id.to_string()))
         );
         if let Some(trigger_type) = &filter.trigger_type {
-            let p = args.push(Arg::Text(trigger_type.clone()));
-            sql.push_str(&format!(" AND v.trigger_type = {p}"));
+            args.and(
+                &mut sql,
+                "v.trigger_type =",
+                Arg::Text(trigger_type.clone()),
+            );
         }
         if let Some(active) = filter.active {
-            let p = args.push(Arg::Int(i64::from(active)));
-            sql.push_str(&format!(" AND h.active = {p}"));
+            args.and(&mut sql, "h.active =", Arg::Int(i64::from(active)));
         }
         if let Some(before_id) = &filter.before_id {
-            let p = args.push(Arg::Text(before_id.clone()));
-            sql.push_str(&format!(" AND h.id < {p}"));
+            args.and(&mut sql, "h.id <", Arg::Text(before_id.clone()));
         }
         sql.push_str(" ORDER BY h.id DESC");
         args.limit(&mut sql, filter.limit);
@@ -606,24 +613,19 @@ impl Store {
             args.push(Arg::Text(partner_id.to_string()))
         );
         if let Some(status) = filter.status {
-            let p = args.push(Arg::Text(status.as_str().to_string()));
-            sql.push_str(&format!(" AND status = {p}"));
+            args.and(&mut sql, "status =", Arg::Text(status.as_str().to_string()));
         }
         if let Some(template_id) = &filter.template_id {
-            let p = args.push(Arg::Text(template_id.clone()));
-            sql.push_str(&format!(" AND template_id = {p}"));
+            args.and(&mut sql, "template_id =", Arg::Text(template_id.clone()));
         }
         if let Some(from) = filter.created_from {
-            let p = args.push(Arg::Int(from.0));
-            sql.push_str(&format!(" AND created_at >= {p}"));
+            args.and(&mut sql, "created_at >=", Arg::Int(from.0));
         }
         if let Some(to) = filter.created_to {
-            let p = args.push(Arg::Int(to.0));
-            sql.push_str(&format!(" AND created_at <= {p}"));
+            args.and(&mut sql, "created_at <=", Arg::Int(to.0));
         }
         if let Some(before_id) = &filter.before_id {
-            let p = args.push(Arg::Text(before_id.clone()));
-            sql.push_str(&format!(" AND id < {p}"));
+            args.and(&mut sql, "id <", Arg::Text(before_id.clone()));
         }
         sql.push_str(" ORDER BY id DESC");
         args.limit(&mut sql, filter.limit);
@@ -745,14 +747,10 @@ impl Store {
             active_statuses()
         );
         if let Some(after_id) = after_id {
-            let p = args.push(Arg::Text(after_id.to_string()));
-            sql.push_str(&format!(" AND id > {p}"));
+            args.and(&mut sql, "id >", Arg::Text(after_id.to_string()));
         }
         sql.push_str(" ORDER BY id ASC");
-        if limit > 0 {
-            let p = args.push(Arg::Int(i64::from(limit)));
-            sql.push_str(&format!(" LIMIT {p}"));
-        }
+        args.limit(&mut sql, limit);
         let rows = args.bind(&sql).fetch_all(self.pool()).await?;
         rows.iter().map(instance_from_row).collect()
     }
