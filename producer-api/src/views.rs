@@ -166,8 +166,8 @@ impl<'a> From<&'a StepExecution> for StepExecutionView<'a> {
             started_at: s.started_at.map(rfc3339),
             finished_at: s.finished_at.map(rfc3339),
             actor: s.actor.as_ref().map(ActorView::from),
-            input: s.input.as_ref(),
-            output: s.output.as_ref(),
+            input: s.input.as_deref(),
+            output: s.output.as_deref(),
             error: s.error.as_deref(),
         }
     }

@@ -163,7 +163,7 @@ impl EvalContext {
     /// name. Should a step be named like another step's index, the index wins.
     pub fn build(template: &Template, info: &InstanceInfo, state: &InstanceState) -> EvalContext {
         EvalContext {
-            trigger: info.trigger.clone(),
+            trigger: Value::clone(&info.trigger),
             steps: steps_root(template, state),
             instance: instance_root(info),
         }
@@ -177,7 +177,7 @@ fn steps_root(template: &Template, state: &InstanceState) -> Value {
     for exec in &state.steps {
         let entry = serde_json::json!({
             "status": serde_json::to_value(exec.status).unwrap_or(Value::Null),
-            "output": exec.output.clone().unwrap_or(Value::Null),
+            "output": exec.output.as_deref().cloned().unwrap_or(Value::Null),
             "error": exec.error.clone().map(Value::String).unwrap_or(Value::Null),
         });
         let name = template
@@ -1303,7 +1303,7 @@ mod tests {
             finished_at: None,
             actor: None,
             input: None,
-            output,
+            output: output.map(Arc::new),
             error: None,
             decisions: Vec::new(),
             escalations: 0,
@@ -1323,7 +1323,7 @@ mod tests {
                 id: "u-1".into(),
                 actor_type: ActorType::Human,
             },
-            trigger: json!({"id": "tr-1", "amount": 500}),
+            trigger: json!({"id": "tr-1", "amount": 500}).into(),
             mode: Default::default(),
         };
         let state = InstanceState {
@@ -1343,7 +1343,7 @@ mod tests {
             finished_at: None,
         };
         let ctx = EvalContext::build(&template, &info, &state);
-        assert_eq!(ctx.trigger, info.trigger);
+        assert_eq!(ctx.trigger, *info.trigger);
         assert_eq!(
             ctx.instance,
             json!({
@@ -1388,7 +1388,7 @@ mod tests {
                 id: "u-1".into(),
                 actor_type: ActorType::Agent,
             },
-            trigger,
+            trigger: trigger.into(),
             mode: Default::default(),
         }
     }

@@ -3,6 +3,8 @@
 //! This is the whole of an instance's mutable state; the store persists it as a document and the
 //! state machine ([`crate::machine`]) is the only code that changes it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -144,9 +146,11 @@ pub struct StepExecution {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     pub actor: Option<ActorRef>,
-    /// The step's config with its `{{ }}` placeholders rendered, as the step saw it.
-    pub input: Option<Value>,
-    pub output: Option<Value>,
+    /// The step's config with its `{{ }}` placeholders rendered, as the step saw it. Input and
+    /// output are shared, not copied, by every clone of the record (the instance cache, the
+    /// store's step mirror, the API's answer) and by the effects and events that carry them.
+    pub input: Option<Arc<Value>>,
+    pub output: Option<Arc<Value>>,
     pub error: Option<String>,
     /// Approval decisions, in the order they were accepted (approval steps only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -254,7 +258,8 @@ pub struct InstanceInfo {
     pub template_version: i64,
     pub created_at: Timestamp,
     pub created_by: ActorRef,
-    pub trigger: Value,
+    /// Shared by every clone of the instance's record, as step inputs and outputs are.
+    pub trigger: Arc<Value>,
     pub mode: RunMode,
 }
 

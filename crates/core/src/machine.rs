@@ -15,6 +15,7 @@
 //!   running) or `waiting` with `waiting_on` naming what it waits for.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -95,7 +96,7 @@ pub enum Effect {
     /// Store a timer with this transition; the scheduler fires it when due.
     ScheduleTimer(TimerSpec),
     /// Call out for action step `index` with its rendered `input` (the action pool does it).
-    PerformAction { index: usize, input: Value },
+    PerformAction { index: usize, input: Arc<Value> },
     /// Queue a notification delivery with this transition (the delivery pool sends it).
     Notify(NotificationSpec),
 }
@@ -204,7 +205,7 @@ pub fn start(template: &Template, info: &InstanceInfo, now: Timestamp) -> Transi
             json!({"status": "running", "template_id": info.template_id,
                 "template_version": info.template_version}),
             "trigger",
-            info.trigger.clone(),
+            Value::clone(&info.trigger),
         ),
         reason: None,
     }];
@@ -454,12 +455,6 @@ fn execute_step(
             });
         }
     };
-    if let Some(exec) = next.execution_mut(index) {
-        exec.status = StepStatus::Running;
-        exec.started_at = Some(now);
-        exec.actor = Some(actor.clone());
-        exec.input = Some(input.clone());
-    }
     events.push(Event {
         actor: actor.clone(),
         kind: "step.started",
@@ -471,6 +466,13 @@ fn execute_step(
         ),
         reason: None,
     });
+    let input = Arc::new(input);
+    if let Some(exec) = next.execution_mut(index) {
+        exec.status = StepStatus::Running;
+        exec.started_at = Some(now);
+        exec.actor = Some(actor.clone());
+        exec.input = Some(Arc::clone(&input));
+    }
 
     match started {
         Started::Condition(cfg, outcome) => match outcome {
@@ -513,7 +515,7 @@ fn execute_step(
             next.waiting_on = Some(action::action_in_flight(cfg, index, now));
             let input = action::for_mode(input, info.mode);
             if let Some(exec) = next.execution_mut(index) {
-                exec.input = Some(input.clone());
+                exec.input = Some(Arc::clone(&input));
             }
             effects.push(Effect::PerformAction { index, input });
         }
@@ -660,7 +662,7 @@ fn complete_step(
     if let Some(exec) = state.execution_mut(index) {
         exec.status = StepStatus::Completed;
         exec.finished_at = Some(now);
-        exec.output = Some(output.clone());
+        exec.output = Some(Arc::new(output.clone()));
     }
     events.push(Event {
         actor: actor.clone(),
@@ -728,7 +730,7 @@ pub(crate) fn end_step_by_route(
     match route {
         Route::Fail => {
             if let Some(exec) = state.execution_mut(index) {
-                exec.output = Some(output);
+                exec.output = Some(Arc::new(output));
             }
             fail_step(state, index, now, failure, actor.clone(), events);
         }

@@ -882,7 +882,7 @@ mod tests {
                 id: "rita".into(),
                 actor_type: ActorType::Human,
             },
-            trigger: serde_json::json!({}),
+            trigger: serde_json::json!({}).into(),
             mode: RunMode::Live,
         };
         let state = |status: &str, steps: &[(usize, &str)]| -> InstanceState {

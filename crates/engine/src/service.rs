@@ -285,8 +285,8 @@ pub struct ActionTask {
     pub partner_id: String,
     pub instance_id: String,
     pub step_index: usize,
-    /// The step's rendered config: `action`, `params`, ...
-    pub input: Value,
+    /// The step's rendered config: `action`, `params`, ... (shared with the step's record).
+    pub input: Arc<Value>,
     pub max_attempts: u32,
 }
 
@@ -894,7 +894,7 @@ impl Engine {
             template_version: version,
             created_at: now,
             created_by: actor.clone(),
-            trigger,
+            trigger: Arc::new(trigger),
             mode,
         };
         let t = machine::start(template, &info, now);
@@ -935,7 +935,9 @@ impl Engine {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(StoreError::TemplateChanged { .. }) => {
-                return Err(Refused::HeadMoved(instance.info.trigger))
+                return Err(Refused::HeadMoved(Arc::unwrap_or_clone(
+                    instance.info.trigger,
+                )))
             }
             Err(e) => return Err(Refused::Error(e.into())),
         };
@@ -1558,7 +1560,7 @@ fn check_same_request(
     key: &str,
 ) -> Result<StartOutcome, EngineError> {
     if existing.info.template_id != template_id
-        || &existing.info.trigger != trigger
+        || *existing.info.trigger != *trigger
         || existing.info.mode != mode
     {
         return Err(EngineError::IdempotencyMismatch {

@@ -20,7 +20,7 @@ pub fn instance() -> InstanceRecord {
                 id: "u".into(),
                 actor_type: ActorType::Human,
             },
-            trigger: json!({}),
+            trigger: json!({}).into(),
             mode: Default::default(),
         },
         idempotency_key: None,

@@ -1065,7 +1065,7 @@ mod tests {
             started_at: Some(Timestamp(1_000)),
             finished_at: None,
             actor: None,
-            input: Some(json!({ "amount": index })),
+            input: Some(json!({ "amount": index }).into()),
             output: None,
             error: None,
             decisions: vec![],
@@ -1108,7 +1108,7 @@ mod tests {
             next.state.current_step = Some(from as usize);
             if let Some(second) = next.state.steps.get_mut(1) {
                 second.status = workflow_core::StepStatus::Completed;
-                second.output = Some(json!({ "from": from }));
+                second.output = Some(json!({ "from": from }).into());
             }
             InstanceCommit {
                 rec: next,
@@ -1419,7 +1419,7 @@ mod tests {
                 finished_at: Some(Timestamp(2_000)),
                 actor: None,
                 input: None,
-                output: Some(json!(true)),
+                output: Some(json!(true).into()),
                 error: None,
                 decisions: vec![],
                 escalations: 0,

@@ -146,7 +146,7 @@ mod tests {
 
     fn instance(n: u64) -> InstanceRecord {
         let mut rec = crate::fixtures::instance();
-        rec.info.trigger = json!({ "n": n });
+        rec.info.trigger = json!({ "n": n }).into();
         rec
     }
 
@@ -201,7 +201,7 @@ mod tests {
                 Some(n) => {
                     let (rec, head) = read.ok_or("an existing instance is found")?;
                     assert_eq!(rec.info.id, recs[n].info.id);
-                    assert_eq!(rec.info.trigger, json!({ "n": n }));
+                    assert_eq!(*rec.info.trigger, json!({ "n": n }));
                     assert_eq!(head.map(|(seq, _)| seq), (n % 2 == 0).then_some(2), "{n}");
                 }
             }

@@ -113,7 +113,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             actor: None,
-            input: Some(json!({"amount": 500})),
+            input: Some(json!({"amount": 500}).into()),
             output: None,
             error: None,
             decisions: Vec::new(),

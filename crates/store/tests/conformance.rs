@@ -98,7 +98,7 @@ fn step(index: usize, status: StepStatus) -> StepExecution {
         started_at: Some(Timestamp(4_000)),
         finished_at: None,
         actor: Some(actor()),
-        input: Some(json!({"approvers": ["a", "b"]})),
+        input: Some(json!({"approvers": ["a", "b"]}).into()),
         output: None,
         error: None,
         decisions: Vec::new(),
@@ -115,7 +115,7 @@ fn instance(partner_id: &str, template_id: &str, key: Option<&str>) -> InstanceR
             template_version: 1,
             created_at: Timestamp(5_000),
             created_by: actor(),
-            trigger: json!({"amount": 100.25, "currency": "EUR"}),
+            trigger: json!({"amount": 100.25, "currency": "EUR"}).into(),
             mode: Default::default(),
         },
         idempotency_key: key.map(str::to_string),
@@ -153,7 +153,7 @@ fn advanced(rec: &InstanceRecord, status: InstanceStatus) -> InstanceRecord {
     if let Some(s) = next.state.execution_mut(0) {
         s.status = StepStatus::Completed;
         s.finished_at = Some(Timestamp(6_000));
-        s.output = Some(json!({"approved": true}));
+        s.output = Some(json!({"approved": true}).into());
     }
     next.state.steps.push(step(1, StepStatus::Waiting));
     next.updated_at = Timestamp(6_000);
@@ -904,7 +904,7 @@ async fn the_step_mirror_follows_every_commit(store: Store, url: &str) -> TestRe
         // The first step completes and a second starts.
         |r| {
             r.state.steps[0].status = StepStatus::Completed;
-            r.state.steps[0].output = Some(json!({"ok": true}));
+            r.state.steps[0].output = Some(json!({"ok": true}).into());
             r.state.steps.push(step(1, StepStatus::Running));
         },
         // Only the second changes.
@@ -929,7 +929,7 @@ async fn the_step_mirror_follows_every_commit(store: Store, url: &str) -> TestRe
     let mut next = rec.clone();
     next.version += 1;
     next.state.steps[1].status = StepStatus::Completed;
-    next.state.steps[1].output = Some(json!({"by": "the other handle"}));
+    next.state.steps[1].output = Some(json!({"by": "the other handle"}).into());
     other.commit_instance(&next, rec.version, &[], &[]).await?;
     rec = next;
     let mut next = rec.clone();

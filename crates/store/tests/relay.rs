@@ -28,7 +28,7 @@ fn message(key: &str, topic: &str, n: usize) -> OutboxMessage {
 
 fn instance() -> InstanceRecord {
     let mut rec = workflow_store::fixtures::instance();
-    rec.info.trigger = json!({"amount": 1});
+    rec.info.trigger = json!({"amount": 1}).into();
     rec.state.current_step = Some(0);
     rec
 }

@@ -15,6 +15,7 @@
 //! [`Command::ActionResult`]: super::Command::ActionResult
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -39,11 +40,11 @@ const TRANSFER_ACTIONS: [&str; 2] = ["execute_transfer", "cancel_transfer"];
 
 /// The call to make for this run mode: a simulated instance sends every transfer action to the
 /// simulation endpoint instead, and its input says so (`simulated_action`).
-pub(crate) fn for_mode(mut input: Value, mode: RunMode) -> Value {
+pub(crate) fn for_mode(mut input: Arc<Value>, mode: RunMode) -> Arc<Value> {
     if mode != RunMode::Simulate {
         return input;
     }
-    if let Value::Object(map) = &mut input {
+    if let Value::Object(map) = Arc::make_mut(&mut input) {
         let action = map
             .get("action")
             .and_then(Value::as_str)
@@ -201,7 +202,7 @@ pub(crate) fn apply_late_result(
     };
     let mut next = state.into_owned();
     if let Some(exec) = next.execution_mut(index) {
-        exec.output = Some(output);
+        exec.output = Some(Arc::new(output));
     }
     Ok(Transition {
         state: next,
@@ -225,15 +226,19 @@ mod tests {
 
     #[test]
     fn simulation_mode_routes_transfer_actions_to_the_simulation_endpoint() {
-        let input = json!({"action": "execute_transfer", "params": {"transfer_id": "t"}});
-        assert_eq!(for_mode(input.clone(), RunMode::Live), input);
+        let input = Arc::new(json!({"action": "execute_transfer", "params": {"transfer_id": "t"}}));
+        let live = for_mode(Arc::clone(&input), RunMode::Live);
+        assert!(
+            Arc::ptr_eq(&live, &input),
+            "a live input is shared, not copied"
+        );
         assert_eq!(
-            for_mode(input, RunMode::Simulate),
+            *for_mode(input, RunMode::Simulate),
             json!({"action": "simulate_transfer", "simulated_action": "execute_transfer", "params": {"transfer_id": "t"}})
         );
-        let http = json!({"action": "http", "params": {"url": "https://x.test"}});
+        let http = Arc::new(json!({"action": "http", "params": {"url": "https://x.test"}}));
         assert_eq!(
-            for_mode(http.clone(), RunMode::Simulate),
+            for_mode(Arc::clone(&http), RunMode::Simulate),
             http,
             "only transfer actions are simulated"
         );

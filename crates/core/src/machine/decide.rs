@@ -5,6 +5,7 @@
 //! decision and moves the step on when quorum (or the rejection threshold) is reached.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -320,7 +321,7 @@ pub(crate) fn apply_decision(
         if let Some(exec) = next.execution_mut(index) {
             exec.status = StepStatus::Rejected;
             exec.finished_at = Some(now);
-            exec.output = Some(json!({"decision": "rejected", "detail": output}));
+            exec.output = Some(Arc::new(json!({"decision": "rejected", "detail": output})));
         }
         finish(
             &mut next,

@@ -19,7 +19,7 @@ fn info(trigger: Value) -> InstanceInfo {
         template_version: 1,
         created_at: Timestamp(0),
         created_by: human("requester"),
-        trigger,
+        trigger: trigger.into(),
         mode: Default::default(),
     }
 }
@@ -166,13 +166,15 @@ fn small_procurement_skips_both_approvals_and_waits_at_the_action() {
     let waiting = state.waiting_on.as_ref().map(|w| w.kind.as_str());
     assert_eq!(waiting, Some("action"));
     // The action's params were rendered from the trigger.
-    let input = state.execution(3).and_then(|e| e.input.clone());
+    let input = state.execution(3).and_then(|e| e.input.as_deref().cloned());
     assert_eq!(
         input,
         Some(json!({"action": "execute_transfer", "params": {"transfer_id": "tr_1"}}))
     );
     assert_eq!(
-        state.execution(0).and_then(|e| e.output.clone()),
+        state
+            .execution(0)
+            .and_then(|e| e.output.as_deref().cloned()),
         Some(json!({"result": true, "route": "skip_to:3"}))
     );
     assert!(events.iter().any(|e| e.kind == "step.skipped"));
@@ -1271,7 +1273,9 @@ mod timed {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            t.state.execution(0).and_then(|e| e.output.clone()),
+            t.state
+                .execution(0)
+                .and_then(|e| e.output.as_deref().cloned()),
             Some(json!({"rate": 1.08}))
         );
         assert_eq!(t.state.current_step, Some(1));
@@ -1403,7 +1407,7 @@ mod actions {
 
     fn executed(out: &Transition) -> Option<Value> {
         out.effects.iter().find_map(|e| match e {
-            Effect::PerformAction { input, .. } => Some(input.clone()),
+            Effect::PerformAction { input, .. } => Some(Value::clone(input)),
             Effect::Dispatch { .. } | Effect::ScheduleTimer(_) | Effect::Notify(_) => None,
         })
     }

@@ -10,6 +10,7 @@
 //! [`Command::TimerFired`]: super::Command::TimerFired
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -436,7 +437,7 @@ fn approval_timeout(
         if let Some(exec) = state.execution_mut(index) {
             exec.status = StepStatus::Rejected;
             exec.finished_at = Some(now);
-            exec.output = Some(json!({"decision": "timed_out"}));
+            exec.output = Some(Arc::new(json!({"decision": "timed_out"})));
         }
         finish(
             state,
