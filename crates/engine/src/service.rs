@@ -22,7 +22,7 @@ use workflow_store::recent::Recent;
 use workflow_store::records::{
     AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord, TimerRecord,
 };
-use workflow_store::{CreateOutcome, Store, StoreError};
+use workflow_store::{CreateOutcome, InstanceCommit, Store, StoreError};
 
 use crate::clock::Clock;
 use crate::error::EngineError;
@@ -1414,20 +1414,23 @@ impl Engine {
                 message: None,
                 decided_at: now,
             });
-            match self
-                .store
-                .commit_transition(
-                    &next,
-                    current.version,
-                    &outbox,
-                    &audit,
-                    &timers,
-                    &deliveries,
-                    outcome.as_ref(),
-                )
-                .await
-            {
-                Ok(()) => {
+            // Moved into the commit and handed back: nothing of it is copied for the store.
+            let commit = InstanceCommit {
+                rec: next,
+                expected_version: current.version,
+                outbox,
+                audit,
+                timers,
+                deliveries,
+                decision: outcome,
+            };
+            match self.store.commit_owned(commit).await {
+                Ok(InstanceCommit {
+                    rec: next,
+                    outbox,
+                    timers,
+                    ..
+                }) => {
                     // The cache first: the outbox's commands may reach a pool at once.
                     let rec = match taken {
                         Some(taken) => {

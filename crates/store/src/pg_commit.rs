@@ -91,10 +91,10 @@ impl Gather {
 
 /// Writes queued for the task, and where their answers go.
 enum Job {
-    /// Commits that must share a group.
+    /// Commits that must share a group; answered with each commit handed back.
     Commits {
         commits: Vec<InstanceCommit>,
-        reply: oneshot::Sender<Vec<Result<(), StoreError>>>,
+        reply: oneshot::Sender<Vec<Answer>>,
     },
     /// A new instance.
     Create {
@@ -102,6 +102,11 @@ enum Job {
         reply: oneshot::Sender<Created>,
     },
 }
+
+/// A commit's answer, with the commit handed back: its caller moved it in (a copy of every
+/// audit event's documents and of the state cost the pools ~5 % of their CPU) and may still
+/// need its record and messages.
+pub(crate) type Answer = (Result<(), StoreError>, InstanceCommit);
 
 /// What the group did with a create.
 #[derive(Debug)]
@@ -296,13 +301,27 @@ impl PgCommitter {
     /// one answer per commit, in order.
     pub(crate) async fn submit(&self, commits: Vec<InstanceCommit>) -> Vec<Result<(), StoreError>> {
         let count = commits.len();
-        let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job::Commits { commits, reply }).is_err() {
-            return (0..count).map(|_| Err(closed())).collect();
-        }
-        answer
+        let mut results: Vec<_> = self
+            .submit_owned(commits)
             .await
-            .unwrap_or_else(|_| (0..count).map(|_| Err(closed())).collect())
+            .into_iter()
+            .map(|(result, _)| result)
+            .collect();
+        results.resize_with(count, || Err(closed()));
+        results
+    }
+
+    /// [`PgCommitter::submit`], each answer with its commit handed back; none when the task
+    /// ended while the commits waited (the process is stopping).
+    pub(crate) async fn submit_owned(&self, commits: Vec<InstanceCommit>) -> Vec<Answer> {
+        let (reply, answer) = oneshot::channel();
+        match self.jobs.send(Job::Commits { commits, reply }) {
+            Err(mpsc::error::SendError(Job::Commits { commits, .. })) => {
+                commits.into_iter().map(|c| (Err(closed()), c)).collect()
+            }
+            Err(_) => Vec::new(),
+            Ok(()) => answer.await.unwrap_or_default(),
+        }
     }
 
     /// Queue a create and wait until the transaction holding it committed (or the group
@@ -394,10 +413,10 @@ async fn run(
         for batch in batches(&commits) {
             results.extend(write_batch(&pool, batch, &known).await);
         }
-        let mut results = results.into_iter();
+        let mut answers = results.into_iter().zip(commits);
         for (reply, count) in replies {
             // The caller may have gone away (its request was dropped): nothing to tell.
-            let _ = reply.send(results.by_ref().take(count).collect());
+            let _ = reply.send(answers.by_ref().take(count).collect());
         }
         free_since = Instant::now();
         gather.observe(idle, free_since - writing_since);
