@@ -22,7 +22,7 @@ use workflow_store::recent::Recent;
 use workflow_store::records::{
     AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TemplateRecord, TimerRecord,
 };
-use workflow_store::{CreateOutcome, InstanceCommit, Store, StoreError};
+use workflow_store::{CreateOutcome, InstanceCommit, NewInstance, Store, StoreError};
 
 use crate::clock::Clock;
 use crate::error::EngineError;
@@ -923,21 +923,20 @@ impl Engine {
             updated_at: now,
             version: 1,
         };
-        let outcome = if at_head {
-            self.store
-                .create_instance_at_head(&instance, &outbox, &audit, &timers, &deliveries)
-                .await
-        } else {
-            self.store
-                .create_instance_with(&instance, &outbox, &audit, &timers, &deliveries)
-                .await
+        // What is needed after the create; the record, its events and deliveries move in.
+        let trigger = Arc::clone(&instance.info.trigger);
+        let new = NewInstance {
+            rec: instance,
+            outbox: outbox.clone(),
+            audit,
+            timers: timers.clone(),
+            deliveries,
+            at_head,
         };
-        let outcome = match outcome {
+        let outcome = match self.store.create_owned(new).await {
             Ok(outcome) => outcome,
             Err(StoreError::TemplateChanged { .. }) => {
-                return Err(Refused::HeadMoved(Arc::unwrap_or_clone(
-                    instance.info.trigger,
-                )))
+                return Err(Refused::HeadMoved(Arc::unwrap_or_clone(trigger)))
             }
             Err(e) => return Err(Refused::Error(e.into())),
         };
@@ -957,7 +956,7 @@ impl Engine {
             // Lost a race with an identical request: answer as the idempotent replay it is.
             CreateOutcome::Existing(existing) => match idempotency_key {
                 Some(key) => {
-                    check_same_request(existing, template_id, &instance.info.trigger, mode, key)
+                    check_same_request(existing, template_id, &trigger, mode, key)
                         .map_err(Refused::Error)
                 }
                 None => Ok(StartOutcome {

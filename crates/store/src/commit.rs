@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::notifications::NewDelivery;
 use crate::queries::write_instance_commit;
 use crate::records::{AuditDraft, DecisionOutcome, InstanceRecord, OutboxMessage, TimerRecord};
-use crate::sqlite_writer::{CreateParts, Done, Encoded, Pending, SqliteWriter, Write, Written};
+use crate::sqlite_writer::{Done, Encoded, NewInstance, Pending, SqliteWriter, Write, Written};
 use crate::step_mirror::{step_mirror, worth_remembering, KnownSteps};
 use crate::{begin_on, Backend, CreateOutcome, Store, StoreError};
 
@@ -266,11 +266,11 @@ impl Committer {
         }
     }
 
-    /// Create one instance (see [`Store::create_instance_at_head`]), encoded from the caller's
-    /// borrowed parts; only the record is copied, to be the answer.
-    pub(crate) async fn create(&self, parts: CreateParts<'_>) -> Result<Written, StoreError> {
-        let write = Encoded::create_from(parts)?;
-        let pending = Pending::Created(Box::new(parts.rec.clone()));
+    /// Create one instance (see [`Store::create_owned`]); its record, moved in, is the answer.
+    pub(crate) async fn create(&self, new: NewInstance) -> Result<Written, StoreError> {
+        let write = Encoded::create_from(new.parts())?;
+        // Encoded: the rest of it is not needed, the record is the answer.
+        let pending = Pending::Created(Box::new(new.rec));
         match self.send(vec![write]).await.pop() {
             Some(result) => self.answered(result, pending),
             None => Err(closed()),

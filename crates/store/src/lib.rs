@@ -67,6 +67,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 
 pub use commit::InstanceCommit;
+pub use sqlite_writer::NewInstance;
 pub use error::StoreError;
 pub use listen::{DecisionListener, DecisionSignal, DECISION_OUTCOMES_CHANNEL};
 pub use notifications::{

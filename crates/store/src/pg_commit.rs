@@ -96,10 +96,10 @@ enum Job {
         commits: Vec<InstanceCommit>,
         reply: oneshot::Sender<Vec<Answer>>,
     },
-    /// A new instance.
+    /// A new instance; answered with it handed back.
     Create {
         new: Box<NewInstance>,
-        reply: oneshot::Sender<Created>,
+        reply: oneshot::Sender<(Created, Box<NewInstance>)>,
     },
 }
 
@@ -325,20 +325,19 @@ impl PgCommitter {
     }
 
     /// Queue a create and wait until the transaction holding it committed (or the group
-    /// failed, or the task is gone: [`Created::Alone`]).
-    pub(crate) async fn create(&self, new: NewInstance) -> Created {
+    /// failed, or the task is gone: [`Created::Alone`]); the create is handed back with the
+    /// answer. `None` if the task ended while the create waited (the process is stopping).
+    pub(crate) async fn create(&self, new: NewInstance) -> Option<(Created, NewInstance)> {
         let (reply, answer) = oneshot::channel();
-        if self
-            .jobs
-            .send(Job::Create {
-                new: Box::new(new),
-                reply,
-            })
-            .is_err()
-        {
-            return Created::Alone;
+        let job = Job::Create {
+            new: Box::new(new),
+            reply,
+        };
+        match self.jobs.send(job) {
+            Err(mpsc::error::SendError(Job::Create { new, .. })) => Some((Created::Alone, *new)),
+            Err(_) => None,
+            Ok(()) => answer.await.ok().map(|(created, new)| (created, *new)),
         }
-        answer.await.unwrap_or(Created::Alone)
     }
 }
 
@@ -405,8 +404,8 @@ async fn run(
         if !creates.is_empty() {
             let (news, reply_to): (Vec<_>, Vec<_>) = creates.into_iter().unzip();
             let answers = write_creates(&pool, &news, &known).await;
-            for (reply, answer) in reply_to.into_iter().zip(answers) {
-                let _ = reply.send(answer);
+            for ((reply, answer), new) in reply_to.into_iter().zip(answers).zip(news) {
+                let _ = reply.send((answer, Box::new(new)));
             }
         }
         let mut results = Vec::with_capacity(commits.len());

@@ -18,7 +18,7 @@ use workflow_core::{InstanceState, InstanceStatus, Timestamp};
 use crate::audit_blocks;
 use crate::error::{is_foreign_key_violation, is_unique_violation};
 use crate::records::*;
-use crate::{Backend, CreateOutcome, Store, StoreError};
+use crate::{Backend, CreateOutcome, NewInstance, Store, StoreError};
 
 /// Most ids one `DELETE ... IN (...)` names; keeps well under every backend's parameter limit.
 const DELETE_CHUNK: usize = 500;
@@ -423,35 +423,54 @@ impl Store {
         deliveries: &[crate::NewDelivery],
         at_head: bool,
     ) -> Result<CreateOutcome, StoreError> {
-        let new = || crate::sqlite_writer::NewInstance {
+        self.create_owned(NewInstance {
             rec: rec.clone(),
             outbox: outbox.to_vec(),
             audit: audit.to_vec(),
             timers: timers.to_vec(),
             deliveries: deliveries.to_vec(),
             at_head,
-        };
+        })
+        .await
+    }
+
+    /// [`Store::create_instance_with`] (or [`Store::create_instance_at_head`] when
+    /// `new.at_head`) of a create moved in: the record comes back in
+    /// [`CreateOutcome::Created`], and nothing is copied on the way (PostgreSQL's
+    /// group-commit task owns what it queues; SQLite's committer keeps the record until the
+    /// create is answered).
+    pub async fn create_owned(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
         if let Some(committer) = &self.committer {
-            let parts = crate::sqlite_writer::CreateParts {
-                rec,
-                outbox,
-                audit,
-                timers,
-                deliveries,
-                at_head,
-            };
-            return match committer.create(parts).await? {
+            return match committer.create(new).await? {
                 crate::sqlite_writer::Written::Created(outcome) => Ok(*outcome),
                 crate::sqlite_writer::Written::Committed => Err(StoreError::corrupt(
                     "the committer answered a create with a commit",
                 )),
             };
         }
-        if let Some(committer) = &self.pg_committer {
-            if let crate::pg_commit::Created::Written = committer.create(new()).await {
-                return Ok(CreateOutcome::Created(rec.clone()));
-            }
-        }
+        let new = match &self.pg_committer {
+            Some(committer) => match committer.create(new).await {
+                Some((crate::pg_commit::Created::Written, new)) => {
+                    return Ok(CreateOutcome::Created(new.rec))
+                }
+                Some((crate::pg_commit::Created::Alone, new)) => new,
+                None => return Err(StoreError::Database(sqlx::Error::PoolClosed)),
+            },
+            None => new,
+        };
+        self.create_alone(new).await
+    }
+
+    /// A create in a transaction of its own.
+    async fn create_alone(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
+        let NewInstance {
+            rec,
+            outbox,
+            audit,
+            timers,
+            deliveries,
+            at_head,
+        } = new;
         let info = &rec.info;
         let mut tx = self.begin_write().await?;
         if at_head {
@@ -486,7 +505,7 @@ impl Store {
             "{INSERT_INSTANCE} VALUES {} ON CONFLICT (partner_id, idempotency_key) DO NOTHING",
             values_placeholders(1, INSTANCE_WIDTH)
         );
-        let inserted = bind_instance(sqlx::query(&sql), rec)?
+        let inserted = bind_instance(sqlx::query(&sql), &rec)?
             .execute(&mut *tx)
             .await;
         let inserted = match inserted {
@@ -506,17 +525,17 @@ impl Store {
                 }),
             };
         }
-        upsert_steps(&mut tx, &[rec]).await?;
-        insert_outbox(&mut tx, outbox).await?;
-        crate::timers::insert_timers(&mut tx, timers).await?;
-        crate::notifications::insert_deliveries(&mut tx, deliveries).await?;
+        upsert_steps(&mut tx, &[&rec]).await?;
+        insert_outbox(&mut tx, &outbox).await?;
+        crate::timers::insert_timers(&mut tx, &timers).await?;
+        crate::notifications::insert_deliveries(&mut tx, &deliveries).await?;
         let events: Vec<_> = audit
             .iter()
             .map(|d| (info.partner_id.as_str(), d))
             .collect();
         append_audits(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(CreateOutcome::Created(rec.clone()))
+        Ok(CreateOutcome::Created(rec))
     }
 
     pub async fn get_instance(

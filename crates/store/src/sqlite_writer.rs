@@ -45,16 +45,30 @@ use crate::{CreateOutcome, StoreError, SQLITE_BUSY_TIMEOUT_MS, SQLITE_PRAGMAS};
 const WRITER_CACHE_SIZE: &str = "PRAGMA cache_size = -2048";
 
 /// A new instance with the outbox messages, audit events, timers and notification deliveries
-/// of its creation.
+/// of its creation: what [`crate::Store::create_owned`] takes.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct NewInstance {
-    pub(crate) rec: InstanceRecord,
-    pub(crate) outbox: Vec<OutboxMessage>,
-    pub(crate) audit: Vec<AuditDraft>,
-    pub(crate) timers: Vec<TimerRecord>,
-    pub(crate) deliveries: Vec<NewDelivery>,
+pub struct NewInstance {
+    pub rec: InstanceRecord,
+    pub outbox: Vec<OutboxMessage>,
+    pub audit: Vec<AuditDraft>,
+    pub timers: Vec<TimerRecord>,
+    pub deliveries: Vec<NewDelivery>,
     /// Write only if the template's head is still `rec`'s version, and active.
-    pub(crate) at_head: bool,
+    pub at_head: bool,
+}
+
+impl NewInstance {
+    /// This create's parts, borrowed.
+    pub(crate) fn parts(&self) -> CreateParts<'_> {
+        CreateParts {
+            rec: &self.rec,
+            outbox: &self.outbox,
+            audit: &self.audit,
+            timers: &self.timers,
+            deliveries: &self.deliveries,
+            at_head: self.at_head,
+        }
+    }
 }
 
 /// [`NewInstance`]'s parts, borrowed from the caller.
