@@ -955,10 +955,8 @@ impl Engine {
             }
             // Lost a race with an identical request: answer as the idempotent replay it is.
             CreateOutcome::Existing(existing) => match idempotency_key {
-                Some(key) => {
-                    check_same_request(existing, template_id, &trigger, mode, key)
-                        .map_err(Refused::Error)
-                }
+                Some(key) => check_same_request(existing, template_id, &trigger, mode, key)
+                    .map_err(Refused::Error),
                 None => Ok(StartOutcome {
                     instance: existing,
                     created: false,

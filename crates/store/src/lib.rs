@@ -67,7 +67,6 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 
 pub use commit::InstanceCommit;
-pub use sqlite_writer::NewInstance;
 pub use error::StoreError;
 pub use listen::{DecisionListener, DecisionSignal, DECISION_OUTCOMES_CHANNEL};
 pub use notifications::{
@@ -77,6 +76,7 @@ pub use notifications::{
 pub use records::*;
 pub use relay::{EventLaneLeader, RelayPass};
 pub use sandbox::{SandboxRecordOutcome, SandboxTransferRecord};
+pub use sqlite_writer::NewInstance;
 
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
