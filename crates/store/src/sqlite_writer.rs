@@ -18,6 +18,7 @@
 //! one written there; the store's conformance suites run both paths.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -232,13 +233,9 @@ enum HashInput {
     /// The canonical JSON (`workflow_core::audit`'s: keys sorted at every level, compact) of
     /// the content is `head + after + mid + before + tail + seq + end`: `after` and `before`
     /// are the columns' own JSON, which is canonical when serde_json's maps iterate in key
-    /// order (they do unless its `preserve_order` feature is on).
-    Prepared {
-        head: Vec<u8>,
-        mid: Vec<u8>,
-        tail: Vec<u8>,
-        end: Vec<u8>,
-    },
+    /// order (they do unless its `preserve_order` feature is on). The four pieces are one
+    /// buffer, `cuts` the ends of the first three (one allocation an event, not four).
+    Prepared { pieces: Vec<u8>, cuts: [usize; 3] },
     /// serde_json keeps insertion order in this build: hash from the draft itself.
     Draft {
         partner_id: String,
@@ -400,30 +397,32 @@ fn audit_row(partner_id: &str, draft: &AuditDraft) -> Result<AuditRow, StoreErro
         // document; pinned by `prepared_hash_is_the_chain_hash` below.
         // Written straight into the buffers: a `to_json` string per value was ~8 allocations
         // an event, and a commit appends several events per instance.
-        let mut head = Vec::with_capacity(64 + draft.actor.id.len());
-        head.extend_from_slice(b"{\"actor\":{\"id\":");
-        push_json(&mut head, &draft.actor.id)?;
-        head.extend_from_slice(b",\"type\":");
-        push_json(&mut head, &draft.actor.actor_type)?;
-        head.extend_from_slice(b"},\"after\":");
-        let mid = format!(",\"at\":{},\"before\":", draft.at.0).into_bytes();
-        let mut tail = Vec::with_capacity(96 + partner_id.len());
-        tail.extend_from_slice(b",\"kind\":");
-        push_json(&mut tail, &draft.kind)?;
-        tail.extend_from_slice(b",\"partner_id\":");
-        push_json(&mut tail, &partner_id)?;
-        tail.extend_from_slice(b",\"reason\":");
-        push_json(&mut tail, &draft.reason)?;
-        tail.extend_from_slice(b",\"seq\":");
-        let mut end = Vec::with_capacity(16 + draft.stream.len());
-        end.extend_from_slice(b",\"stream\":");
-        push_json(&mut end, &draft.stream)?;
-        end.push(b'}');
+        let mut pieces =
+            Vec::with_capacity(192 + draft.actor.id.len() + partner_id.len() + draft.stream.len());
+        pieces.extend_from_slice(b"{\"actor\":{\"id\":");
+        push_json(&mut pieces, &draft.actor.id)?;
+        pieces.extend_from_slice(b",\"type\":");
+        push_json(&mut pieces, &draft.actor.actor_type)?;
+        pieces.extend_from_slice(b"},\"after\":");
+        let head = pieces.len();
+        pieces.extend_from_slice(b",\"at\":");
+        push_json(&mut pieces, &draft.at.0)?;
+        pieces.extend_from_slice(b",\"before\":");
+        let mid = pieces.len();
+        pieces.extend_from_slice(b",\"kind\":");
+        push_json(&mut pieces, &draft.kind)?;
+        pieces.extend_from_slice(b",\"partner_id\":");
+        push_json(&mut pieces, &partner_id)?;
+        pieces.extend_from_slice(b",\"reason\":");
+        push_json(&mut pieces, &draft.reason)?;
+        pieces.extend_from_slice(b",\"seq\":");
+        let tail = pieces.len();
+        pieces.extend_from_slice(b",\"stream\":");
+        push_json(&mut pieces, &draft.stream)?;
+        pieces.push(b'}');
         HashInput::Prepared {
-            head,
-            mid,
-            tail,
-            end,
+            pieces,
+            cuts: [head, mid, tail],
         }
     } else {
         HashInput::Draft {
@@ -460,19 +459,22 @@ impl AuditRow {
     fn chain_hash(&self, prev_hash: &str, seq: i64) -> String {
         match &self.hash {
             HashInput::Prepared {
-                head,
-                mid,
-                tail,
-                end,
+                pieces,
+                cuts: [head, mid, tail],
             } => {
                 let mut hasher = ChainHasher::new(prev_hash);
-                hasher.update(head);
+                hasher.update(&pieces[..*head]);
                 hasher.update(self.after.as_bytes());
-                hasher.update(mid);
+                hasher.update(&pieces[*head..*mid]);
                 hasher.update(self.before.as_bytes());
-                hasher.update(tail);
-                hasher.update(seq.to_string().as_bytes());
-                hasher.update(end);
+                hasher.update(&pieces[*mid..*tail]);
+                // The seq's digits on the stack (`seq.to_string()` was an allocation an event).
+                let mut digits = [0u8; 20];
+                let mut rest = &mut digits[..];
+                let _ = write!(rest, "{seq}");
+                let written = 20 - rest.len();
+                hasher.update(&digits[..written]);
+                hasher.update(&pieces[*tail..]);
                 hasher.finish_hex()
             }
             HashInput::Draft { partner_id, draft } => {
