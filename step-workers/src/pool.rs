@@ -1,5 +1,6 @@
 //! One pool: members of a consumer group executing step commands.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -360,8 +361,9 @@ async fn handle_step(
     let Some(outcome) = executor.perform(&task, cancel).await else {
         return Handled::Cancelled;
     };
+    let outcome = Arc::new(outcome);
     retrying(cancel, &task.instance_id, || {
-        engine.record_action(&task, outcome.clone())
+        engine.record_action(&task, Arc::clone(&outcome))
     })
     .await
     .into()

@@ -69,10 +69,12 @@ pub enum Command {
         payload: Value,
         actor: ActorRef,
     },
-    /// The action pool reports how step `index`'s call went.
+    /// The action pool reports how step `index`'s call went. Shared: the pool keeps it to
+    /// report again should the transition fail, and a transition retried after a lost race
+    /// takes the command again; the one copy made is the step's output.
     ActionResult {
         index: usize,
-        outcome: ActionOutcome,
+        outcome: Arc<ActionOutcome>,
     },
     /// The delivery pool reports the outcome of the delivery notification step `index`
     /// waits on (`wait_for_delivery`).
@@ -327,7 +329,7 @@ fn apply_to(
                 template,
                 state,
                 index,
-                outcome,
+                Arc::unwrap_or_clone(outcome),
                 pool_actor(StepType::Action),
             );
         }
@@ -371,7 +373,7 @@ fn apply_to(
             template,
             state,
             index,
-            outcome,
+            Arc::unwrap_or_clone(outcome),
             pool_actor(StepType::Action),
             now,
         ),

@@ -613,7 +613,7 @@ impl Engine {
     pub async fn record_action(
         &self,
         task: &ActionTask,
-        outcome: ActionOutcome,
+        outcome: Arc<ActionOutcome>,
     ) -> Result<ExecuteOutcome, EngineError> {
         let command = Command::ActionResult {
             index: task.step_index,

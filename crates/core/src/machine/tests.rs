@@ -558,11 +558,11 @@ proptest! {
                         .current_step
                         .or_else(|| state.steps.iter().rev().find(|e| e.status == StepStatus::Cancelled).map(|e| e.index))
                         .unwrap_or(0),
-                    outcome: if ok {
+                    outcome: std::sync::Arc::new(if ok {
                         ActionOutcome::Succeeded { output: json!({"status": "executed"}), attempts: vec![] }
                     } else {
                         ActionOutcome::Failed { error: "boom".into(), attempts: vec![] }
-                    },
+                    }),
                 },
                 GenCmd::Cancel => Command::Cancel { actor: human("ops"), reason: None },
             };
@@ -1436,7 +1436,10 @@ mod actions {
             tpl,
             info,
             state,
-            Command::ActionResult { index: 0, outcome },
+            Command::ActionResult {
+                index: 0,
+                outcome: outcome.into(),
+            },
             Timestamp(9),
             &limits(),
         )

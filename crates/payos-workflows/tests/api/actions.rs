@@ -277,7 +277,7 @@ async fn die_between_call_and_record(
         .await
         .unwrap_or_else(|| panic!("{way}: cancelled"));
     engine
-        .record_action(&task, second)
+        .record_action(&task, second.into())
         .await
         .unwrap_or_else(|e| panic!("{way}: {e}"));
     assert_eq!(
