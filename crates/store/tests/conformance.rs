@@ -40,6 +40,7 @@ crate::both_backends!(
     a_group_commit_records_each_decision_it_applied,
     group_commit_answers_each_commit_as_alone,
     group_commit_refuses_alone_and_chains_every_stream,
+    owned_creates_and_commits_come_back_as_written,
 );
 
 // ------------------------------------------------------------------------------- fixtures
@@ -1514,6 +1515,63 @@ fn applied_decision(rec: &InstanceRecord) -> DecisionOutcome {
         message: None,
         decided_at: Timestamp(9),
     }
+}
+
+/// A create and a commit moved into the store come back as they were written: the create's
+/// record as its answer (also when its key was taken: the existing instance, written alone
+/// from the parts handed back), the commit whole once committed, a stale one refused.
+async fn owned_creates_and_commits_come_back_as_written(store: Store) -> TestResult {
+    let new = |rec: &InstanceRecord| NewInstance {
+        rec: rec.clone(),
+        outbox: vec![message(&rec.info.id)],
+        audit: vec![draft(
+            &instance_stream(rec),
+            "instance.created",
+            json!({"status": "running"}),
+        )],
+        timers: vec![],
+        deliveries: vec![],
+        at_head: false,
+    };
+    let rec = instance("p1", "t1", Some("owned-1"));
+    let outcome = store.create_owned(new(&rec)).await?;
+    assert_eq!(outcome, CreateOutcome::Created(rec.clone()));
+    let again = instance("p1", "t1", Some("owned-1"));
+    let outcome = store.create_owned(new(&again)).await?;
+    assert_eq!(outcome, CreateOutcome::Existing(rec.clone()));
+    assert_eq!(store.get_instance("p1", &again.info.id).await?, None);
+
+    let next = advanced(&rec, InstanceStatus::Waiting);
+    let commit = InstanceCommit {
+        rec: next.clone(),
+        expected_version: 1,
+        outbox: vec![message(&rec.info.id)],
+        audit: vec![draft(
+            &instance_stream(&rec),
+            "step.completed",
+            json!({"index": 0}),
+        )],
+        timers: vec![],
+        deliveries: vec![],
+        decision: None,
+    };
+    let back = store.commit_owned(commit.clone()).await?;
+    assert_eq!(back, commit, "the commit comes back as it went in");
+    assert_eq!(store.get_instance("p1", &rec.info.id).await?, Some(next));
+    let stale = store.commit_owned(commit).await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
+    );
+    let queued = store.fetch_outbox(0).await?;
+    assert_eq!(
+        queued.len(),
+        2,
+        "the create's message and the commit's: {queued:?}"
+    );
+    let trail = store.list_audit("p1", &instance_stream(&rec)).await?;
+    assert_eq!(verify_audit_chain(&trail), Ok(2));
+    Ok(())
 }
 
 /// A transition commit records the decision it applied in the same transaction; a commit
