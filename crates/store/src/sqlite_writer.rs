@@ -395,7 +395,7 @@ fn audit_row(partner_id: &str, draft: &AuditDraft) -> Result<AuditRow, StoreErro
     let hash = if maps_iterate_sorted() {
         // The same keys, in the same (sorted) order, as `workflow_core::audit`'s canonical
         // document; pinned by `prepared_hash_is_the_chain_hash` below.
-        // Written straight into the buffers: a `to_json` string per value was ~8 allocations
+        // Written straight into one buffer: a `to_json` string per value was ~8 allocations
         // an event, and a commit appends several events per instance.
         let mut pieces =
             Vec::with_capacity(192 + draft.actor.id.len() + partner_id.len() + draft.stream.len());
