@@ -1475,9 +1475,31 @@ fn unique_to(e: sqlx::Error, what: &'static str, id: &str) -> StoreError {
     }
 }
 
+/// `value`'s compact JSON.
+///
+/// Serialised into a scratch buffer of the thread's, then copied once at its size: growing a
+/// fresh string by doubling took ~1.7 allocations a document (a state document several), and
+/// the writer encodes a few dozen documents per instance (round 27: 37 allocations per
+/// instance fewer, instructions the same).
 pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(cannot_encode)
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, value).map_err(cannot_encode)?;
+        let json = String::from_utf8(buf.as_slice().to_vec())
+            .map_err(|e| StoreError::corrupt(format!("cannot encode a document: {e}")));
+        // An unusually large document does not stay with the thread.
+        if buf.capacity() > SCRATCH_KEPT {
+            *buf = Vec::new();
+        }
+        json
+    })
 }
+
+/// The most a thread's [`to_json`] scratch buffer keeps between documents.
+const SCRATCH_KEPT: usize = 256 * 1024;
 
 /// Append `value`'s JSON to `out` ([`to_json`] without a string of its own).
 pub(crate) fn push_json<T: Serialize + ?Sized>(
