@@ -1291,6 +1291,79 @@ mod tests {
         Ok(())
     }
 
+    /// A new version committed while a group waits on its head's lock: the group sees the
+    /// moved head and leaves the create made at the old one unwritten (answered alone, where
+    /// it is refused).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_waiting_on_a_moving_head_sees_it_moved(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        let template_id = new_id();
+        let template = crate::records::TemplateRecord {
+            id: template_id.clone(),
+            partner_id: "p1".into(),
+            version: 1,
+            name: "t".into(),
+            trigger_type: "manual".into(),
+            active: true,
+            doc: json!({"name": "t", "steps": []}),
+            created_at: Timestamp(1),
+            created_by: "u".into(),
+        };
+        store
+            .insert_template(&template, &event("template:t", 0))
+            .await?;
+        let mut rec = instance();
+        rec.info.template_id = template_id.clone();
+        let news = [NewInstance {
+            rec,
+            outbox: vec![],
+            audit: vec![],
+            timers: vec![],
+            deliveries: vec![],
+            at_head: true,
+        }];
+        // Another session moves the head and holds its lock.
+        let mut mover = store.write_pool().begin().await?;
+        sqlx::query(
+            "UPDATE workflow_template_heads SET latest_version = 2 \
+             WHERE partner_id = 'p1' AND id = $1",
+        )
+        .bind(template_id.as_str())
+        .execute(&mut *mover)
+        .await?;
+        let pool = store.write_pool().clone();
+        let group = tokio::spawn(async move {
+            write_creates(&pool, &news, &KnownHeads::default())
+                .await
+                .into_iter()
+                .map(|c| matches!(c, Created::Written))
+                .collect::<Vec<_>>()
+        });
+        // Committed only once the group waits on the head's lock.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%workflow_template_heads%' AND datname = current_database()",
+            )
+            .fetch_one(store.pool())
+            .await?;
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the group never waited on the head"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        mover.commit().await?;
+        assert_eq!(group.await?, [false]);
+        Ok(())
+    }
+
     fn new_id() -> String {
         uuid::Uuid::now_v7().to_string()
     }
