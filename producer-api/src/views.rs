@@ -14,9 +14,7 @@ use workflow_core::{Template, Timestamp};
 use workflow_store::records::{AuditRecord, InstanceRecord, TemplateRecord};
 
 pub fn rfc3339(t: Timestamp) -> String {
-    chrono::DateTime::from_timestamp_millis(t.0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
+    t.rfc3339().unwrap_or_default()
 }
 
 /// Parse an RFC 3339 time from a client.

@@ -356,9 +356,7 @@ pub(crate) fn apply_result(
 }
 
 fn rfc3339(t: Timestamp) -> Value {
-    chrono::DateTime::from_timestamp_millis(t.0)
-        .map(|d| Value::String(d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-        .unwrap_or(Value::Null)
+    t.rfc3339().map_or(Value::Null, Value::String)
 }
 
 /// Notices to an approval step's approvers through its `notify` channels, from the step's
