@@ -1364,6 +1364,53 @@ mod tests {
         Ok(())
     }
 
+    /// Outbox payloads travel beside the rows' JSON: every byte comes back, the record
+    /// separator's and an empty payload's too, alone in its group or among others.
+    #[tokio::test]
+    async fn outbox_payloads_keep_every_byte(
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
+        store.migrate().await?;
+        let message = |payload: Vec<u8>| OutboxMessage {
+            id: new_id(),
+            topic: "t".into(),
+            key: "k".into(),
+            payload,
+        };
+        let create = |outbox: Vec<OutboxMessage>| NewInstance {
+            rec: instance(),
+            outbox,
+            audit: vec![],
+            timers: vec![],
+            deliveries: vec![],
+            at_head: false,
+        };
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        let groups = [
+            vec![create(vec![message(vec![])])],
+            vec![
+                create(vec![message(vec![0x1e]), message(vec![])]),
+                create(vec![message(all_bytes.clone()), message(b"x".to_vec())]),
+            ],
+        ];
+        for news in groups {
+            let created = write_creates(store.write_pool(), &news, &KnownHeads::default()).await;
+            assert!(
+                created.iter().all(|c| matches!(c, Created::Written)),
+                "{created:?}"
+            );
+            for m in news.iter().flat_map(|n| &n.outbox) {
+                let stored: Vec<u8> =
+                    sqlx::query_scalar("SELECT payload FROM outbox WHERE id = $1")
+                        .bind(m.id.as_str())
+                        .fetch_one(store.pool())
+                        .await?;
+                assert_eq!(stored, m.payload, "message {}", m.id);
+            }
+        }
+        Ok(())
+    }
+
     fn new_id() -> String {
         uuid::Uuid::now_v7().to_string()
     }
