@@ -154,10 +154,9 @@ const EMPTY: &str = "[]";
 
 /// The inserts of [`write_rows`] as data-modifying CTEs over JSON array parameters, from `$p`
 /// on, in [`Arrays::bind`]'s order (steps, outbox, audit, the audit documents, the outbox
-/// payloads, then timers,
-/// deliveries, outcomes and the channel when `optional` has them). With `updated` (the name of
-/// a CTE returning `id`), only the rows of those instances are written. Ends with a CTE
-/// `notified` counting the outcomes announced.
+/// payloads, then timers, deliveries, outcomes and the channel when `optional` has them). With
+/// `updated` (the name of a CTE returning `id`), only the rows of those instances are written.
+/// Ends with a CTE `notified` counting the outcomes announced.
 fn insert_ctes(p: usize, updated: Option<&str>, optional: Optional) -> String {
     let only_r = match updated {
         Some(u) => format!(" WHERE r.instance_id IN (SELECT id FROM {u})"),
@@ -512,7 +511,8 @@ struct Arrays {
     documents: String,
     /// The outbox rows' payloads in base64, joined by the record separator: inside the rows'
     /// JSON each was escaped here and unescaped by PostgreSQL's JSON lexer, a character at a
-    /// time (a `NULL` from an empty last element is the empty payload).
+    /// time. A lone empty payload is an empty text, which splits into no element: `ROWS FROM`
+    /// pads it with `NULL`, written as the empty payload.
     payloads: String,
     timers: String,
     deliveries: String,
