@@ -19,6 +19,7 @@ BIN="${1:-target/release/payos-workflows}"
 SMALL="${2:-400}"
 LARGE="${3:-800}"
 OUT_DIR="${OUT_DIR:-$(mktemp -d)}"
+mkdir -p "$OUT_DIR"
 
 if ! command -v valgrind >/dev/null; then
     echo "valgrind is not installed (Debian: apt-get install valgrind)" >&2
