@@ -638,8 +638,11 @@ mod tests {
             restarts, 3,
             "{transactions} transactions, {restarts} restarts"
         );
+        // Bounded: without the restarts it would grow all run long (up to 100 times the
+        // limit). The margin is for this thread being preempted while the appender runs on
+        // (2 shared cores and the other tests: 2 times the limit was once exceeded).
         assert!(
-            longest < 2 * WAL_FRAMES_MAX,
+            longest < 4 * WAL_FRAMES_MAX,
             "the WAL reached {longest} frames"
         );
     }

@@ -1364,8 +1364,8 @@ mod tests {
         Ok(())
     }
 
-    /// Outbox payloads travel beside the rows' JSON: every byte comes back, the record
-    /// separator's and an empty payload's too, alone in its group or among others.
+    /// Outbox payloads keep every byte through a group's rows (base64 inside their JSON), an
+    /// empty payload too, alone in its group or among others.
     #[tokio::test]
     async fn outbox_payloads_keep_every_byte(
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

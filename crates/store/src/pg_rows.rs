@@ -153,16 +153,16 @@ impl Optional {
 const EMPTY: &str = "[]";
 
 /// The inserts of [`write_rows`] as data-modifying CTEs over JSON array parameters, from `$p`
-/// on, in [`Arrays::bind`]'s order (steps, outbox, audit, the audit documents, the outbox
-/// payloads, then timers, deliveries, outcomes and the channel when `optional` has them). With
-/// `updated` (the name of a CTE returning `id`), only the rows of those instances are written.
-/// Ends with a CTE `notified` counting the outcomes announced.
+/// on, in [`Arrays::bind`]'s order (steps, outbox, audit, the audit documents, then timers,
+/// deliveries, outcomes and the channel when `optional` has them). With `updated` (the name of
+/// a CTE returning `id`), only the rows of those instances are written. Ends with a CTE
+/// `notified` counting the outcomes announced.
 fn insert_ctes(p: usize, updated: Option<&str>, optional: Optional) -> String {
     let only_r = match updated {
         Some(u) => format!(" WHERE r.instance_id IN (SELECT id FROM {u})"),
         None => String::new(),
     };
-    let mut next = p + 5;
+    let mut next = p + 4;
     let mut param = || {
         next += 1;
         next - 1
@@ -176,10 +176,9 @@ fn insert_ctes(p: usize, updated: Option<&str>, optional: Optional) -> String {
          status text, started_at bigint, finished_at bigint, actor text, input text, \
          output text, error text){only_r} {STEP_CONFLICT}), \
          messages AS (INSERT INTO outbox (id, topic, msg_key, payload) \
-         SELECT id, topic, msg_key, coalesce(decode(payload, 'base64'), '') \
-         FROM ROWS FROM (json_to_recordset(${outbox}::json) AS (n bigint, instance_id text, \
-         id text, topic text, msg_key text), unnest(string_to_array(${payloads}, chr(30)))) \
-         AS r(n, instance_id, id, topic, msg_key, payload){only_r} ORDER BY n), \
+         SELECT id, topic, msg_key, decode(payload, 'base64') FROM json_to_recordset(${outbox}::json) \
+         AS r(n bigint, instance_id text, id text, topic text, msg_key text, payload text){only_r} \
+         ORDER BY n), \
          events AS (INSERT INTO audit_blocks (stream, first_seq, last_seq, partner_id, \
          last_hash, events) \
          SELECT stream, first_seq, last_seq, partner_id, last_hash, events \
@@ -191,7 +190,6 @@ fn insert_ctes(p: usize, updated: Option<&str>, optional: Optional) -> String {
         outbox = p + 1,
         audit = p + 2,
         documents = p + 3,
-        payloads = p + 4,
     );
     if optional.timers {
         sql.push_str(&format!(
@@ -288,7 +286,6 @@ struct StepRow<'a> {
     step: &'a crate::sqlite_writer::StepRow,
 }
 
-/// An outbox row but its payload (base64, beside the rows: [`Arrays::payloads`]).
 #[derive(Serialize)]
 struct OutboxRow<'a> {
     n: usize,
@@ -296,6 +293,7 @@ struct OutboxRow<'a> {
     id: &'a str,
     topic: &'a str,
     msg_key: &'a str,
+    payload: String,
 }
 
 /// An `audit_blocks` row (`audit_blocks.rs`).
@@ -396,21 +394,19 @@ fn encode<'a>(
         mirrors.push(now);
     }
     steps.push(']');
-    let mut payloads = String::new();
-    let mut outbox = Vec::with_capacity(rows.outbox.len());
-    for (n, (instance_id, m)) in rows.outbox.iter().enumerate() {
-        if n > 0 {
-            payloads.push('\u{1e}');
-        }
-        base64::engine::general_purpose::STANDARD.encode_string(&m.payload, &mut payloads);
-        outbox.push(OutboxRow {
+    let outbox: Vec<OutboxRow<'_>> = rows
+        .outbox
+        .iter()
+        .enumerate()
+        .map(|(n, (instance_id, m))| OutboxRow {
             n,
             instance_id,
             id: m.id.as_str(),
             topic: m.topic.as_str(),
             msg_key: m.key.as_str(),
-        });
-    }
+            payload: base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        })
+        .collect();
     let chained = chain_audits(&rows.drafts(), heads);
     let mut after = Heads::new();
     for (_, draft, seq, _, hash) in &chained {
@@ -492,7 +488,6 @@ fn encode<'a>(
             outbox: json_array(&outbox)?,
             audit: json_array(&events)?,
             documents: documents.text,
-            payloads,
             timers: json_array(&timers)?,
             deliveries: json_array(&deliveries)?,
             outcomes: json_array(&outcomes)?,
@@ -509,11 +504,6 @@ struct Arrays {
     outbox: String,
     audit: String,
     documents: String,
-    /// The outbox rows' payloads in base64, joined by the record separator: inside the rows'
-    /// JSON each was escaped here and unescaped by PostgreSQL's JSON lexer, a character at a
-    /// time. A lone empty payload is an empty text, which splits into no element: `ROWS FROM`
-    /// pads it with `NULL`, written as the empty payload.
-    payloads: String,
     timers: String,
     deliveries: String,
     outcomes: String,
@@ -528,8 +518,7 @@ impl Arrays {
             .bind(self.steps)
             .bind(self.outbox)
             .bind(self.audit)
-            .bind(self.documents)
-            .bind(self.payloads);
+            .bind(self.documents);
         if optional.timers {
             query = query.bind(self.timers);
         }
@@ -625,8 +614,8 @@ mod tests {
         for o in Optional::ALL {
             let optional = usize::from(o.timers) + usize::from(o.deliveries);
             let outcomes = if o.outcomes { 2 } else { 0 };
-            all.push((write_rows_sql(o), 5 + optional + outcomes));
-            all.push((write_commits_sql(o), 2 + 5 + optional + outcomes));
+            all.push((write_rows_sql(o), 4 + optional + outcomes));
+            all.push((write_commits_sql(o), 2 + 4 + optional + outcomes));
         }
         all
     }
