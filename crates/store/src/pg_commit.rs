@@ -1227,17 +1227,6 @@ mod tests {
         let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
         store.migrate().await?;
         let draft = event("template:t", 0);
-        let template = |id: &str| crate::records::TemplateRecord {
-            id: id.into(),
-            partner_id: "p1".into(),
-            version: 1,
-            name: "t".into(),
-            trigger_type: "manual".into(),
-            active: true,
-            doc: json!({"name": "t", "steps": []}),
-            created_at: Timestamp(1),
-            created_by: "u".into(),
-        };
         let (kept, moved, inactive) = (new_id(), new_id(), new_id());
         for id in [&kept, &moved, &inactive] {
             store.insert_template(&template(id), &draft).await?;
@@ -1300,19 +1289,8 @@ mod tests {
         let store = Store::connect(&workflow_testkit::postgres_url().await?).await?;
         store.migrate().await?;
         let template_id = new_id();
-        let template = crate::records::TemplateRecord {
-            id: template_id.clone(),
-            partner_id: "p1".into(),
-            version: 1,
-            name: "t".into(),
-            trigger_type: "manual".into(),
-            active: true,
-            doc: json!({"name": "t", "steps": []}),
-            created_at: Timestamp(1),
-            created_by: "u".into(),
-        };
         store
-            .insert_template(&template, &event("template:t", 0))
+            .insert_template(&template(&template_id), &event("template:t", 0))
             .await?;
         let mut rec = instance();
         rec.info.template_id = template_id.clone();
@@ -1409,6 +1387,21 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Version 1 of template `id` of partner `p1`, active, without steps.
+    fn template(id: &str) -> crate::records::TemplateRecord {
+        crate::records::TemplateRecord {
+            id: id.into(),
+            partner_id: "p1".into(),
+            version: 1,
+            name: "t".into(),
+            trigger_type: "manual".into(),
+            active: true,
+            doc: json!({"name": "t", "steps": []}),
+            created_at: Timestamp(1),
+            created_by: "u".into(),
+        }
     }
 
     fn new_id() -> String {
