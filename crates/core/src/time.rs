@@ -17,9 +17,9 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(ms))
     }
 
-    /// RFC 3339 in UTC with milliseconds (`2026-12-06T19:54:42.029Z`), as chrono's
-    /// `to_rfc3339_opts(SecondsFormat::Millis, true)` writes it (which it stays for years past
-    /// 9999 and before 0000); `None` only outside chrono's range.
+    /// RFC 3339 in UTC with milliseconds (`2026-12-06T19:54:42.029Z`), exactly as chrono's
+    /// `to_rfc3339_opts(SecondsFormat::Millis, true)` writes it, its extended form for the
+    /// years outside 0000–9999 included; `None` only outside chrono's range.
     pub fn rfc3339(self) -> Option<String> {
         self.rfc3339_millis().or_else(|| {
             chrono::DateTime::from_timestamp_millis(self.0)
