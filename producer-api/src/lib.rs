@@ -120,6 +120,7 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
             post(routes::instances::signal),
         )
         .route("/v1/workflows/pending", get(routes::approvals::pending))
+        .route("/v1/workflows/analytics", get(routes::analytics::analytics))
         .route(
             "/v1/workflows/approvals/bulk",
             post(routes::approvals::bulk),

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, approvals, instances, templates, webhooks};
+use crate::routes::{admin, analytics, approvals, instances, templates, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,6 +28,7 @@ use crate::routes::{admin, approvals, instances, templates, webhooks};
         approvals::reject,
         approvals::pending,
         approvals::bulk,
+        analytics::analytics,
         webhooks::get_secret,
         webhooks::rotate_secret,
         webhooks::list_deliveries,

@@ -39,6 +39,7 @@
 //!
 //! It must never decide anything about workflows: it stores what the domain computed.
 
+pub mod analytics;
 mod approvals;
 mod audit_blocks;
 mod commit;
@@ -66,6 +67,7 @@ use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 
+pub use analytics::{Analytics, AnalyticsFilter, DurationTotals, InstanceAggregate, StepAggregate};
 pub use commit::InstanceCommit;
 pub use error::StoreError;
 pub use listen::{DecisionListener, DecisionSignal, DECISION_OUTCOMES_CHANNEL};

@@ -32,6 +32,7 @@ crate::both_backends!(
     outbox_is_fetched_in_order_and_deleted,
     audit_chain_verifies_and_tampering_breaks_it,
     list_instances_filters_and_pages,
+    analytics_aggregate_per_template_and_step,
     list_active_instances_spans_partners,
     concurrent_commits_exactly_one_wins,
     timers_fire_once_under_concurrent_schedulers,
@@ -1193,6 +1194,116 @@ async fn list_instances_filters_and_pages(store: Store) -> TestResult {
     assert_eq!(
         ids(store.list_instances("p1", &page).await?),
         vec![id(2), id(1)]
+    );
+    Ok(())
+}
+
+async fn analytics_aggregate_per_template_and_step(store: Store) -> TestResult {
+    // p1: on t-a one instance completed (created 5,000, done 6,000), one waiting, one
+    // running created later; on t-b one rejected. p2 has one on t-a that p1 must not count.
+    let a_done = instance("p1", "t-a", None);
+    let a_waiting = instance("p1", "t-a", None);
+    let mut a_running = instance("p1", "t-a", None);
+    a_running.info.created_at = Timestamp(7_000);
+    a_running.updated_at = Timestamp(7_000);
+    let b_rejected = instance("p1", "t-b", None);
+    let other = instance("p2", "t-a", None);
+    for rec in [&a_done, &a_waiting, &a_running, &b_rejected, &other] {
+        created(&store, rec).await?;
+    }
+    for (rec, status) in [
+        (&a_done, InstanceStatus::Completed),
+        (&a_waiting, InstanceStatus::Waiting),
+        (&b_rejected, InstanceStatus::Rejected),
+        (&other, InstanceStatus::Completed),
+    ] {
+        store
+            .commit_instance(&advanced(rec, status), 1, &[], &[])
+            .await?;
+    }
+
+    let all = store.analytics("p1", &AnalyticsFilter::default()).await?;
+    let instances: Vec<_> = all
+        .instances
+        .iter()
+        .map(|a| (a.template_id.as_str(), a.status.as_str(), a.count))
+        .collect();
+    assert_eq!(
+        instances,
+        vec![
+            ("t-a", "completed", 1),
+            ("t-a", "running", 1),
+            ("t-a", "waiting", 1),
+            ("t-b", "rejected", 1),
+        ]
+    );
+    let completed = &all.instances[0].duration;
+    assert_eq!(
+        (completed.count, completed.sum_ms, completed.max_ms),
+        (1, 1_000, Some(1_000))
+    );
+
+    let t_a_steps: Vec<_> = all
+        .steps
+        .iter()
+        .filter(|s| s.template_id == "t-a")
+        .map(|s| (s.step_index, s.status.as_str(), s.count, s.duration.count))
+        .collect();
+    assert_eq!(
+        t_a_steps,
+        vec![
+            (0, "completed", 2, 2),
+            (0, "pending", 1, 0),
+            (1, "waiting", 2, 0)
+        ]
+    );
+    let step0_done = &all.steps[0];
+    assert_eq!(
+        (step0_done.name.as_str(), step0_done.step_type.as_str()),
+        ("step 0", "approval")
+    );
+    assert_eq!(
+        (step0_done.duration.sum_ms, step0_done.duration.max_ms),
+        (4_000, Some(2_000))
+    );
+    let waiting = all
+        .steps
+        .iter()
+        .find(|s| s.template_id == "t-a" && s.status == "waiting")
+        .expect("the waiting step's row");
+    assert_eq!(waiting.oldest_started_at, Some(Timestamp(4_000)));
+    assert_eq!(waiting.duration.max_ms, None);
+
+    // Filters: one template; a creation range that only the later instance falls in.
+    let only_b = AnalyticsFilter {
+        template_id: Some("t-b".into()),
+        ..Default::default()
+    };
+    let b = store.analytics("p1", &only_b).await?;
+    assert!(b.instances.iter().all(|a| a.template_id == "t-b"));
+    assert!(b.steps.iter().all(|s| s.template_id == "t-b"));
+    assert_eq!(b.instances.len(), 1);
+    let late = AnalyticsFilter {
+        created_from: Some(Timestamp(6_000)),
+        created_to: Some(Timestamp(7_000)),
+        ..Default::default()
+    };
+    let late = store.analytics("p1", &late).await?;
+    let late_instances: Vec<_> = late
+        .instances
+        .iter()
+        .map(|a| (a.status.as_str(), a.count))
+        .collect();
+    assert_eq!(late_instances, vec![("running", 1)]);
+    assert_eq!(late.steps.len(), 1);
+
+    // The other partner sees only its own instance; a partner with none sees nothing.
+    let p2 = store.analytics("p2", &AnalyticsFilter::default()).await?;
+    assert_eq!(p2.instances.len(), 1);
+    assert_eq!(p2.instances[0].status, "completed");
+    assert_eq!(
+        store.analytics("p3", &AnalyticsFilter::default()).await?,
+        Analytics::default()
     );
     Ok(())
 }

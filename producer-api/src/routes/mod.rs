@@ -1,6 +1,7 @@
 //! The HTTP handlers, one module per resource.
 
 pub mod admin;
+pub mod analytics;
 pub mod approvals;
 pub mod health;
 pub mod instances;

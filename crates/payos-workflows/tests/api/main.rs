@@ -6,6 +6,7 @@ mod cluster;
 mod faults;
 
 mod actions;
+mod analytics;
 mod approvals;
 mod auth;
 mod batch;
