@@ -126,6 +126,7 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
             post(routes::approvals::bulk),
         )
         .merge(routes::webhooks::routes())
+        .merge(routes::dashboard::routes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -22,11 +22,15 @@
 //! Maven into a cache; see [`kafka`] for the layout), else, with the `testcontainers` feature, a
 //! container. Tests share that cluster: each uses its own topics and groups ([`unique_topic`]).
 //!
+//! [`browser::webdriver`] provides a chromedriver and Debian's headless Chromium for the
+//! dashboard's browser tests, the same way: `WEBDRIVER_URL`, else a local process.
+//!
 //! [`smtp::SmtpSink`] is a real SMTP server on `127.0.0.1:0` that keeps what it receives: the
 //! mail sink for email notification tests.
 //!
 //! It must stay free of workflow-specific logic: no schema, no migrations, no domain types.
 
+pub mod browser;
 pub mod kafka;
 mod postgres;
 mod process;
@@ -57,6 +61,12 @@ pub enum TestkitError {
         .attempts.join("\n")
     )]
     NoKafka { attempts: Vec<String> },
+    /// No browser or WebDriver for the browser tests.
+    #[error(
+        "no headless browser for tests: {missing}. Install Debian's `chromium` and \
+         `chromium-driver` packages, or set WEBDRIVER_URL to a running chromedriver."
+    )]
+    NoBrowser { missing: String },
     #[error("{action}: {source}")]
     Io {
         action: String,

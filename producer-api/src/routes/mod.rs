@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod analytics;
 pub mod approvals;
+pub mod dashboard;
 pub mod health;
 pub mod instances;
 pub mod templates;

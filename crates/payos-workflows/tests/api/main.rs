@@ -10,6 +10,7 @@ mod analytics;
 mod approvals;
 mod auth;
 mod batch;
+mod dashboard;
 mod instances;
 mod lifecycle;
 mod notifications;
