@@ -69,7 +69,17 @@ const jsonDetails = (label, value) =>
 /* ---------- API ---------- */
 
 const KEY = 'payos.workflows.apiKey';
+const ME = 'payos.workflows.me';
 const apiKey = () => sessionStorage.getItem(KEY);
+
+// Who the key acts as (GET /v1/workflows/me), kept beside the key for the top bar.
+function whoAmI() {
+  try {
+    return JSON.parse(sessionStorage.getItem(ME) || 'null');
+  } catch {
+    return null;
+  }
+}
 
 class ApiError extends Error {
   constructor(status, body, fallback) {
@@ -155,6 +165,7 @@ const state = {
 
 function signOut(message) {
   sessionStorage.removeItem(KEY);
+  sessionStorage.removeItem(ME);
   state.templates = null;
   state.builder = null;
   $('#sign-in-message').textContent = message || '';
@@ -174,7 +185,7 @@ async function signIn(event) {
   sessionStorage.setItem(KEY, key);
   msg.textContent = 'Checking the key…';
   try {
-    await api('GET', '/v1/workflows/templates?limit=1');
+    sessionStorage.setItem(ME, JSON.stringify(await api('GET', '/v1/workflows/me')));
   } catch (err) {
     if (err.status !== 401) {
       sessionStorage.removeItem(KEY);
@@ -220,7 +231,10 @@ function route() {
     $('#api-key').focus();
     return;
   }
-  $('#key-hint').textContent = `key ${apiKey().slice(0, 8)}…`;
+  const me = whoAmI();
+  $('#key-hint').textContent = me
+    ? `${me.actor.id} (${me.actor.type}${me.roles.length ? `: ${me.roles.join(', ')}` : ''}) · ${me.partner_id}`
+    : `key ${apiKey().slice(0, 8)}…`;
   for (const [re, view, nav, fn] of ROUTES) {
     const m = re.exec(path);
     if (m) {

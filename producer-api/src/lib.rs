@@ -121,6 +121,7 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
         )
         .route("/v1/workflows/pending", get(routes::approvals::pending))
         .route("/v1/workflows/analytics", get(routes::analytics::analytics))
+        .route("/v1/workflows/me", get(routes::me::me))
         .route(
             "/v1/workflows/approvals/bulk",
             post(routes::approvals::bulk),

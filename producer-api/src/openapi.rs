@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, analytics, approvals, instances, templates, webhooks};
+use crate::routes::{admin, analytics, approvals, instances, me, templates, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,6 +29,7 @@ use crate::routes::{admin, analytics, approvals, instances, templates, webhooks}
         approvals::pending,
         approvals::bulk,
         analytics::analytics,
+        me::me,
         webhooks::get_secret,
         webhooks::rotate_secret,
         webhooks::list_deliveries,

@@ -357,6 +357,7 @@ async fn dev(listen: SocketAddr, data_dir: PathBuf, args: LimitArgs) -> anyhow::
     println!("PayOS workflow engine (embedded) listening on http://{listen}");
     println!("  data: {}", db.display());
     println!("  OpenAPI: http://{listen}/openapi.json");
+    println!("  dashboard: http://{listen}/dashboard (sign in with a key from the file below)");
     if using_sandbox {
         println!(
             "  PayOS SANDBOX (not real money): actions go to http://{listen}/payos-sandbox; \

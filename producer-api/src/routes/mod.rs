@@ -6,6 +6,7 @@ pub mod approvals;
 pub mod dashboard;
 pub mod health;
 pub mod instances;
+pub mod me;
 pub mod templates;
 pub mod webhooks;
 

@@ -37,6 +37,20 @@ async fn keys_and_admin_token_are_required(backend: Backend) {
         .await;
     assert_eq!(s, 401);
 
+    // A key says whom it acts for; without one, nobody.
+    let (s, me) = app.get("/v1/workflows/me", &p.cfo).await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(
+        me,
+        json!({"partner_id": "acme", "actor": {"id": "carol", "type": "human"}, "roles": ["cfo"]})
+    );
+    let (s, me) = app.get("/v1/workflows/me", &p.agent).await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(me["actor"], json!({"id": "bot", "type": "agent"}));
+    let (s, b) = app.call(Method::GET, "/v1/workflows/me", None, None).await;
+    assert_eq!(s, 401);
+    assert_error(&b, "unauthorized");
+
     // Admin input errors.
     let (s, b) = app
         .call(
@@ -129,6 +143,8 @@ async fn unknown_routes_and_openapi(backend: Backend) {
         "/v1/workflows/instances/{id}/events",
         "/v1/admin/partners",
         "/v1/admin/api-keys",
+        "/v1/workflows/analytics",
+        "/v1/workflows/me",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }

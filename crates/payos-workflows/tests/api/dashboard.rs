@@ -292,6 +292,10 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
         "the requester's inbox has no CFO step"
     );
     b.sign_in(&p.cfo).await;
+    b.text_until("#key-hint", "who is signed in", |t| {
+        t.contains("carol") && t.contains("cfo")
+    })
+    .await;
     b.open("#/pending").await;
     b.set(&format!("{row} input.comment"), "fine by me").await;
     b.click(&format!("{row} button.approve")).await;
