@@ -11,7 +11,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, Backend, TestApp};
+use crate::helpers::{spawn_app, Backend, TestApp, PROCUREMENT};
 
 /// How long a page may take to show what a step expects.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -251,6 +251,34 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
         |t| t == "Browser Procurement",
     )
     .await;
+
+    // A template written by hand (the spec's, with its on_transfer conditions) opens in the
+    // builder and saves back unchanged, as version 2.
+    let spec = app.create_template(&p.requester, PROCUREMENT).await;
+    let spec_id = spec["id"].as_str().unwrap_or_default().to_string();
+    b.open(&format!("#/builder/{spec_id}")).await;
+    b.shown(".step-card[data-step-index=\"3\"]").await;
+    b.click("#save-template").await;
+    b.text_until("#builder-status", "saved as version 2", |t| {
+        t.contains("Saved") && t.contains('2')
+    })
+    .await;
+    let (s, both) = app
+        .get(&format!("/v1/workflows/templates/{spec_id}"), &p.requester)
+        .await;
+    assert_eq!(s, 200, "{both}");
+    let definition = |version: i64| -> Value {
+        both["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["version"] == version))
+            .map(|v| v["definition"].clone())
+            .unwrap_or_else(|| panic!("no version {version}: {both:#}"))
+    };
+    assert_eq!(
+        definition(2),
+        definition(1),
+        "the builder changed the document"
+    );
 
     // Two instances: $500 runs through; $5,000 waits for the CFO.
     let small = app
