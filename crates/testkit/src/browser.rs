@@ -64,7 +64,7 @@ pub async fn webdriver() -> Result<WebDriver, TestkitError> {
     }
     let driver = find("CHROMEDRIVER", &["/usr/bin/chromedriver"])?;
     let port = free_port()?;
-    let process = Command::new(&driver)
+    let mut process = Command::new(&driver)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -79,6 +79,13 @@ pub async fn webdriver() -> Result<WebDriver, TestkitError> {
         .await
         .is_err()
     {
+        if let Ok(Some(status)) = process.try_wait() {
+            return Err(TestkitError::Command {
+                command: format!("{} --port={port}", driver.display()),
+                status: status.to_string(),
+                output: "it exited before listening".into(),
+            });
+        }
         if Instant::now() > deadline {
             return Err(TestkitError::Timeout {
                 what: format!("{} listening on port {port}", driver.display()),

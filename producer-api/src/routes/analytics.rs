@@ -178,13 +178,18 @@ fn instance_stats<'a>(rows: impl Iterator<Item = &'a InstanceAggregate>) -> Inst
     }
 }
 
+/// One step's figures while its rows are summed.
+struct StepTotals {
+    view: StepStatsView,
+    finished: DurationTotals,
+    oldest: Option<Timestamp>,
+}
+
 fn steps(rows: &[StepAggregate]) -> Vec<StepStatsView> {
     // Ordered by template, index, status, name: a step's rows (same template, index, name and
     // type) are not always adjacent when a later version renamed it, so group by key.
-    let mut out: Vec<StepStatsView> = Vec::new();
+    let mut out: Vec<StepTotals> = Vec::new();
     let mut at: HashMap<(&str, i64, &str, &str), usize> = HashMap::new();
-    let mut finished: Vec<DurationTotals> = Vec::new();
-    let mut oldest: Vec<Option<Timestamp>> = Vec::new();
     for row in rows {
         let key = (
             row.template_id.as_str(),
@@ -193,45 +198,49 @@ fn steps(rows: &[StepAggregate]) -> Vec<StepStatsView> {
             row.step_type.as_str(),
         );
         let i = *at.entry(key).or_insert_with(|| {
-            out.push(StepStatsView {
-                template_id: row.template_id.clone(),
-                step_index: row.step_index,
-                name: row.name.clone(),
-                step_type: row.step_type.clone(),
-                executions: 0,
-                by_status: StepStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
-                duration_ms: DurationView::default(),
-                waiting: InFlightView::default(),
+            out.push(StepTotals {
+                view: StepStatsView {
+                    template_id: row.template_id.clone(),
+                    step_index: row.step_index,
+                    name: row.name.clone(),
+                    step_type: row.step_type.clone(),
+                    executions: 0,
+                    by_status: StepStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
+                    duration_ms: DurationView::default(),
+                    waiting: InFlightView::default(),
+                },
+                finished: DurationTotals::default(),
+                oldest: None,
             });
-            finished.push(DurationTotals::default());
-            oldest.push(None);
             out.len() - 1
         });
         let step = &mut out[i];
-        step.executions += row.count;
+        step.view.executions += row.count;
         let Some(status) = StepStatus::ALL
             .into_iter()
             .find(|s| s.as_str() == row.status)
         else {
             continue;
         };
-        *step.by_status.entry(status.as_str()).or_default() += row.count;
+        *step.view.by_status.entry(status.as_str()).or_default() += row.count;
         match status {
             StepStatus::Pending | StepStatus::Running | StepStatus::Waiting => {
-                step.waiting.count += row.count;
-                oldest[i] = match (oldest[i], row.oldest_started_at) {
+                step.view.waiting.count += row.count;
+                step.oldest = match (step.oldest, row.oldest_started_at) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
             }
-            _ => add(&mut finished[i], &row.duration),
+            _ => add(&mut step.finished, &row.duration),
         }
     }
-    for (i, step) in out.iter_mut().enumerate() {
-        step.duration_ms = duration_view(&finished[i]);
-        step.waiting.oldest_since = oldest[i].map(rfc3339);
-    }
-    out
+    out.into_iter()
+        .map(|mut step| {
+            step.view.duration_ms = duration_view(&step.finished);
+            step.view.waiting.oldest_since = step.oldest.map(rfc3339);
+            step.view
+        })
+        .collect()
 }
 
 fn add(total: &mut DurationTotals, more: &DurationTotals) {
