@@ -123,6 +123,10 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
         .route("/v1/workflows/analytics", get(routes::analytics::analytics))
         .route("/v1/workflows/me", get(routes::me::me))
         .route(
+            "/v1/workflows/reports/instances",
+            get(routes::reports::instances),
+        )
+        .route(
             "/v1/workflows/approvals/bulk",
             post(routes::approvals::bulk),
         )

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, analytics, approvals, instances, me, templates, webhooks};
+use crate::routes::{admin, analytics, approvals, instances, me, reports, templates, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,7 @@ use crate::routes::{admin, analytics, approvals, instances, me, templates, webho
         approvals::bulk,
         analytics::analytics,
         me::me,
+        reports::instances,
         webhooks::get_secret,
         webhooks::rotate_secret,
         webhooks::list_deliveries,

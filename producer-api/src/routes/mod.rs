@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod health;
 pub mod instances;
 pub mod me;
+pub mod reports;
 pub mod templates;
 pub mod webhooks;
 

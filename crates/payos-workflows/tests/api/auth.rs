@@ -145,6 +145,7 @@ async fn unknown_routes_and_openapi(backend: Backend) {
         "/v1/admin/api-keys",
         "/v1/workflows/analytics",
         "/v1/workflows/me",
+        "/v1/workflows/reports/instances",
     ] {
         assert!(doc["paths"][path].is_object(), "OpenAPI lacks {path}");
     }

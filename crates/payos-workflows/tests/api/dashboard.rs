@@ -365,6 +365,11 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
         )
         .await;
     }
+    b.click("#instances-export").await;
+    b.text_until("#instances-export-status", "the export's count", |t| {
+        t.starts_with("2 instance(s) exported")
+    })
+    .await;
     b.open(&format!("#/instances/{large}")).await;
     b.text_until(
         "#instance-steps li[data-step-index=\"1\"] .step-status",

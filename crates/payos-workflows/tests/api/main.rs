@@ -15,6 +15,7 @@ mod instances;
 mod lifecycle;
 mod notifications;
 mod procurement;
+mod reports;
 mod restart;
 mod sandbox;
 mod templates;
