@@ -1313,8 +1313,8 @@ async function showInstance(id) {
 async function templateDefinition(id, version) {
   const key = `${id}@${version}`;
   if (!state.definitions.has(key)) {
-    const view = await api('GET', `/v1/workflows/templates/${encodeURIComponent(id)}`);
-    for (const v of view.versions || []) state.definitions.set(`${id}@${v.version}`, v.definition);
+    const v = await api('GET', `/v1/workflows/templates/${encodeURIComponent(id)}/versions/${version}`);
+    state.definitions.set(key, v.definition);
   }
   return state.definitions.get(key) || null;
 }

@@ -88,6 +88,10 @@ pub fn router(engine: Engine, config: ApiConfig) -> Router {
                 .delete(routes::templates::deactivate),
         )
         .route(
+            "/v1/workflows/templates/{id}/versions/{version}",
+            get(routes::templates::get_version),
+        )
+        .route(
             "/v1/workflows/instances",
             post(routes::instances::create).get(routes::instances::list),
         )

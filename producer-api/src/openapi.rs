@@ -15,6 +15,7 @@ use crate::routes::{admin, analytics, approvals, instances, me, reports, templat
         templates::create,
         templates::list,
         templates::get_one,
+        templates::get_version,
         templates::update,
         templates::deactivate,
         instances::create,

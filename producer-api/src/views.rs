@@ -57,6 +57,17 @@ pub struct TemplateVersionView {
     pub definition: Value,
 }
 
+impl TemplateVersionView {
+    pub fn new(v: &TemplateRecord) -> TemplateVersionView {
+        TemplateVersionView {
+            version: v.version,
+            created_at: rfc3339(v.created_at),
+            created_by: v.created_by.clone(),
+            definition: v.doc.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TemplateView {
     pub id: String,
@@ -90,16 +101,7 @@ impl TemplateView {
             created_at: rfc3339(rec.created_at),
             created_by: rec.created_by.clone(),
             definition: rec.doc.clone(),
-            versions: versions.map(|vs| {
-                vs.iter()
-                    .map(|v| TemplateVersionView {
-                        version: v.version,
-                        created_at: rfc3339(v.created_at),
-                        created_by: v.created_by.clone(),
-                        definition: v.doc.clone(),
-                    })
-                    .collect()
-            }),
+            versions: versions.map(|vs| vs.iter().map(TemplateVersionView::new).collect()),
         }
     }
 }

@@ -12,7 +12,7 @@ use workflow_store::records::{AuditDraft, TemplateFilter, TemplateRecord};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{Params, RawBody};
-use crate::views::{Page, TemplateView};
+use crate::views::{Page, TemplateVersionView, TemplateView};
 use crate::AppState;
 
 fn draft(
@@ -174,6 +174,36 @@ pub async fn get_one(
         .list_template_versions(&caller.partner_id, &id)
         .await?;
     Ok(Json(TemplateView::new(&rec, Some(&versions))))
+}
+
+/// One version of a template, as an instance that ran on it saw it.
+#[utoipa::path(get, path = "/v1/workflows/templates/{id}/versions/{version}", tag = "templates",
+    params(("id" = String, Path), ("version" = i64, Path)),
+    responses((status = 200, body = TemplateVersionView), (status = 404, body = crate::error::ErrorResponse)),
+    security(("api_key" = [])))]
+pub async fn get_version(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path((id, version)): Path<(String, String)>,
+) -> Result<Json<TemplateVersionView>, ApiError> {
+    // Parsed here rather than by the extractor, so a bad number gets our error shape.
+    let number = version
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "version",
+                format!("expected a version number, got `{version}`"),
+            )
+        })?;
+    let rec = state
+        .engine
+        .store()
+        .get_template_version(&caller.partner_id, &id, number)
+        .await?
+        .ok_or_else(|| ApiError::not_found("template version", &format!("{id} v{number}")))?;
+    Ok(Json(TemplateVersionView::new(&rec)))
 }
 
 /// Replace the template: creates a new version. Running instances stay on theirs.

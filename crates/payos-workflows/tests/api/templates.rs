@@ -88,6 +88,34 @@ async fn versions_filters_pagination_and_deactivation(backend: Backend) {
         .unwrap_or_default();
     assert_eq!(versions, vec![json!(1), json!(2)]);
     assert_eq!(got["versions"][0]["definition"]["name"], "m0");
+    // Each version on its own: what an instance on it ran.
+    let (s, v1) = app
+        .get(
+            &format!("/v1/workflows/templates/{tid}/versions/1"),
+            &p.requester,
+        )
+        .await;
+    assert_eq!(s, 200, "{v1}");
+    assert_eq!(v1["version"], 1);
+    assert_eq!(v1["definition"], got["versions"][0]["definition"]);
+    assert_eq!(v1["created_by"], got["versions"][0]["created_by"]);
+    for (version, status) in [("3", 404), ("0", 422), ("two", 422)] {
+        let (s, b) = app
+            .get(
+                &format!("/v1/workflows/templates/{tid}/versions/{version}"),
+                &p.requester,
+            )
+            .await;
+        assert_eq!(s.as_u16(), status, "version {version}: {b}");
+    }
+    let other = app.partner("globex").await;
+    let (s, b) = app
+        .get(
+            &format!("/v1/workflows/templates/{tid}/versions/1"),
+            &other.requester,
+        )
+        .await;
+    assert_eq!(s, 404, "another partner's template: {b}");
     let after = app.start(&p.requester, &tid, json!({"amount": 5})).await;
     assert_eq!(before["template_version"], 1);
     assert_eq!(after["template_version"], 2);
