@@ -3,9 +3,9 @@
 //! each approval and what it waits on, for finance and compliance tools.
 //!
 //! The same filters as the instance list; newest first; at most `limit` rows a call, their
-//! count in `x-row-count` and the cursor of the next call in `x-next-cursor`. Text cells that a spreadsheet would
-//! run as a formula (starting with `=`, `+`, `-`, `@`, tab or CR) are prefixed with `'`:
-//! trigger data comes from partners' systems, and a report must not execute it.
+//! count in `x-row-count` and the cursor of the next call in `x-next-cursor`. Text cells that
+//! a spreadsheet would run as a formula (starting with `=`, `+`, `-`, `@`, tab or CR) are
+//! prefixed with `'`: trigger data comes from partners' systems, and a report must not run it.
 
 use axum::extract::State;
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
