@@ -428,6 +428,77 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
         .unwrap_or_else(|e| panic!("close the session: {e}"));
 }
 
+/// The builder's forms for the step types the main scenario does not use (wait, notification)
+/// save what they show, and moving a step renumbers the route that jumps past it.
+async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let p = app.partner("acme").await;
+    let driver = workflow_testkit::browser::webdriver()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = Browser::start(&app, &driver).await;
+    b.sign_in(&p.requester).await;
+    b.open("#/builder").await;
+    b.set("#tpl-name", "Rate lock").await;
+    b.set("#tpl-trigger-type", "manual").await;
+    b.add_step("condition").await;
+    b.step_field(0, "config.expression", "trigger.amount > 100")
+        .await;
+    b.step_field(0, "config.if_true", "skip_to:2").await;
+    b.add_step("notification").await;
+    b.step_field(1, "config.channel", "webhook").await;
+    b.step_field(1, "config.url", "https://hooks.example.com/workflows")
+        .await;
+    b.add_step("wait").await;
+    b.set(
+        ".step-card[data-step-index=\"2\"] select.wait-mode",
+        "signal",
+    )
+    .await;
+    b.step_field(2, "config.signal", "rate_locked").await;
+    b.step_field(2, "config.timeout", "2h").await;
+    // The wait moves up past the notification: the condition's route follows it.
+    b.click(".step-card[data-step-index=\"2\"] .move-up").await;
+    b.text_until("#tpl-json", "the moved route", |t| t.contains("skip_to:1"))
+        .await;
+    b.click("#save-template").await;
+    b.text_until("#builder-status", "Saved", |t| t.contains("Saved"))
+        .await;
+    let hash = b.hash().await;
+    let tid = hash
+        .strip_prefix("/builder/")
+        .unwrap_or_else(|| panic!("after saving, the location is #{hash}"))
+        .to_string();
+    let (s, tpl) = app
+        .get(&format!("/v1/workflows/templates/{tid}"), &p.requester)
+        .await;
+    assert_eq!(s, 200, "{tpl}");
+    let steps = &tpl["definition"]["steps"];
+    assert_eq!(steps[0]["config"]["if_true"], "skip_to:1", "{steps:#}");
+    assert_eq!(steps[1]["type"], "wait");
+    let wait = &steps[1]["config"];
+    assert_eq!(
+        (&wait["signal"], &wait["timeout"]),
+        (&json!("rate_locked"), &json!("2h")),
+        "{steps:#}"
+    );
+    assert_eq!(
+        wait["duration"],
+        Value::Null,
+        "one wait mode only: {steps:#}"
+    );
+    assert_eq!(steps[2]["type"], "notification");
+    assert_eq!(steps[2]["config"]["channel"], "webhook");
+    assert_eq!(
+        steps[2]["config"]["url"],
+        "https://hooks.example.com/workflows"
+    );
+    b.client
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close the session: {e}"));
+}
+
 /// The page is served with a policy that allows only its own origin's script.
 async fn dashboard_is_served_with_a_strict_policy(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -476,6 +547,14 @@ mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dashboard_builds_runs_and_approves() {
         super::dashboard_builds_runs_and_approves(crate::helpers::Backend::Sqlite).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dashboard_builder_covers_waits_notifications_and_moves() {
+        super::dashboard_builder_covers_waits_notifications_and_moves(
+            crate::helpers::Backend::Sqlite,
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
