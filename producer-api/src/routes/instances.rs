@@ -288,23 +288,13 @@ pub async fn list(
     State(state): State<AppState>,
     mut params: Params,
 ) -> Result<Json<Page<InstanceBody>>, ApiError> {
-    let status = params.take_parsed(
-        "status",
-        InstanceStatus::parse,
-        "one of running, waiting, completed, rejected, failed, cancelled",
-    )?;
-    let template_id = params.take("template_id");
-    let created_from = params.take_parsed("created_from", parse_rfc3339, "an RFC 3339 time")?;
-    let created_to = params.take_parsed("created_to", parse_rfc3339, "an RFC 3339 time")?;
+    let filter = take_filter(&mut params)?;
     let (limit, cursor) = params.page(state.config.max_page_size)?;
     params.finish()?;
     let filter = InstanceFilter {
-        status,
-        template_id,
-        created_from,
-        created_to,
         before_id: cursor,
         limit,
+        ..filter
     };
     let rows = state
         .engine
@@ -319,6 +309,22 @@ pub async fn list(
         data.push(view(&state, rec).await);
     }
     Ok(Json(Page { data, next_cursor }))
+}
+
+/// The instance filters the list and the CSV report share: `status`, `template_id`,
+/// `created_from`, `created_to` (no paging).
+pub(crate) fn take_filter(params: &mut Params) -> Result<InstanceFilter, ApiError> {
+    Ok(InstanceFilter {
+        status: params.take_parsed(
+            "status",
+            InstanceStatus::parse,
+            "one of running, waiting, completed, rejected, failed, cancelled",
+        )?,
+        template_id: params.take("template_id"),
+        created_from: params.take_parsed("created_from", parse_rfc3339, "an RFC 3339 time")?,
+        created_to: params.take_parsed("created_to", parse_rfc3339, "an RFC 3339 time")?,
+        ..InstanceFilter::default()
+    })
 }
 
 async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<InstanceRecord, ApiError> {

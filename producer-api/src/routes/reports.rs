@@ -13,13 +13,12 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use workflow_core::instance::Verdict;
-use workflow_core::InstanceStatus;
 use workflow_store::records::{InstanceFilter, InstanceRecord};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::Params;
-use crate::views::{parse_rfc3339, rfc3339};
+use crate::views::rfc3339;
 use crate::AppState;
 
 /// Rows per call unless `limit` says otherwise, and the most it may say.
@@ -62,14 +61,7 @@ pub async fn instances(
     State(state): State<AppState>,
     mut params: Params,
 ) -> Result<Response, ApiError> {
-    let status = params.take_parsed(
-        "status",
-        InstanceStatus::parse,
-        "one of running, waiting, completed, rejected, failed, cancelled",
-    )?;
-    let template_id = params.take("template_id");
-    let created_from = params.take_parsed("created_from", parse_rfc3339, "an RFC 3339 time")?;
-    let created_to = params.take_parsed("created_to", parse_rfc3339, "an RFC 3339 time")?;
+    let filter = super::instances::take_filter(&mut params)?;
     let limit = params
         .take_parsed("limit", |s| s.parse::<u32>().ok(), "an integer")?
         .unwrap_or(DEFAULT_ROWS);
@@ -88,18 +80,15 @@ pub async fn instances(
     let mut next_cursor = None;
     while written < limit {
         let want = READ_BATCH.min(limit - written);
-        let filter = InstanceFilter {
-            status,
-            template_id: template_id.clone(),
-            created_from,
-            created_to,
+        let page = InstanceFilter {
             before_id: cursor.clone(),
             limit: want,
+            ..filter.clone()
         };
         let batch = state
             .engine
             .store()
-            .list_instances(&caller.partner_id, &filter)
+            .list_instances(&caller.partner_id, &page)
             .await?;
         for rec in &batch {
             push_row(&mut csv, row(rec));

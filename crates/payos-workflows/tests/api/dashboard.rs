@@ -124,13 +124,27 @@ impl Browser {
         self.click("#add-step").await;
     }
 
-    /// The location's fragment (`#/builder/...`).
-    async fn hash(&self) -> String {
-        self.client
+    /// Save the builder's template; once the page says so, its id (from the location,
+    /// `#/builder/<id>`) and what the API then holds.
+    async fn save_template(&self, app: &TestApp, key: &str) -> (String, Value) {
+        self.click("#save-template").await;
+        self.text_until("#builder-status", "Saved", |t| t.contains("Saved"))
+            .await;
+        let hash = self
+            .client
             .current_url()
             .await
             .map(|u| u.fragment().unwrap_or_default().to_string())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let tid = hash
+            .strip_prefix("/builder/")
+            .unwrap_or_else(|| panic!("after saving, the location is #{hash}"))
+            .to_string();
+        let (s, tpl) = app
+            .get(&format!("/v1/workflows/templates/{tid}"), key)
+            .await;
+        assert_eq!(s, 200, "{tpl}");
+        (tid, tpl)
     }
 }
 
@@ -214,18 +228,7 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
     // Fixed, it saves as version 1, and the API holds what the form showed.
     b.step_field(0, "config.expression", "trigger.amount <= 1000")
         .await;
-    b.click("#save-template").await;
-    b.text_until("#builder-status", "Saved", |t| t.contains("Saved"))
-        .await;
-    let hash = b.hash().await;
-    let tid = hash
-        .strip_prefix("/builder/")
-        .unwrap_or_else(|| panic!("after saving, the location is #{hash}"))
-        .to_string();
-    let (s, tpl) = app
-        .get(&format!("/v1/workflows/templates/{tid}"), &p.requester)
-        .await;
-    assert_eq!(s, 200, "{tpl}");
+    let (tid, tpl) = b.save_template(&app, &p.requester).await;
     let def = &tpl["definition"];
     assert_eq!(def["name"], "Browser Procurement");
     assert_eq!(def["trigger_type"], "manual");
@@ -461,18 +464,7 @@ async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend
     b.click(".step-card[data-step-index=\"2\"] .move-up").await;
     b.text_until("#tpl-json", "the moved route", |t| t.contains("skip_to:1"))
         .await;
-    b.click("#save-template").await;
-    b.text_until("#builder-status", "Saved", |t| t.contains("Saved"))
-        .await;
-    let hash = b.hash().await;
-    let tid = hash
-        .strip_prefix("/builder/")
-        .unwrap_or_else(|| panic!("after saving, the location is #{hash}"))
-        .to_string();
-    let (s, tpl) = app
-        .get(&format!("/v1/workflows/templates/{tid}"), &p.requester)
-        .await;
-    assert_eq!(s, 200, "{tpl}");
+    let (tid, tpl) = b.save_template(&app, &p.requester).await;
     let steps = &tpl["definition"]["steps"];
     assert_eq!(steps[0]["config"]["if_true"], "skip_to:1", "{steps:#}");
     assert_eq!(steps[1]["type"], "wait");
