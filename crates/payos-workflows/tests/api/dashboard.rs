@@ -464,7 +464,7 @@ async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend
     b.click(".step-card[data-step-index=\"2\"] .move-up").await;
     b.text_until("#tpl-json", "the moved route", |t| t.contains("skip_to:1"))
         .await;
-    let (tid, tpl) = b.save_template(&app, &p.requester).await;
+    let (_, tpl) = b.save_template(&app, &p.requester).await;
     let steps = &tpl["definition"]["steps"];
     assert_eq!(steps[0]["config"]["if_true"], "skip_to:1", "{steps:#}");
     assert_eq!(steps[1]["type"], "wait");
