@@ -994,11 +994,36 @@ function remapRoutes(steps, map) {
   }
 }
 
+// `steps["N"]` in an expression or a {{ }} placeholder names a step by its index: when steps
+// move, rewrite it as the routes are, so it still names the same step. Returns how many named
+// `removed` (left as they are, for the user to fix: nothing can stand in for a deleted step).
+const STEP_REF = /steps\[\s*(["'])(\d+)\1\s*\]/g;
+
+function remapStepRefs(steps, map, removed) {
+  let dangling = 0;
+  const rewrite = (v) => {
+    if (typeof v === 'string') {
+      return v.replace(STEP_REF, (ref, quote, n) => {
+        const t = Number(n);
+        if (t === removed) { dangling += 1; return ref; }
+        return `steps[${quote}${map(t)}${quote}]`;
+      });
+    }
+    if (Array.isArray(v)) return v.map(rewrite);
+    if (isObj(v)) { for (const k of Object.keys(v)) v[k] = rewrite(v[k]); }
+    return v;
+  };
+  for (const s of steps) if (isObj(s) && isObj(s.config)) rewrite(s.config);
+  return dangling;
+}
+
 function moveStep(from, to) {
   const steps = stepsOf(state.builder.doc);
   if (to < 0 || to >= steps.length) return;
   [steps[from], steps[to]] = [steps[to], steps[from]];
-  remapRoutes(steps, (t) => (t === from ? to : t === to ? from : t));
+  const swap = (t) => (t === from ? to : t === to ? from : t);
+  remapRoutes(steps, swap);
+  remapStepRefs(steps, swap);
   resetPaths();
   renderBuilder();
   const btn = $(`.step-card[data-step-index="${to}"] ${to < from ? '.move-up' : '.move-down'}`);
@@ -1010,8 +1035,10 @@ function removeStep(i) {
   steps.splice(i, 1);
   // A jump to the removed step now lands on the step that followed it.
   remapRoutes(steps, (t) => (t > i ? t - 1 : t));
+  const dangling = remapStepRefs(steps, (t) => (t > i ? t - 1 : t), i);
   resetPaths();
   renderBuilder();
+  if (dangling) setStatus(`${dangling} reference(s) to the removed step (steps["${i}"]) remain: they now name the step after it. Fix them before saving.`, 'bad');
 }
 
 // Keep the focused control focused across a re-render (same card, same field).

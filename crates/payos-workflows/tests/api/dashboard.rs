@@ -432,7 +432,8 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
 }
 
 /// The builder's forms for the step types the main scenario does not use (wait, notification)
-/// save what they show, and moving a step renumbers the route that jumps past it.
+/// save what they show, and moving a step renumbers the route that jumps past it and the
+/// expressions that name it by index.
 async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend) {
     let app = spawn_app(backend).await;
     let p = app.partner("acme").await;
@@ -460,7 +461,15 @@ async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend
     .await;
     b.step_field(2, "config.signal", "rate_locked").await;
     b.step_field(2, "config.timeout", "2h").await;
-    // The wait moves up past the notification: the condition's route follows it.
+    b.add_step("condition").await;
+    b.step_field(
+        3,
+        "config.expression",
+        r#"steps["2"].status == "completed""#,
+    )
+    .await;
+    // The wait moves up past the notification: the first condition's route and the second's
+    // reference by index follow it.
     b.click(".step-card[data-step-index=\"2\"] .move-up").await;
     b.text_until("#tpl-json", "the moved route", |t| t.contains("skip_to:1"))
         .await;
@@ -478,6 +487,10 @@ async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend
         wait["duration"],
         Value::Null,
         "one wait mode only: {steps:#}"
+    );
+    assert_eq!(
+        steps[3]["config"]["expression"], r#"steps["1"].status == "completed""#,
+        "{steps:#}"
     );
     assert_eq!(steps[2]["type"], "notification");
     assert_eq!(steps[2]["config"]["channel"], "webhook");
