@@ -20,10 +20,16 @@ const PATIENCE: Duration = Duration::from_secs(15);
 struct Browser {
     client: Client,
     base: String,
+    /// Kept for the session's life: a chromedriver this harness started stops with it.
+    _driver: workflow_testkit::browser::WebDriver,
 }
 
 impl Browser {
-    async fn start(app: &TestApp, driver: &workflow_testkit::browser::WebDriver) -> Browser {
+    /// A chromedriver (see `workflow_testkit::browser`) and a Chromium session on `app`.
+    async fn start(app: &TestApp) -> Browser {
+        let driver = workflow_testkit::browser::webdriver()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -41,7 +47,16 @@ impl Browser {
         Browser {
             client,
             base: app.base.clone(),
+            _driver: driver,
         }
+    }
+
+    /// End the session (Chromium quits with it).
+    async fn close(self) {
+        self.client
+            .close()
+            .await
+            .unwrap_or_else(|e| panic!("close the session: {e}"));
     }
 
     async fn open(&self, route: &str) {
@@ -170,10 +185,7 @@ async fn set_element(el: &Element, css: &str, value: &str) {
 async fn dashboard_builds_runs_and_approves(backend: Backend) {
     let app = spawn_app(backend).await;
     let p = app.partner("acme").await;
-    let driver = workflow_testkit::browser::webdriver()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let b = Browser::start(&app, &driver).await;
+    let b = Browser::start(&app).await;
 
     // A wrong key is refused on the sign-in form, not half-way into a view.
     b.open("").await;
@@ -425,10 +437,7 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
         .await
         .unwrap_or_else(|e| panic!("read the banner: {e}"));
     assert_eq!(banner, json!(""), "no call failed on the way");
-    b.client
-        .close()
-        .await
-        .unwrap_or_else(|e| panic!("close the session: {e}"));
+    b.close().await;
 }
 
 /// The builder's forms for the step types the main scenario does not use (wait, notification)
@@ -437,10 +446,7 @@ async fn dashboard_builds_runs_and_approves(backend: Backend) {
 async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend) {
     let app = spawn_app(backend).await;
     let p = app.partner("acme").await;
-    let driver = workflow_testkit::browser::webdriver()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let b = Browser::start(&app, &driver).await;
+    let b = Browser::start(&app).await;
     b.sign_in(&p.requester).await;
     b.open("#/builder").await;
     b.set("#tpl-name", "Rate lock").await;
@@ -498,10 +504,7 @@ async fn dashboard_builder_covers_waits_notifications_and_moves(backend: Backend
         steps[2]["config"]["url"],
         "https://hooks.example.com/workflows"
     );
-    b.client
-        .close()
-        .await
-        .unwrap_or_else(|e| panic!("close the session: {e}"));
+    b.close().await;
 }
 
 /// The page is served with a policy that allows only its own origin's script.
