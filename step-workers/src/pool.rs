@@ -95,28 +95,74 @@ pub async fn run_pool(
     let group = config.kind.group();
     let mut members = JoinSet::new();
     if config.kind == PoolKind::NotificationDeliveries {
-        members.spawn(crate::notify::run_scanner(
-            engine.clone(),
-            cancel.child_token(),
-        ));
+        let (engine, cancel) = (engine.clone(), cancel.child_token());
+        members.spawn(async move {
+            crate::notify::run_scanner(engine, cancel).await;
+            None
+        });
     }
-    for _ in 0..config.members.max(1) {
-        let sub = bus.subscribe(&topic, &group).await?;
+    let handler = Arc::new(StepHandler {
+        engine,
+        config: config.clone(),
+    });
+    let spawned = spawn_members(
+        &mut members,
+        handler,
+        &bus,
+        (&topic, &group),
+        config.members,
+        (&cancel, COMMIT_AFTER),
+    )
+    .await;
+    if spawned.is_err() {
+        cancel.cancel();
+    }
+    join_members(members, &cancel, &group).await;
+    spawned
+}
+
+/// Subscribe `count` members (at least one) of `group` to `topic` and start them.
+async fn spawn_members<H: Handler>(
+    members: &mut JoinSet<Option<Box<dyn Subscription>>>,
+    handler: Arc<H>,
+    bus: &Arc<dyn Bus>,
+    (topic, group): (&str, &str),
+    count: usize,
+    (cancel, commit_after): (&CancellationToken, Duration),
+) -> Result<(), workflow_bus::BusError> {
+    for _ in 0..count.max(1) {
+        let sub = bus.subscribe(topic, group).await?;
         members.spawn(member(
-            engine.clone(),
+            Arc::clone(&handler),
             bus.clone(),
             sub,
-            config.clone(),
             cancel.child_token(),
+            commit_after,
         ));
     }
+    Ok(())
+}
+
+/// Wait for every member, then let their subscriptions go together. A member leaving its
+/// group rebalances it: dropped as each member stopped, the first to stop took the others'
+/// partitions away before they had committed what they handled, so a drained pool left work
+/// to be delivered again.
+async fn join_members(
+    mut members: JoinSet<Option<Box<dyn Subscription>>>,
+    cancel: &CancellationToken,
+    group: &str,
+) {
+    let mut subscriptions = Vec::new();
     while let Some(res) = members.join_next().await {
-        if let Err(e) = res {
-            tracing::error!(error = %e, group = %config.kind.group(), "pool member crashed");
-            cancel.cancel();
+        match res {
+            Ok(sub) => subscriptions.extend(sub),
+            Err(e) => {
+                tracing::error!(error = %e, group, "pool member crashed");
+                cancel.cancel();
+            }
         }
     }
-    Ok(())
+    drop(subscriptions);
 }
 
 /// Offsets are committed at most this long after a message was handled (with 20 ms a busy
@@ -136,14 +182,24 @@ const COMMIT_EVERY: usize = 64;
 /// [`COMMIT_EVERY`] accumulated, and before the member stops. A crash in between only means
 /// those messages are delivered again, and a redelivered command is recognised by its id and
 /// skipped (the engine's dedupe), as after any crash before a commit.
-#[derive(Default)]
 struct Uncommitted {
     latest: std::collections::BTreeMap<u32, Message>,
     count: usize,
     since: Option<tokio::time::Instant>,
+    /// [`COMMIT_AFTER`], but for tests.
+    after: Duration,
 }
 
 impl Uncommitted {
+    fn new(after: Duration) -> Uncommitted {
+        Uncommitted {
+            latest: Default::default(),
+            count: 0,
+            since: None,
+            after,
+        }
+    }
+
     fn add(&mut self, msg: Message) {
         self.since.get_or_insert_with(tokio::time::Instant::now);
         self.count += 1;
@@ -152,7 +208,7 @@ impl Uncommitted {
 
     /// When the held messages must be committed (`None`: nothing held).
     fn due(&self) -> Option<tokio::time::Instant> {
-        self.since.map(|since| since + COMMIT_AFTER)
+        self.since.map(|since| since + self.after)
     }
 
     async fn commit(&mut self, sub: &mut dyn Subscription) {
@@ -167,14 +223,44 @@ impl Uncommitted {
     }
 }
 
-async fn member(
+/// What a member does with each message it receives.
+trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        msg: &Message,
+        cancel: &CancellationToken,
+    ) -> impl std::future::Future<Output = Handled> + Send;
+
+    /// Now, by the engine's clock: a dead letter's time.
+    fn now(&self) -> workflow_core::Timestamp;
+}
+
+/// The pools' handler: the engine applies the message's command.
+struct StepHandler {
     engine: Engine,
-    bus: std::sync::Arc<dyn Bus>,
-    mut sub: Box<dyn Subscription>,
     config: PoolConfig,
+}
+
+impl Handler for StepHandler {
+    async fn handle(&self, msg: &Message, cancel: &CancellationToken) -> Handled {
+        handle(&self.engine, msg, &self.config, cancel).await
+    }
+
+    fn now(&self) -> workflow_core::Timestamp {
+        self.engine.clock().now()
+    }
+}
+
+/// One member: handles its partitions' messages until cancelled or the bus closes, then
+/// commits what it handled and hands its subscription back (see [`join_members`]).
+async fn member<H: Handler>(
+    handler: Arc<H>,
+    bus: Arc<dyn Bus>,
+    mut sub: Box<dyn Subscription>,
     cancel: CancellationToken,
-) {
-    let mut held = Uncommitted::default();
+    commit_after: Duration,
+) -> Option<Box<dyn Subscription>> {
+    let mut held = Uncommitted::new(commit_after);
     loop {
         if held.count >= COMMIT_EVERY {
             held.commit(sub.as_mut()).await;
@@ -184,7 +270,7 @@ async fn member(
             // Stopping (SIGTERM drains): what was handled is committed first.
             _ = cancel.cancelled() => {
                 held.commit(sub.as_mut()).await;
-                return;
+                return Some(sub);
             }
             msg = sub.next() => msg,
             // `next` is cancel-safe: a message it was about to return stays queued.
@@ -197,35 +283,35 @@ async fn member(
             Ok(Some(msg)) => msg,
             Ok(None) => {
                 held.commit(sub.as_mut()).await;
-                return;
+                return Some(sub);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "bus receive failed");
                 tokio::select! {
                     _ = cancel.cancelled() => {
                         held.commit(sub.as_mut()).await;
-                        return;
+                        return Some(sub);
                     }
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }
         };
         // Cancellation between steps is fine; the uncommitted message is redelivered.
-        match handle(&engine, &msg, &config, &cancel).await {
+        match handler.handle(&msg, &cancel).await {
             Handled::Done => {}
             Handled::Cancelled => {
                 held.commit(sub.as_mut()).await;
-                return;
+                return Some(sub);
             }
             Handled::Dead(reason) => {
-                let now = engine.clock().now().0;
+                let now = handler.now().0;
                 if let Err(e) = send_to_dead_letter(bus.as_ref(), &msg, &reason, now).await {
                     // Not committed: the message comes back rather than being lost. Neither
                     // are the earlier ones of its partition held here (a commit covers them).
                     tracing::error!(error = %e, offset = msg.offset, "cannot dead-letter; leaving the message uncommitted");
                     held.latest.remove(&msg.partition);
                     held.commit(sub.as_mut()).await;
-                    return;
+                    return Some(sub);
                 }
                 // Committed at once: a dead letter has no command id to recognise it by, so
                 // a redelivery (a rebalance within the commit delay) would send it twice.
@@ -367,4 +453,91 @@ async fn handle_step(
     })
     .await
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::Notify;
+    use workflow_bus::InProcessBus;
+
+    use super::*;
+
+    /// Counts what it is handed, and says when it has seen `expected`.
+    struct Counting {
+        seen: AtomicUsize,
+        expected: usize,
+        all_seen: Notify,
+    }
+
+    impl Handler for Counting {
+        async fn handle(&self, _msg: &Message, _cancel: &CancellationToken) -> Handled {
+            if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.expected {
+                self.all_seen.notify_one();
+            }
+            Handled::Done
+        }
+
+        fn now(&self) -> workflow_core::Timestamp {
+            workflow_core::Timestamp(0)
+        }
+    }
+
+    /// Four members handle 40 messages, then the pool stops. Which member sees its
+    /// cancellation first varies from run to run (`select!` picks among ready branches at
+    /// random), so the stop is repeated.
+    #[tokio::test]
+    async fn a_stopping_pool_commits_what_every_member_handled() {
+        for round in 0..20 {
+            stop_after_handling(round).await;
+        }
+    }
+
+    async fn stop_after_handling(round: usize) {
+        let in_process = Arc::new(InProcessBus::new(8));
+        let bus: Arc<dyn Bus> = in_process.clone();
+        let handler = Arc::new(Counting {
+            seen: AtomicUsize::new(0),
+            expected: 40,
+            all_seen: Notify::new(),
+        });
+        let cancel = CancellationToken::new();
+        let mut members = JoinSet::new();
+        // Commits only when stopping: the timer never falls due within the test.
+        spawn_members(
+            &mut members,
+            Arc::clone(&handler),
+            &bus,
+            ("t", "g"),
+            4,
+            (&cancel, Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..handler.expected {
+            bus.publish("t", &format!("instance-{i}"), vec![1])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        tokio::time::timeout(Duration::from_secs(10), handler.all_seen.notified())
+            .await
+            .unwrap_or_else(|_| panic!("handled {} messages", handler.seen.load(Ordering::SeqCst)));
+        assert_eq!(
+            in_process.retained(),
+            40,
+            "round {round}: committed before stopping"
+        );
+
+        cancel.cancel();
+        join_members(members, &cancel, "g").await;
+        // The group stays, without members: whatever it had not committed would be kept for
+        // its next member, and delivered again.
+        assert_eq!(in_process.retained(), 0, "round {round}: left uncommitted");
+        assert_eq!(
+            handler.seen.load(Ordering::SeqCst),
+            40,
+            "round {round}: delivered again"
+        );
+    }
 }
