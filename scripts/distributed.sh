@@ -26,6 +26,7 @@ echo "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
 
 pids=()
 stop() {
+    trap - EXIT INT TERM # once: a signal's trap and then the exit's would both run it
     echo "stopping: ${pids[*]}"
     kill -TERM "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true

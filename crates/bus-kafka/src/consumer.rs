@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -107,6 +107,11 @@ impl ConsumerContext for GroupContext {
         // Whatever the protocol (eager or cooperative), read back what librdkafka now assigns.
         let now: BTreeSet<u32> = match consumer.assignment() {
             Ok(tpl) => partitions_of(&tpl, &self.topic).into_iter().collect(),
+            // Closing: the final revoke runs while the handle is being destroyed, and it
+            // leaves nothing assigned either way.
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerDestroy) => {
+                BTreeSet::new()
+            }
             Err(e) => {
                 tracing::warn!(topic = %self.topic, error = %e, "reading the assignment");
                 BTreeSet::new()
