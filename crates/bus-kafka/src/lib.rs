@@ -528,6 +528,43 @@ impl KafkaBus {
         }
     }
 
+    /// How many messages of `topic` consumer group `group` has not committed yet, over all
+    /// partitions (a partition it never committed counts from its earliest message): zero for
+    /// a pool that drained and committed everything it was given. Reads the group's committed
+    /// offsets without joining it.
+    pub async fn lag(&self, topic: &str, group: &str) -> Result<u64, BusError> {
+        let partitions = self.partitions(topic).await?;
+        let action = format!("reading the lag of group {group} on {topic}");
+        let reader: rdkafka::consumer::BaseConsumer = self
+            .inner
+            .config
+            .consumer(group)
+            .create()
+            .map_err(|e| error::from_kafka(&e, &action))?;
+        let (topic, wait) = (topic.to_owned(), self.inner.config.timeout);
+        let answer = tokio::task::spawn_blocking(move || -> Result<u64, KafkaError> {
+            let mut asked = rdkafka::TopicPartitionList::new();
+            for partition in 0..partitions {
+                asked.add_partition(&topic, i32::try_from(partition).unwrap_or(i32::MAX));
+            }
+            let mut lag = 0u64;
+            for entry in reader.committed_offsets(asked, wait)?.elements() {
+                let (low, high) = reader.fetch_watermarks(&topic, entry.partition(), wait)?;
+                let from = match entry.offset() {
+                    rdkafka::Offset::Offset(committed) => committed.max(low),
+                    _ => low,
+                };
+                lag += u64::try_from(high - from).unwrap_or(0);
+            }
+            Ok(lag)
+        })
+        .await
+        .map_err(|e| BusError::Backend {
+            reason: format!("{action}: task failed: {e}"),
+        })?;
+        answer.map_err(|e| error::from_kafka(&e, &action))
+    }
+
     /// The number of partitions `topic` has, from the cluster's metadata. Retries while the
     /// topic is being created or has no leader yet, up to the configured timeout.
     pub async fn partitions(&self, topic: &str) -> Result<u32, BusError> {

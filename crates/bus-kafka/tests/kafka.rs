@@ -372,3 +372,55 @@ async fn a_fresh_topics_first_batch_keeps_each_keys_order() -> Result<()> {
     delete_run(&run).await;
     Ok(())
 }
+
+/// `KafkaBus::lag`: the messages a group has not committed; a partition it never committed
+/// counts from its earliest message, and a commit covers the partition's earlier messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_what_a_group_has_not_committed() -> Result<()> {
+    let bus = bus_with(3, FAST_ASSIGNOR).await?;
+    let (topic, group) = (unique_topic("lag"), unique_topic("g"));
+    bus.ensure_topics(&[&topic]).await?;
+    ensure!(bus.lag(&topic, &group).await? == 0, "an empty topic");
+    for i in 0..6 {
+        bus.publish(&topic, &format!("instance-{i}"), vec![1])
+            .await?;
+    }
+    ensure!(
+        bus.lag(&topic, &group).await? == 6,
+        "a group that never committed"
+    );
+
+    let mut sub = bus.subscribe_member(&topic, &group).await?;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(next(&mut sub).await?);
+    }
+    // The second message of a partition commits its first too.
+    let second = got
+        .iter()
+        .find(|m| m.offset == 1)
+        .context("6 keys on 3 partitions put two messages on one")?
+        .clone();
+    sub.commit(&second).await?;
+    lag_becomes(&bus, &topic, &group, 4).await?;
+    for msg in &got {
+        sub.commit(msg).await?;
+    }
+    lag_becomes(&bus, &topic, &group, 0).await
+}
+
+/// Poll `lag` until it is `expected` (offset commits reach the coordinator asynchronously).
+async fn lag_becomes(bus: &KafkaBus, topic: &str, group: &str, expected: u64) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let lag = bus.lag(topic, group).await?;
+        if lag == expected {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "lag {lag}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

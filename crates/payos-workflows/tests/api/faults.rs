@@ -274,6 +274,17 @@ async fn rows_orphaned_by_a_dead_process_are_swept_and_sigterm_drains() {
         .terminate("action", Duration::from_secs(30))
         .await;
     assert!(status.success(), "drained exit: {status:?}");
+    // ...having committed everything it handled: its group is nothing behind.
+    let c = app.cluster.as_ref().unwrap_or_else(|| panic!("cluster"));
+    let lag = kafka(c)
+        .await
+        .lag(
+            &format!("{}workflow.steps.action", c.prefix),
+            &format!("{}pool-action", c.prefix),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("lag: {e}"));
+    assert_eq!(lag, 0, "action commands handled but not committed");
     let waiting = start_many(&app, &p, &tid, "t", 3).await;
     // Nobody consumes actions now; a new member picks the commands up where it left off.
     let (s, b) = app
