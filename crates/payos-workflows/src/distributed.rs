@@ -119,6 +119,44 @@ pub async fn topics(
         .collect())
 }
 
+/// How far one consumer group of the engine is behind on its topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLag {
+    /// Physical names, as the cluster has them.
+    pub topic: String,
+    pub group: String,
+    /// Messages the group has not committed; `None`: the cluster does not have the topic.
+    pub lag: Option<u64>,
+}
+
+/// The lag of every consumer group the engine's processes run (each pool's, the decisions',
+/// the notification deliveries', the transfer triggers'): what an operator watches to see a
+/// pool falling behind, and what a drained deployment leaves at zero.
+pub async fn lags(settings: &Settings) -> Result<Vec<GroupLag>, DistributedError> {
+    let kafka = KafkaBus::new(settings.kafka.clone())?;
+    let mut groups: Vec<(String, String)> = StepType::ALL
+        .into_iter()
+        .flat_map(step_workers::PoolKind::for_step_type)
+        .map(|kind| (kind.topic(), kind.group()))
+        .collect();
+    groups.push((
+        settings.transfer_events.clone(),
+        step_workers::TransferTriggerConfig::default().group,
+    ));
+    let existing = kafka.existing_topics().await?;
+    let mut lags = Vec::with_capacity(groups.len());
+    for (topic, group) in groups {
+        let (topic, group) = (settings.naming.topic(&topic), settings.naming.group(&group));
+        let lag = if existing.contains_key(&topic) {
+            Some(kafka.lag(&topic, &group).await?)
+        } else {
+            None
+        };
+        lags.push(GroupLag { topic, group, lag });
+    }
+    Ok(lags)
+}
+
 /// A connected process: store, bus, engine and the relay, under one cancellation token.
 pub struct Node {
     pub engine: Engine,

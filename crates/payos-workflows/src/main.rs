@@ -104,6 +104,9 @@ enum Command {
         /// Only check: exit 1 if a topic is missing.
         #[arg(long)]
         check: bool,
+        /// Also print each consumer group's lag: the messages it has not committed yet.
+        #[arg(long)]
+        lag: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -187,7 +190,7 @@ async fn scheduler(settings: Settings, limits: &LimitArgs) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn topics(settings: Settings, check: bool) -> anyhow::Result<()> {
+async fn topics(settings: Settings, check: bool, lag: bool) -> anyhow::Result<()> {
     let report = distributed::topics(&settings, check).await?;
     let mut missing = 0;
     for t in &report {
@@ -197,6 +200,15 @@ async fn topics(settings: Settings, check: bool) -> anyhow::Result<()> {
                 missing += 1;
                 println!("{:<40} {:<48} MISSING", t.logical, t.physical);
             }
+        }
+    }
+    if lag {
+        println!();
+        for g in distributed::lags(&settings).await? {
+            let behind = g
+                .lag
+                .map_or("no topic".to_string(), |n| format!("{n} behind"));
+            println!("{:<40} {:<48} {behind}", g.group, g.topic);
         }
     }
     if missing > 0 {
@@ -237,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
             limits,
         } => worker(config.settings()?, pool, &limits).await,
         Command::Scheduler { config, limits } => scheduler(config.settings()?, &limits).await,
-        Command::Topics { check, config } => topics(config.settings()?, check).await,
+        Command::Topics { check, lag, config } => topics(config.settings()?, check, lag).await,
         Command::Sandbox {
             listen,
             database_url,

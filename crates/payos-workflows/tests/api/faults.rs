@@ -274,17 +274,32 @@ async fn rows_orphaned_by_a_dead_process_are_swept_and_sigterm_drains() {
         .terminate("action", Duration::from_secs(30))
         .await;
     assert!(status.success(), "drained exit: {status:?}");
-    // ...having committed everything it handled: its group is nothing behind.
+    // ...having committed everything it handled: its group is nothing behind (as `topics
+    // --lag` reports it, for every group of the deployment).
     let c = app.cluster.as_ref().unwrap_or_else(|| panic!("cluster"));
-    let lag = kafka(c)
+    let env = [
+        ("DATABASE_URL", c.database_url.clone()),
+        ("KAFKA_BOOTSTRAP_SERVERS", c.bootstrap.clone()),
+        ("WORKFLOWS_TOPIC_PREFIX", c.prefix.clone()),
+    ];
+    let settings = payos_workflows::config::Settings::resolve(None, &|name| {
+        env.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let lags = payos_workflows::distributed::lags(&settings)
         .await
-        .lag(
-            &format!("{}workflow.steps.action", c.prefix),
-            &format!("{}pool-action", c.prefix),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("lag: {e}"));
-    assert_eq!(lag, 0, "action commands handled but not committed");
+        .unwrap_or_else(|e| panic!("lags: {e}"));
+    assert!(lags.iter().all(|g| g.lag.is_some()), "{lags:?}");
+    let action = lags
+        .iter()
+        .find(|g| g.group == format!("{}pool-action", c.prefix))
+        .unwrap_or_else(|| panic!("no pool-action group: {lags:?}"));
+    assert_eq!(action.topic, format!("{}workflow.steps.action", c.prefix));
+    assert_eq!(
+        action.lag,
+        Some(0),
+        "action commands handled but not committed"
+    );
     let waiting = start_many(&app, &p, &tid, "t", 3).await;
     // Nobody consumes actions now; a new member picks the commands up where it left off.
     let (s, b) = app
