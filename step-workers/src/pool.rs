@@ -143,10 +143,10 @@ async fn spawn_members<H: Handler>(
     Ok(())
 }
 
-/// Wait for every member, then let their subscriptions go together. A member leaving its
-/// group rebalances it: dropped as each member stopped, the first to stop took the others'
-/// partitions away before they had committed what they handled, so a drained pool left work
-/// to be delivered again.
+/// Wait for every member, then let the subscriptions of those that stopped with the pool go
+/// together. A member leaving its group rebalances it: dropped as each member stopped, the
+/// first to stop took the others' partitions away before they had committed what they
+/// handled, so a drained pool left work to be delivered again.
 async fn join_members(
     mut members: JoinSet<Option<Box<dyn Subscription>>>,
     cancel: &CancellationToken,
@@ -252,7 +252,9 @@ impl Handler for StepHandler {
 }
 
 /// One member: handles its partitions' messages until cancelled or the bus closes, then
-/// commits what it handled and hands its subscription back (see [`join_members`]).
+/// commits what it handled and hands its subscription back (see [`join_members`]). A member
+/// that stops on its own (a message it can neither handle nor dead-letter) drops its
+/// subscription instead, handing its partitions to the members still running.
 async fn member<H: Handler>(
     handler: Arc<H>,
     bus: Arc<dyn Bus>,
@@ -311,7 +313,9 @@ async fn member<H: Handler>(
                     tracing::error!(error = %e, offset = msg.offset, "cannot dead-letter; leaving the message uncommitted");
                     held.latest.remove(&msg.partition);
                     held.commit(sub.as_mut()).await;
-                    return Some(sub);
+                    // Stopping alone while the others go on: leave the group now, so the
+                    // partitions (this message's too) go to a member that still reads.
+                    return None;
                 }
                 // Committed at once: a dead letter has no command id to recognise it by, so
                 // a redelivery (a rebalance within the commit delay) would send it twice.
@@ -539,5 +543,99 @@ mod tests {
             40,
             "round {round}: delivered again"
         );
+    }
+
+    /// The first delivery of the message keyed `poison` is dead; later ones are done.
+    struct PoisonOnce {
+        poison_seen: AtomicUsize,
+        redelivered: Notify,
+    }
+
+    impl Handler for PoisonOnce {
+        async fn handle(&self, msg: &Message, _cancel: &CancellationToken) -> Handled {
+            if msg.key != "poison" {
+                return Handled::Done;
+            }
+            if self.poison_seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Handled::Dead("poison".into());
+            }
+            self.redelivered.notify_one();
+            Handled::Done
+        }
+
+        fn now(&self) -> workflow_core::Timestamp {
+            workflow_core::Timestamp(0)
+        }
+    }
+
+    /// An in-process bus whose first dead letter cannot be published.
+    struct DeadLetterRefusedOnce {
+        inner: InProcessBus,
+        refused: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Bus for DeadLetterRefusedOnce {
+        async fn publish(
+            &self,
+            topic: &str,
+            key: &str,
+            payload: Vec<u8>,
+        ) -> Result<(), workflow_bus::BusError> {
+            let dead_letter = topic == workflow_engine::dead_letter::DEAD_LETTER_TOPIC;
+            if dead_letter && !self.refused.swap(true, Ordering::SeqCst) {
+                return Err(workflow_bus::BusError::Closed);
+            }
+            self.inner.publish(topic, key, payload).await
+        }
+
+        async fn subscribe(
+            &self,
+            topic: &str,
+            group: &str,
+        ) -> Result<Box<dyn Subscription>, workflow_bus::BusError> {
+            self.inner.subscribe(topic, group).await
+        }
+    }
+
+    /// A member that stops on its own (its message could not be dead-lettered) leaves the
+    /// group at once: a member still running takes its partitions and gets the message again,
+    /// while the pool runs on.
+    #[tokio::test]
+    async fn a_member_stopping_alone_hands_its_partitions_over() {
+        let bus: Arc<dyn Bus> = Arc::new(DeadLetterRefusedOnce {
+            inner: InProcessBus::new(8),
+            refused: std::sync::atomic::AtomicBool::new(false),
+        });
+        let handler = Arc::new(PoisonOnce {
+            poison_seen: AtomicUsize::new(0),
+            redelivered: Notify::new(),
+        });
+        let cancel = CancellationToken::new();
+        let mut members = JoinSet::new();
+        spawn_members(
+            &mut members,
+            Arc::clone(&handler),
+            &bus,
+            ("t", "g"),
+            2,
+            (&cancel, Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        bus.publish("t", "poison", vec![1])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::timeout(Duration::from_secs(10), handler.redelivered.notified())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "seen {} times: never delivered again",
+                    handler.poison_seen.load(Ordering::SeqCst)
+                )
+            });
+        assert!(!cancel.is_cancelled(), "the pool runs on");
+        cancel.cancel();
+        join_members(members, &cancel, "g").await;
     }
 }
