@@ -147,7 +147,7 @@ async fn spawn_members<H: Handler>(
 /// together. A member leaving its group rebalances it: dropped as each member stopped, the
 /// first to stop took the others' partitions away before they had committed what they
 /// handled, so a drained pool left work to be delivered again.
-async fn join_members(
+pub(crate) async fn join_members(
     mut members: JoinSet<Option<Box<dyn Subscription>>>,
     cancel: &CancellationToken,
     group: &str,

@@ -111,12 +111,7 @@ pub async fn run_transfer_triggers(
             cancel.child_token(),
         ));
     }
-    while let Some(res) = members.join_next().await {
-        if let Err(e) = res {
-            tracing::error!(error = %e, group = %config.group, "transfer trigger member crashed");
-            cancel.cancel();
-        }
-    }
+    crate::pool::join_members(members, &cancel, &config.group).await;
     Ok(())
 }
 
@@ -126,26 +121,29 @@ async fn member(
     mut sub: Box<dyn Subscription>,
     config: TransferTriggerConfig,
     cancel: CancellationToken,
-) {
+) -> Option<Box<dyn Subscription>> {
+    // Every way out is the whole consumer stopping: the subscription goes back to be released
+    // with the others' (`join_members`), so no member's leaving moves a partition from under
+    // another finishing its event.
     loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Some(sub),
             msg = sub.next() => msg,
         };
         let msg = match msg {
             Ok(Some(msg)) => msg,
-            Ok(None) => return,
+            Ok(None) => return Some(sub),
             Err(e) => {
                 tracing::warn!(error = %e, "bus receive failed");
                 if !pause(&cancel, Duration::from_millis(100)).await {
-                    return;
+                    return Some(sub);
                 }
                 continue;
             }
         };
         // Cancelled before the event is done with: leave it uncommitted, it is redelivered.
         if !handle(&engine, bus.as_ref(), &msg, &config, &cancel).await {
-            return;
+            return Some(sub);
         }
         if let Err(e) = sub.commit(&msg).await {
             tracing::warn!(error = %e, offset = msg.offset, "commit failed; the event will be redelivered");
