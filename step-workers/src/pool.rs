@@ -468,6 +468,28 @@ mod tests {
 
     use super::*;
 
+    /// `count` members of group `g` on topic `t`, handing each message to `handler`. They commit
+    /// only when stopping: the commit timer never falls due within a test.
+    async fn start<H: Handler>(
+        handler: &Arc<H>,
+        bus: &Arc<dyn Bus>,
+        count: usize,
+    ) -> (JoinSet<Option<Box<dyn Subscription>>>, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let mut members = JoinSet::new();
+        spawn_members(
+            &mut members,
+            Arc::clone(handler),
+            bus,
+            ("t", "g"),
+            count,
+            (&cancel, Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        (members, cancel)
+    }
+
     /// Counts what it is handed, and says when it has seen `expected`.
     struct Counting {
         seen: AtomicUsize,
@@ -506,19 +528,7 @@ mod tests {
             expected: 40,
             all_seen: Notify::new(),
         });
-        let cancel = CancellationToken::new();
-        let mut members = JoinSet::new();
-        // Commits only when stopping: the timer never falls due within the test.
-        spawn_members(
-            &mut members,
-            Arc::clone(&handler),
-            &bus,
-            ("t", "g"),
-            4,
-            (&cancel, Duration::from_secs(3600)),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (members, cancel) = start(&handler, &bus, 4).await;
         for i in 0..handler.expected {
             bus.publish("t", &format!("instance-{i}"), vec![1])
                 .await
@@ -611,18 +621,7 @@ mod tests {
             poison_seen: AtomicUsize::new(0),
             redelivered: Notify::new(),
         });
-        let cancel = CancellationToken::new();
-        let mut members = JoinSet::new();
-        spawn_members(
-            &mut members,
-            Arc::clone(&handler),
-            &bus,
-            ("t", "g"),
-            2,
-            (&cancel, Duration::from_secs(3600)),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (members, cancel) = start(&handler, &bus, 2).await;
         bus.publish("t", "poison", vec![1])
             .await
             .unwrap_or_else(|e| panic!("{e}"));
