@@ -186,7 +186,7 @@ struct Uncommitted {
     latest: std::collections::BTreeMap<u32, Message>,
     count: usize,
     since: Option<tokio::time::Instant>,
-    /// [`COMMIT_AFTER`], but for tests.
+    /// How long a handled message may wait for its commit: [`COMMIT_AFTER`] (tests set their own).
     after: Duration,
 }
 
